@@ -1,0 +1,5 @@
+"""Operator endpoints: /health and /metrics."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""The built-in chat page at GET /."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
