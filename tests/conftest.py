@@ -65,3 +65,25 @@ def embedded() -> tuple[Any, Any]:
     from llm_server.helper_functionality.model_loading import initialize
 
     return initialize(device="cpu", model_id=str(embedded_gguf()), dtype="float32", compile=False)
+
+
+def write_model_config(folder: Path, **parameters: Any) -> Path:
+    """Write a model_config.yaml in ``folder`` whose ``parameters`` are the package's updated with
+    ``parameters``; the other config files fall back to the package defaults."""
+    import yaml
+
+    from llm_server.helper_functionality.yaml_loading import PACKAGE_CONFIG_DIR
+
+    document = yaml.safe_load((PACKAGE_CONFIG_DIR / "model_config.yaml").read_text(encoding="utf-8"))
+    document["model"]["parameters"].update(parameters)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def small_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary LLM_SERVER_CONFIG_DIR with greedy decoding and max_new_tokens 8."""
+    folder = write_model_config(tmp_path / "config", max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(folder))
+    return folder

@@ -1,44 +1,160 @@
 """App factory and the ``start_llm_server`` entry point.
 
-``create_app`` wires routers, error handlers and a lifespan that builds the engine (the
-model loads there, never at import) and keeps it on ``app.state``. ``main`` reads
-``server_config.yaml`` and runs uvicorn.
+``create_app`` wires routers, error handlers, middleware and a lifespan that, at start-up,
+loads the API keys (``app.state.keys``), builds the engine in a worker thread (the model
+loads there, never at import; ``app.state.engine``) and the :class:`ChatService`
+(``app.state.chat``). ``main`` reads the YAML configuration (``--config-dir``), checks the
+API keys *before* the slow model load (an unreachable Key Vault exits non-zero at once),
+and runs uvicorn with graceful shutdown.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import fields
+from typing import Any
 
 from fastapi import FastAPI
 
 from llm_server.api import routes_chat, routes_ops, routes_openai, routes_page
+from llm_server.api.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.errors import install_error_handlers
+from llm_server.api.limits import BodySizeLimitMiddleware
+from llm_server.api.middleware import install_middleware
+from llm_server.api.settings import ServerSettings, load_settings, set_config_dir
 from llm_server.engine.interface import Engine
+from llm_server.serving.chat import ChatService
+
+logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], Engine]
 
 
-def create_app(engine_factory: EngineFactory) -> FastAPI:
-    """Build the app; ``engine_factory`` runs in the lifespan (tests pass a fake)."""
+def default_engine_factory(settings: ServerSettings) -> EngineFactory:
+    """Load the model of ``model_config.yaml`` and wrap it in the batching engine."""
+
+    def build() -> Engine:
+        from llm_server.helper_functionality.model_loading import initialize
+
+        model_cfg = settings.model
+        tokenizer, model = initialize(device=model_cfg.get("device", "auto"), model_id=model_cfg.get("id"))
+        from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+
+        known = {f.name for f in fields(EngineConfig)}
+        config = EngineConfig(**{k: v for k, v in settings.engine.items() if k in known})
+        return BatchEngine(tokenizer, model, settings.served_model_name, config)
+
+    return build
+
+
+def create_app(
+    engine_factory: EngineFactory | None = None,
+    *,
+    settings: ServerSettings | None = None,
+    key_store: KeyStore | None = None,
+) -> FastAPI:
+    """Build the app. ``engine_factory`` runs in the lifespan (tests pass a fake engine);
+    ``settings`` default to the YAML files; ``key_store`` defaults to :func:`build_key_store`.
+    """
+    settings = settings if settings is not None else load_settings()
+    factory = engine_factory or default_engine_factory(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = engine_factory()
-        engine.start()
+        store = key_store if key_store is not None else build_key_store(settings)
+        await asyncio.to_thread(store.start)  # idempotent; raises when no key can be loaded
+        app.state.keys = store
+        try:
+            engine = await asyncio.to_thread(factory)  # the model loads here, off the event loop
+            engine.start()
+        except BaseException:
+            store.stop()
+            raise
         app.state.engine = engine
+        app.state.chat = ChatService(engine, settings.system_prompts, settings.max_new_tokens_limit)
+        logger.info("serving model %s (max context %d tokens)", engine.model_id, engine.max_context)
         try:
             yield
         finally:
-            engine.shutdown()
+            await asyncio.to_thread(engine.shutdown, settings.shutdown_timeout_s)
+            store.stop()
 
     app = FastAPI(title="llm_server", lifespan=lifespan)
+    app.state.settings = settings
     install_error_handlers(app)
     for module in (routes_ops, routes_chat, routes_openai, routes_page):
         app.include_router(module.router)
+    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes)
+    install_middleware(app)  # request ids, access log, drain gate: outermost
+    install_log_redaction()
     return app
 
 
-def main() -> None:
-    """Console script ``start_llm_server`` (flags: --host, --port, --config-dir)."""
-    raise SystemExit("not implemented yet")
+# --- command line -------------------------------------------------------------------------
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="start_llm_server",
+        description="Serve the configured chat model over HTTP (spec API, OpenAI API, chat page).",
+    )
+    parser.add_argument("--host", help="interface to bind (default: server_config.yaml host / CHAT_SERVER_HOST, else 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to bind (default: server_config.yaml port)")
+    parser.add_argument("--config-dir", help="folder with your own YAML files (default: $LLM_SERVER_CONFIG_DIR, else the package's)")
+    parser.add_argument("--open-access", action="store_true", help="serve WITHOUT any API key (explicit opt-out)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"start_llm_server: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def _settings_for(args: argparse.Namespace) -> ServerSettings:
+    from llm_server.helper_functionality.yaml_loading import ConfigError
+
+    try:
+        if args.config_dir:
+            set_config_dir(args.config_dir)
+        settings = load_settings()
+    except ConfigError as exc:
+        _fail(f"bad configuration: {exc}", 2)
+    changes: dict[str, Any] = {}
+    if args.host:
+        changes["host"] = args.host
+    if args.port is not None:
+        changes["port"] = args.port
+    if args.open_access:
+        changes["open_access"] = True
+    return settings.with_overrides(**changes)
+
+
+def _started_key_store(settings: ServerSettings) -> KeyStore:
+    from llm_server.api.keyvault import KeyVaultError
+
+    try:
+        store = build_key_store(settings)
+        store.start()
+    except (KeyVaultError, ValueError) as exc:  # ValueError: a malformed vault URL
+        _fail(f"{exc}\nThe server cannot check API keys without it, so it will not start. Check "
+              "KEYVAULT_URL / API_KEY_SECRET_NAME (azure_config.yaml), the network, and that this "
+              "identity may read the secret (DefaultAzureCredential).", 1)
+    return store
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``start_llm_server`` (flags: --host, --port, --config-dir, --open-access)."""
+    from llm_server.api.middleware import configure_logging
+    from llm_server.api.shutdown import run_server
+
+    args = _parse_args(argv)
+    configure_logging(args.log_level.upper())
+    settings = _settings_for(args)
+    store = _started_key_store(settings)
+    app = create_app(settings=settings, key_store=store)
+    run_server(app, host=settings.host, port=settings.port,
+               shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level)

@@ -1,18 +1,45 @@
-"""ChatService: the one place where a chat turn becomes engine work (interface first).
+"""ChatService: the one place where a chat turn becomes engine work.
 
 Routes (spec endpoints, OpenAI endpoints, the chat page) all call this; none of them
-tokenizes or generates on its own.
+tokenizes or generates on its own. ``open`` validates, applies the chat template once,
+checks the context window and submits to the engine *eagerly*, so input and capacity
+errors surface before a response starts. The returned :class:`ChatStream` is an async
+iterable of :class:`ChatDelta` ... then one :class:`ChatDone`.
+
+With ``options.improvement`` the spec's answer-improvement pipeline
+(``conversation_engine.improvement``) runs in a worker thread; each of its passes is
+submitted to the same engine (so it is batched with everything else) and its chunks are
+bridged back to asyncio. Cancelling the stream (or abandoning its iteration) cancels the
+pass in flight and stops the pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import itertools
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from llm_server.engine.interface import Engine
-from llm_server.engine.types import FinishReason, SamplingParams
+from llm_server.engine.stream import GenerationStream
+from llm_server.engine.types import (
+    ContextLengthExceeded,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+
+logger = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+HISTORY_ROLES = ("user", "assistant", "system")
+#: Improvement passes after the first may shrink max_new_tokens to fit the context, down to this.
+MIN_PASS_TOKENS = 16
 
 
 class ChatInputError(ValueError):
@@ -33,6 +60,8 @@ class ChatOptions:
     intermediate_steps: bool = False
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    #: The client did not ask for a number of new tokens: shrink the default to fit the context.
+    fit_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,3 +82,288 @@ class ChatDone:
 
 
 ChatEvent = ChatDelta | ChatDone
+
+
+class ChatStream:
+    """Async iterable of ``ChatDelta``... then exactly one ``ChatDone``; errors raise.
+
+    Iterate it once. Abandoning the iteration (break, task cancelled, client gone) cancels
+    the generation, as does :meth:`cancel`.
+    """
+
+    def __init__(self, events: AsyncIterator[ChatEvent], cancel: Callable[[], None], prompt_tokens: int) -> None:
+        self._events = events
+        self._cancel = cancel
+        self._done = False
+        #: Prompt tokens of the (first) pass, known before generation starts.
+        self.prompt_tokens = prompt_tokens
+
+    def cancel(self) -> None:
+        """Stop generating (thread-safe, idempotent, harmless after the end)."""
+        if not self._done:
+            self._cancel()
+
+    def __aiter__(self) -> AsyncIterator[ChatEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ChatEvent]:
+        try:
+            async for event in self._events:
+                if isinstance(event, ChatDone):
+                    self._done = True
+                yield event
+        finally:
+            if not self._done:
+                self._cancel()
+                self._done = True
+
+
+class ChatService:
+    """Turns chat requests into engine requests (template, limits, improvement passes)."""
+
+    def __init__(self, engine: Engine, system_prompts: Mapping[str, str], max_new_tokens_limit: int) -> None:
+        self.engine = engine
+        self.system_prompts = dict(system_prompts)
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self._ids = itertools.count(1)
+
+    # --- building prompts -----------------------------------------------------------------
+    def spec_messages(self, prompt: str, history: list[Message], role: str) -> list[Message]:
+        """System prompt of ``role`` + history + the user's prompt (validated)."""
+        if role not in self.system_prompts:
+            known = ", ".join(sorted(self.system_prompts))
+            raise ChatInputError(f"unknown role {role!r}; known roles: {known}", param="role", code="unknown_role")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ChatInputError("prompt must be a non-empty string", param="prompt")
+        checked = [self._checked_message(i, m) for i, m in enumerate(history)]
+        return [{"role": "system", "content": self.system_prompts[role]}, *checked, {"role": "user", "content": prompt}]
+
+    @staticmethod
+    def _checked_message(index: int, message: Any) -> Message:
+        where = f"history.{index}"
+        if not isinstance(message, Mapping):
+            raise ChatInputError(f"{where} must be an object with role and content", param=where)
+        role, content = message.get("role"), message.get("content")
+        if role not in HISTORY_ROLES:
+            raise ChatInputError(f"{where}.role must be one of {', '.join(HISTORY_ROLES)}", param=f"{where}.role")
+        if not isinstance(content, str):
+            raise ChatInputError(f"{where}.content must be a string", param=f"{where}.content")
+        return {"role": str(role), "content": content}
+
+    def encode_messages(self, messages: list[Message]) -> list[int]:
+        """Apply the tokenizer's chat template once (generation prompt added) -> token ids."""
+        tokenizer = self.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # e.g. a template that demands alternating user/assistant turns
+            raise ChatInputError(f"the model's chat template rejected these messages: {exc}",
+                                 param="messages", code="invalid_messages") from exc
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # --- opening streams ------------------------------------------------------------------
+    def open(self, messages: list[Message], options: ChatOptions) -> ChatStream:
+        """Validate and submit now; raises ChatInputError / ContextLengthExceeded / EngineError."""
+        self._check_params(options.params)
+        if not messages:
+            raise ChatInputError("messages must not be empty", param="messages")
+        if options.improvement:
+            _split_messages(messages)  # the pipeline needs [system?, *history, user]: check now
+        request_id = options.request_id or uuid.uuid4().hex
+        prompt_ids = self.encode_messages(messages)
+        options = self._fitted(options, len(prompt_ids))
+        self._check_context(len(prompt_ids), options.params.max_new_tokens)
+        first = self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, options.params))
+        if options.improvement:
+            return _ImprovementRun(self, messages, options, request_id, first, len(prompt_ids)).stream()
+        return ChatStream(_plain_events(first), first.cancel, len(prompt_ids))
+
+    def open_completion(self, prompt: str, options: ChatOptions) -> ChatStream:
+        """A raw prompt (no chat template, no system prompt): for /v1/completions."""
+        self._check_params(options.params)
+        if not isinstance(prompt, str) or not prompt:
+            raise ChatInputError("prompt must be a non-empty string", param="prompt")
+        prompt_ids = list(self.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        options = self._fitted(options, len(prompt_ids))
+        self._check_context(len(prompt_ids), options.params.max_new_tokens)
+        request_id = options.request_id or uuid.uuid4().hex
+        stream = self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, options.params))
+        return ChatStream(_plain_events(stream), stream.cancel, len(prompt_ids))
+
+    # --- checks -----------------------------------------------------------------------------
+    def _check_params(self, params: SamplingParams) -> None:
+        if params.max_new_tokens < 1:
+            raise ChatInputError("max_new_tokens must be at least 1", param="max_new_tokens")
+        if params.max_new_tokens > self.max_new_tokens_limit:
+            raise ChatInputError(
+                f"max_new_tokens is {params.max_new_tokens}, above this server's limit of "
+                f"{self.max_new_tokens_limit}",
+                param="max_new_tokens",
+            )
+
+    def _fitted(self, options: ChatOptions, prompt_tokens: int) -> ChatOptions:
+        """With ``fit_context``, a default max_new_tokens shrinks to the room the prompt leaves."""
+        room = self.engine.max_context - prompt_tokens
+        if options.fit_context and 0 < room < options.params.max_new_tokens:
+            return replace(options, params=replace(options.params, max_new_tokens=room))
+        return options
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.engine.max_context:
+            raise ContextLengthExceeded(prompt_tokens, max_new_tokens, self.engine.max_context)
+
+    def _pass_id(self, request_id: str) -> str:
+        return f"{request_id}-{next(self._ids)}"
+
+    def submit_pass(self, messages: list[Message], params: SamplingParams, request_id: str) -> GenerationStream:
+        """One improvement pass: max_new_tokens shrinks to fit the context if it must."""
+        prompt_ids = self.encode_messages(messages)
+        room = self.engine.max_context - len(prompt_ids)
+        if room < min(params.max_new_tokens, MIN_PASS_TOKENS):
+            raise ContextLengthExceeded(len(prompt_ids), params.max_new_tokens, self.engine.max_context)
+        if room < params.max_new_tokens:
+            params = replace(params, max_new_tokens=room)
+        return self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, params))
+
+
+async def _plain_events(stream: GenerationStream) -> AsyncIterator[ChatEvent]:
+    """Engine events -> chat events for a single pass."""
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            if event.text:
+                yield ChatDelta(event.text)
+        else:
+            yield ChatDone({"reply": event.text}, event.reason, event.prompt_tokens, event.completion_tokens)
+
+
+class _PassCancelled(Exception):
+    """Raised inside the pipeline thread when the client has gone."""
+
+
+class _ImprovementRun:
+    """Runs the improvement pipeline in a worker thread, one engine pass at a time.
+
+    A :class:`GenerationStream` doubles as the thread -> asyncio bridge: the worker pushes
+    the pipeline's chunks as ``TextDelta`` and ends with ``Finished`` (or an exception).
+    """
+
+    def __init__(
+        self,
+        service: ChatService,
+        messages: list[Message],
+        options: ChatOptions,
+        request_id: str,
+        first: GenerationStream,
+        first_prompt_tokens: int,
+    ) -> None:
+        self.service = service
+        self.messages = messages
+        self.options = options
+        self.request_id = request_id
+        self.first_prompt_tokens = first_prompt_tokens
+        self._pending_first: GenerationStream | None = first
+        self._current: GenerationStream | None = first
+        self._lock = threading.Lock()
+        self.bridge = GenerationStream(request_id)
+        self.result: dict[str, str] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason = "stop"
+
+    def stream(self) -> ChatStream:
+        threading.Thread(target=self._work, name=f"improve-{self.request_id[:8]}", daemon=True).start()
+        return ChatStream(self._events(), self.cancel, self.first_prompt_tokens)
+
+    def cancel(self) -> None:
+        self.bridge.cancel()
+        with self._lock:
+            current = self._current
+        if current is not None:
+            current.cancel()
+
+    async def _events(self) -> AsyncIterator[ChatEvent]:
+        async for event in self.bridge:
+            if isinstance(event, TextDelta):
+                if event.text:
+                    yield ChatDelta(event.text)
+            else:
+                result = dict(self.result) or {"reply": event.text}
+                yield ChatDone(result, event.reason, event.prompt_tokens, event.completion_tokens)
+
+    # --- worker thread ----------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            from llm_server.conversation_engine.improvement import improvement_pipeline
+
+            system, history, message = _split_messages(self.messages)
+            prompts = dict(self.service.system_prompts)
+            prompts[self.options.role] = system if system is not None else prompts.get(self.options.role, "")
+            for chunk in improvement_pipeline(
+                self._generate, prompts, history, message, role=self.options.role,
+                intermediate_steps=self.options.intermediate_steps, result=self.result,
+            ):
+                if self.bridge.cancelled:
+                    raise _PassCancelled()
+                if chunk:
+                    self.bridge.push(TextDelta(chunk))
+            self._finish(self.finish_reason)
+        except _PassCancelled:
+            self._finish("cancelled")
+        except BaseException as exc:  # delivered to the consumer, raised from its iteration
+            logger.warning("improvement pipeline failed (request %s): %s", self.request_id, type(exc).__name__)
+            self.bridge.push(exc)
+        finally:
+            self._drop_pending_first()
+
+    def _finish(self, reason: FinishReason) -> None:
+        reply = self.result.get("reply", "")
+        self.bridge.push(Finished(reason, self.prompt_tokens, self.completion_tokens, reply))
+
+    def _drop_pending_first(self) -> None:
+        with self._lock:
+            first, self._pending_first = self._pending_first, None
+        if first is not None:
+            first.cancel()
+
+    def _take_stream(self, messages: list[Message]) -> GenerationStream:
+        """The eagerly submitted first pass if these are its messages, else a new submission."""
+        with self._lock:
+            first, self._pending_first = self._pending_first, None
+        if first is not None and messages == self.messages:
+            return first
+        if first is not None:
+            first.cancel()
+        stream = self.service.submit_pass(messages, self.options.params, self.request_id)
+        with self._lock:
+            self._current = stream
+        if self.bridge.cancelled:
+            stream.cancel()
+        return stream
+
+    def _generate(self, messages: list[Message]) -> Iterator[str]:
+        """C1's GenerateFn: one pass through the engine, iterated synchronously."""
+        if self.bridge.cancelled:
+            raise _PassCancelled()
+        stream = self._take_stream(messages)
+        for event in stream:
+            if isinstance(event, TextDelta):
+                if self.bridge.cancelled:
+                    stream.cancel()
+                    continue
+                yield event.text
+            else:
+                self.prompt_tokens += event.prompt_tokens
+                self.completion_tokens += event.completion_tokens
+                if event.reason == "cancelled" or self.bridge.cancelled:
+                    raise _PassCancelled()
+                self.finish_reason = event.reason
+
+
+def _split_messages(messages: list[Message]) -> tuple[str | None, list[Message], str]:
+    """[system?, *history, user] -> (system text, history, user text) for the pipeline."""
+    system: str | None = None
+    body = list(messages)
+    if body and body[0].get("role") == "system":
+        system = body.pop(0).get("content", "")
+    if not body or body[-1].get("role") != "user":
+        raise ChatInputError("the last message must come from the user", param="messages")
+    return system, body[:-1], body[-1].get("content", "")

@@ -1,0 +1,79 @@
+"""Request body size limit, as a plain ASGI middleware (413 before any route parses anything).
+
+A declared ``Content-Length`` above the limit is refused without reading the body; a
+chunked body is read up to the limit and refused as soon as it goes over. Accepted bodies
+are replayed unchanged to the app, and later ``receive()`` calls (disconnect detection)
+pass straight through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_server.api.errors import APIError, error_response
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies larger than ``limit()`` bytes with an OpenAI-shaped 413."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            await self._refuse(limit, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone before the body arrived
+                await self.app(scope, _replay([], message, receive), send)
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                await self._refuse(limit, scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(chunks, None, receive), send)
+
+    @staticmethod
+    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(413, f"request body is larger than this server's limit of {limit} bytes",
+                       code="body_too_large", headers={"Connection": "close"})
+        await error_response(err)(scope, receive, send)
+
+
+def _replay(chunks: list[bytes], pending: Message | None, receive: Receive) -> Receive:
+    """A receive() that first returns the buffered body, then defers to the real one."""
+    first: list[Message] = [pending] if pending is not None else [
+        {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+    ]
+
+    async def replayed() -> Message:
+        if first:
+            return first.pop()
+        return await receive()
+
+    return replayed

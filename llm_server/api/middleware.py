@@ -1,0 +1,173 @@
+"""Request ids, access logs, request counting and the drain gate, as one ASGI middleware.
+
+Every HTTP request gets an id: the incoming ``X-Request-Id`` when it is sane (printable,
+at most 128 characters), else a new one. The id is put on ``request.state.request_id``,
+returned in the ``X-Request-Id`` response header, and — through a context variable and a
+log-record factory — present as ``%(request_id)s`` on every log record emitted while the
+request is handled. Each request is counted in ``llm_server_requests_total{endpoint,
+status}`` (endpoint = the route template, so ids in paths never explode the label set).
+
+The access log line holds method, path, status and duration — never the query string
+(it may carry ``x_api_key``) nor bodies (prompts); successful ``/health`` and ``/metrics``
+hits log at DEBUG so probes do not flood the log. A crash is answered here with an
+OpenAI-shaped 500 that still carries the request id. While the server drains
+(SIGTERM) every request except ``/health`` and ``/metrics`` is refused with 503.
+
+It is a plain ASGI middleware (not ``BaseHTTPMiddleware``) so streamed responses and
+client disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_server.api.errors import APIError, error_response
+from llm_server.api.shutdown import drain_state
+from llm_server.serving.metrics import record_request
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("llm_server.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_DRAIN_EXEMPT = ("/health", "/metrics")
+#: Probe and scrape endpoints: successful hits are logged at DEBUG, not to flood the log.
+_QUIET_PATHS = ("/health", "/metrics")
+
+#: The id of the request being handled in this context ("-" outside a request).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def current_request_id() -> str:
+    """The request id of the current context, or "-"."""
+    return request_id_var.get()
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``record.request_id`` (for handlers whose records bypass the record factory)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
+
+
+def install_log_record_factory() -> None:
+    """Make every LogRecord carry ``request_id`` so formats may use ``%(request_id)s``."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_adds_request_id", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.request_id = request_id_var.get()
+        return record
+
+    factory._adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Root logging for the server process: one stderr handler with request ids in lines."""
+    install_log_record_factory()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            return text if _SANE_ID.match(text) else None
+    return None
+
+
+def _endpoint_label(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class RequestContextMiddleware:
+    """See the module docstring."""
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["started_at"] = started
+        token = request_id_var.set(request_id)
+        status: int | None = None
+        header = (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        try:
+            if drain_state(self.fastapi_app).draining and scope["path"] not in _DRAIN_EXEMPT:
+                await self._refuse_draining(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:
+            if status is not None:  # the response already started: nothing left to answer
+                raise
+            # A crash: answer here (not in Starlette's outer error middleware) so the 500
+            # carries the request id too.
+            logger.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+            crash = APIError(500, "internal server error", type="server_error")
+            await error_response(crash)(scope, receive, send_with_id)
+        finally:
+            self._account(scope, status if status is not None else 500, time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    @staticmethod
+    def _account(scope: Scope, status: int, elapsed: float) -> None:
+        record_request(_endpoint_label(scope), status)
+        path = scope.get("path", "")
+        level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
+        access_logger.log(level, "%s %s -> %d in %.3fs", scope["method"], path, status, elapsed)
+
+    async def _refuse_draining(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(
+            503,
+            "the server is shutting down; retry on another instance",
+            code="server_shutting_down",
+            headers={"Retry-After": "5", "Connection": "close"},
+        )
+        await error_response(err)(scope, receive, send)
+
+
+def install_middleware(app: FastAPI) -> None:
+    """Add the request-context middleware to ``app`` and make log records carry request ids.
+
+    Call once from ``create_app``, after the routers are included (order does not matter
+    for correctness; it is the outermost user middleware either way if added last).
+    """
+    install_log_record_factory()
+    drain_state(app)  # create it now, so /health and the gate share one object
+    app.add_middleware(RequestContextMiddleware, fastapi_app=app)

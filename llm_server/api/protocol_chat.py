@@ -1,0 +1,156 @@
+"""Wire format of the spec's endpoints: request parsing/validation and error mapping.
+
+POST bodies are parsed with pydantic in *strict* JSON mode (``"yes"`` is not a boolean,
+``"5"`` is not a number); GET query strings are parsed leniently (``improvement=true``),
+since every query value is text. Every problem becomes an :class:`APIError` whose JSON
+says which field is wrong. Engine and serving errors map to HTTP here too
+(:func:`api_error_for`), so every route answers them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+
+from llm_server.api.errors import APIError
+from llm_server.engine.types import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineOverloaded,
+    EngineUnavailable,
+    SamplingParams,
+)
+from llm_server.serving.chat import ChatInputError, ChatOptions
+
+END_MARKER = "[[END]]"
+ERROR_MARKER = "[[ERROR]]"
+#: Keys of the improvement stages returned by /chat/blocking with intermediate_steps.
+STAGE_KEYS = ("draft_answer", "suggestions1", "revision1", "comments1", "suggestions2", "revision2", "comments2")
+
+
+class HistoryMessage(BaseModel):
+    """One earlier turn of the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["user", "assistant", "system"]
+    content: StrictStr
+
+
+class ChatRequest(BaseModel):
+    """Body of POST /chat/blocking and /chat/stream (and the GET query parameters)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    prompt: StrictStr
+    history: list[HistoryMessage] = Field(default_factory=list)
+    improvement: StrictBool = False
+    intermediate_steps: StrictBool = False
+    role: StrictStr = "assistant"
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def history_dicts(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.history]
+
+    def options(self, defaults: SamplingParams, request_id: str) -> ChatOptions:
+        """ChatOptions for this request: the server's defaults, overridden where the client said."""
+        params = SamplingParams(
+            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else defaults.max_new_tokens,
+            temperature=self.temperature if self.temperature is not None else defaults.temperature,
+            top_p=self.top_p if self.top_p is not None else defaults.top_p,
+            do_sample=defaults.do_sample,
+            repetition_penalty=defaults.repetition_penalty,
+        )
+        return ChatOptions(
+            role=self.role,
+            improvement=self.improvement,
+            intermediate_steps=self.intermediate_steps,
+            params=params,
+            request_id=request_id,
+            fit_context=self.max_new_tokens is None,
+        )
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
+    if kind in ("model_type", "dict_type", "model_attributes_type") and not loc:
+        return APIError(400, "request body must be a JSON object", code="invalid_body")
+    if kind == "missing":
+        return APIError(400, f"{loc} is required", param=loc, code="missing_field")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"{loc}: {message}" if loc else message, param=loc or None, code="invalid_value")
+
+
+def parse_body(raw: bytes) -> ChatRequest:
+    """Strictly parse a POST body; any problem -> 400 APIError naming the field."""
+    if not raw.strip():
+        raise APIError(400, "request body is empty: send a JSON object with at least a prompt", code="invalid_body")
+    try:
+        return ChatRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def parse_query(params: Mapping[str, str]) -> ChatRequest:
+    """Parse GET query parameters (text): booleans/numbers converted, history as JSON text."""
+    data: dict[str, Any] = {k: v for k, v in params.items() if k in ChatRequest.model_fields}
+    if "history" in data:
+        try:
+            data["history"] = json.loads(data["history"]) if data["history"].strip() else []
+        except json.JSONDecodeError:
+            raise APIError(400, "history must be a JSON list of {role, content}", param="history") from None
+    try:
+        return ChatRequest.model_validate(data, strict=False)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def api_error_for(exc: Exception) -> APIError:
+    """Serving / engine exceptions -> the HTTP error a client sees."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ChatInputError):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, ContextLengthExceeded):
+        return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, EngineOverloaded):
+        return APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc) or "the model is not available", code="unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, EngineError):
+        return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
+    return APIError(500, "internal server error", type="server_error")
+
+
+def stream_error_line(exc: BaseException) -> str:
+    """The final chunk of a stream that failed after it started: ``[[ERROR]] <message>``."""
+    if isinstance(exc, (EngineError, ChatInputError)):
+        text = str(exc) or type(exc).__name__
+    else:
+        text = "internal server error"
+    return f"{ERROR_MARKER} {' '.join(text.split())}"
+
+
+def blocking_body(result: Mapping[str, str], improvement: bool, intermediate_steps: bool) -> dict[str, str]:
+    """``{"reply": ...}``, plus the improvement stages when intermediate steps were asked for."""
+    body = {"reply": result.get("reply", "")}
+    if improvement and intermediate_steps:
+        for key in STAGE_KEYS:
+            body[key] = result.get(key, "")
+    return body

@@ -1,0 +1,187 @@
+"""Request models of the OpenAI-compatible API, and the checks that refuse what we cannot honour.
+
+Requests are parsed leniently by pydantic (unknown keys are kept in ``model_extra``), then
+:func:`unsupported_chat_fields` / :func:`unsupported_completion_fields` list every field
+that would change the output but is not implemented (``logprobs: true``, ``tools``, a JSON
+``response_format``, non-zero penalties, ``logit_bias``, ``n > 1``...) and every key we do
+not know at all; routes answer those with a 400 naming the field, as OpenAI does, instead
+of silently ignoring them. Fields that never change the output (``user``, ``metadata``,
+``store``...) are accepted and ignored.
+
+Extension fields (sent by the SDK through ``extra_body``): ``improvement``,
+``intermediate_steps`` and ``role`` run the spec's improvement pipeline and role system
+prompts; ``repetition_penalty`` maps to the engine's sampling setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Accepted and ignored: they never change what is generated.
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+        "stream_options",
+    }
+)
+
+MAX_STOP_SEQUENCES = 16
+
+
+class TextPart(BaseModel):
+    """One part of a message's content list; only text parts are supported."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    # extensions
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    top_k: int | None = None
+    min_p: float | None = None
+    user: str | None = None
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return tuple(s for s in stops if s)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+    # extensions (extra_body)
+    improvement: bool = False
+    intermediate_steps: bool = False
+    role: str | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (the new name) wins over ``max_tokens``."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def _common_unsupported(req: SamplingFields) -> list[str]:
+    bad: list[str] = []
+    if req.n not in (None, 1):
+        bad.append("n")
+    if req.presence_penalty not in (None, 0.0):
+        bad.append("presence_penalty")
+    if req.frequency_penalty not in (None, 0.0):
+        bad.append("frequency_penalty")
+    if req.logit_bias:
+        bad.append("logit_bias")
+    if req.top_k not in (None, 0, -1):
+        bad.append("top_k")
+    if req.min_p not in (None, 0.0):
+        bad.append("min_p")
+    if req.stop is not None and len(req.stop_sequences()) > MAX_STOP_SEQUENCES:
+        bad.append("stop")
+    return bad
+
+
+def _unknown(req: BaseModel) -> list[str]:
+    return sorted(k for k in (req.model_extra or {}) if k not in IGNORED_FIELDS)
+
+
+def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
+    """Fields of a chat request that would change the output but are not implemented."""
+    bad = _common_unsupported(req)
+    if req.logprobs not in (None, False):
+        bad.append("logprobs")
+    if req.top_logprobs not in (None, 0):
+        bad.append("top_logprobs")
+    if req.tools:
+        bad.append("tools")
+    if req.tool_choice not in (None, "none", "auto") or (req.tool_choice == "auto" and req.tools):
+        bad.append("tool_choice")
+    if req.functions:
+        bad.append("functions")
+    if req.function_call not in (None, "none", "auto"):
+        bad.append("function_call")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        bad.append("response_format")
+    if req.modalities not in (None, ["text"]):
+        bad.append("modalities")
+    for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+        if getattr(req, name) is not None:
+            bad.append(name)
+    return bad + _unknown(req)
+
+
+def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
+    """Fields of a completion request that would change the output but are not implemented."""
+    bad = _common_unsupported(req)
+    if req.logprobs not in (None, 0, False):
+        bad.append("logprobs")
+    if req.echo:
+        bad.append("echo")
+    if req.suffix:
+        bad.append("suffix")
+    if req.best_of not in (None, 1):
+        bad.append("best_of")
+    return bad + _unknown(req)
+
+
+SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant"})

@@ -1,0 +1,116 @@
+"""Graceful shutdown: on SIGTERM (or Ctrl+C) drain, then exit cleanly.
+
+Sequence, driven by :func:`run_server` (what ``start_llm_server`` calls):
+
+1. The signal marks the app's :class:`DrainState` as draining: ``/health`` answers 503
+   ``{"status": "draining"}`` and every other new request gets an OpenAI-shaped 503 with
+   ``Retry-After`` and ``Connection: close``.
+2. uvicorn stops accepting connections, closes idle keep-alive ones, and lets in-flight
+   requests (streams included) finish for up to ``shutdown_timeout_s``; any still running
+   then are cancelled (their generations are cancelled with them).
+3. The app's lifespan shutdown runs (the engine stops), and the process exits with status 0.
+
+A second Ctrl+C forces an immediate exit (uvicorn's behaviour).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Generator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class DrainState:
+    """Whether the server is shutting down (thread-safe; set once, never cleared)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.since: float | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._event.is_set()
+
+    def begin(self) -> None:
+        if not self._event.is_set():
+            self.since = time.monotonic()
+            self._event.set()
+
+
+def drain_state(app: FastAPI) -> DrainState:
+    """The app's drain state (created on first use, kept on ``app.state.drain``)."""
+    state = getattr(app.state, "drain", None)
+    if not isinstance(state, DrainState):
+        state = DrainState()
+        app.state.drain = state
+    return state
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, plus: signals start draining, and a drained exit has status 0."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.fastapi_app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("received %s: draining (running requests get up to %ss)",
+                        signal.Signals(sig).name, self.config.timeout_graceful_shutdown)
+        drain_state(self.fastapi_app).begin()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Like uvicorn's, without re-raising the signal afterwards (which would exit 143)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_server(
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    shutdown_timeout_s: float = 30.0,
+    log_level: str = "info",
+    **uvicorn_options: Any,
+) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT, then drain as described in the module docstring.
+
+    uvicorn's own access log is off: it would log query strings (``?x_api_key=...``); the
+    request-context middleware logs requests without them. Extra keyword arguments go to
+    ``uvicorn.Config`` (e.g. ``ssl_keyfile``/``ssl_certfile``).
+    """
+    if "log_config" not in uvicorn_options and logging.getLogger().handlers:
+        uvicorn_options["log_config"] = None  # uvicorn's records go through the root handler's format
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(round(shutdown_timeout_s))),
+        **uvicorn_options,
+    )
+    GracefulServer(config, app).run()
+    logger.info("server stopped")

@@ -1,0 +1,200 @@
+"""Answer improvement: draft -> review 1 -> revision 1 -> review 2 -> revision 2 (no torch here).
+
+The pipeline only needs a ``generate`` function (full chat messages -> text chunks of one
+pass), so the in-process ``ConversationEngine`` and the batching server share it. The reviser
+writes three sections ("Suggestions:", "Revised answer:", "Comments:"); :func:`parse_review`
+reads them tolerantly, and a revision that is missing, empty or "None" falls back to the
+previous answer.
+
+Streaming: without intermediate steps only the final answer is yielded. With intermediate steps
+each stage is preceded by one of :data:`STAGE_HEADINGS` and a blank line, and followed by a
+blank line; draft and reviews stream live, revisions are yielded once parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llm_server.conversation_engine.inputs import (
+    DEFAULT_ROLE,
+    SystemPrompt,
+    build_messages,
+    build_review_messages,
+)
+
+#: Full messages (system first) -> the text chunks of ONE generation pass.
+GenerateFn = Callable[[list[dict[str, str]]], Iterator[str]]
+
+DRAFT_HEADING = "### Draft answer"
+REVIEW1_HEADING = "### Review 1"
+REVISION1_HEADING = "### Revision 1"
+REVIEW2_HEADING = "### Review 2"
+FINAL_HEADING = "### Final answer"
+#: The headings of the intermediate-steps stream, in order.
+STAGE_HEADINGS = (DRAFT_HEADING, REVIEW1_HEADING, REVISION1_HEADING, REVIEW2_HEADING, FINAL_HEADING)
+#: Keys of ``last_result`` in improvement mode.
+RESULT_KEYS = (
+    "draft_answer",
+    "suggestions1",
+    "revision1",
+    "comments1",
+    "suggestions2",
+    "revision2",
+    "comments2",
+    "reply",
+)
+
+_SECTION_NAMES = {
+    "suggested improvements": "suggestions",
+    "improvement suggestions": "suggestions",
+    "suggestions": "suggestions",
+    "suggestion": "suggestions",
+    "improvements": "suggestions",
+    "revised answer": "revision",
+    "revised response": "revision",
+    "revised draft": "revision",
+    "improved answer": "revision",
+    "improved response": "revision",
+    "final answer": "revision",
+    "revision": "revision",
+    "comments": "comments",
+    "comment": "comments",
+    "notes": "comments",
+}
+_NAMES_PATTERN = "|".join(re.escape(name) for name in sorted(_SECTION_NAMES, key=len, reverse=True))
+_HEADER = re.compile(
+    r"^[ \t]*(?P<hashes>#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(?P<name>" + _NAMES_PATTERN + r")"
+    r"[ \t]*(?:\*\*|__)?[ \t]*(?P<colon>:)?[ \t]*(?:\*\*|__)?[ \t]*(?P<rest>.*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_NO_REVISION = re.compile(
+    r"^\W*(none|null|n/?a|nothing|no changes?( needed| required)?|same as (the )?draft)\W*$", re.IGNORECASE
+)
+_TEMPLATE_ECHO = re.compile(r"^<[^<>]*>$")
+
+
+@dataclass(frozen=True)
+class Review:
+    """One parsed reviser output. ``revision_found`` is False when the fallback was used."""
+
+    suggestions: str
+    revision: str
+    comments: str
+    revision_found: bool
+
+
+def _is_header(match: re.Match[str]) -> bool:
+    """A section name counts as a header with a colon, a markdown '#', or alone on its line."""
+    return bool(match.group("colon") or match.group("hashes") or not match.group("rest").strip())
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """Section kind ("suggestions" / "revision" / "comments") -> its text (first non-empty one)."""
+    headers = [m for m in _HEADER.finditer(text) if _is_header(m)]
+    sections: dict[str, str] = {}
+    for index, match in enumerate(headers):
+        end = headers[index + 1].start() if index + 1 < len(headers) else len(text)
+        body = (match.group("rest") + text[match.end() : end]).strip()
+        kind = _SECTION_NAMES[match.group("name").lower()]
+        if body and not sections.get(kind):
+            sections[kind] = body
+    return sections
+
+
+def _clean_revision(text: str) -> str:
+    """Strip whitespace and wrapping quotes; '' when the text is no real answer."""
+    revision = text.strip()
+    if len(revision) >= 2 and revision[0] == revision[-1] and revision[0] in "\"'":
+        revision = revision[1:-1].strip()
+    if _NO_REVISION.match(revision) or _TEMPLATE_ECHO.match(revision):
+        return ""
+    return revision
+
+
+def parse_review(text: str, previous_answer: str) -> Review:
+    """Read the reviser's output; a missing/empty/"None" revision falls back to ``previous_answer``.
+
+    Output that follows no recognisable format is kept whole as the suggestions.
+    """
+    sections = split_sections(text)
+    if not sections:
+        return Review(text.strip(), previous_answer, "", revision_found=False)
+    revision = _clean_revision(sections.get("revision", ""))
+    return Review(
+        suggestions=sections.get("suggestions", ""),
+        revision=revision or previous_answer,
+        comments=sections.get("comments", ""),
+        revision_found=bool(revision),
+    )
+
+
+def plain_messages(
+    system_prompts: SystemPrompt,
+    history: Sequence[Mapping[str, Any]] | None,
+    message: str,
+    role: str = DEFAULT_ROLE,
+) -> list[dict[str, str]]:
+    """System prompt for ``role`` + history + the user's message (one plain answer pass)."""
+    return build_messages(system_prompts, message, role, history)
+
+
+def _run_stage(chunks: Iterator[str], heading: str | None) -> Iterator[str]:
+    """Yield a pass's chunks (under ``heading`` when visible); return the pass's full text."""
+    parts: list[str] = []
+    if heading is not None:
+        yield f"{heading}\n\n"
+    for chunk in chunks:
+        if not chunk:
+            continue
+        parts.append(chunk)
+        if heading is not None:
+            yield chunk
+    if heading is not None:
+        yield "\n\n"
+    return "".join(parts)
+
+
+def improvement_pipeline(
+    generate: GenerateFn,
+    system_prompts: SystemPrompt,
+    history: list[dict[str, str]],
+    message: str,
+    role: str = DEFAULT_ROLE,
+    intermediate_steps: bool = False,
+    result: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Draft -> review 1 -> revision 1 -> review 2 -> revision 2.
+
+    Yields the chunks the client's stream carries and fills ``result`` (cleared first) with
+    draft_answer, suggestions1, revision1, comments1, suggestions2, revision2, comments2 and
+    reply (== the final answer), stage by stage.
+    """
+    result = result if result is not None else {}
+    result.clear()
+    show = intermediate_steps
+
+    draft_text = yield from _run_stage(
+        generate(plain_messages(system_prompts, history, message, role)), DRAFT_HEADING if show else None
+    )
+    draft = draft_text.strip()
+    result["draft_answer"] = draft
+
+    review1_text = yield from _run_stage(
+        generate(build_review_messages(system_prompts, message, draft, history)), REVIEW1_HEADING if show else None
+    )
+    review1 = parse_review(review1_text, draft)
+    result.update(suggestions1=review1.suggestions, revision1=review1.revision, comments1=review1.comments)
+    if show:
+        yield f"{REVISION1_HEADING}\n\n{review1.revision}\n\n"
+
+    review2_text = yield from _run_stage(
+        generate(build_review_messages(system_prompts, message, review1.revision, history)),
+        REVIEW2_HEADING if show else None,
+    )
+    review2 = parse_review(review2_text, review1.revision)
+    result.update(suggestions2=review2.suggestions, revision2=review2.revision, comments2=review2.comments)
+    result["reply"] = review2.revision
+    yield f"{FINAL_HEADING}\n\n{review2.revision}\n\n" if show else review2.revision

@@ -1,0 +1,185 @@
+"""Output generation: blocking and streaming text generation, plain and with answer improvement.
+
+Streaming runs ``model.generate`` in a worker thread feeding transformers' TextIteratorStreamer.
+An exception inside generation is re-raised to the consumer (nothing hangs), and a consumer that
+stops iterating (``close()``, ``break`` + garbage collection) stops the generation at its next
+step through a StoppingCriteria.
+
+Generation parameters default to ``model_config.yaml``'s ``parameters``; keyword arguments
+override them per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from llm_server.conversation_engine.improvement import improvement_pipeline
+from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, encode_messages, prepare_inputs
+from llm_server.helper_functionality.yaml_loading import load_model_config
+
+logger = logging.getLogger(__name__)
+
+#: Keys of model_config.yaml ``parameters`` that are passed to ``model.generate``.
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "use_cache")
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+#: Seconds to wait for an abandoned generation thread to notice its stop flag.
+_STOP_JOIN_TIMEOUT_S = 30.0
+
+
+def generation_parameters(**overrides: Any) -> dict[str, Any]:
+    """``model.generate`` keyword arguments: config ``parameters`` updated with non-None overrides.
+
+    Sampling-only settings are dropped when ``do_sample`` is false (greedy decoding).
+    """
+    configured = load_model_config().get("parameters", {})
+    params = {key: configured[key] for key in GENERATION_KEYS if configured.get(key) is not None}
+    params.update({key: value for key, value in overrides.items() if value is not None})
+    if not params.get("do_sample", False):
+        for key in _SAMPLING_ONLY:
+            params.pop(key, None)
+    return params
+
+
+class _StopFlag(StoppingCriteria):
+    """Stops ``generate`` once ``event`` is set (the consumer went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _decode_new_tokens(tok: Any, output: torch.Tensor, prompt_length: int) -> str:
+    return tok.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+
+def generate_reply(inputs: Mapping[str, Any], tok: Any, model: Any, **generation_kwargs: Any) -> str:
+    """Blocking generation: the decoded text of the new tokens."""
+    params = generation_parameters(**generation_kwargs)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **params)
+    sequences = output.sequences if hasattr(output, "sequences") else output
+    return _decode_new_tokens(tok, sequences, inputs["input_ids"].shape[-1])
+
+
+def stream_generate(
+    inputs: Mapping[str, Any], tok: Any, model: Any, max_new_tokens: int | None = None, **generation_kwargs: Any
+) -> Iterator[str]:
+    """Stream the text of new tokens as it is generated (chunks are never empty).
+
+    Errors inside ``model.generate`` are raised here. Abandoning the iterator stops generation.
+    """
+    params = generation_parameters(max_new_tokens=max_new_tokens, **generation_kwargs)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    stopping = StoppingCriteriaList([_StopFlag(stop)])
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping)
+        except BaseException as exc:  # handed to the consumer below
+            failure.append(exc)
+            streamer.end()  # wakes the consumer (TextIteratorStreamer would otherwise wait forever)
+
+    worker = threading.Thread(target=run, name="llm-generate", daemon=True)
+    worker.start()
+    try:
+        for chunk in streamer:
+            if failure:
+                break
+            if chunk:
+                yield chunk
+    finally:
+        stop.set()
+        worker.join(timeout=_STOP_JOIN_TIMEOUT_S)
+        if worker.is_alive():
+            logger.warning("generation thread did not stop within %.0fs", _STOP_JOIN_TIMEOUT_S)
+    if failure:
+        raise failure[0]  # the original exception, with the worker's traceback
+
+
+def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Any:
+    """A ``GenerateFn`` for :func:`improvement_pipeline`: messages -> streamed chunks of one pass."""
+
+    def generate(messages: list[dict[str, str]]) -> Iterator[str]:
+        return stream_generate(encode_messages(tok, model, messages), tok, model, **generation_kwargs)
+
+    return generate
+
+
+def stream_reply(
+    tok: Any,
+    model: Any,
+    system_prompt: SystemPrompt,
+    message: str,
+    role: str = DEFAULT_ROLE,
+    conversation_history: Sequence[Mapping[str, Any]] | None = None,
+    result: dict[str, str] | None = None,
+    **generation_kwargs: Any,
+) -> Iterator[str]:
+    """One plain answer, streamed; ``result["reply"]`` holds the whole answer once done."""
+    if result is not None:
+        result.clear()
+    inputs = prepare_inputs(tok, model, system_prompt, message, role, conversation_history)
+    parts: list[str] = []
+    for chunk in stream_generate(inputs, tok, model, **generation_kwargs):
+        parts.append(chunk)
+        yield chunk
+    if result is not None:
+        result["reply"] = "".join(parts).strip()
+
+
+def stream_and_improve_reply(
+    tok: Any,
+    model: Any,
+    system_prompt: SystemPrompt,
+    message: str,
+    role: str = DEFAULT_ROLE,
+    conversation_history: Sequence[Mapping[str, Any]] | None = None,
+    result: dict[str, str] | None = None,
+    **generation_kwargs: Any,
+) -> Iterator[str]:
+    """Draft, two review/revision passes; streams only the final answer.
+
+    ``result`` receives draft_answer, suggestions1..comments2 and reply (see improvement.py).
+    """
+    return improvement_pipeline(
+        make_generate_fn(tok, model, **generation_kwargs),
+        system_prompt,
+        list(conversation_history or []),
+        message,
+        role=role,
+        intermediate_steps=False,
+        result=result,
+    )
+
+
+def stream_and_improve_reply_with_steps(
+    tok: Any,
+    model: Any,
+    system_prompt: SystemPrompt,
+    message: str,
+    role: str = DEFAULT_ROLE,
+    conversation_history: Sequence[Mapping[str, Any]] | None = None,
+    result: dict[str, str] | None = None,
+    **generation_kwargs: Any,
+) -> Iterator[str]:
+    """Like :func:`stream_and_improve_reply`, streaming every stage under its heading."""
+    return improvement_pipeline(
+        make_generate_fn(tok, model, **generation_kwargs),
+        system_prompt,
+        list(conversation_history or []),
+        message,
+        role=role,
+        intermediate_steps=True,
+        result=result,
+    )

@@ -1,0 +1,108 @@
+"""Batched next-token selection with per-request settings, on the logits' device.
+
+All rows of a step are processed together (repetition penalty, temperature, top-p), and the
+only host synchronisation is reading the chosen ids. Sampling uses the exponential-race form
+of the Gumbel-max trick (``argmax(p / E)``, ``E ~ Exp(1)``), so each seeded request draws its
+noise from its own ``torch.Generator`` and its output does not depend on the other requests
+in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llm_server.engine.types import SamplingParams
+
+
+@dataclass
+class SamplerState:
+    """Per-request sampling state kept across steps."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None  # set for seeded requests
+    presence: torch.Tensor | None = None  # [vocab] bool, seen ids (repetition penalty only)
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device) -> "SamplerState":
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(params.seed)
+        presence = None
+        if params.repetition_penalty != 1.0:
+            presence = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_ids:
+                presence[torch.tensor(prompt_ids, device=device)] = True
+        return cls(params=params, generator=generator, presence=presence)
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated id (for the repetition penalty)."""
+        if self.presence is not None and 0 <= token_id < self.presence.numel():
+            self.presence[token_id] = True
+
+
+class Sampler:
+    """Chooses one next id per row of a logits batch."""
+
+    def __init__(self, device: torch.device, seed: int | None = None) -> None:
+        self._generator = torch.Generator(device=device)
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+
+    def select(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
+        """``logits``: [n, vocab] float32, row i belonging to ``states[i]``."""
+        logits = self._apply_repetition_penalty(logits, states)
+        chosen = logits.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if sampled_rows:
+            chosen[sampled_rows] = self._sample(logits[sampled_rows], [states[i] for i in sampled_rows])
+        return [int(t) for t in chosen.tolist()]
+
+    @staticmethod
+    def _apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(states) if s.presence is not None]
+        if not rows:
+            return logits
+        presence = torch.stack([states[i].presence for i in rows])  # type: ignore[misc]
+        penalty = torch.tensor(
+            [states[i].params.repetition_penalty for i in rows], dtype=logits.dtype, device=logits.device
+        ).unsqueeze(1)
+        sub = logits[rows]
+        penalised = torch.where(sub < 0, sub * penalty, sub / penalty)
+        logits = logits.clone()
+        logits[rows] = torch.where(presence, penalised, sub)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+        temperature = torch.tensor(
+            [s.params.temperature for s in states], dtype=logits.dtype, device=logits.device
+        ).unsqueeze(1)
+        logits = logits / temperature
+        top_p_rows = [i for i, s in enumerate(states) if s.params.top_p < 1.0]
+        if top_p_rows:
+            top_p = torch.tensor([states[i].params.top_p for i in top_p_rows], device=logits.device)
+            logits[top_p_rows] = _top_p_filter(logits[top_p_rows], top_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs)
+        shared_rows = [i for i, s in enumerate(states) if s.generator is None]
+        if shared_rows:
+            noise[shared_rows] = noise[shared_rows].exponential_(generator=self._generator)
+        for i, state in enumerate(states):
+            if state.generator is not None:
+                noise[i].exponential_(generator=state.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely ids whose probability reaches ``top_p`` (per row)."""
+    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1.0 - top_p.unsqueeze(1))
+    remove[:, -1] = False  # always keep the most likely id
+    mask = remove.scatter(1, sorted_ids, remove)
+    return logits.masked_fill(mask, float("-inf"))

@@ -1,0 +1,1 @@
+"""Helper functionality: YAML configuration loading and model initialisation (the spec's helpers)."""

@@ -1,0 +1,160 @@
+"""Prometheus metrics for the server, and the ``instrument`` wrapper that feeds them.
+
+The metric objects live in prometheus-client's default registry (one per process, as
+Prometheus expects), so ``/metrics`` also carries the standard ``process_*`` and
+``python_*`` series. Names follow Prometheus conventions: a ``llm_server_`` prefix, base
+units (seconds), ``_total`` on counters.
+
+Per-request latency and token counts are recorded by :func:`instrument`, a transparent
+wrapper around a :class:`~llm_server.serving.chat.ChatStream` (anything async-iterable of
+``ChatDelta``... ``ChatDone`` with a ``cancel()``). Queue gauges are set from
+``engine.stats()`` at scrape time by :func:`update_engine_gauges`. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+from llm_server.engine.types import EngineStats
+from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent
+
+PREFIX = "llm_server"
+
+# The "*_created" timestamp series only add noise to every scrape (vLLM drops them too).
+disable_created_metrics()
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+REQUESTS = Counter(
+    f"{PREFIX}_requests",  # exposed as llm_server_requests_total
+    "HTTP requests by endpoint (route template) and status code.",
+    ["endpoint", "status"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    f"{PREFIX}_time_to_first_token_seconds",
+    "Time from request arrival to the first generated text.",
+    buckets=_TTFT_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    f"{PREFIX}_inter_token_latency_seconds",
+    "Time between consecutive streamed text deltas of one request.",
+    buckets=_ITL_BUCKETS,
+)
+E2E_REQUEST_LATENCY = Histogram(
+    f"{PREFIX}_e2e_request_latency_seconds",
+    "Time from request arrival to the end of its generation.",
+    buckets=_E2E_BUCKETS,
+)
+PROMPT_TOKENS = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed (summed over improvement passes).")
+GENERATION_TOKENS = Counter(f"{PREFIX}_generation_tokens", "Tokens generated (summed over improvement passes).")
+GENERATIONS_FINISHED = Counter(
+    f"{PREFIX}_generations_finished",
+    "Generations that ended, by reason: stop, length, cancelled (client gone) or error.",
+    ["finish_reason"],
+)
+REQUESTS_WAITING = Gauge(f"{PREFIX}_requests_waiting", "Requests queued in the engine, not yet running.")
+REQUESTS_RUNNING = Gauge(f"{PREFIX}_requests_running", "Requests the engine is generating for now.")
+ENGINE_HEALTHY = Gauge(f"{PREFIX}_engine_healthy", "1 when the engine is ready and healthy, else 0.")
+
+
+class CancellableStream(Protocol):
+    """What :func:`instrument` wraps: a ChatStream (async iterable of events, cancellable)."""
+
+    def __aiter__(self) -> AsyncIterator[ChatEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+def update_engine_gauges(stats: EngineStats | None) -> None:
+    """Copy an engine snapshot into the queue gauges (called just before each scrape)."""
+    if stats is None:
+        REQUESTS_WAITING.set(0)
+        REQUESTS_RUNNING.set(0)
+        ENGINE_HEALTHY.set(0)
+        return
+    REQUESTS_WAITING.set(stats.waiting)
+    REQUESTS_RUNNING.set(stats.running)
+    ENGINE_HEALTHY.set(1 if stats.healthy and stats.ready else 0)
+
+
+def record_request(endpoint: str, status: int) -> None:
+    """Count one finished HTTP request (called by the API middleware)."""
+    REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+
+
+class InstrumentedChatStream:
+    """A ChatStream that records TTFT, inter-token latency, e2e latency and token counts.
+
+    It yields exactly the inner stream's events. Abandoning the iteration (or ``aclose``-ing
+    it) cancels the inner stream, so a client that goes away stops the generation.
+    """
+
+    def __init__(self, inner: CancellableStream, started_at: float | None = None) -> None:
+        self.inner = inner
+        self.started_at = time.perf_counter() if started_at is None else started_at
+        self._recorded = False
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+    def __getattr__(self, name: str) -> Any:  # anything else a ChatStream offers
+        return getattr(self.inner, name)
+
+    async def __aiter__(self) -> AsyncIterator[ChatEvent]:
+        iterator = self.inner.__aiter__()
+        last: float | None = None
+        outcome = "cancelled"
+        try:
+            async for event in iterator:
+                now = time.perf_counter()
+                if isinstance(event, ChatDelta) and event.text:
+                    if last is None:
+                        TIME_TO_FIRST_TOKEN.observe(now - self.started_at)
+                    else:
+                        INTER_TOKEN_LATENCY.observe(now - last)
+                    last = now
+                elif isinstance(event, ChatDone):
+                    outcome = event.finish_reason
+                    self._record_done(event, now)
+                yield event
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if outcome == "cancelled" or outcome == "error":
+                self.inner.cancel()
+                self._record_end(outcome, time.perf_counter())
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _record_done(self, done: ChatDone, now: float) -> None:
+        PROMPT_TOKENS.inc(max(done.prompt_tokens, 0))
+        GENERATION_TOKENS.inc(max(done.completion_tokens, 0))
+        self._record_end(done.finish_reason, now)
+
+    def _record_end(self, reason: str, now: float) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        E2E_REQUEST_LATENCY.observe(now - self.started_at)
+        GENERATIONS_FINISHED.labels(finish_reason=reason).inc()
+
+
+def instrument(stream: CancellableStream, started_at: float | None = None) -> InstrumentedChatStream:
+    """Wrap ``stream`` so its timings and token counts reach the metrics.
+
+    ``started_at`` is the request's arrival on the ``time.perf_counter()`` clock (the API
+    middleware keeps it on ``request.state.started_at``); default: now. Idempotent: an
+    already instrumented stream is returned unchanged, so wrapping in both ChatService and a
+    route never double-counts.
+    """
+    if isinstance(stream, InstrumentedChatStream):
+        return stream
+    return InstrumentedChatStream(stream, started_at)

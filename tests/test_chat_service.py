@@ -1,0 +1,238 @@
+"""ChatService (serving layer, no HTTP): prompts, limits, eager submission, improvement passes,
+cancellation and errors, against the scripted engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from llm_server.conversation_engine.improvement import STAGE_HEADINGS
+from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, SamplingParams
+from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatOptions, ChatService, ChatStream
+from tests.fakes import ScriptedEngine
+from tests.spec_harness import wait_until
+
+PROMPTS = {"assistant": "You are the assistant.", "reviser": "You are the reviser.", "poet": "You write poems."}
+
+
+@pytest.fixture
+def engine(tokenizer: Any) -> ScriptedEngine:
+    scripted = ScriptedEngine(tokenizer, reply="A fine answer.")
+    scripted.start()
+    return scripted
+
+
+@pytest.fixture
+def service(engine: ScriptedEngine) -> ChatService:
+    return ChatService(engine, PROMPTS, max_new_tokens_limit=100)
+
+
+def collect(stream: ChatStream) -> tuple[str, ChatDone]:
+    async def run() -> tuple[str, ChatDone]:
+        text: list[str] = []
+        done: ChatDone | None = None
+        async for event in stream:
+            if isinstance(event, ChatDelta):
+                text.append(event.text)
+            else:
+                done = event
+        assert done is not None
+        return "".join(text), done
+
+    return asyncio.run(run())
+
+
+def options(**kw: Any) -> ChatOptions:
+    return ChatOptions(params=SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 50)), **kw)
+
+
+# --- messages and template -----------------------------------------------------------------
+def test_spec_messages_order_and_role(service: ChatService) -> None:
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    messages = service.spec_messages("Write one", history, "poet")
+    assert messages == [
+        {"role": "system", "content": "You write poems."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Write one"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "history", "role", "param"),
+    [
+        ("hi", [], "nobody", "role"),
+        ("", [], "assistant", "prompt"),
+        ("hi", [{"role": "robot", "content": "x"}], "assistant", "history.0.role"),
+        ("hi", [{"role": "user"}], "assistant", "history.0.content"),
+        ("hi", ["text"], "assistant", "history.0"),
+    ],
+)
+def test_spec_messages_rejects(service: ChatService, prompt: str, history: list[Any], role: str, param: str) -> None:
+    with pytest.raises(ChatInputError) as info:
+        service.spec_messages(prompt, history, role)
+    assert info.value.param == param
+
+
+def test_open_applies_the_chat_template_once(service: ChatService, engine: ScriptedEngine, tokenizer: Any) -> None:
+    messages = service.spec_messages("What is 2+2?", [], "assistant")
+    text, done = collect(service.open(messages, options()))
+    assert text == "A fine answer." and done.result == {"reply": "A fine answer."}
+    assert done.finish_reason == "stop" and done.completion_tokens == 3
+    prompt = tokenizer.decode(engine.requests[-1].prompt_ids)
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == expected
+    assert prompt.count("What is 2+2?") == 1
+
+
+def test_sampling_params_are_passed_through(service: ChatService, engine: ScriptedEngine) -> None:
+    params = SamplingParams(max_new_tokens=2, temperature=0.3, top_p=0.8)
+    text, done = collect(service.open(service.spec_messages("q", [], "assistant"), ChatOptions(params=params)))
+    assert engine.requests[-1].params == params
+    assert text == "A fine" and done.finish_reason == "length"
+
+
+# --- limits (raised eagerly, before any event) ---------------------------------------------------
+def test_max_new_tokens_limit(service: ChatService, engine: ScriptedEngine) -> None:
+    with pytest.raises(ChatInputError) as info:
+        service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=101))
+    assert info.value.param == "max_new_tokens"
+    assert engine.requests == []
+
+
+def test_context_limit(tokenizer: Any) -> None:
+    small = ScriptedEngine(tokenizer, max_context=64)
+    small.start()
+    service = ChatService(small, PROMPTS, max_new_tokens_limit=100)
+    long_history = [{"role": "user", "content": "blah " * 100}]
+    with pytest.raises(ContextLengthExceeded):
+        service.open(service.spec_messages("q", long_history, "assistant"), options(max_new_tokens=10))
+    with pytest.raises(ContextLengthExceeded):  # prompt fits, prompt + max_new_tokens does not
+        service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=60))
+    assert small.requests == []
+
+
+def test_fit_context_shrinks_a_default_budget(tokenizer: Any) -> None:
+    small = ScriptedEngine(tokenizer, max_context=64)
+    small.start()
+    service = ChatService(small, PROMPTS, max_new_tokens_limit=100)
+    collect(service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=60, fit_context=True)))
+    request = small.requests[-1]
+    assert len(request.prompt_ids) + request.params.max_new_tokens == 64
+
+
+def test_overload_is_raised_by_open(tokenizer: Any) -> None:
+    full = ScriptedEngine(tokenizer, max_waiting=0)
+    full.start()
+    service = ChatService(full, PROMPTS, max_new_tokens_limit=100)
+    for improvement in (False, True):
+        with pytest.raises(EngineOverloaded):
+            service.open(service.spec_messages("q", [], "assistant"), options(improvement=improvement))
+
+
+# --- improvement ---------------------------------------------------------------------------
+def _reviser_reply(prompt: str) -> str:
+    if "You are the reviser." in prompt:
+        return "Suggestions: 1. add detail Revised answer: A better answer. Comments: more detail."
+    return "A first draft."
+
+
+def test_improvement_runs_every_pass_through_the_engine(service: ChatService, engine: ScriptedEngine,
+                                                         tokenizer: Any) -> None:
+    engine.reply = _reviser_reply
+    text, done = collect(service.open(service.spec_messages("Explain", [], "assistant"),
+                                      options(improvement=True, intermediate_steps=True)))
+    assert len(engine.requests) == 3  # draft, review 1, review 2
+    first = tokenizer.decode(engine.requests[0].prompt_ids)
+    assert "You are the assistant." in first
+    assert all("You are the reviser." in tokenizer.decode(r.prompt_ids) for r in engine.requests[1:])
+    positions = [text.index(h) for h in STAGE_HEADINGS]
+    assert positions == sorted(positions)
+    assert done.result["draft_answer"] == "A first draft."
+    assert done.result["reply"] == done.result["revision2"]
+    assert set(done.result) >= {"draft_answer", "suggestions1", "revision1", "comments1",
+                                "suggestions2", "revision2", "comments2", "reply"}
+    assert done.completion_tokens == sum(len(engine.reply(tokenizer.decode(r.prompt_ids)).split(" "))
+                                         for r in engine.requests)
+
+
+def test_improvement_without_steps_streams_only_the_answer(service: ChatService, engine: ScriptedEngine) -> None:
+    engine.reply = _reviser_reply
+    text, done = collect(service.open(service.spec_messages("Explain", [], "assistant"), options(improvement=True)))
+    assert "###" not in text
+    assert text == done.result["reply"]
+
+
+def test_improvement_pass_error_is_raised_from_iteration(service: ChatService, engine: ScriptedEngine) -> None:
+    stream = service.open(service.spec_messages("Explain", [], "assistant"), options(improvement=True))
+    engine.fail_with = EngineError("pass failed")  # affects the passes not yet running
+    with pytest.raises(EngineError, match="pass failed"):
+        collect(stream)
+
+
+def _consume_then_abandon(stream: ChatStream, n: int, after: Callable[[], None] | None = None) -> list[str]:
+    async def run() -> list[str]:
+        seen: list[str] = []
+        async for event in stream:
+            if isinstance(event, ChatDelta):
+                seen.append(event.text)
+                if len(seen) == n:
+                    break
+        if after:
+            after()
+        return seen
+
+    return asyncio.run(run())
+
+
+def test_abandoning_a_plain_stream_cancels_it(service: ChatService, engine: ScriptedEngine) -> None:
+    engine.reply = " ".join(["w"] * 5000)
+    engine.delay_s = 0.02
+    seen = _consume_then_abandon(service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=100)), 2)
+    assert seen == ["w", " w"]
+    wait_until(lambda: engine.stats().running == 0, what="cancellation")
+
+
+def test_abandoning_an_improvement_stream_stops_the_pipeline(service: ChatService, engine: ScriptedEngine) -> None:
+    engine.reply = " ".join(["w"] * 5000)
+    engine.delay_s = 0.02
+    stream = service.open(service.spec_messages("q", [], "assistant"),
+                          options(improvement=True, intermediate_steps=True, max_new_tokens=100))
+    seen = _consume_then_abandon(stream, 3)
+    assert seen[0].startswith("### Draft answer")
+    wait_until(lambda: engine.stats().running == 0, what="the draft pass to be cancelled")
+    threads = [t for t in threading.enumerate() if t.name.startswith("improve-")]
+    for t in threads:
+        t.join(timeout=30)
+    assert len(engine.requests) == 1  # no review pass after the cancel
+
+
+def test_cancel_before_iterating(service: ChatService, engine: ScriptedEngine) -> None:
+    engine.reply = " ".join(["w"] * 5000)
+    engine.delay_s = 0.02
+    stream = service.open(service.spec_messages("q", [], "assistant"), options(improvement=True, max_new_tokens=100))
+    stream.cancel()
+    wait_until(lambda: engine.stats().running == 0, what="cancellation")
+    assert len(engine.requests) == 1
+
+
+def test_template_errors_are_input_errors(service: ChatService, engine: ScriptedEngine,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def strict_template(*args: Any, **kwargs: Any) -> str:
+        raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", strict_template)
+    with pytest.raises(ChatInputError, match="alternate") as info:
+        service.open(service.spec_messages("q", [], "assistant"), options())
+    assert info.value.param == "messages"
+
+
+def test_improvement_needs_a_final_user_message(service: ChatService, engine: ScriptedEngine) -> None:
+    messages = [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(ChatInputError):
+        service.open(messages, options(improvement=True))
+    assert engine.requests == []

@@ -1,0 +1,456 @@
+"""BatchEngine on tiny random float32 models: batched output equals solo ``model.generate``.
+
+Requests join a running batch at different times, from asyncio and from threads; sampling,
+stop conditions, cancellation, overload, failures and shutdown are checked from what a caller
+sees (stream events, ``stats()``, exceptions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+from llm_server.engine.llama_runner import LlamaRunner
+from llm_server.engine.runners import HFRunner
+from llm_server.engine.stream import GenerationStream
+from llm_server.engine.types import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineOverloaded,
+    EngineUnavailable,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+
+PROMPTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Once upon a time",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23",
+    "Écrivez une phrase en français, s'il vous plaît.",
+]
+
+
+def build_model(vocab_size: int, kind: str = "llama", seed: int = 0) -> Any:
+    """A tiny random model whose greedy output depends on its context (weights init 0.2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "gpt2":  # no compact forward: exercises the fallback runner
+        config: Any = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=1024, initializer_range=0.2, **common)
+        return GPT2LMHeadModel(config).eval()
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        **common,
+    )
+    if kind == "qwen2":  # q/k/v biases, untied head
+        model: Any = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **shape))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.2)
+        return model.eval()
+    return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **shape)).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: Any) -> Any:
+    return build_model(len(tokenizer))
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
+
+
+def generate_ids(model: Any, prompt_ids: list[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
+    """``model.generate`` for one request alone: the reference the engine must reproduce."""
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=2,
+            **kwargs,
+        )
+    return [int(t) for t in out[0, len(prompt_ids) :]]
+
+
+def reference_text(tokenizer: Any, model: Any, prompt_ids: list[int], max_new_tokens: int, **kwargs: Any) -> str:
+    return str(tokenizer.decode(generate_ids(model, prompt_ids, max_new_tokens, **kwargs), skip_special_tokens=True))
+
+
+def greedy(max_new_tokens: int, **kwargs: Any) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+
+def request(rid: str, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt_ids=prompt_ids, params=params)
+
+
+@contextmanager
+def running_engine(tokenizer: Any, model: Any, **config: Any) -> Iterator[BatchEngine]:
+    engine = BatchEngine(tokenizer, model, "tiny", EngineConfig(**config))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown(timeout_s=10)
+
+
+async def consume(stream: GenerationStream, started: asyncio.Event | None = None, after: int = 3) -> tuple[list[str], Finished]:
+    """All deltas and the Finished event of a stream; sets ``started`` after ``after`` deltas."""
+    deltas: list[str] = []
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            deltas.append(event.text)
+            if started is not None and len(deltas) >= after:
+                started.set()
+        else:
+            if started is not None:
+                started.set()
+            return deltas, event
+    raise AssertionError("stream ended without Finished")
+
+
+def first_delta(stream: GenerationStream) -> Iterator[Any]:
+    """Wait until ``stream`` is generating; return its live iterator (dropping it would cancel)."""
+    events = iter(stream)
+    assert isinstance(next(events), TextDelta)
+    return events
+
+
+def run_staggered(engine: BatchEngine, requests: list[GenerationRequest]) -> list[tuple[list[str], Finished]]:
+    """Submit each request once the previous one is streaming, so they join a running batch."""
+
+    async def scenario() -> list[tuple[list[str], Finished]]:
+        tasks = []
+        for req in requests:
+            started = asyncio.Event()
+            tasks.append(asyncio.create_task(consume(engine.submit(req), started)))
+            await started.wait()
+        return list(await asyncio.gather(*tasks))
+
+    return asyncio.run(scenario())
+
+
+# --- correctness against model.generate ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_in_a_batch_equals_generate_alone(tokenizer: Any, kind: str) -> None:
+    model = build_model(len(tokenizer), kind)
+    prompts = [encode(tokenizer, p) for p in PROMPTS]
+    budgets = [30, 12, 25, 18, 30]
+    with running_engine(tokenizer, model, max_running=4) as engine:
+        expected_runner = HFRunner if kind == "gpt2" else LlamaRunner
+        assert isinstance(engine._runner, expected_runner)
+        results = run_staggered(engine, [request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, budgets))])
+    for prompt, budget, (deltas, finished) in zip(prompts, budgets, results):
+        reference = generate_ids(model, prompt, budget)
+        assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+        assert "".join(deltas) == finished.text
+        assert finished.completion_tokens == len(reference)
+        assert finished.prompt_tokens == len(prompt)
+
+
+def test_greedy_on_the_shared_tiny_fixture(tokenizer: Any, tiny_model: Any) -> None:
+    prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
+    with running_engine(tokenizer, tiny_model) as engine:
+        results = run_staggered(engine, [request(f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)])
+    for prompt, (_, finished) in zip(prompts, results):
+        assert finished.text == reference_text(tokenizer, tiny_model, prompt, 16)
+
+
+def test_long_prompt_prefilled_in_chunks_equals_generate(tokenizer: Any, model: Any) -> None:
+    long_prompt = encode(tokenizer, " ".join(f"word{i}" for i in range(120)))
+    short = encode(tokenizer, PROMPTS[2])
+    assert len(long_prompt) > 200
+    with running_engine(tokenizer, model, prefill_chunk_tokens=64) as engine:
+        results = run_staggered(engine, [request("short", short, greedy(40)), request("long", long_prompt, greedy(20))])
+    assert results[0][1].text == reference_text(tokenizer, model, short, 40)
+    assert results[1][1].text == reference_text(tokenizer, model, long_prompt, 20)
+
+
+def test_repetition_penalty_matches_generate(tokenizer: Any, model: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[1])
+    with running_engine(tokenizer, model) as engine:
+        finished = engine.submit(request("p", prompt, greedy(30, repetition_penalty=1.5))).result()
+    assert finished.text == reference_text(tokenizer, model, prompt, 30, repetition_penalty=1.5)
+
+
+def test_sequences_leaving_the_batch_do_not_disturb_the_others(tokenizer: Any, model: Any) -> None:
+    """Short requests finish first (their slots are reused) while long ones keep decoding."""
+    prompts = [encode(tokenizer, p) for p in PROMPTS]
+    budgets = [5, 40, 3, 40, 8]
+
+    async def scenario(engine: BatchEngine) -> list[tuple[list[str], Finished]]:
+        streams = [engine.submit(request(f"r{i}", p, greedy(n))) for i, (p, n) in enumerate(zip(prompts, budgets))]
+        return list(await asyncio.gather(*(consume(s) for s in streams)))
+
+    with running_engine(tokenizer, model, max_running=3) as engine:
+        results = asyncio.run(scenario(engine))
+    for prompt, budget, (_, finished) in zip(prompts, budgets, results):
+        assert finished.text == reference_text(tokenizer, model, prompt, budget)
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tokenizer: Any, model: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[2])
+    seeded = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+    with running_engine(tokenizer, model) as engine:
+        alone = engine.submit(request("a", prompt, seeded)).result().text
+        again = engine.submit(request("b", prompt, seeded)).result().text
+        others = [request(f"o{i}", encode(tokenizer, p), SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)]
+        batch = run_staggered(engine, [others[0], request("c", prompt, seeded), *others[1:]])
+        other_seed = engine.submit(request("d", prompt, SamplingParams(max_new_tokens=24, temperature=0.9, seed=99))).result()
+    assert alone == again == batch[1][1].text
+    assert other_seed.text != alone
+
+
+def test_sampling_settings_are_per_request(tokenizer: Any, model: Any) -> None:
+    """A greedy request is unaffected by sampled neighbours with other temperatures and top_p."""
+    prompts = [encode(tokenizer, p) for p in PROMPTS[:4]]
+    params = [
+        greedy(20),
+        SamplingParams(max_new_tokens=20, temperature=1.5, top_p=0.5),
+        SamplingParams(max_new_tokens=20, temperature=0.0),  # temperature 0 is greedy too
+        SamplingParams(max_new_tokens=20, temperature=0.3, repetition_penalty=1.2, seed=5),
+    ]
+    with running_engine(tokenizer, model) as engine:
+        results = run_staggered(engine, [request(f"r{i}", p, s) for i, (p, s) in enumerate(zip(prompts, params))])
+    assert results[0][1].text == reference_text(tokenizer, model, prompts[0], 20)
+    assert results[2][1].text == reference_text(tokenizer, model, prompts[2], 20)
+    assert all(f.completion_tokens == 20 for _, f in results)
+
+
+# --- stop conditions ------------------------------------------------------------------------
+
+
+def test_max_new_tokens_finishes_with_length(tokenizer: Any, model: Any) -> None:
+    with running_engine(tokenizer, model) as engine:
+        finished = engine.submit(request("l", encode(tokenizer, "Hello"), greedy(7))).result()
+    assert finished.reason == "length" and finished.completion_tokens == 7
+
+
+def test_eos_from_generation_config_finishes_with_stop(tokenizer: Any, model: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[3])
+    reference = generate_ids(model, prompt, 30)
+    eos = reference[9]
+    cut = reference.index(eos)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [2, eos]
+    try:
+        with running_engine(tokenizer, model) as engine:
+            finished = engine.submit(request("e", prompt, greedy(30))).result()
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert finished.reason == "stop"
+    assert finished.completion_tokens == cut + 1  # the end-of-sequence token counts, its text does not
+    assert finished.text == tokenizer.decode(reference[:cut], skip_special_tokens=True)
+
+
+def test_stop_string_ends_the_text_before_it(tokenizer: Any, model: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[1])
+    full = reference_text(tokenizer, model, prompt, 40)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    with running_engine(tokenizer, model) as engine:
+        deltas, finished = asyncio.run(consume(engine.submit(request("s", prompt, greedy(40, stop=("never-there", stop))))))
+    assert finished.reason == "stop"
+    assert finished.text == expected == "".join(deltas)
+
+
+def test_zero_new_tokens_and_context_limit(tokenizer: Any, model: Any) -> None:
+    with running_engine(tokenizer, model, max_total_tokens=64) as engine:
+        assert engine.max_context == 64
+        finished = engine.submit(request("z", encode(tokenizer, "Hi"), greedy(0))).result()
+        assert (finished.reason, finished.completion_tokens, finished.text) == ("length", 0, "")
+        with pytest.raises(ContextLengthExceeded):
+            engine.submit(request("big", [5] * 60, greedy(10)))
+
+
+# --- cancellation, overload, failures -------------------------------------------------------
+
+
+def test_cancelling_one_request_leaves_the_others_unchanged(tokenizer: Any, model: Any) -> None:
+    prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
+
+    async def scenario(engine: BatchEngine) -> tuple[list[Finished], Finished]:
+        streams = [engine.submit(request(f"r{i}", p, greedy(40))) for i, p in enumerate(prompts)]
+        victim = engine.submit(request("victim", encode(tokenizer, PROMPTS[4]), greedy(500)))
+        tasks = [asyncio.create_task(consume(s)) for s in streams]
+        seen = 0
+        async for event in victim:
+            seen += isinstance(event, TextDelta)
+            if seen == 3:
+                victim.cancel()
+            if isinstance(event, Finished):
+                cancelled = event
+        results = await asyncio.gather(*tasks)
+        return [f for _, f in results], cancelled
+
+    with running_engine(tokenizer, model) as engine:
+        finished, cancelled = asyncio.run(scenario(engine))
+        assert engine.stats().running == 0
+    assert cancelled.reason == "cancelled" and cancelled.completion_tokens < 500
+    for prompt, result in zip(prompts, finished):
+        assert result.text == reference_text(tokenizer, model, prompt, 40)
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(tokenizer: Any, model: Any) -> None:
+    with running_engine(tokenizer, model, max_running=1) as engine:
+        hog = engine.submit(request("hog", encode(tokenizer, "Hi"), greedy(900)))
+        hog_events = first_delta(hog)
+        waiting = engine.submit(request("next", encode(tokenizer, PROMPTS[2]), greedy(10)))
+        assert engine.stats().waiting == 1
+        hog.cancel()
+        assert waiting.result().completion_tokens == 10
+        assert list(hog_events)[-1].reason == "cancelled"
+
+
+def test_abandoned_iteration_cancels_the_request(tokenizer: Any, model: Any) -> None:
+    async def scenario(engine: BatchEngine) -> GenerationStream:
+        stream = engine.submit(request("a", encode(tokenizer, "Hi"), greedy(900)))
+        async for _ in stream:
+            break  # the consumer goes away
+        return stream
+
+    with running_engine(tokenizer, model) as engine:
+        stream = asyncio.run(scenario(engine))
+        assert stream.cancelled
+        follow_up = engine.submit(request("b", encode(tokenizer, "Hello"), greedy(5))).result()
+        assert follow_up.completion_tokens == 5 and engine.stats().running == 0
+
+
+def test_full_queue_raises_overloaded(tokenizer: Any, model: Any) -> None:
+    with running_engine(tokenizer, model, max_running=1, max_waiting=1, retry_after_s=3) as engine:
+        running = engine.submit(request("run", encode(tokenizer, "Hi"), greedy(900)))
+        running_events = first_delta(running)
+        queued = engine.submit(request("queued", encode(tokenizer, "Hi"), greedy(900)))
+        with pytest.raises(EngineOverloaded) as raised:
+            engine.submit(request("refused", encode(tokenizer, "Hi"), greedy(5)))
+        assert raised.value.retry_after_s == 3
+        assert engine.stats().waiting == 1 and engine.stats().running == 1
+        running.cancel()
+        queued.cancel()
+        assert list(running_events)[-1].reason == "cancelled"
+
+
+def test_error_in_one_request_fails_only_that_request(tokenizer: Any, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
+    with running_engine(tokenizer, model) as engine:
+        original = engine._accept_token
+
+        def flaky(seq: Any, token: int) -> None:
+            if seq.request_id == "bad" and len(seq.generated) == 4:
+                raise ValueError("injected failure")
+            original(seq, token)
+
+        monkeypatch.setattr(engine, "_accept_token", flaky)
+
+        async def scenario() -> list[Any]:
+            streams = [engine.submit(request(f"r{i}", p, greedy(25))) for i, p in enumerate(prompts)]
+            streams.insert(1, engine.submit(request("bad", encode(tokenizer, PROMPTS[3]), greedy(25))))
+            streams.append(engine.submit(request("bad-ids", [5, len(tokenizer) + 10], greedy(5))))
+            return await asyncio.gather(*(consume(s) for s in streams), return_exceptions=True)
+
+        results = asyncio.run(scenario())
+        assert engine.stats().healthy
+    bad, bad_ids = results.pop(1), results.pop()
+    assert isinstance(bad, EngineError) and "injected failure" in str(bad)
+    assert isinstance(bad_ids, EngineError)
+    for prompt, (_, finished) in zip(prompts, results):
+        assert finished.text == reference_text(tokenizer, model, prompt, 25)
+
+
+def test_fatal_error_fails_every_pending_request(tokenizer: Any, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_engine(tokenizer, model, max_running=2) as engine:
+        streams = [engine.submit(request(f"r{i}", encode(tokenizer, p), greedy(900))) for i, p in enumerate(PROMPTS)]
+        events = first_delta(streams[0])
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("device lost")
+
+        monkeypatch.setattr(engine._runner, "forward", broken)
+        with pytest.raises(EngineError, match="device lost"):
+            list(events)
+        for stream in streams[1:]:
+            with pytest.raises(EngineError, match="device lost"):
+                stream.result()
+        stats = engine.stats()
+        assert not stats.healthy and stats.running == 0 and stats.waiting == 0
+        with pytest.raises(EngineUnavailable):
+            engine.submit(request("late", encode(tokenizer, "Hi"), greedy(5)))
+
+
+# --- consumers and lifecycle ----------------------------------------------------------------
+
+
+def test_streams_consumed_from_threads(tokenizer: Any, model: Any) -> None:
+    prompts = [encode(tokenizer, p) for p in PROMPTS[:4]]
+    results: dict[int, tuple[list[str], Finished]] = {}
+
+    def worker(i: int, stream: GenerationStream) -> None:
+        deltas = []
+        for event in stream:
+            if isinstance(event, TextDelta):
+                deltas.append(event.text)
+            else:
+                results[i] = (deltas, event)
+
+    with running_engine(tokenizer, model) as engine:
+        threads = [
+            threading.Thread(target=worker, args=(i, engine.submit(request(f"t{i}", p, greedy(20)))))
+            for i, p in enumerate(prompts)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    for i, prompt in enumerate(prompts):
+        deltas, finished = results[i]
+        assert "".join(deltas) == finished.text == reference_text(tokenizer, model, prompt, 20)
+
+
+def test_shutdown_drains_running_requests_then_refuses(tokenizer: Any, model: Any) -> None:
+    engine = BatchEngine(tokenizer, model, "tiny", EngineConfig())
+    with pytest.raises(EngineUnavailable):
+        engine.submit(request("early", encode(tokenizer, "Hi"), greedy(5)))
+    engine.start()
+    assert engine.stats().ready
+    streams = [engine.submit(request(f"r{i}", encode(tokenizer, p), greedy(30))) for i, p in enumerate(PROMPTS[:3])]
+    engine.shutdown(timeout_s=60)
+    assert all(s.result().reason == "length" for s in streams)
+    assert not engine.stats().ready
+    with pytest.raises(EngineUnavailable):
+        engine.submit(request("late", encode(tokenizer, "Hi"), greedy(5)))
+
+
+def test_shutdown_timeout_fails_what_is_left(tokenizer: Any, model: Any) -> None:
+    engine = BatchEngine(tokenizer, model, "tiny", EngineConfig(max_running=1))
+    engine.start()
+    streams = [engine.submit(request(f"r{i}", encode(tokenizer, "Hi"), greedy(900))) for i in range(3)]
+    engine.shutdown(timeout_s=0.01)
+    for stream in streams:
+        with pytest.raises(EngineUnavailable):
+            stream.result()

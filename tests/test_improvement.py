@@ -1,0 +1,177 @@
+"""Answer improvement: reviewer-output parsing and the draft/review/revision pipeline (no model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from llm_server.conversation_engine.improvement import (
+    RESULT_KEYS,
+    STAGE_HEADINGS,
+    improvement_pipeline,
+    parse_review,
+    plain_messages,
+)
+
+PROMPTS = {"assistant": "ASSISTANT PROMPT", "reviser": "REVISER PROMPT", "poet": "POET PROMPT"}
+
+WELL_FORMED = """Suggestions:
+1. Mention gradient descent.
+2. Give an example.
+
+Revised answer:
+Networks learn by gradient descent.
+They adjust weights to reduce a loss.
+
+Comments:
+Added the mechanism."""
+
+
+class ScriptedGenerate:
+    """A GenerateFn replaying fixed pass outputs (in small chunks) and recording the messages."""
+
+    def __init__(self, *outputs: str) -> None:
+        self.outputs = list(outputs)
+        self.calls: list[list[dict[str, str]]] = []
+
+    def __call__(self, messages: list[dict[str, str]]) -> Iterator[str]:
+        self.calls.append(messages)
+        text = self.outputs[len(self.calls) - 1]
+        for start in range(0, len(text), 7):
+            yield text[start : start + 7]
+
+
+def run(generate: ScriptedGenerate, steps: bool, result: dict[str, str] | None = None, **kwargs) -> str:
+    return "".join(improvement_pipeline(generate, PROMPTS, [], "How do nets learn?", intermediate_steps=steps,
+                                        result=result, **kwargs))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parses_a_well_formed_review() -> None:
+    review = parse_review(WELL_FORMED, "old draft")
+    assert review.suggestions == "1. Mention gradient descent.\n2. Give an example."
+    assert review.revision == "Networks learn by gradient descent.\nThey adjust weights to reduce a loss."
+    assert review.comments == "Added the mechanism."
+    assert review.revision_found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "**Suggestions:**\n1. a\n\n**Revised answer:**\nBetter text.\n\n**Comments:**\nok",
+        "## Suggestions\n1. a\n\n## Revised Answer\nBetter text.\n\n## Comments\nok",
+        "SUGGESTIONS: 1. a\nREVISED ANSWER: Better text.\nCOMMENTS: ok",
+        "Suggestions:\n1. a\nComments:\nok\nRevised answer:\nBetter text.",
+        "Improvements:\n- a\nImproved answer:\n\"Better text.\"\nNotes: ok",
+    ],
+)
+def test_parses_format_variants(text: str) -> None:
+    review = parse_review(text, "old draft")
+    assert review.revision == "Better text."
+    assert review.comments == "ok"
+    assert "a" in review.suggestions
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Suggestions:\n1. a\nComments:\nnothing",  # no revision section
+        "Suggestions:\n1. a\nRevised answer:\n\nComments:\nx",  # empty revision
+        "Suggestions:\n1. a\nRevised answer: None\nComments:\nx",
+        "Suggestions:\n1. a\nRevised answer:\n**None.**\n",
+        "Revised answer:\nN/A",
+        "Revised answer:\n<the complete improved answer>",
+    ],
+)
+def test_missing_empty_or_none_revision_falls_back_to_previous_answer(text: str) -> None:
+    review = parse_review(text, "the previous answer")
+    assert review.revision == "the previous answer"
+    assert not review.revision_found
+
+
+def test_unformatted_output_becomes_suggestions_and_keeps_the_answer() -> None:
+    review = parse_review("I think this is fine but could be longer.", "draft")
+    assert review.suggestions == "I think this is fine but could be longer."
+    assert (review.revision, review.comments) == ("draft", "")
+
+
+def test_words_inside_sentences_are_not_headers() -> None:
+    text = "Suggestions:\n1. Revision is needed in part two.\nRevised answer:\nComments are welcome here. Fine."
+    review = parse_review(text, "draft")
+    assert review.suggestions == "1. Revision is needed in part two."
+    assert review.revision == "Comments are welcome here. Fine."
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_fills_every_result_key_and_streams_only_the_final_answer() -> None:
+    generate = ScriptedGenerate("Draft text.", WELL_FORMED, WELL_FORMED.replace("gradient descent", "backprop"))
+    result = {"stale": "from an earlier turn"}
+    streamed = run(generate, steps=False, result=result)
+    assert set(result) == set(RESULT_KEYS)
+    assert result["draft_answer"] == "Draft text."
+    assert result["revision1"] == "Networks learn by gradient descent.\nThey adjust weights to reduce a loss."
+    assert result["revision2"] == "Networks learn by backprop.\nThey adjust weights to reduce a loss."
+    assert result["reply"] == result["revision2"]
+    assert result["suggestions2"] == "1. Mention backprop.\n2. Give an example."
+    assert streamed == result["revision2"]
+    assert not any(heading in streamed for heading in STAGE_HEADINGS)
+
+
+def test_pipeline_messages_use_role_history_and_previous_answers() -> None:
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    generate = ScriptedGenerate("Draft text.", WELL_FORMED, "garbage")
+    list(improvement_pipeline(generate, PROMPTS, history, "Q?", role="poet"))
+    draft_call, review1_call, review2_call = generate.calls
+    assert draft_call == [{"role": "system", "content": "POET PROMPT"}, *history, {"role": "user", "content": "Q?"}]
+    assert review1_call[0] == {"role": "system", "content": "REVISER PROMPT"}
+    assert review1_call[1:3] == history
+    assert "Q?" in review1_call[-1]["content"] and "Draft text." in review1_call[-1]["content"]
+    assert "Networks learn by gradient descent." in review2_call[-1]["content"]  # reviews revision 1
+
+
+def test_intermediate_steps_stream_each_stage_under_its_heading() -> None:
+    review2 = "Suggestions:\n1. b\nRevised answer:\nFinal words.\nComments:\nc"
+    streamed = run(ScriptedGenerate("Draft text.", WELL_FORMED, review2), steps=True)
+    positions = [streamed.index(heading + "\n\n") for heading in STAGE_HEADINGS]
+    assert positions == sorted(positions) and positions[0] == 0
+    assert streamed.count("### ") == len(STAGE_HEADINGS)
+    assert "### Draft answer\n\nDraft text.\n\n### Review 1\n\n" in streamed
+    assert f"### Review 1\n\n{WELL_FORMED}\n\n### Revision 1\n\n" in streamed
+    assert "### Revision 1\n\nNetworks learn by gradient descent.\nThey adjust weights" in streamed
+    assert streamed.endswith("### Final answer\n\nFinal words.\n\n")
+
+
+def test_a_model_ignoring_the_format_still_gets_a_real_final_answer() -> None:
+    result: dict[str, str] = {}
+    streamed = run(ScriptedGenerate("  The draft.  ", "Revised answer: None", "blah"), steps=False, result=result)
+    assert result["revision1"] == result["revision2"] == result["reply"] == "The draft."
+    assert streamed == "The draft."
+    assert result["suggestions2"] == "blah"
+
+
+def test_unknown_role_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown role 'pirate'"):
+        list(improvement_pipeline(ScriptedGenerate("x"), PROMPTS, [], "Q", role="pirate"))
+
+
+def test_plain_messages_accept_a_single_string_prompt() -> None:
+    assert plain_messages("Be brief.", [], "Q") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q"},
+    ]
+
+
+def test_improvement_module_does_not_import_torch() -> None:
+    code = (
+        "import sys, llm_server.conversation_engine.improvement as m, llm_server.conversation_engine.inputs\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr

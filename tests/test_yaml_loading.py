@@ -1,0 +1,237 @@
+"""YAML loading: shipped defaults, env placeholders, custom config folders, and error reporting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llm_server.helper_functionality import yaml_loading
+from llm_server.helper_functionality.yaml_loading import (
+    ConfigError,
+    config_dir,
+    load_azure_config,
+    load_chat_server_config,
+    load_model_config,
+    load_system_prompt,
+    load_yaml,
+    set_config_dir,
+)
+
+PLACEHOLDER_VARS = ("CHAT_SERVER_HOST", "CHAT_SERVER_API_KEY", "KEYVAULT_URL", "API_KEY_SECRET_NAME")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts from the package defaults with no placeholder variable set."""
+    for name in (*PLACEHOLDER_VARS, "LLM_SERVER_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    set_config_dir(None)
+    yield
+    set_config_dir(None)
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- shipped defaults
+
+
+def test_model_config_defaults_to_the_embedded_model() -> None:
+    config = load_model_config()
+    assert config["id"] == "embedded:SmolLM2-135M-Instruct"
+    assert config["device"] == "auto"
+    assert set(config["parameters"]) >= {"max_new_tokens", "temperature", "top_p", "do_sample", "repetition_penalty"}
+    assert set(config["optimizations"]) == {"dtype", "attn_implementation", "compile", "quantization", "matmul_precision"}
+
+
+def test_system_prompts_have_assistant_reviser_and_the_spec_examples() -> None:
+    prompts = load_system_prompt()
+    assert {"assistant", "reviser", "code_reviewer", "technical_writer"} <= set(prompts)
+    for section in ("Suggestions:", "Revised answer:", "Comments:"):
+        assert section in prompts["reviser"]
+
+
+def test_server_config_has_the_contract_keys() -> None:
+    server = load_chat_server_config()
+    assert server["port"] == 8000
+    assert server["allow_query_api_key"] is True and server["open_access"] is False
+    assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576}
+    assert server["engine"] == {"max_running": 16, "max_waiting": 64, "max_total_tokens": 32768}
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+def test_unset_placeholders_give_default_host_and_no_key() -> None:
+    server = load_chat_server_config()
+    assert server["host"] == "0.0.0.0"
+    assert server["api_key"] is None
+    assert load_azure_config() == {"key_vault_url": None, "api_key_secret_name": None}
+
+
+def test_set_placeholders_resolve_to_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAT_SERVER_HOST", "127.0.0.1")
+    monkeypatch.setenv("CHAT_SERVER_API_KEY", "k1,k2")
+    monkeypatch.setenv("KEYVAULT_URL", "https://vault.example.net/")
+    monkeypatch.setenv("API_KEY_SECRET_NAME", "chat-key")
+    server = load_chat_server_config()
+    assert (server["host"], server["api_key"]) == ("127.0.0.1", "k1,k2")
+    assert load_azure_config() == {"key_vault_url": "https://vault.example.net/", "api_key_secret_name": "chat-key"}
+
+
+def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAT_SERVER_HOST", "")
+    monkeypatch.setenv("CHAT_SERVER_API_KEY", "  ")
+    server = load_chat_server_config()
+    assert server["host"] == "0.0.0.0"
+    assert server["api_key"] is None
+
+
+def test_literal_values_are_kept_and_braced_references_expand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_PORTLESS_HOST", "10.0.0.5")
+    write(tmp_path, "server_config.yaml", 'server:\n  host: "${MY_PORTLESS_HOST}"\n  api_key: "literal-key"\n')
+    write(tmp_path, "azure_config.yaml", 'azure:\n  key_vault_url: "${NOT_SET_ANYWHERE:-https://x.vault.azure.net/}"\n')
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    server = load_chat_server_config()
+    assert (server["host"], server["api_key"]) == ("10.0.0.5", "literal-key")
+    azure = load_azure_config()
+    assert azure["key_vault_url"] == "https://x.vault.azure.net/"
+    assert azure["api_key_secret_name"] is None
+
+
+def test_system_prompts_never_expand_environment_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_THING", "do-not-leak")
+    write(tmp_path, "system_prompt_config.yaml", 'system_prompts:\n  assistant: "Use ${SECRET_THING}."\n')
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    assert load_system_prompt()["assistant"] == "Use ${SECRET_THING}."
+
+
+# --------------------------------------------------------------------------- config folders
+
+
+def test_env_config_dir_overrides_files_it_contains_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "model_config.yaml", 'model:\n  id: "my-org/my-model"\n  parameters:\n    max_new_tokens: 7\n')
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    assert config_dir() == tmp_path.resolve()
+    config = load_model_config()
+    assert config["id"] == "my-org/my-model"
+    assert config["parameters"] == {"max_new_tokens": 7}
+    assert "reviser" in load_system_prompt()  # not in the custom folder: the package default
+    assert load_chat_server_config()["port"] == 8000
+
+
+def test_set_config_dir_wins_over_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from_env, from_cli = tmp_path / "env", tmp_path / "cli"
+    write(from_env, "model_config.yaml", 'model:\n  id: "from-env"\n')
+    write(from_cli, "model_config.yaml", 'model:\n  id: "from-cli"\n')
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(from_env))
+    set_config_dir(from_cli)
+    assert load_model_config()["id"] == "from-cli"
+    set_config_dir(None)
+    assert load_model_config()["id"] == "from-env"
+
+
+def test_missing_config_folders_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        set_config_dir(tmp_path / "nope")
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="LLM_SERVER_CONFIG_DIR"):
+        load_model_config()
+
+
+def test_load_yaml_reads_names_paths_and_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    custom = write(tmp_path, "custom_model_config.yaml", "model:\n  id: custom\n")
+    assert load_yaml(custom) == {"model": {"id": "custom"}}
+    monkeypatch.chdir(tmp_path)
+    assert load_yaml("custom_model_config.yaml")["model"]["id"] == "custom"
+    assert "model" in load_yaml("model_config.yaml")  # package default by bare name
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_file_names_the_file() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_yaml("does_not_exist.yaml")
+    assert "does_not_exist.yaml" in str(caught.value) and "not found" in str(caught.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "server_config.yaml", "server:\n  port: [8000\n")
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        load_chat_server_config()
+    assert caught.value.file.endswith("server_config.yaml")
+    assert "invalid YAML" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "loader", "key"),
+    [
+        ("server_config.yaml", "other:\n  port: 1\n", load_chat_server_config, "server"),
+        ("azure_config.yaml", "azure: [1, 2]\n", load_azure_config, "azure"),
+        ("system_prompt_config.yaml", "prompts: {}\n", load_system_prompt, "system_prompts"),
+        ("model_config.yaml", "- just\n- a list\n", load_model_config, None),
+    ],
+)
+def test_missing_or_malformed_sections_name_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file: str, text: str, loader, key: str | None
+) -> None:
+    write(tmp_path, file, text)
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        loader()
+    assert caught.value.file.endswith(file)
+    assert caught.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "loader", "key"),
+    [
+        ("server_config.yaml", 'server:\n  port: "eighty"\n', load_chat_server_config, "server.port"),
+        ("server_config.yaml", "server:\n  port: true\n", load_chat_server_config, "server.port"),
+        ("server_config.yaml", "server:\n  port: 70000\n", load_chat_server_config, "server.port"),
+        ("server_config.yaml", "server:\n  limits:\n    max_new_tokens: lots\n", load_chat_server_config,
+         "server.limits.max_new_tokens"),
+        ("server_config.yaml", "server:\n  engine: 5\n", load_chat_server_config, "server.engine"),
+        ("model_config.yaml", "model:\n  parameters:\n    temperature: hot\n", load_model_config,
+         "model.parameters.temperature"),
+        ("model_config.yaml", "model:\n  parameters:\n    max_new_tokens: 0\n", load_model_config,
+         "model.parameters.max_new_tokens"),
+        ("model_config.yaml", "model:\n  optimizations:\n    compile: 3\n", load_model_config,
+         "model.optimizations.compile"),
+        ("system_prompt_config.yaml", "system_prompts:\n  assistant: [1]\n", load_system_prompt,
+         "system_prompts.assistant"),
+        ("system_prompt_config.yaml", "system_prompts:\n  reviser: hi\n", load_system_prompt,
+         "system_prompts.assistant"),
+    ],
+)  # fmt: skip
+def test_wrong_values_name_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file: str, text: str, loader, key: str
+) -> None:
+    write(tmp_path, file, text)
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        loader()
+    assert caught.value.file.endswith(file)
+    assert caught.value.key == key
+    assert key in str(caught.value) and file in str(caught.value)
+
+
+def test_empty_file_is_a_missing_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "azure_config.yaml", "")
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="missing section"):
+        load_azure_config()
+
+
+def test_package_folder_is_the_default() -> None:
+    assert config_dir() == yaml_loading.PACKAGE_CONFIG_DIR
+    for name in yaml_loading.STANDARD_FILES:
+        assert (yaml_loading.PACKAGE_CONFIG_DIR / name).is_file()
