@@ -276,12 +276,12 @@ def running(spec: ServerSpec, workdir: Path) -> Iterator[ServerProcess]:
         server.stop()
 
 
-def peer_spec(model_dir: Path, dtype: str, port: int) -> ServerSpec:
+def peer_spec(model_dir: Path, dtype: str, port: int, extra_args: Sequence[str] = ()) -> ServerSpec:
     """``transformers serve --continuous-batching --device cpu`` pinned to the exported folder."""
     command = [
         venv_script("transformers"), "serve", str(model_dir),
         "--continuous-batching", "--device", "cpu", "--dtype", dtype,
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra_args,
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     # The pinned model is loaded before uvicorn listens, so a 200 here means ready.
@@ -322,7 +322,11 @@ def write_our_config(config_dir: Path, model_id: str, dtype: str, port: int, max
         return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
     model_cfg = _deep_merge(load("model_config.yaml"), {
-        "model": {"id": model_id, "device": "cpu", "optimizations": {"dtype": dtype}},
+        "model": {
+            "id": model_id, "device": "cpu", "optimizations": {"dtype": dtype},
+            # The peer decodes with the model's generation_config (no repetition penalty): do the same work.
+            "parameters": {"repetition_penalty": 1.0, "top_p": 1.0},
+        },
     })  # fmt: skip
     for item in model_overrides:
         key, _, raw = item.partition("=")
@@ -599,16 +603,24 @@ def fairness_notes(results: dict[str, dict[str, list[LevelResult]]], max_tokens:
         for name, levels in by_server.items():
             errors = sum(level.errors for level in levels)
             short = sum(level.requests - level.errors - level.full_length for level in levels)
-            prompt_means = {round(level.prompt_tokens_mean, 1) for level in levels if level.prompt_tokens_mean}
             if errors:
                 samples = sorted({s for level in levels for s in level.error_samples})[:3]
                 notes.append(f"- {name} ({dtype}): {errors} failed requests, e.g. {samples}")
             if short:
                 notes.append(f"- {name} ({dtype}): {short} requests stopped before {max_tokens} tokens")
+            else:
+                notes.append(f"- {name} ({dtype}): every request generated exactly {max_tokens} tokens")
             if not all(level.tokens_from_usage for level in levels):
                 notes.append(f"- {name} ({dtype}): no `usage` in the stream; tokens counted as content chunks")
-            if prompt_means:
-                notes.append(f"- {name} ({dtype}): mean prompt tokens per level {sorted(prompt_means)}")
+        prompts = {name: [None if lv.prompt_tokens_mean is None else round(lv.prompt_tokens_mean, 2)
+                          for lv in levels] for name, levels in by_server.items()}
+        if len(prompts) == 2:
+            same = prompts["ours"] == prompts["peer"]
+            notes.append(f"- {dtype}: mean prompt tokens per level {'equal' if same else 'DIFFER'} "
+                         f"(ours {prompts['ours']}, peer {prompts['peer']})")
+        else:
+            for name, means in prompts.items():
+                notes.append(f"- {name} ({dtype}): mean prompt tokens per level {means}")
     return notes
 
 
@@ -667,7 +679,8 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, list[Le
         f"torch {info['torch']}, transformers {info['transformers']}, openai {info['openai']}.",
         f"Weights: `{model_dir}` (embedded SmolLM2-135M-Instruct GGUF dequantized to float32, cast by each "
         "server to the dtype above).",
-        f"Peer: `transformers serve <weights> --continuous-batching --device cpu --dtype <dtype>`. "
+        f"Peer: `transformers serve <weights> --continuous-batching --device cpu --dtype <dtype>"
+        f"{''.join(' ' + a for a in args.peer_arg)}`. "
         f"Requests per level: {', '.join(map(str, requests_per_level(args)))} "
         f"(concurrency {args.concurrency}); prompts: {len(PROMPTS)} open-ended requests with one system message.",
         f"Command: `{' '.join(['python', 'benchmarks/bench_serving.py', *sys.argv[1:]])}` "
@@ -686,7 +699,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels (default 1,4,8,16)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
-    parser.add_argument("--dtype", default="bfloat16",
+    parser.add_argument("--dtype", default="bfloat16,float32",
                         help="bfloat16, float32, or both comma-separated (each server runs once per dtype)")
     parser.add_argument("--requests-per-level", type=float, default=2.0,
                         help="requests per level = this x concurrency (at least --min-requests; default 2)")
@@ -700,6 +713,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="model id in our model_config.yaml (default: the same folder as the peer)")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra model_config.yaml setting under `model`, e.g. optimizations.compile=true")
+    parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for `transformers serve`, e.g. --peer-arg=--cb-num-blocks=128")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-save", action="store_true", help="print only, write nothing under results")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (server logs, config)")
@@ -726,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # run the finally blocks on `kill`
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
     levels = parse_levels(args.concurrency)
     counts = requests_per_level(args)
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
@@ -734,6 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers = [args.only]
 
     started = time.monotonic()
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        log.warning("load average %.2f on %s cores: other work will skew the numbers", os.getloadavg()[0],
+                    os.cpu_count())
     model_dir = args.model_dir or exported_model_dir()
     workdir = Path(tempfile.mkdtemp(prefix="bench_serving."))
     results: dict[str, dict[str, list[LevelResult]]] = {}
@@ -744,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in servers:
                 port = free_port()
                 if name == "peer":
-                    spec = peer_spec(model_dir, dtype, port)
+                    spec = peer_spec(model_dir, dtype, port, args.peer_arg)
                 else:
                     config_dir = workdir / f"config-{dtype}"
                     write_our_config(config_dir, args.ours_model_id or str(model_dir), dtype, port,

@@ -11,6 +11,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One OpenMP thread per process (set before torch is imported; inherited by servers the tests
+# start). On a CPU shared with other busy processes (CI, parallel runs) two spinning threads make
+# the real model several times slower than one; the tiny model is too small to use them. Export
+# OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def embedded_gguf() -> Path:

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tests.fakes import ScriptedEngine
+from tests.spec_harness import wait_for_model
 
 API_KEY = "test-key-123"
 SYSTEM_PROMPTS = {"assistant": "You are a helpful assistant, kestrel.", "reviser": "You revise drafts, narwhal."}
@@ -46,7 +47,8 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 in a background thread; yield its base URL."""
+    """Serve ``app`` with uvicorn on 127.0.0.1 in a background thread; yield its base URL once
+    the model has loaded (the app answers 503 before that)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -61,6 +63,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
+        wait_for_model(app)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -23,9 +23,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_model(app: FastAPI, timeout_s: float = 60.0) -> None:
+    """Wait until the app's background model load has finished; RuntimeError if it failed.
+
+    The server accepts requests while the model loads (they get 503); tests that need a
+    model wait here. Whether the engine itself reports ready is /health's business.
+    """
+    from llm_server.api.readiness import readiness
+
+    state = readiness(app)
+    if not state.wait(timeout_s):
+        raise RuntimeError("the server did not start in time: the model is still loading")
+    if state.failed:
+        raise RuntimeError(f"the server failed to start: {state.error}")
+
+
 @contextmanager
 def serving(app: FastAPI, *, access_log: bool = False, timeout_s: float = 60.0) -> Iterator[str]:
-    """Run ``app`` (lifespan included) on uvicorn in a thread; yield its base URL."""
+    """Run ``app`` (lifespan included) on uvicorn in a thread; yield its base URL once the
+    model has loaded (:func:`wait_for_model`)."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", access_log=access_log,
                             lifespan="on", timeout_graceful_shutdown=5)
@@ -41,6 +57,7 @@ def serving(app: FastAPI, *, access_log: bool = False, timeout_s: float = 60.0) 
             raise RuntimeError("the server did not start in time")
         time.sleep(0.02)
     try:
+        wait_for_model(app, timeout_s)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -236,3 +236,25 @@ def test_improvement_needs_a_final_user_message(service: ChatService, engine: Sc
     with pytest.raises(ChatInputError):
         service.open(messages, options(improvement=True))
     assert engine.requests == []
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Explain"}],  # no system message: the role's prompt is used
+        [{"role": "system", "content": ""}, {"role": "user", "content": "Explain"}],  # an empty one: none
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain"}],
+    ],
+)
+def test_the_eager_first_pass_is_the_pipelines_draft(service: ChatService, engine: ScriptedEngine,
+                                                     tokenizer: Any, messages: list[dict[str, str]]) -> None:
+    """open() submits the draft pass the pipeline then uses: three passes, none thrown away."""
+    engine.reply = _reviser_reply
+    text, done = collect(service.open(messages, options(improvement=True)))
+    assert len(engine.requests) == 3  # draft, review 1, review 2: no resubmitted draft
+    assert done.result["draft_answer"] == "A first draft."
+    system = messages[0]["content"] if messages[0]["role"] == "system" else PROMPTS["assistant"]
+    draft = [{"role": "system", "content": system}] if system else []
+    expected = tokenizer.apply_chat_template([*draft, messages[-1]], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(engine.requests[0].prompt_ids) == expected
+    assert done.prompt_tokens == sum(len(r.prompt_ids) for r in engine.requests)

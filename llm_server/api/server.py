@@ -1,11 +1,16 @@
 """App factory and the ``start_llm_server`` entry point.
 
 ``create_app`` wires routers, error handlers, middleware and a lifespan that, at start-up,
-loads the API keys (``app.state.keys``), builds the engine in a worker thread (the model
-loads there, never at import; ``app.state.engine``) and the :class:`ChatService`
-(``app.state.chat``). ``main`` reads the YAML configuration (``--config-dir``), checks the
-API keys *before* the slow model load (an unreachable Key Vault exits non-zero at once),
-and runs uvicorn with graceful shutdown.
+loads the API keys (``app.state.keys``; a failure stops the start) and then starts the model
+load in a background thread (:class:`~llm_server.api.readiness.ModelLoader`; the model loads
+there, never at import) and returns at once: the server accepts connections while the model
+loads, ``/health`` answers 503 ``loading`` and the chat endpoints 503 with ``Retry-After``
+until ``app.state.engine`` and the :class:`ChatService` (``app.state.chat``) are up.
+
+``main`` reads the YAML configuration (``--config-dir``), checks the API keys *before* the
+slow model load (an unreachable Key Vault exits non-zero at once), and runs uvicorn with
+graceful shutdown. If the model then fails to load, the server stops and the process exits
+with status 1 (a crash-looping process an operator notices, not a server that never gets ready).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -26,6 +33,7 @@ from llm_server.api.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.errors import install_error_handlers
 from llm_server.api.limits import BodySizeLimitMiddleware
 from llm_server.api.middleware import install_middleware
+from llm_server.api.readiness import FailureHook, ModelLoader, readiness
 from llm_server.api.settings import ServerSettings, load_settings, set_config_dir
 from llm_server.engine.interface import Engine
 from llm_server.serving.chat import ChatService
@@ -57,35 +65,46 @@ def create_app(
     *,
     settings: ServerSettings | None = None,
     key_store: KeyStore | None = None,
+    on_load_failure: FailureHook | None = None,
 ) -> FastAPI:
-    """Build the app. ``engine_factory`` runs in the lifespan (tests pass a fake engine);
-    ``settings`` default to the YAML files; ``key_store`` defaults to :func:`build_key_store`.
+    """Build the app. ``engine_factory`` runs in the background model load (tests pass a fake
+    engine); ``settings`` default to the YAML files; ``key_store`` defaults to
+    :func:`build_key_store`; ``on_load_failure`` is called (from the load thread) if the
+    model cannot be loaded. The app's readiness is :func:`llm_server.api.readiness.readiness`.
     """
     settings = settings if settings is not None else load_settings()
     factory = engine_factory or default_engine_factory(settings)
+
+    def build_engine() -> Engine:
+        engine = factory()
+        try:
+            engine.start()
+        except BaseException:
+            engine.shutdown(0)
+            raise
+        return engine
+
+    def make_chat(engine: Engine) -> ChatService:
+        return ChatService(engine, settings.system_prompts, settings.max_new_tokens_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = key_store if key_store is not None else build_key_store(settings)
         await asyncio.to_thread(store.start)  # idempotent; raises when no key can be loaded
         app.state.keys = store
-        try:
-            engine = await asyncio.to_thread(factory)  # the model loads here, off the event loop
-            engine.start()
-        except BaseException:
-            store.stop()
-            raise
-        app.state.engine = engine
-        app.state.chat = ChatService(engine, settings.system_prompts, settings.max_new_tokens_limit)
-        logger.info("serving model %s (max context %d tokens)", engine.model_id, engine.max_context)
+        loader = ModelLoader(app, build_engine, make_chat, on_load_failure)
+        loader.start()  # the model loads in the background; requests get 503 until it is ready
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.shutdown, settings.shutdown_timeout_s)
+            engine = loader.close()
+            if engine is not None:
+                await asyncio.to_thread(engine.shutdown, settings.shutdown_timeout_s)
             store.stop()
 
     app = FastAPI(title="llm_server", lifespan=lifespan)
     app.state.settings = settings
+    readiness(app)  # "loading" from the start, so /health never sees a missing state
     install_error_handlers(app)
     for module in (routes_ops, routes_chat, routes_openai, routes_page):
         app.include_router(module.router)
@@ -146,6 +165,13 @@ def _started_key_store(settings: ServerSettings) -> KeyStore:
     return store
 
 
+def _stop_the_process(exc: BaseException) -> None:
+    """``on_load_failure`` of the CLI: SIGTERM ourselves, so uvicorn stops the way it always does
+    (the handler is uvicorn's, installed before the lifespan starts); ``main`` then exits 1."""
+    logger.error("the model could not be loaded: stopping the server")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``start_llm_server`` (flags: --host, --port, --config-dir, --open-access)."""
     from llm_server.api.middleware import configure_logging
@@ -155,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(args.log_level.upper())
     settings = _settings_for(args)
     store = _started_key_store(settings)
-    app = create_app(settings=settings, key_store=store)
+    app = create_app(settings=settings, key_store=store, on_load_failure=_stop_the_process)
     run_server(app, host=settings.host, port=settings.port,
                shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level)
+    state = readiness(app)
+    if state.failed:
+        _fail(f"the model could not be loaded ({state.error}); see the log above", 1)

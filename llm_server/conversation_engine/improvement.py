@@ -53,16 +53,27 @@ _SECTION_NAMES = {
     "suggestions": "suggestions",
     "suggestion": "suggestions",
     "improvements": "suggestions",
+    "feedback": "suggestions",
     "revised answer": "revision",
     "revised response": "revision",
     "revised draft": "revision",
     "improved answer": "revision",
     "improved response": "revision",
+    "improved version": "revision",
+    "revised version": "revision",
+    "improved draft": "revision",
+    "rewritten answer": "revision",
+    "rewritten version": "revision",
+    "refined answer": "revision",
+    "refined response": "revision",
+    "refined version": "revision",
+    "updated answer": "revision",
     "final answer": "revision",
     "revision": "revision",
     "comments": "comments",
     "comment": "comments",
     "notes": "comments",
+    "changes made": "comments",
 }
 _NAMES_PATTERN = "|".join(re.escape(name) for name in sorted(_SECTION_NAMES, key=len, reverse=True))
 _HEADER = re.compile(
@@ -73,7 +84,8 @@ _HEADER = re.compile(
 _NO_REVISION = re.compile(
     r"^\W*(none|null|n/?a|nothing|no changes?( needed| required)?|same as (the )?draft)\W*$", re.IGNORECASE
 )
-_TEMPLATE_ECHO = re.compile(r"^<[^<>]*>$")
+#: A line that only echoes a template placeholder, e.g. "<the complete improved answer>" or "[improved version]".
+_PLACEHOLDER_LINE = re.compile(r"^[ \t]*(<[^<>\n]*>|\[[^\[\]\n]*\])[ \t]*$\n?", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -105,11 +117,11 @@ def split_sections(text: str) -> dict[str, str]:
 
 
 def _clean_revision(text: str) -> str:
-    """Strip whitespace and wrapping quotes; '' when the text is no real answer."""
-    revision = text.strip()
+    """Strip whitespace, wrapping quotes and placeholder lines; '' when no real answer is left."""
+    revision = _PLACEHOLDER_LINE.sub("", text).strip()
     if len(revision) >= 2 and revision[0] == revision[-1] and revision[0] in "\"'":
         revision = revision[1:-1].strip()
-    if _NO_REVISION.match(revision) or _TEMPLATE_ECHO.match(revision):
+    if _NO_REVISION.match(revision):
         return ""
     return revision
 

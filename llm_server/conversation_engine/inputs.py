@@ -123,10 +123,10 @@ def build_review_prompt(question: str, draft: str) -> str:
     return (
         f"Question:\n{question.strip()}\n\n"
         f"Draft answer:\n{draft.strip()}\n\n"
-        "Review the draft answer and improve it. Reply with exactly these three sections:\n"
-        f"{SUGGESTIONS_HEADING}\n1. <first improvement>\n2. <second improvement>\n\n"
-        f"{REVISED_ANSWER_HEADING}\n<the complete improved answer>\n\n"
-        f"{COMMENTS_HEADING}\n<what changed and why>"
+        "Review the draft answer. Write three sections, in this order:\n"
+        f'1. "{SUGGESTIONS_HEADING}" followed by a numbered list of concrete improvements.\n'
+        f'2. "{REVISED_ANSWER_HEADING}" followed by the complete improved answer.\n'
+        f'3. "{COMMENTS_HEADING}" followed by one sentence on what changed.'
     )
 
 

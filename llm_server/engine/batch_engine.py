@@ -56,6 +56,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512  # most prompt tokens (padding included) in one prefill forward
     retry_after_s: int = 1  # Retry-After hint carried by EngineOverloaded
     seed: int | None = None  # seed of the shared generator used by unseeded sampled requests
+    top_k: int | None = None  # sampled requests: None -> model's generation_config.top_k, else 50 (as generate); 0 off
 
 
 @dataclass(eq=False)
@@ -96,6 +97,14 @@ def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _default_top_k(model: Any, configured: int | None) -> int:
+    """The top-k ``model.generate`` would use when sampling: the model's, else transformers' 50."""
+    if configured is not None:
+        return configured
+    value = getattr(getattr(model, "generation_config", None), "top_k", None)
+    return 50 if value is None else int(value)
+
+
 def _default_max_context(model: Any, budget: int) -> int:
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or budget
     return min(int(positions), budget)
@@ -113,7 +122,7 @@ class BatchEngine(Engine):
         self.eos_ids = _eos_ids(tokenizer, model)
         self._model = model
         self._runner: ModelRunner = make_runner(model, self.config.max_running, self.max_context)
-        self._sampler = Sampler(self._runner.device, self.config.seed)
+        self._sampler = Sampler(self._runner.device, self.config.seed, _default_top_k(model, self.config.top_k))
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []

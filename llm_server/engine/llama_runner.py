@@ -1,13 +1,17 @@
 """Compact batched forward for Llama-family models (Llama, SmolLM, Mistral, Qwen2 layouts).
 
 It reads the Hugging Face model's weights (q/k/v and gate/up fused into single matmuls; the
-HF module's parameters become views of the fused tensors, so no memory is duplicated and the
-HF model keeps working) and keeps its own KV cache, allocated once per engine:
-``[layers, slots, kv_heads, capacity, head_dim]`` for keys and for values, one slot per
-running sequence. A step runs every sequence of the batch in one forward: their slots are
-kept contiguous so attention reads cache views (no gather), and only the cache up to the
-longest sequence of the batch is attended to. The capacity grows (by doubling) when a
-sequence needs it and shrinks back when the engine is idle.
+HF module's parameters become views of the fused tensors, so the HF model keeps working) and
+on CPU hands them to oneDNN pre-packed (``mkldnn._linear_pointwise``: 1.3-2x faster than
+``F.linear`` for the small batches of a decode step, bit-identical in bfloat16).
+
+The KV cache is allocated once per engine, one slot per running sequence: keys
+``[layers, slots, kv_heads, head_dim, capacity]`` (stored transposed, so ``q @ K^T`` is a plain
+batched matmul over a cache view) and values ``[layers, slots, kv_heads, capacity, head_dim]``.
+A step runs every sequence of the batch in one forward: their slots are kept contiguous so
+attention reads cache views (no gather), and only the cache up to the longest sequence of the
+batch is attended to. The capacity grows (by doubling) when a sequence needs it and shrinks
+back when the engine is idle.
 """
 
 from __future__ import annotations
@@ -82,18 +86,45 @@ def _bias(module: torch.nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
 
 
+def _can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can take ``weight`` pre-packed (CPU, float32/bfloat16)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
+
+
+class _Linear:
+    """``y = x @ W^T + b`` with ``W`` pre-packed for oneDNN when possible."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.packed: torch.Tensor | None = None
+        if pack and _can_pack(weight):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                probe = weight.new_zeros(1, weight.shape[1])
+                torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                self.packed = packed
+            except (RuntimeError, AttributeError):  # an older or differently built torch
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    wqkv: torch.Tensor
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor
-    bo: torch.Tensor | None
+    qkv: _Linear
+    o: _Linear
     ln2: torch.Tensor
-    wgu: torch.Tensor
-    bgu: torch.Tensor | None
-    wd: torch.Tensor
-    bd: torch.Tensor | None
+    gate_up: _Linear
+    down: _Linear
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,7 +137,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 class LlamaRunner(ModelRunner):
     """Batched decode and prefill of a Llama-family model over an engine-owned KV cache."""
 
-    def __init__(self, model: Any, max_slots: int, max_context: int) -> None:
+    def __init__(self, model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> None:
         config = model.config
         inner = model.model
         self.device = inner.embed_tokens.weight.device
@@ -118,35 +149,29 @@ class LlamaRunner(ModelRunner):
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self._heads)
         self._eps = float(config.rms_norm_eps)
         with torch.no_grad():
-            self._layers = [self._read_layer(layer) for layer in inner.layers]
+            self._layers = [self._read_layer(layer, pack_weights) for layer in inner.layers]
             self._embed = inner.embed_tokens.weight.detach()
             self._norm = inner.norm.weight.detach()
-            self._lm_head = model.lm_head.weight.detach()
-            self._lm_bias = _bias(model.lm_head)
+            self._lm_head = _Linear(model.lm_head.weight.detach(), _bias(model.lm_head), pack_weights)
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
-        self.vocab_size = int(self._lm_head.shape[0])
+        self.vocab_size = int(self._lm_head.weight.shape[0])
+        self.packed = self._lm_head.packed is not None
         self._owner: list[KVHandle | None] = [None] * max_slots
-        self._keys: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
-        self._values: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None  # [layers, slots, kv_heads, head_dim, capacity]
+        self._values: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
         self._capacity = 0
 
     # --- weights ------------------------------------------------------------------------
     @staticmethod
-    def _read_layer(layer: Any) -> _Layer:
+    def _read_layer(layer: Any, pack: bool) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        wqkv, bqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        wgu, bgu = _fuse([mlp.gate_proj, mlp.up_proj])
         return _Layer(
             ln1=layer.input_layernorm.weight.detach(),
-            wqkv=wqkv,
-            bqkv=bqkv,
-            wo=attn.o_proj.weight.detach(),
-            bo=_bias(attn.o_proj),
+            qkv=_Linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), pack),
+            o=_Linear(attn.o_proj.weight.detach(), _bias(attn.o_proj), pack),
             ln2=layer.post_attention_layernorm.weight.detach(),
-            wgu=wgu,
-            bgu=bgu,
-            wd=mlp.down_proj.weight.detach(),
-            bd=_bias(mlp.down_proj),
+            gate_up=_Linear(*_fuse([mlp.gate_proj, mlp.up_proj]), pack),
+            down=_Linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj), pack),
         )
 
     def _rope_tables(self, rotary: Any, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,11 +205,11 @@ class LlamaRunner(ModelRunner):
             return
         capacity = max(needed, 2 * self._capacity, _INITIAL_CAPACITY)
         capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
-        shape = (len(self._layers), self.num_slots, self._kv_heads, capacity, self._head_dim)
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        rows = (len(self._layers), self.num_slots, self._kv_heads)
+        keys = torch.zeros((*rows, self._head_dim, capacity), dtype=self.dtype, device=self.device)
+        values = torch.zeros((*rows, capacity, self._head_dim), dtype=self.dtype, device=self.device)
         if self._keys is not None and self._values is not None:
-            keys[:, :, :, : self._capacity] = self._keys
+            keys[..., : self._capacity] = self._keys
             values[:, :, :, : self._capacity] = self._values
         self._keys, self._values, self._capacity = keys, values, capacity
 
@@ -258,24 +283,23 @@ class LlamaRunner(ModelRunner):
         flat_index = (
             (slots.view(n, 1, 1) * kv_heads + torch.arange(kv_heads, device=device).view(1, 1, kv_heads)) * capacity
             + positions.unsqueeze(2)
-        ).reshape(-1)  # [n * steps * kv_heads] rows of the flattened cache of one layer
-        flat_keys = self._keys.view(-1, head_dim)
+        ).reshape(-1)  # [n * steps * kv_heads] rows of the flattened value cache of one layer
         flat_values = self._values.view(-1, head_dim)
+        key_slots = slots.unsqueeze(1)  # with ``positions``: where each new key goes
         q_width = heads * head_dim
         qk_width = (heads + kv_heads) * head_dim
 
         x = F.embedding(tokens, self._embed)  # [n, steps, hidden]
         for index, layer in enumerate(self._layers):
             h = _rms_norm(x, layer.ln1, self._eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = layer.qkv(h)
             qk = qkv[..., :qk_width].view(n, steps, heads + kv_heads, head_dim)
             qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
             q = qk[:, :, :heads].transpose(1, 2)  # [n, heads, steps, head_dim]
             k = qk[:, :, heads:]  # [n, steps, kv_heads, head_dim]
             v = qkv[..., qk_width:].view(n, steps, kv_heads, head_dim)
-            rows = flat_index + index * layer_stride
-            flat_keys.index_copy_(0, rows, k.reshape(-1, head_dim))
-            flat_values.index_copy_(0, rows, v.reshape(-1, head_dim))
+            self._keys[index, key_slots, :, :, positions] = k
+            flat_values.index_copy_(0, flat_index + index * layer_stride, v.reshape(-1, head_dim))
             if fresh:
                 attn = F.scaled_dot_product_attention(
                     q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
@@ -283,17 +307,17 @@ class LlamaRunner(ModelRunner):
                 attn = attn.transpose(1, 2).reshape(n, steps, q_width)
             else:
                 attn = self._cached_attention(q, index, lo, key_len, bias)
-            x = x + F.linear(attn, layer.wo, layer.bo)
+            x = x + layer.o(attn)
             h = _rms_norm(x, layer.ln2, self._eps)
-            gate, up = F.linear(h, layer.wgu, layer.bgu).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.wd, layer.bd)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
 
         if steps == 1:
             last = x[:, 0]
         else:
             last = x[torch.arange(n, device=device), torch.tensor(lengths, device=device) - 1]
         last = _rms_norm(last, self._norm, self._eps)
-        return F.linear(last, self._lm_head, self._lm_bias).float()
+        return self._lm_head(last).float()
 
     def _attention_bias(self, positions: torch.Tensor, key_len: int) -> torch.Tensor:
         """Additive float32 mask [n, 1, groups * steps, key_len]: query t of a row sees keys <= its position."""
@@ -314,10 +338,12 @@ class LlamaRunner(ModelRunner):
         assert self._keys is not None and self._values is not None
         n, heads, steps, head_dim = q.shape
         kv_heads = self._kv_heads
-        keys = self._keys[index, lo : lo + n, :, :key_len]  # [n, kv_heads, key_len, head_dim] (a view)
-        values = self._values[index, lo : lo + n, :, :key_len]
-        grouped = q.reshape(n, kv_heads, (heads // kv_heads) * steps, head_dim)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(head_dim**-0.5).add_(bias)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values).view(n, heads, steps, head_dim)
+        rows = n * kv_heads
+        keys_t = self._keys[index, lo : lo + n, :, :, :key_len].flatten(0, 1)  # [rows, head_dim, key_len] view
+        values = self._values[index, lo : lo + n, :, :key_len].flatten(0, 1)  # [rows, key_len, head_dim] view
+        grouped = q.reshape(rows, (heads // kv_heads) * steps, head_dim)
+        scores = torch.bmm(grouped, keys_t).view(n, kv_heads, -1, key_len)
+        scores = scores.float().mul_(head_dim**-0.5).add_(bias)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(rows, -1, key_len)
+        out = torch.bmm(probs, values).view(n, heads, steps, head_dim)
         return out.transpose(1, 2).reshape(n, steps, heads * head_dim)

@@ -1,6 +1,7 @@
 """Batched next-token selection with per-request settings, on the logits' device.
 
-All rows of a step are processed together (repetition penalty, temperature, top-p), and the
+All rows of a step are processed together (repetition penalty, temperature, top-k, top-p, in
+``model.generate``'s order), and the
 only host synchronisation is reading the chosen ids. Sampling uses the exponential-race form
 of the Gumbel-max trick (``argmax(p / E)``, ``E ~ Exp(1)``), so each seeded request draws its
 noise from its own ``torch.Generator`` and its output does not depend on the other requests
@@ -47,7 +48,9 @@ class SamplerState:
 class Sampler:
     """Chooses one next id per row of a logits batch."""
 
-    def __init__(self, device: torch.device, seed: int | None = None) -> None:
+    def __init__(self, device: torch.device, seed: int | None = None, top_k: int = 0) -> None:
+        """``top_k`` (0: off) applies to every sampled request, as ``model.generate`` does."""
+        self._top_k = top_k
         self._generator = torch.Generator(device=device)
         if seed is None:
             self._generator.seed()
@@ -83,6 +86,9 @@ class Sampler:
             [s.params.temperature for s in states], dtype=logits.dtype, device=logits.device
         ).unsqueeze(1)
         logits = logits / temperature
+        if 0 < self._top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self._top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         top_p_rows = [i for i, s in enumerate(states) if s.params.top_p < 1.0]
         if top_p_rows:
             top_p = torch.tensor([states[i].params.top_p for i in top_p_rows], device=logits.device)

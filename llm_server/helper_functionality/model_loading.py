@@ -174,7 +174,10 @@ def _pretrained_location(source: ModelSource) -> str:
 def _load_tokenizer_cached(location: str) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {location!r}: {exc}") from exc
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -9,7 +9,8 @@ iterable of :class:`ChatDelta` ... then one :class:`ChatDone`.
 With ``options.improvement`` the spec's answer-improvement pipeline
 (``conversation_engine.improvement``) runs in a worker thread; each of its passes is
 submitted to the same engine (so it is batched with everything else) and its chunks are
-bridged back to asyncio. Cancelling the stream (or abandoning its iteration) cancels the
+bridged back to asyncio. Its first (draft) pass is the one ``open`` submitted eagerly: its
+messages come from the pipeline's own builder, so it is never thrown away and resubmitted. Cancelling the stream (or abandoning its iteration) cancels the
 pass in flight and stops the pipeline.
 """
 
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llm_server.conversation_engine.improvement import improvement_pipeline, plain_messages
 from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import (
@@ -162,19 +164,24 @@ class ChatService:
 
     # --- opening streams ------------------------------------------------------------------
     def open(self, messages: list[Message], options: ChatOptions) -> ChatStream:
-        """Validate and submit now; raises ChatInputError / ContextLengthExceeded / EngineError."""
+        """Validate and submit now; raises ChatInputError / ContextLengthExceeded / EngineError.
+
+        The pass submitted here is the turn's first pass: the answer itself, or, with
+        ``options.improvement``, exactly the pipeline's draft pass (the pipeline's own
+        message builder makes its messages), which the pipeline then consumes.
+        """
         self._check_params(options.params)
         if not messages:
             raise ChatInputError("messages must not be empty", param="messages")
-        if options.improvement:
-            _split_messages(messages)  # the pipeline needs [system?, *history, user]: check now
+        plan = _ImprovementPlan.of(messages, options.role, self.system_prompts) if options.improvement else None
+        first_messages = plan.draft_messages() if plan is not None else messages
         request_id = options.request_id or uuid.uuid4().hex
-        prompt_ids = self.encode_messages(messages)
+        prompt_ids = self.encode_messages(first_messages)
         options = self._fitted(options, len(prompt_ids))
         self._check_context(len(prompt_ids), options.params.max_new_tokens)
         first = self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, options.params))
-        if options.improvement:
-            return _ImprovementRun(self, messages, options, request_id, first, len(prompt_ids)).stream()
+        if plan is not None:
+            return _ImprovementRun(self, plan, options, request_id, first, len(prompt_ids)).stream()
         return ChatStream(_plain_events(first), first.cancel, len(prompt_ids))
 
     def open_completion(self, prompt: str, options: ChatOptions) -> ChatStream:
@@ -239,9 +246,36 @@ class _PassCancelled(Exception):
     """Raised inside the pipeline thread when the client has gone."""
 
 
+@dataclass(frozen=True)
+class _ImprovementPlan:
+    """The improvement pipeline's inputs for one turn, derived once from its messages.
+
+    ``messages`` is ``[system?, *history, user]``. The system prompts are the service's,
+    with ``role``'s entry replaced by the turn's own system message when it has one.
+    """
+
+    system_prompts: Mapping[str, str]
+    history: list[Message]
+    message: str
+    role: str
+
+    @classmethod
+    def of(cls, messages: list[Message], role: str, system_prompts: Mapping[str, str]) -> _ImprovementPlan:
+        system, history, message = _split_messages(messages)
+        prompts = dict(system_prompts)
+        prompts[role] = system if system is not None else prompts.get(role, "")
+        return cls(prompts, history, message, role)
+
+    def draft_messages(self) -> list[Message]:
+        """The messages of the pipeline's first (draft) pass, built by the pipeline's own function."""
+        return plain_messages(self.system_prompts, self.history, self.message, self.role)
+
+
 class _ImprovementRun:
     """Runs the improvement pipeline in a worker thread, one engine pass at a time.
 
+    The first pass was submitted eagerly by :meth:`ChatService.open` with the plan's draft
+    messages; the pipeline's first ``generate`` call takes that stream, later calls submit.
     A :class:`GenerationStream` doubles as the thread -> asyncio bridge: the worker pushes
     the pipeline's chunks as ``TextDelta`` and ends with ``Finished`` (or an exception).
     """
@@ -249,14 +283,14 @@ class _ImprovementRun:
     def __init__(
         self,
         service: ChatService,
-        messages: list[Message],
+        plan: _ImprovementPlan,
         options: ChatOptions,
         request_id: str,
         first: GenerationStream,
         first_prompt_tokens: int,
     ) -> None:
         self.service = service
-        self.messages = messages
+        self.plan = plan
         self.options = options
         self.request_id = request_id
         self.first_prompt_tokens = first_prompt_tokens
@@ -292,13 +326,9 @@ class _ImprovementRun:
     # --- worker thread ----------------------------------------------------------------------
     def _work(self) -> None:
         try:
-            from llm_server.conversation_engine.improvement import improvement_pipeline
-
-            system, history, message = _split_messages(self.messages)
-            prompts = dict(self.service.system_prompts)
-            prompts[self.options.role] = system if system is not None else prompts.get(self.options.role, "")
+            plan = self.plan
             for chunk in improvement_pipeline(
-                self._generate, prompts, history, message, role=self.options.role,
+                self._generate, plan.system_prompts, plan.history, plan.message, role=plan.role,
                 intermediate_steps=self.options.intermediate_steps, result=self.result,
             ):
                 if self.bridge.cancelled:
@@ -312,25 +342,27 @@ class _ImprovementRun:
             logger.warning("improvement pipeline failed (request %s): %s", self.request_id, type(exc).__name__)
             self.bridge.push(exc)
         finally:
-            self._drop_pending_first()
+            first = self._take_pending_first()
+            if first is not None:  # the pipeline ended before its first pass (it failed): free it
+                first.cancel()
 
     def _finish(self, reason: FinishReason) -> None:
         reply = self.result.get("reply", "")
         self.bridge.push(Finished(reason, self.prompt_tokens, self.completion_tokens, reply))
 
-    def _drop_pending_first(self) -> None:
+    def _take_pending_first(self) -> GenerationStream | None:
         with self._lock:
             first, self._pending_first = self._pending_first, None
-        if first is not None:
-            first.cancel()
+        return first
 
     def _take_stream(self, messages: list[Message]) -> GenerationStream:
-        """The eagerly submitted first pass if these are its messages, else a new submission."""
-        with self._lock:
-            first, self._pending_first = self._pending_first, None
-        if first is not None and messages == self.messages:
-            return first
+        """The eagerly submitted first pass on the first call, a new submission after that."""
+        first = self._take_pending_first()
         if first is not None:
+            if messages == self.plan.draft_messages():
+                return first
+            # Only if the pipeline stopped building its draft with plain_messages (a contract change).
+            logger.warning("improvement pipeline's first pass differs from its draft messages; resubmitting")
             first.cancel()
         stream = self.service.submit_pass(messages, self.options.params, self.request_id)
         with self._lock:

@@ -1,0 +1,257 @@
+"""A ChatStream over HTTP: the part the spec routes and the OpenAI routes share.
+
+Each chat request goes through the same steps, whatever its wire format:
+
+1. :func:`open_stream` opens the ChatStream (validation, chat template, eager submit) in a
+   worker thread; if the request's task is cancelled while the stream is being opened, the
+   stream is cancelled as soon as it exists, so no generation runs unowned.
+   Refusals (bad input, too long, overloaded, unavailable) become HTTP errors here,
+   before a response starts (:func:`api_error_for`).
+2. Then exactly one of:
+   - :func:`collect` runs the stream to its end for a non-streamed answer, cancelling it if
+     the client disconnects first;
+   - a :class:`ChatStreamResponse` streams a body made from :func:`events` and, however the
+     response ends (finished, client gone, error, never started), closes that body and
+     cancels the stream.
+
+So an opened stream is always either consumed or cancelled. The routes only translate
+events into their own format (spec text chunks, OpenAI JSON / SSE chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from llm_server.api.errors import APIError
+from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, EngineUnavailable
+from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent, ChatInputError, ChatStream
+from llm_server.serving.metrics import InstrumentedChatStream, instrument
+
+logger = logging.getLogger(__name__)
+
+#: Exceptions that are the client's or the engine's doing (mapped to 4xx/5xx, not crashes).
+EXPECTED_ERRORS = (APIError, ChatInputError, EngineError)
+_UNAVAILABLE_RETRY_AFTER_S = 5
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# --- errors -----------------------------------------------------------------------------------
+def api_error_for(exc: Exception, *, context_param: str = "prompt",
+                  param_names: Mapping[str, str] | None = None) -> APIError:
+    """A serving / engine exception -> the OpenAI-shaped HTTP error a client sees.
+
+    ``context_param`` names the field blamed for a too-long prompt (``prompt`` or
+    ``messages``); ``param_names`` renames serving-layer fields to the route's own
+    (e.g. ``max_new_tokens`` -> ``max_tokens`` on the OpenAI API).
+    """
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ChatInputError):
+        param = (param_names or {}).get(exc.param or "", exc.param)
+        return APIError(400, str(exc), param=param, code=exc.code)
+    if isinstance(exc, ContextLengthExceeded):
+        return APIError(400, str(exc), param=context_param, code="context_length_exceeded")
+    if isinstance(exc, EngineOverloaded):
+        return APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(max(1, exc.retry_after_s))})
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc) or "the model is not available", code="model_unavailable",
+                        headers={"Retry-After": str(_UNAVAILABLE_RETRY_AFTER_S)})
+    if isinstance(exc, EngineError):
+        return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
+    return APIError(500, "internal server error", type="server_error")
+
+
+ErrorMapper = Callable[[Exception], APIError]
+
+
+# --- request context --------------------------------------------------------------------------
+def request_id(request: Request) -> str:
+    """The request's id (set by the request-context middleware), or a fresh one."""
+    return str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
+
+
+def started_at(request: Request) -> float | None:
+    """When the request arrived (``time.perf_counter()`` clock), for the latency metrics."""
+    return getattr(request.state, "started_at", None)
+
+
+# --- 1. opening -------------------------------------------------------------------------------
+async def open_stream(request: Request, opener: Callable[[], ChatStream],
+                      to_api_error: ErrorMapper = api_error_for) -> InstrumentedChatStream:
+    """Run ``opener`` (e.g. ``lambda: chat.open(messages, options)``) in a worker thread.
+
+    Refusals become :class:`APIError`. If this task is cancelled while the worker runs, it
+    gives up at once; the worker still finishes (threads cannot be interrupted) and the
+    stream it opened is cancelled right away instead of generating for nobody.
+    """
+    opening = _Opening(opener)
+    try:
+        stream = await anyio.to_thread.run_sync(opening.run, abandon_on_cancel=True)
+    except BaseException as exc:
+        opening.abandon()  # cancelled (or worse): whatever the worker opens is cancelled
+        if isinstance(exc, EXPECTED_ERRORS):
+            raise to_api_error(exc) from exc
+        raise
+    return instrument(stream, started_at=started_at(request))
+
+
+class _Opening:
+    """One ``opener`` call in a worker thread, and who owns its result (thread-safe).
+
+    Whichever comes second, the stream or :meth:`abandon`, cancels the stream.
+    """
+
+    def __init__(self, opener: Callable[[], ChatStream]) -> None:
+        self._opener = opener
+        self._lock = threading.Lock()
+        self._stream: ChatStream | None = None
+        self._abandoned = False
+
+    def run(self) -> ChatStream:
+        stream = self._opener()
+        with self._lock:
+            self._stream = stream
+            abandoned = self._abandoned
+        if abandoned:
+            stream.cancel()
+            logger.info("request gone while its stream was opening: generation cancelled")
+        return stream
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+
+
+# --- 2a. a non-streamed answer ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Collected:
+    """A stream run to its end: the text of its deltas and its ChatDone."""
+
+    text: str
+    done: ChatDone
+
+
+async def collect(request: Request, stream: InstrumentedChatStream,
+                  to_api_error: ErrorMapper = api_error_for) -> Collected | None:
+    """Run ``stream`` to its end; None if the client disconnected first (generation cancelled).
+
+    Errors become :class:`APIError`. If this task is cancelled, the generation is too.
+    """
+    work = asyncio.ensure_future(_read_all(stream))
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            stream.cancel()
+            work.cancel()
+            logger.info("client gone before the answer was complete: generation cancelled")
+    if work.cancelled():
+        return None
+    try:
+        return work.result()
+    except EXPECTED_ERRORS as exc:
+        logger.warning("generation failed: %s", exc)
+        raise to_api_error(exc) from exc
+
+
+async def _read_all(stream: InstrumentedChatStream) -> Collected:
+    parts: list[str] = []
+    async for event in stream:
+        if isinstance(event, ChatDelta):
+            parts.append(event.text)
+        elif isinstance(event, ChatDone):
+            return Collected("".join(parts), event)
+    raise _no_result()
+
+
+def _no_result() -> APIError:
+    return APIError(500, "generation ended without a result", type="server_error")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- 2b. a streamed answer --------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamFailure:
+    """The last item of :func:`events` when generation failed after the response started."""
+
+    error: Exception
+
+
+StreamItem = ChatDelta | ChatDone | StreamFailure
+
+
+async def events(stream: InstrumentedChatStream) -> AsyncIterator[StreamItem]:
+    """The stream's non-empty deltas, then its ChatDone; or, instead of the ChatDone, a final
+    :class:`StreamFailure` (an error, or a stream that ended without a result).
+
+    For a response that has already started, where an error can only be reported in-band.
+    Leaving the iteration early cancels the generation.
+    """
+    iterator = stream.__aiter__()
+    try:
+        async for event in iterator:
+            if _worth_sending(event):
+                yield event
+            if isinstance(event, ChatDone):
+                return
+        yield StreamFailure(_no_result())
+    except EXPECTED_ERRORS as exc:
+        logger.warning("generation failed after the response started: %s", type(exc).__name__)
+        yield StreamFailure(exc)
+    except Exception as exc:  # never leave a client with a silently truncated answer
+        logger.exception("stream crashed after the response started")
+        yield StreamFailure(exc)
+    finally:
+        stream.cancel()
+        await iterator.aclose()
+
+
+def _worth_sending(event: ChatEvent) -> bool:
+    return not isinstance(event, ChatDelta) or bool(event.text)
+
+
+class ChatStreamResponse(StreamingResponse):
+    """A streamed body made from an opened ChatStream, which it owns.
+
+    Starlette stops iterating when the client disconnects but leaves the body generator to
+    the garbage collector; this closes it (running its ``finally``) and cancels the stream
+    when the response ends, however it ends, so the engine frees the slot at once.
+    """
+
+    def __init__(self, body: AsyncIterator[str], stream: InstrumentedChatStream, media_type: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(body, media_type=media_type, headers={**_STREAM_HEADERS, **(headers or {})})
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                aclose: Any = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self.stream.cancel()
