@@ -261,3 +261,26 @@ def test_improvement_without_steps_streams_only_the_final_answer(tokenizer: Any,
     engine.set_improvement(False)
     engine.reply("plain again")
     assert set(engine.last_result) == {"reply"}
+
+
+def test_a_failing_decoder_does_not_hang_the_stream(
+    tokenizer: Any, tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = prepare_inputs(tokenizer, tiny_model, PROMPTS, "hi")
+
+    def broken_decode(*args: Any, **kwargs: Any) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "broken tokenizer")
+
+    monkeypatch.setattr(tokenizer, "decode", broken_decode)
+    with pytest.raises(UnicodeDecodeError):
+        list(stream_generate(inputs, tokenizer, tiny_model, max_new_tokens=4))
+
+
+def test_tokenizers_without_chat_template_get_a_plain_transcript(tokenizer: Any, tiny_model: Any) -> None:
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    text = plain.decode(prepare_inputs(plain, tiny_model, "Be terse.", "hi")["input_ids"][0])
+    assert text.endswith("System: Be terse.\n\nUser: hi\n\nAssistant:")
+    assert "<|im_start|>" not in text

@@ -47,7 +47,8 @@ def test_model_config_defaults_to_the_embedded_model() -> None:
     assert config["id"] == "embedded:SmolLM2-135M-Instruct"
     assert config["device"] == "auto"
     assert set(config["parameters"]) >= {"max_new_tokens", "temperature", "top_p", "do_sample", "repetition_penalty"}
-    assert set(config["optimizations"]) == {"dtype", "attn_implementation", "compile", "quantization", "matmul_precision"}
+    optimizations = {"dtype", "attn_implementation", "compile", "quantization", "matmul_precision"}
+    assert set(config["optimizations"]) == optimizations
 
 
 def test_system_prompts_have_assistant_reviser_and_the_spec_examples() -> None:

@@ -70,7 +70,8 @@ class ConversationEngine:
         self.last_result = {}
         history = validate_history(self.conversation_history)
         result = self.last_result
-        chunks = self._pipeline(message, role or self.role, history, result, {**self.generation_kwargs, **generation_kwargs})
+        overrides = {**self.generation_kwargs, **generation_kwargs}
+        chunks = self._pipeline(message, role or self.role, history, result, overrides)
         return self._complete_turn(chunks, message, history, result)
 
     def reply(self, message: str, role: str | None = None, **generation_kwargs: Any) -> str:

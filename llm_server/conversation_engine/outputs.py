@@ -80,7 +80,7 @@ def stream_generate(
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     failure: list[BaseException] = []
-    stopping = StoppingCriteriaList([_StopFlag(stop)])
+    stopping = StoppingCriteriaList([*(params.pop("stopping_criteria", None) or []), _StopFlag(stop)])
 
     def run() -> None:
         try:
@@ -88,7 +88,9 @@ def stream_generate(
                 model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping)
         except BaseException as exc:  # handed to the consumer below
             failure.append(exc)
-            streamer.end()  # wakes the consumer (TextIteratorStreamer would otherwise wait forever)
+            # Wake the consumer, which would otherwise wait forever. Not streamer.end(): it decodes
+            # the token cache and could fail again (e.g. when decoding was what failed).
+            streamer.on_finalized_text("", stream_end=True)
 
     worker = threading.Thread(target=run, name="llm-generate", daemon=True)
     worker.start()
