@@ -379,6 +379,7 @@ class RequestResult:
     tokens_from_usage: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    text: str = ""
 
     @property
     def ttft(self) -> float | None:
@@ -408,6 +409,7 @@ class LevelResult:
     prompt_tokens_mean: float | None
     tokens_from_usage: bool
     error_samples: list[str] = field(default_factory=list)
+    texts: dict[int, str] = field(default_factory=dict)  # request index -> generated text
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -445,6 +447,7 @@ async def one_request(client: Any, model: str, index: int, max_tokens: int) -> R
             now = time.perf_counter()
             for choice in chunk.choices or []:
                 if choice.delta is not None and choice.delta.content:
+                    result.text += choice.delta.content
                     result.content_chunks += 1
                     result.last_token = now
                     if result.first_token is None:
@@ -470,6 +473,7 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, ma
     for i in range(requests):
         queue.put_nowait(first_index + i)
     results: list[RequestResult] = []
+    texts: dict[int, str] = {}
 
     async def worker() -> None:
         while True:
@@ -477,7 +481,10 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, ma
                 index = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            results.append(await one_request(client, model, index, max_tokens))
+            result = await one_request(client, model, index, max_tokens)
+            results.append(result)
+            if result.error is None:
+                texts[index] = result.text
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -499,6 +506,7 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, ma
         prompt_tokens_mean=statistics.fmean(prompts) if prompts else None,
         tokens_from_usage=all(r.tokens_from_usage for r in ok) if ok else False,
         error_samples=sorted({r.error for r in results if r.error})[:3],
+        texts=texts,
     )
 
 
@@ -615,6 +623,11 @@ def fairness_notes(results: dict[str, dict[str, list[LevelResult]]], max_tokens:
         prompts = {name: [None if lv.prompt_tokens_mean is None else round(lv.prompt_tokens_mean, 2)
                           for lv in levels] for name, levels in by_server.items()}
         if len(prompts) == 2:
+            pairs = [(o.texts.get(i), p.texts.get(i)) for o, p in zip(by_server["ours"], by_server["peer"])
+                     for i in set(o.texts) | set(p.texts)]
+            equal = sum(1 for a, b in pairs if a is not None and a == b)
+            notes.append(f"- {dtype}: greedy text identical on both servers for {equal} of {len(pairs)} requests "
+                         "(batched low-precision math may flip a near-tie token; float32 should match closely)")
             same = prompts["ours"] == prompts["peer"]
             notes.append(f"- {dtype}: mean prompt tokens per level {'equal' if same else 'DIFFER'} "
                          f"(ours {prompts['ours']}, peer {prompts['peer']})")

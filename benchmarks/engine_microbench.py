@@ -6,7 +6,7 @@ It loads the embedded SmolLM2-135M-Instruct (or ``--model``) with ``initialize``
 greedy chat request (the same system message and prompts as ``bench_serving.py``), read its
 stream to the end, and submit the next one. End-of-sequence is ignored so every request
 generates exactly ``--max-tokens`` tokens. Printed per level: aggregate output tokens/s,
-time to first token p50/p95, inter-token latency p50 and the mean decode step.
+time to first token p50/p95 and inter-token latency p50.
 
     .venv/bin/python benchmarks/engine_microbench.py                  # bfloat16, 1/4/8/16
     .venv/bin/python benchmarks/engine_microbench.py --dtype float32 --levels 1,16
@@ -50,7 +50,8 @@ def prompt_ids(tokenizer: Any, index: int) -> list[int]:
         {"role": "system", "content": SYSTEM_MESSAGE},
         {"role": "user", "content": PROMPTS[index % len(PROMPTS)]},
     ]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 async def one_request(engine: Any, tokenizer: Any, index: int, max_tokens: int) -> Sample:
@@ -100,7 +101,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests per worker at each level")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    parser.add_argument("--profile", action="store_true", help="print a torch profile of a 16-sequence level")
     args = parser.parse_args()
 
     import torch
@@ -122,14 +122,7 @@ def main() -> None:
         print("| concurrent | tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) |")
         print("| --- | --- | --- | --- | --- |")
         for level in levels:
-            if args.profile and level == max(levels):
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    row = asyncio.run(run_level(engine, tokenizer, level, level, args.max_tokens))
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-            else:
-                row = asyncio.run(run_level(engine, tokenizer, level, level * args.rounds, args.max_tokens))
+            row = asyncio.run(run_level(engine, tokenizer, level, level * args.rounds, args.max_tokens))
             print(f"| {level} | {row['tok_s']:.1f} | {row['ttft_p50']:.3f} | {row['ttft_p95']:.3f} | "
                   f"{row['itl_p50'] * 1e3:.1f} |", flush=True)
     finally:

@@ -115,7 +115,9 @@ def running_engine(tokenizer: Any, model: Any, **config: Any) -> Iterator[BatchE
         engine.shutdown(timeout_s=10)
 
 
-async def consume(stream: GenerationStream, started: asyncio.Event | None = None, after: int = 3) -> tuple[list[str], Finished]:
+async def consume(
+    stream: GenerationStream, started: asyncio.Event | None = None, after: int = 3
+) -> tuple[list[str], Finished]:
     """All deltas and the Finished event of a stream; sets ``started`` after ``after`` deltas."""
     deltas: list[str] = []
     async for event in stream:
@@ -162,7 +164,8 @@ def test_greedy_in_a_batch_equals_generate_alone(tokenizer: Any, kind: str) -> N
     with running_engine(tokenizer, model, max_running=4) as engine:
         expected_runner = HFRunner if kind == "gpt2" else LlamaRunner
         assert isinstance(engine._runner, expected_runner)
-        results = run_staggered(engine, [request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, budgets))])
+        requests = [request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, budgets))]
+        results = run_staggered(engine, requests)
     for prompt, budget, (deltas, finished) in zip(prompts, budgets, results):
         reference = generate_ids(model, prompt, budget)
         assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
@@ -220,9 +223,12 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tokenizer: Any, mo
     with running_engine(tokenizer, model) as engine:
         alone = engine.submit(request("a", prompt, seeded)).result().text
         again = engine.submit(request("b", prompt, seeded)).result().text
-        others = [request(f"o{i}", encode(tokenizer, p), SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)]
+        others = [
+            request(f"o{i}", encode(tokenizer, p), SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)
+        ]
         batch = run_staggered(engine, [others[0], request("c", prompt, seeded), *others[1:]])
-        other_seed = engine.submit(request("d", prompt, SamplingParams(max_new_tokens=24, temperature=0.9, seed=99))).result()
+        reseeded = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=99)
+        other_seed = engine.submit(request("d", prompt, reseeded)).result()
     assert alone == again == batch[1][1].text
     assert other_seed.text != alone
 
@@ -275,7 +281,8 @@ def test_stop_string_ends_the_text_before_it(tokenizer: Any, model: Any) -> None
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     expected = full[: full.index(stop)]
     with running_engine(tokenizer, model) as engine:
-        deltas, finished = asyncio.run(consume(engine.submit(request("s", prompt, greedy(40, stop=("never-there", stop))))))
+        stream = engine.submit(request("s", prompt, greedy(40, stop=("never-there", stop))))
+        deltas, finished = asyncio.run(consume(stream))
     assert finished.reason == "stop"
     assert finished.text == expected == "".join(deltas)
 
@@ -356,7 +363,9 @@ def test_full_queue_raises_overloaded(tokenizer: Any, model: Any) -> None:
         assert list(running_events)[-1].reason == "cancelled"
 
 
-def test_error_in_one_request_fails_only_that_request(tokenizer: Any, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_error_in_one_request_fails_only_that_request(
+    tokenizer: Any, model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
     with running_engine(tokenizer, model) as engine:
         original = engine._accept_token
@@ -461,7 +470,26 @@ def test_top_k_and_top_p_filters_restrict_sampling(tokenizer: Any, model: Any) -
     prompt = encode(tokenizer, PROMPTS[1])
     expected = reference_text(tokenizer, model, prompt, 20)
     with running_engine(tokenizer, model, top_k=1) as engine:
-        assert engine.submit(request("k", prompt, SamplingParams(max_new_tokens=20, temperature=1.0))).result().text == expected
+        sampled = SamplingParams(max_new_tokens=20, temperature=1.0)
+        assert engine.submit(request("k", prompt, sampled)).result().text == expected
     with running_engine(tokenizer, model, top_k=0) as engine:
         tiny_p = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1e-6)
         assert engine.submit(request("p", prompt, tiny_p)).result().text == expected
+
+
+def test_kv_budget_limits_how_many_requests_run_together(tokenizer: Any, model: Any) -> None:
+    """Each request reserves prompt + max_new_tokens; 3 x 60 > 150, so at most 2 run at once."""
+    prompt = [5] * 10
+    with running_engine(tokenizer, model, max_running=4, max_total_tokens=150) as engine:
+        engine.eos_ids = frozenset()  # every request runs its full budget
+        streams = [engine.submit(request(f"b{i}", prompt, greedy(50))) for i in range(4)]
+        results: list[Finished] = []
+        worker = threading.Thread(target=lambda: results.extend(s.result() for s in streams))
+        worker.start()
+        most_running = 0
+        while worker.is_alive():
+            stats = engine.stats()
+            most_running = max(most_running, stats.running)
+            worker.join(0.001)
+    assert most_running == 2
+    assert [r.reason for r in results] == ["length"] * 4

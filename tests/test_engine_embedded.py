@@ -24,7 +24,8 @@ QUESTIONS = [
 
 def chat_ids(tokenizer: Any, question: str) -> list[int]:
     messages = [{"role": "user", "content": question}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 def solo_generate(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -60,7 +61,8 @@ def test_greedy_requests_joining_a_running_batch_match_generate(embedded: tuple[
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             started = asyncio.Event()
             params = SamplingParams(max_new_tokens=budget, do_sample=False)
-            tasks.append(asyncio.create_task(consume(engine.submit(GenerationRequest(f"q{i}", prompt, params)), started)))
+            stream = engine.submit(GenerationRequest(f"q{i}", prompt, params))
+            tasks.append(asyncio.create_task(consume(stream, started)))
             await started.wait()  # the next request joins while this one decodes
         return list(await asyncio.gather(*tasks))
 
@@ -85,7 +87,8 @@ def test_seeded_sampling_is_reproducible_on_the_real_model(embedded: tuple[Any, 
     engine.start()
     try:
         first = engine.submit(GenerationRequest("a", prompt, params))
-        other = engine.submit(GenerationRequest("b", chat_ids(tokenizer, QUESTIONS[0]), SamplingParams(max_new_tokens=16)))
+        other_prompt = chat_ids(tokenizer, QUESTIONS[0])
+        other = engine.submit(GenerationRequest("b", other_prompt, SamplingParams(max_new_tokens=16)))
         texts = [first.result().text, other.result().text]
         again = engine.submit(GenerationRequest("c", prompt, params)).result().text
     finally:

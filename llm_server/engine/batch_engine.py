@@ -57,6 +57,7 @@ class EngineConfig:
     retry_after_s: int = 1  # Retry-After hint carried by EngineOverloaded
     seed: int | None = None  # seed of the shared generator used by unseeded sampled requests
     top_k: int | None = None  # sampled requests: None -> model's generation_config.top_k, else 50 (as generate); 0 off
+    pack_weights: bool = True  # CPU: keep a oneDNN pre-packed copy of the weights (faster; one more copy in memory)
 
 
 @dataclass(eq=False)
@@ -121,7 +122,9 @@ class BatchEngine(Engine):
         self.max_context = min(self.max_context, self.config.max_total_tokens)
         self.eos_ids = _eos_ids(tokenizer, model)
         self._model = model
-        self._runner: ModelRunner = make_runner(model, self.config.max_running, self.max_context)
+        self._runner: ModelRunner = make_runner(
+            model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights
+        )
         self._sampler = Sampler(self._runner.device, self.config.seed, _default_top_k(model, self.config.top_k))
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -280,13 +283,13 @@ class BatchEngine(Engine):
         """The prompts (or chunk of one long prompt) for the next prefill forward."""
         budget = self.config.prefill_chunk_tokens
         first = self._prefilling[0]
-        remaining = first.request.prompt_ids[first.prefilled :]
+        remaining = list(first.request.prompt_ids[first.prefilled :])
         if len(remaining) >= budget:
             return [(first, remaining[:budget])]
         group = [(first, remaining)]
         longest = len(remaining)
         for seq in self._prefilling[1:]:
-            ids = seq.request.prompt_ids[seq.prefilled :]
+            ids = list(seq.request.prompt_ids[seq.prefilled :])
             if (len(group) + 1) * max(longest, len(ids)) > budget:
                 break
             group.append((seq, ids))
@@ -312,7 +315,7 @@ class BatchEngine(Engine):
         self._after_prefill([(seq, ids, row) for row, (seq, ids) in enumerate(group)], logits)
 
     def _prefill_alone(self, seq: _Sequence) -> None:
-        ids = seq.request.prompt_ids[: self.config.prefill_chunk_tokens]
+        ids = list(seq.request.prompt_ids[: self.config.prefill_chunk_tokens])
         try:
             logits = self._runner.forward([seq.kv], [ids])
         except Exception as exc:  # noqa: BLE001

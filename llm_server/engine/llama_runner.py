@@ -8,10 +8,11 @@ on CPU hands them to oneDNN pre-packed (``mkldnn._linear_pointwise``: 1.3-2x fas
 The KV cache is allocated once per engine, one slot per running sequence: keys
 ``[layers, slots, kv_heads, head_dim, capacity]`` (stored transposed, so ``q @ K^T`` is a plain
 batched matmul over a cache view) and values ``[layers, slots, kv_heads, capacity, head_dim]``.
-A step runs every sequence of the batch in one forward: their slots are kept contiguous so
-attention reads cache views (no gather), and only the cache up to the longest sequence of the
-batch is attended to. The capacity grows (by doubling) when a sequence needs it and shrinks
-back when the engine is idle.
+A step runs every sequence of the batch in one forward: their slots are kept contiguous, and the
+capacity is kept tight (a multiple of 32 just above the longest sequence, re-allocated as
+sequences grow and leave), so attention reads the batch's keys and values as contiguous views of
+the cache over the whole capacity, masking what each sequence has not written: no gather, and
+no per-layer copy inside the batched matmuls.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from llm_server.engine.runners import KVHandle, ModelRunner
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
-_INITIAL_CAPACITY = 256
-_CAPACITY_STEP = 128
+_CAPACITY_STEP = 32  # the cache's capacity is a multiple of this, a little above the longest sequence
+_SHRINK_SLACK = 128  # shrink once the capacity exceeds what the running sequences need by this much
+_KEEP_WHEN_IDLE = 1024  # an idle engine keeps a cache up to this capacity (no re-allocation per request)
 
 
 def _rope_type(config: Any) -> str:
@@ -62,6 +64,12 @@ def unsupported_reason(model: Any) -> str | None:
         return "the model does not have the Llama module layout"
     if hasattr(layer.self_attn, "q_norm"):
         return "per-head q/k norms are not supported"
+    weights = list(model.parameters())
+    devices = {p.device for p in weights}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        return "weights spread over several devices (or offloaded)"
+    if any(not p.dtype.is_floating_point or p.dtype != weights[0].dtype for p in weights):
+        return "weights of mixed or non-float dtypes (a quantized model?)"
     return None
 
 
@@ -191,7 +199,7 @@ class LlamaRunner(ModelRunner):
         handle.length = 0
 
     def idle(self) -> None:
-        if self._capacity > _INITIAL_CAPACITY and all(o is None for o in self._owner):
+        if self._capacity > _KEEP_WHEN_IDLE and all(o is None for o in self._owner):
             self._keys = self._values = None
             self._capacity = 0
 
@@ -200,17 +208,23 @@ class LlamaRunner(ModelRunner):
         self._owner[slot] = handle
         handle.slot = slot
 
-    def _ensure_capacity(self, needed: int) -> None:
-        if self._keys is not None and needed <= self._capacity:
-            return
-        capacity = max(needed, 2 * self._capacity, _INITIAL_CAPACITY)
-        capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
+    def _fit_capacity(self, needed: int) -> None:
+        """Grow the cache when ``needed`` positions do not fit; shrink it when far too large."""
+        longest = max([needed] + [o.length for o in self._owner if o is not None])
+        tight = (longest // _CAPACITY_STEP + 2) * _CAPACITY_STEP  # at least one step of headroom
+        if self._keys is None or needed > self._capacity or self._capacity > tight + _SHRINK_SLACK:
+            self._resize(tight)
+
+    def _resize(self, capacity: int) -> None:
+        """Re-allocate the cache with ``capacity`` positions, keeping what fits (zeros elsewhere:
+        masked positions must hold finite values)."""
         rows = (len(self._layers), self.num_slots, self._kv_heads)
         keys = torch.zeros((*rows, self._head_dim, capacity), dtype=self.dtype, device=self.device)
         values = torch.zeros((*rows, capacity, self._head_dim), dtype=self.dtype, device=self.device)
         if self._keys is not None and self._values is not None:
-            keys[..., : self._capacity] = self._keys
-            values[:, :, :, : self._capacity] = self._values
+            kept = min(capacity, self._capacity)
+            keys[..., :kept] = self._keys[..., :kept]
+            values[:, :, :, :kept] = self._values[:, :, :, :kept]
         self._keys, self._values, self._capacity = keys, values, capacity
 
     def _move(self, src: int, dst: int) -> None:
@@ -248,7 +262,7 @@ class LlamaRunner(ModelRunner):
             if handle.slot < 0:
                 self._take_slot(handle)
         steps = max(len(t) for t in tokens)
-        self._ensure_capacity(max(h.length for h in handles) + steps)
+        self._fit_capacity(max(h.length for h in handles) + steps)
         lo = self._make_contiguous(handles)
         order = sorted(range(len(handles)), key=lambda i: handles[i].slot)
         starts = [handles[i].length for i in order]
@@ -276,15 +290,12 @@ class LlamaRunner(ModelRunner):
         cos = self._cos[rope_positions].unsqueeze(2)  # [n, steps, 1, head_dim]
         sin = self._sin[rope_positions].unsqueeze(2)
         fresh = all(s == 0 for s in starts)  # a prefill from scratch attends only to its own tokens
-        key_len = max(starts) + steps
-        bias = None if fresh else self._attention_bias(positions, key_len)
+        bias = None if fresh else self._attention_bias(positions, capacity)
         slots = torch.arange(lo, lo + n, device=device)
-        layer_stride = self.num_slots * kv_heads * capacity
         flat_index = (
             (slots.view(n, 1, 1) * kv_heads + torch.arange(kv_heads, device=device).view(1, 1, kv_heads)) * capacity
             + positions.unsqueeze(2)
-        ).reshape(-1)  # [n * steps * kv_heads] rows of the flattened value cache of one layer
-        flat_values = self._values.view(-1, head_dim)
+        ).reshape(-1)  # [n * steps * kv_heads] rows of one layer's value cache, flattened
         key_slots = slots.unsqueeze(1)  # with ``positions``: where each new key goes
         q_width = heads * head_dim
         qk_width = (heads + kv_heads) * head_dim
@@ -298,15 +309,15 @@ class LlamaRunner(ModelRunner):
             q = qk[:, :, :heads].transpose(1, 2)  # [n, heads, steps, head_dim]
             k = qk[:, :, heads:]  # [n, steps, kv_heads, head_dim]
             v = qkv[..., qk_width:].view(n, steps, kv_heads, head_dim)
-            self._keys[index, key_slots, :, :, positions] = k
-            flat_values.index_copy_(0, flat_index + index * layer_stride, v.reshape(-1, head_dim))
+            self._keys[index][key_slots, :, :, positions] = k
+            self._values[index].view(-1, head_dim).index_copy_(0, flat_index, v.reshape(-1, head_dim))
             if fresh:
                 attn = F.scaled_dot_product_attention(
                     q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
                 )
                 attn = attn.transpose(1, 2).reshape(n, steps, q_width)
             else:
-                attn = self._cached_attention(q, index, lo, key_len, bias)
+                attn = self._cached_attention(q, index, lo, bias)
             x = x + layer.o(attn)
             h = _rms_norm(x, layer.ln2, self._eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
@@ -328,7 +339,7 @@ class LlamaRunner(ModelRunner):
         return bias.unsqueeze(1).expand(n, groups, steps, key_len).reshape(n, 1, groups * steps, key_len)
 
     def _cached_attention(
-        self, q: torch.Tensor, index: int, lo: int, key_len: int, bias: torch.Tensor
+        self, q: torch.Tensor, index: int, lo: int, bias: torch.Tensor
     ) -> torch.Tensor:
         """Attention of new queries [n, heads, steps, head_dim] over the cache, grouped-query style.
 
@@ -339,8 +350,9 @@ class LlamaRunner(ModelRunner):
         n, heads, steps, head_dim = q.shape
         kv_heads = self._kv_heads
         rows = n * kv_heads
-        keys_t = self._keys[index, lo : lo + n, :, :, :key_len].flatten(0, 1)  # [rows, head_dim, key_len] view
-        values = self._values[index, lo : lo + n, :, :key_len].flatten(0, 1)  # [rows, key_len, head_dim] view
+        key_len = self._capacity
+        keys_t = self._keys[index, lo : lo + n].flatten(0, 1)  # [rows, head_dim, capacity], contiguous view
+        values = self._values[index, lo : lo + n].flatten(0, 1)  # [rows, capacity, head_dim], contiguous view
         grouped = q.reshape(rows, (heads // kv_heads) * steps, head_dim)
         scores = torch.bmm(grouped, keys_t).view(n, kv_heads, -1, key_len)
         scores = scores.float().mul_(head_dim**-0.5).add_(bias)

@@ -77,12 +77,12 @@ class HFRunner(ModelRunner):
         handle.state = None
 
 
-def make_runner(model: Any, max_slots: int, max_context: int) -> ModelRunner:
+def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> ModelRunner:
     """The fastest runner that supports ``model``."""
     from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
 
     reason = unsupported_reason(model)
     if reason is None:
-        return LlamaRunner(model, max_slots=max_slots, max_context=max_context)
+        return LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
     logger.warning("using the slow one-sequence-at-a-time path: %s", reason)
     return HFRunner(model)

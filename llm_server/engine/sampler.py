@@ -27,7 +27,9 @@ class SamplerState:
     presence: torch.Tensor | None = None  # [vocab] bool, seen ids (repetition penalty only)
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device) -> "SamplerState":
+    def create(
+        cls, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device
+    ) -> SamplerState:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=device)

@@ -1,0 +1,70 @@
+"""The compact Llama runner against the HF forward: logits of a sequence do not depend on its
+batch neighbours, on slot moves when others leave, on chunked prefill or on cache growth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
+from llm_server.engine.runners import KVHandle
+from tests.test_engine_batching import build_model
+
+
+def hf_last_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize(("kind", "pack"), [("llama", True), ("qwen2", True), ("llama", False)])
+def test_runner_logits_match_the_hf_forward_through_moves_chunks_and_growth(kind: str, pack: bool) -> None:
+    model = build_model(512, kind)
+    assert unsupported_reason(model) is None
+    runner = LlamaRunner(model, max_slots=4, max_context=1024, pack_weights=pack)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (5, 17, 9, 300)]
+    history: dict[int, list[int]] = {}
+    handles: dict[int, KVHandle] = {}
+
+    def step(batch: dict[int, list[int]]) -> None:
+        for i in batch:
+            handles.setdefault(i, runner.open())
+            history.setdefault(i, [])
+            history[i] += batch[i]
+        with torch.inference_mode():
+            logits = runner.forward([handles[i] for i in batch], list(batch.values()))
+        for row, i in enumerate(batch):
+            torch.testing.assert_close(logits[row], hf_last_logits(model, history[i]), atol=2e-4, rtol=1e-4)
+
+    step({0: prompts[0], 1: prompts[1]})  # prefill two together (padded)
+    step({2: prompts[2], 3: prompts[3][:100]})  # a third, and a long prompt's first chunk
+    step({0: [7], 1: [8], 2: [9]})  # decode three while the long prompt waits
+    runner.release(handles.pop(1))  # one leaves: the others are moved to contiguous slots
+    history.pop(1)
+    step({2: [10], 0: [11]})  # any order
+    step({3: prompts[3][100:]})  # the rest of the long prompt: the cache grows past 256
+    step({4: prompts[1][:6]})  # a newcomer reuses the freed slot
+    for token in range(12, 16):
+        step({0: [token], 2: [token + 1], 3: [token + 2], 4: [token + 3]})
+    runner.release(handles.pop(0))
+    history.pop(0)
+    step({3: [20], 4: [21], 2: [22]})
+    slots = sorted(h.slot for h in handles.values())
+    assert slots == list(range(slots[0], slots[0] + 3))  # the batch reads one contiguous cache view
+    middle = next(i for i, h in handles.items() if h.slot == slots[1])
+    outer = [i for i in handles if i != middle]
+    step({outer[0]: [30], outer[1]: [31]})  # the sequence in between is swapped out of the way
+    assert handles[middle].slot in (slots[0], slots[2])
+    step({middle: [32]})
+    step({i: [33] for i in handles})
+
+
+def test_weights_are_shared_with_the_hf_model() -> None:
+    model = build_model(512, "llama")
+    before = hf_last_logits(model, [5, 6, 7])
+    LlamaRunner(model, max_slots=2, max_context=64)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+    torch.testing.assert_close(hf_last_logits(model, [5, 6, 7]), before, atol=0, rtol=0)
