@@ -63,7 +63,13 @@ def test_server_config_has_the_contract_keys() -> None:
     assert server["port"] == 8000
     assert server["allow_query_api_key"] is True and server["open_access"] is False
     assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576}
-    assert server["engine"] == {"max_running": 16, "max_waiting": 64, "max_total_tokens": 32768}
+    assert server["engine"] == {
+        "max_running": 16,
+        "max_waiting": 64,
+        "max_total_tokens": 32768,
+        "prefill_chunk_tokens": 512,
+        "retry_after_s": 1,
+    }
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -236,3 +242,24 @@ def test_package_folder_is_the_default() -> None:
     assert config_dir() == yaml_loading.PACKAGE_CONFIG_DIR
     for name in yaml_loading.STANDARD_FILES:
         assert (yaml_loading.PACKAGE_CONFIG_DIR / name).is_file()
+
+
+def test_engine_section_accepts_optional_keys_and_rejects_unknown(tmp_path, monkeypatch) -> None:
+    """server.engine: optional keys pass through typed; a typo is an error naming the key."""
+    from llm_server.helper_functionality import yaml_loading
+
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "server_config.yaml").write_text(
+        "server:\n  port: 8000\n  engine:\n    max_running: 4\n    top_k: 0\n    seed: 7\n    pack_weights: false\n"
+    )
+    engine = yaml_loading.load_chat_server_config()["engine"]
+    assert engine["max_running"] == 4 and engine["top_k"] == 0 and engine["seed"] == 7
+    assert engine["pack_weights"] is False and engine["prefill_chunk_tokens"] == 512
+
+    (tmp_path / "server_config.yaml").write_text("server:\n  engine:\n    max_runing: 4\n")
+    with pytest.raises(yaml_loading.ConfigError, match="server.engine.max_runing"):
+        yaml_loading.load_chat_server_config()
+
+    (tmp_path / "server_config.yaml").write_text("server:\n  engine:\n    top_k: -1\n")
+    with pytest.raises(yaml_loading.ConfigError, match="server.engine.top_k"):
+        yaml_loading.load_chat_server_config()

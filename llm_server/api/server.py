@@ -23,7 +23,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import fields
 from typing import Any
 
 from fastapi import FastAPI
@@ -53,8 +52,7 @@ def default_engine_factory(settings: ServerSettings) -> EngineFactory:
         tokenizer, model = initialize(device=model_cfg.get("device", "auto"), model_id=model_cfg.get("id"))
         from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 
-        known = {f.name for f in fields(EngineConfig)}
-        config = EngineConfig(**{k: v for k, v in settings.engine.items() if k in known})
+        config = EngineConfig(**settings.engine)  # keys validated by load_chat_server_config()
         return BatchEngine(tokenizer, model, settings.served_model_name, config)
 
     return build

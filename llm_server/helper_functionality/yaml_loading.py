@@ -287,7 +287,20 @@ _SERVER_TYPES: dict[str, tuple[type, ...]] = {
     "shutdown_timeout_s": _NUMBER,
 }
 _LIMIT_DEFAULTS: dict[str, int] = {"max_new_tokens": 1024, "max_body_bytes": 1048576}
-_ENGINE_DEFAULTS: dict[str, int] = {"max_running": 16, "max_waiting": 64, "max_total_tokens": 32768}
+_ENGINE_DEFAULTS: dict[str, int] = {
+    "max_running": 16,
+    "max_waiting": 64,
+    "max_total_tokens": 32768,
+    "prefill_chunk_tokens": 512,
+    "retry_after_s": 1,
+}
+# Optional engine keys: (allowed types, smallest allowed int). Absent or null -> engine default.
+_ENGINE_OPTIONAL: dict[str, tuple[tuple[type, ...], int]] = {
+    "max_context": ((int,), 1),
+    "seed": ((int,), 0),
+    "top_k": ((int,), 0),
+    "pack_weights": ((bool,), 0),
+}
 
 
 def load_chat_server_config() -> dict[str, Any]:
@@ -306,8 +319,28 @@ def load_chat_server_config() -> dict[str, Any]:
     if not 0 < server["port"] < 65536:
         raise ConfigError(file, "server.port", f"must be between 1 and 65535, got {server['port']}")
     server["limits"] = _int_subsection(section, "limits", _LIMIT_DEFAULTS, file)
-    server["engine"] = _int_subsection(section, "engine", _ENGINE_DEFAULTS, file)
+    server["engine"] = _engine_subsection(section, file)
     return server
+
+
+def _engine_subsection(section: dict[str, Any], file: Path) -> dict[str, Any]:
+    """``server.engine``: the positive-int limits plus the optional keys; unknown keys are errors."""
+    values = dict(_check_mapping(section, "engine", file, "server."))
+    optional = {k: values.pop(k) for k in list(values) if k in _ENGINE_OPTIONAL}
+    for key in values:
+        if key not in _ENGINE_DEFAULTS:
+            known = ", ".join([*_ENGINE_DEFAULTS, *_ENGINE_OPTIONAL])
+            raise ConfigError(file, f"server.engine.{key}", f"unknown key (known: {known})")
+    engine = _int_subsection({"engine": values}, "engine", _ENGINE_DEFAULTS, file)
+    for key, value in optional.items():
+        if value is None:
+            continue
+        types, minimum = _ENGINE_OPTIONAL[key]
+        _check_type(optional, key, types, file, "server.engine.")
+        if types == (int,) and value < minimum:
+            raise ConfigError(file, f"server.engine.{key}", f"must be at least {minimum}")
+        engine[key] = value
+    return engine
 
 
 def _int_subsection(section: dict[str, Any], name: str, defaults: dict[str, int], file: Path) -> dict[str, Any]:
