@@ -230,3 +230,24 @@ def test_make_serve_and_the_spec_examples_on_the_embedded_model(tmp_path: Path) 
                 process.wait()
     assert process.returncode == 0, stdout.read_text()[-3000:]
     assert key not in stdout.read_text().replace(f"    {key}\n", "", 1)  # printed once, never logged
+
+
+def test_main_called_from_python_ignores_the_host_programs_arguments(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spec's ``from llm_server.api.server import main; main()`` inside Jupyter (argv
+    ``-f kernel.json``) or another script must start with the config, not parse their flags."""
+    monkeypatch.setenv("CHAT_SERVER_API_KEY", "k-one")
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    server_module.main()
+    assert launch.run["port"] == 8000
+
+
+def test_the_console_script_parses_its_own_flags(launch: Launch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAT_SERVER_API_KEY", "k-one")
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/start_llm_server", "--port", "9123"])
+    server_module.main()
+    assert launch.run["port"] == 9123
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/start_llm_server", "--bogus"])
+    with pytest.raises(SystemExit):
+        server_module.main()

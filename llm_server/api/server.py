@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[], Engine]
 
 
+def _note_python_api_only_options(optimizations: dict[str, Any]) -> None:
+    """Say at start which model_config options the server's batching engine does not use."""
+    if optimizations.get("compile") is True or optimizations.get("attn_implementation") == "flash_attention_2":
+        logger.info("optimizations.compile / attn_implementation apply to model.generate (the Python API); "
+                    "the server's batching engine runs its own forward for Llama-family models")
+
+
 def default_engine_factory(settings: ServerSettings) -> EngineFactory:
     """Load the model of ``model_config.yaml`` and wrap it in the batching engine."""
 
@@ -53,6 +60,7 @@ def default_engine_factory(settings: ServerSettings) -> EngineFactory:
         from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 
         config = EngineConfig(**settings.engine)  # keys validated by load_chat_server_config()
+        _note_python_api_only_options(model_cfg.get("optimizations") or {})
         return BatchEngine(tokenizer, model, settings.served_model_name, config)
 
     return build
@@ -123,7 +131,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-dir", help="folder with your own YAML files (default: $LLM_SERVER_CONFIG_DIR, else the package's)")
     parser.add_argument("--open-access", action="store_true", help="serve WITHOUT any API key (explicit opt-out)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    return parser.parse_args(_command_line() if argv is None else argv)
+
+
+def _command_line() -> list[str]:
+    """``sys.argv[1:]`` when we are the program (``start_llm_server``, ``python -m``), else ``[]``.
+
+    ``main()`` called from Python (a notebook, another script) must not parse its host's
+    arguments, e.g. Jupyter's ``-f kernel.json``.
+    """
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    as_module = main_module is not None and main_module.name == __name__
+    return sys.argv[1:] if program.startswith("start_llm_server") or as_module else []
 
 
 def _fail(message: str, status: int) -> None:
@@ -185,3 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = readiness(app)
     if state.failed:
         _fail(f"the model could not be loaded ({state.error}); see the log above", 1)
+
+
+if __name__ == "__main__":
+    main()
