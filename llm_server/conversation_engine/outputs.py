@@ -148,9 +148,12 @@ def stream_and_improve_reply(
     role: str = DEFAULT_ROLE,
     conversation_history: Sequence[Mapping[str, Any]] | None = None,
     result: dict[str, str] | None = None,
+    *,
+    intermediate_steps: bool = False,
     **generation_kwargs: Any,
 ) -> Iterator[str]:
-    """Draft, two review/revision passes; streams only the final answer.
+    """Draft, two review/revision passes; streams only the final answer (or, with
+    ``intermediate_steps``, every stage under its heading).
 
     ``result`` receives draft_answer, suggestions1..comments2 and reply (see improvement.py).
     """
@@ -160,7 +163,7 @@ def stream_and_improve_reply(
         list(conversation_history or []),
         message,
         role=role,
-        intermediate_steps=False,
+        intermediate_steps=intermediate_steps,
         result=result,
     )
 
@@ -176,12 +179,7 @@ def stream_and_improve_reply_with_steps(
     **generation_kwargs: Any,
 ) -> Iterator[str]:
     """Like :func:`stream_and_improve_reply`, streaming every stage under its heading."""
-    return improvement_pipeline(
-        make_generate_fn(tok, model, **generation_kwargs),
-        system_prompt,
-        list(conversation_history or []),
-        message,
-        role=role,
-        intermediate_steps=True,
-        result=result,
+    return stream_and_improve_reply(
+        tok, model, system_prompt, message, role, conversation_history, result,
+        intermediate_steps=True, **generation_kwargs,
     )
