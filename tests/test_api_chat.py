@@ -112,6 +112,28 @@ def test_spec_curl_examples(base_url: str) -> None:
 
 
 # --- request fields reach the engine ---------------------------------------------------------
+def test_a_model_without_a_chat_template_is_served(tokenizer: Any) -> None:
+    """A base model (no chat template) answers on every endpoint, prompted with the Python API's
+    plain "Role: text" transcript, instead of refusing every request."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    engine = ScriptedEngine(plain, reply=REPLY)
+    headers = {"X-API-Key": API_KEY}
+    with serving(create_app(lambda: engine, settings=make_settings())) as url:
+        body = {"prompt": "Hi there", "history": [{"role": "user", "content": "Earlier"}]}
+        blocking = requests.post(f"{url}/chat/blocking", json=body, headers=headers, timeout=30)
+        assert blocking.status_code == 200 and blocking.json() == {"reply": REPLY}
+        prompt = plain.decode(engine.requests[-1].prompt_ids, skip_special_tokens=True)
+        expected = "System: You are the test assistant.\n\nUser: Earlier\n\nUser: Hi there\n\nAssistant:"
+        assert prompt.endswith(expected)
+        openai_body = {"model": engine.model_id, "messages": [{"role": "user", "content": "Hi"}]}
+        completion = requests.post(f"{url}/v1/chat/completions", json=openai_body, headers=headers, timeout=30)
+        assert completion.status_code == 200, completion.text
+        assert completion.json()["choices"][0]["message"]["content"] == REPLY
+
+
 def test_history_role_and_sampling_reach_the_prompt(base_url: str, engine: ScriptedEngine, tokenizer: Any) -> None:
     payload = {
         "prompt": "And now?",

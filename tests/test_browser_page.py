@@ -48,8 +48,11 @@ class LiveChat:
 
 
 @contextmanager
-def live_chat(tokenizer: Any, **engine_kwargs: Any) -> Iterator[LiveChat]:
-    """The real app around a ScriptedEngine, served by uvicorn on 127.0.0.1 in a thread."""
+def live_chat(tokenizer: Any, loaded: threading.Event | None = None, **engine_kwargs: Any) -> Iterator[LiveChat]:
+    """The real app around a ScriptedEngine, served by uvicorn on 127.0.0.1 in a thread.
+
+    With ``loaded``, the model "loads" until that event is set (the server answers meanwhile).
+    """
     import uvicorn
 
     from llm_server.api.server import create_app
@@ -57,7 +60,13 @@ def live_chat(tokenizer: Any, **engine_kwargs: Any) -> Iterator[LiveChat]:
 
     engine = ScriptedEngine(tokenizer, **engine_kwargs)
     settings = ServerSettings(api_keys=(API_KEY,), system_prompts=SYSTEM_PROMPTS, max_new_tokens_limit=1024)
-    app = create_app(engine_factory=lambda: engine, settings=settings)
+
+    def load() -> ScriptedEngine:
+        if loaded is not None:
+            loaded.wait(60)
+        return engine
+
+    app = create_app(engine_factory=load, settings=settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
@@ -74,6 +83,8 @@ def live_chat(tokenizer: Any, **engine_kwargs: Any) -> Iterator[LiveChat]:
     try:
         yield LiveChat(url, engine, stop)
     finally:
+        if loaded is not None:
+            loaded.set()
         stop()
 
 
@@ -178,6 +189,19 @@ def test_page_is_served_without_a_key_with_a_strict_policy(serve: Callable[..., 
     assert httpx.get(chat.url + "ui/config").status_code == 401
     config = httpx.get(chat.url + "ui/config", headers={"X-API-Key": API_KEY}).json()
     assert config == {"roles": ["assistant", "pirate", "reviser"], "model": "scripted-model", "max_new_tokens_limit": 1024}
+
+
+def test_roles_while_the_model_loads_are_the_servers_own(tokenizer: Any) -> None:
+    """Before the model is up, the page's roles are the prompts this server was configured with
+    (not the package's YAML files)."""
+    import httpx
+
+    loaded = threading.Event()
+    with live_chat(tokenizer, loaded=loaded) as chat:
+        assert httpx.get(chat.url + "health").json()["status"] == "loading"
+        config = httpx.get(chat.url + "ui/config", headers={"X-API-Key": API_KEY}).json()
+    assert config["roles"] == ["assistant", "pirate", "reviser"]
+    assert config["max_new_tokens_limit"] == 1024
 
 
 def test_question_gets_a_streamed_markdown_answer_and_history(

@@ -258,3 +258,59 @@ def test_the_eager_first_pass_is_the_pipelines_draft(service: ChatService, engin
     expected = tokenizer.apply_chat_template([*draft, messages[-1]], tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(engine.requests[0].prompt_ids) == expected
     assert done.prompt_tokens == sum(len(r.prompt_ids) for r in engine.requests)
+
+
+# --- one message builder and one chat -> tokens path, shared with the Python API -------------
+def test_a_model_without_a_chat_template_gets_the_plain_transcript(tokenizer: Any) -> None:
+    """A base model (no chat template) is served, prompted exactly as the Python API prompts it."""
+    import copy
+
+    from llm_server.conversation_engine.inputs import prepare_inputs
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    base = ScriptedEngine(plain, reply="Plain answer.")
+    base.start()
+    service = ChatService(base, PROMPTS, max_new_tokens_limit=100)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    text, done = collect(service.open(service.spec_messages("q", history, "assistant"), options()))
+    assert text == "Plain answer." and done.finish_reason == "stop"
+    prompt_ids = base.requests[-1].prompt_ids
+    assert plain.decode(prompt_ids, skip_special_tokens=True).endswith(
+        "System: You are the assistant.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: q\n\nAssistant:")
+    python_api = prepare_inputs(plain, None, PROMPTS, "q", conversation_history=history)["input_ids"][0].tolist()
+    assert prompt_ids == python_api  # same text, same special-token rule (no doubled BOS)
+    if plain.bos_token_id is not None:
+        assert prompt_ids.count(plain.bos_token_id) <= 1
+
+
+def test_templated_prompt_has_no_doubled_bos(service: ChatService, engine: ScriptedEngine, tokenizer: Any) -> None:
+    from llm_server.conversation_engine.inputs import prepare_inputs
+
+    collect(service.open(service.spec_messages("q", [], "assistant"), options()))
+    python_api = prepare_inputs(tokenizer, None, PROMPTS, "q")["input_ids"][0].tolist()
+    assert engine.requests[-1].prompt_ids == python_api
+    assert python_api[:2].count(tokenizer.bos_token_id) <= 1
+
+
+def test_history_errors_name_the_field(service: ChatService) -> None:
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "bot", "content": "c"}]
+    with pytest.raises(ChatInputError, match=r"history\.2\.role must be one of user, assistant, system") as info:
+        service.spec_messages("q", history, "assistant")
+    assert info.value.param == "history.2.role"
+    with pytest.raises(ChatInputError, match=r"history\.0\.content") as info:
+        service.spec_messages("q", [{"role": "user", "content": 3}], "assistant")
+    assert info.value.param == "history.0.content"
+
+
+def test_spec_messages_are_the_python_apis_messages(engine: ScriptedEngine) -> None:
+    """The serving layer builds a turn's messages with the Python API's own builder (so a plain
+    turn and the improvement pipeline's draft agree, e.g. an empty system prompt sends none)."""
+    from llm_server.conversation_engine.inputs import build_messages
+
+    prompts = {**PROMPTS, "silent": ""}
+    service = ChatService(engine, prompts, max_new_tokens_limit=100)
+    history = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Note."}]
+    for role in ("poet", "silent"):
+        assert service.spec_messages("Write", history, role) == build_messages(prompts, "Write", role, history)
+    assert service.spec_messages("Write", [], "silent") == [{"role": "user", "content": "Write"}]

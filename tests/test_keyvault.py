@@ -104,6 +104,45 @@ def test_production_path_uses_default_azure_credential(vault: FakeKeyVault) -> N
     assert source.vault_url == vault.url and source.secret_name == SECRET
 
 
+def _spy_close(monkeypatch: pytest.MonkeyPatch, target: Any) -> list[str]:
+    """Record ``target.close()`` calls (the real close still runs)."""
+    calls: list[str] = []
+    real = target.close
+
+    def close() -> None:
+        calls.append(type(target).__name__)
+        real()
+
+    monkeypatch.setattr(target, "close", close)
+    return calls
+
+
+def test_stop_closes_the_vault_client(vault: FakeKeyVault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SecretClient (its connection pool) is closed when the store stops, once; a
+    credential the caller passed in is the caller's to close."""
+    credential = StaticTokenCredential()
+    store = build_key_store(vault_settings(vault), credential=credential)
+    assert isinstance(store, RefreshingKeyStore)
+    source = store._fetch.__self__
+    client_closed = _spy_close(monkeypatch, source._client)
+    store.start()
+    assert store.matches("first-key")
+    store.stop()
+    store.stop()
+    assert client_closed == ["SecretClient"]
+    assert source.credential is credential
+
+
+def test_stop_closes_the_default_credential_it_made(vault: FakeKeyVault, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = build_key_store(vault_settings(vault))
+    assert isinstance(store, RefreshingKeyStore)
+    source = store._fetch.__self__
+    client_closed = _spy_close(monkeypatch, source._client)
+    credential_closed = _spy_close(monkeypatch, source.credential)
+    store.stop()  # never started (e.g. the server failed before serving): still released
+    assert client_closed == ["SecretClient"] and credential_closed == ["DefaultAzureCredential"]
+
+
 # --- through the server ------------------------------------------------------------------------
 @pytest.fixture
 def served(vault: FakeKeyVault, tokenizer: Any) -> Iterator[tuple[str, RefreshingKeyStore]]:

@@ -180,6 +180,33 @@ def test_context_length_exceeded(serve: Serve) -> None:
     assert engine.requests == []
 
 
+def test_without_max_tokens_the_default_budget_shrinks_to_fit(serve: Serve) -> None:
+    """No max_tokens: the server's default (256) shrinks to the room the prompt leaves, as on the
+    spec endpoints; an explicit max_tokens that does not fit is still a 400."""
+    url, engine = serve(max_context=96, reply=" ".join(["word"] * 300))
+    text = "word " * 40  # fits, but not with the default 256 new tokens
+    chat = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
+    assert chat.choices[0].finish_reason in ("length", "stop") and chat.choices[0].message.content
+    request = engine.requests[-1]
+    assert len(request.prompt_ids) + request.params.max_new_tokens == 96
+    completion = client(url).completions.create(model=MODEL, prompt=text)
+    assert completion.choices[0].finish_reason in ("length", "stop") and completion.choices[0].text
+    request = engine.requests[-1]
+    assert len(request.prompt_ids) + request.params.max_new_tokens == 96
+    submitted = len(engine.requests)
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=256)
+    assert_openai_error(err.value.response.json(), param="messages", code="context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
+                                            max_completion_tokens=256)
+    assert_openai_error(err.value.response.json(), param="messages", code="context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).completions.create(model=MODEL, prompt=text, max_tokens=256)
+    assert_openai_error(err.value.response.json(), param="prompt", code="context_length_exceeded")
+    assert len(engine.requests) == submitted
+
+
 # --- 503 ------------------------------------------------------------------------------------
 def test_overloaded_is_503_with_retry_after(serve: Serve) -> None:
     url, engine = serve(reply=" ".join(["w"] * 400), delay_s=0.02, max_waiting=1)

@@ -92,12 +92,15 @@ class OpenAccessKeyStore(KeyStore):
 class RefreshingKeyStore(KeyStore):
     """Keys read from ``fetch`` at start (failure raises) and re-read every ``interval_s``.
 
-    A failed refresh keeps the last good keys and logs a warning (never the keys).
+    A failed refresh keeps the last good keys and logs a warning (never the keys). ``close``
+    releases the key source (e.g. the Key Vault client's connections); :meth:`stop` calls it once.
     """
 
-    def __init__(self, fetch: KeyFetcher, interval_s: float, description: str = "key source") -> None:
+    def __init__(self, fetch: KeyFetcher, interval_s: float, description: str = "key source",
+                 close: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._fetch = fetch
+        self._close = close
         self.interval_s = max(float(interval_s), 0.05)
         self.description = description
         self._stop = threading.Event()
@@ -132,10 +135,14 @@ class RefreshingKeyStore(KeyStore):
             self.refresh()
 
     def stop(self) -> None:
+        """Stop refreshing, then release the key source (idempotent)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        close, self._close = self._close, None
+        if close is not None:
+            close()
 
 
 def generate_key() -> str:
@@ -165,7 +172,7 @@ def build_key_store(settings: ServerSettings, *, credential: Any | None = None) 
 
         assert settings.key_vault_url and settings.key_vault_secret_name
         source = KeyVaultKeySource(settings.key_vault_url, settings.key_vault_secret_name, credential)
-        return RefreshingKeyStore(source.fetch, settings.key_refresh_interval_s, source.describe())
+        return RefreshingKeyStore(source.fetch, settings.key_refresh_interval_s, source.describe(), close=source.close)
     if settings.api_keys:
         return StaticKeyStore(settings.api_keys)
     key = generate_key()

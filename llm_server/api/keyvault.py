@@ -45,6 +45,8 @@ class KeyVaultKeySource:
 
         self.vault_url = vault_url
         self.secret_name = secret_name
+        #: A credential made here is closed with the client; a caller's stays the caller's.
+        self._owns_credential = credential is None
         self.credential = credential if credential is not None else default_credential()
         options = {**_CLIENT_DEFAULTS, **client_kwargs}
         self._client = SecretClient(vault_url=vault_url, credential=self.credential, **options)
@@ -64,10 +66,13 @@ class KeyVaultKeySource:
         return keys
 
     def close(self) -> None:
-        try:
-            self._client.close()
-        except Exception:  # pragma: no cover - closing is best effort
-            logger.debug("closing the Key Vault client failed", exc_info=True)
+        """Close the SecretClient's connections (and the credential, when this source made it)."""
+        closables = [self._client, self.credential] if self._owns_credential else [self._client]
+        for closable in closables:
+            try:
+                closable.close()
+            except Exception:  # pragma: no cover - closing is best effort
+                logger.debug("closing %s failed", type(closable).__name__, exc_info=True)
 
 
 def _short(exc: BaseException) -> str:

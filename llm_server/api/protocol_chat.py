@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
 from llm_server.api.errors import APIError
+from llm_server.conversation_engine.inputs import HISTORY_ROLES
 from llm_server.engine.types import EngineError, SamplingParams
 from llm_server.serving.chat import ChatInputError, ChatOptions
 
@@ -27,11 +28,15 @@ STAGE_KEYS = ("draft_answer", "suggestions1", "revision1", "comments1", "suggest
 
 
 class HistoryMessage(BaseModel):
-    """One earlier turn of the conversation."""
+    """One earlier turn of the conversation.
+
+    ``role`` is checked by the serving layer (``conversation_engine.inputs.validate_history``,
+    the one definition of the allowed roles): a wrong one is a 400 naming ``history.N.role``.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["user", "assistant", "system"]
+    role: StrictStr = Field(json_schema_extra={"enum": list(HISTORY_ROLES)})
     content: StrictStr
 
 

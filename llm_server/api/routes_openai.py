@@ -286,12 +286,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     chat = ready_chat(request)
     role = body.role or ("assistant" if body.improvement else None)  # the pipeline uses roles anyway
     messages = _with_role_prompt(chat, _chat_messages(body), role)
+    max_tokens = body.requested_max_tokens()
     options = ChatOptions(
         role=role or "assistant",
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
-        params=_sampling(request, body, body.requested_max_tokens()),
+        params=_sampling(request, body, max_tokens),
         request_id=request_id(request),
+        fit_context=max_tokens is None,  # the default budget shrinks to the room the prompt leaves
     )
     logger.info("chat completion: %d messages, stream=%s, improvement=%s", len(messages), body.stream,
                 body.improvement)
@@ -311,7 +313,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
         prompt = prompt[0]
-    options = ChatOptions(params=_sampling(request, body, body.max_tokens), request_id=request_id(request))
+    options = ChatOptions(params=_sampling(request, body, body.max_tokens), request_id=request_id(request),
+                          fit_context=body.max_tokens is None)
     chat = ready_chat(request)
     return await _answer(request, lambda: chat.open_completion(prompt, options), _Reply.new(False, model, body),
                          body.stream, "prompt")

@@ -78,10 +78,9 @@ def _role_names(request: Request) -> list[str]:
     """System-prompt role names, ``assistant`` first, then alphabetical."""
     chat = getattr(request.app.state, "chat", None)
     prompts = getattr(chat, "system_prompts", None)
-    if prompts is None:
-        from llm_server.helper_functionality.yaml_loading import load_system_prompt
-
-        prompts = load_system_prompt()
+    if prompts is None:  # the model is still loading: the prompts the server was configured with
+        settings = getattr(request.app.state, "settings", None)
+        prompts = getattr(settings, "system_prompts", None) or {"assistant": ""}
     names = sorted(str(name) for name in prompts)
     return sorted(names, key=lambda name: name != "assistant")
 

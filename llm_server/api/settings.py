@@ -8,12 +8,15 @@ which validates them and resolves the spec's environment placeholders such as
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm_server.engine.types import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 #: Environment variable that points every YAML loader at another folder (``--config-dir``).
 CONFIG_DIR_ENV = "LLM_SERVER_CONFIG_DIR"
@@ -112,6 +115,22 @@ def default_sampling(parameters: Mapping[str, Any], max_new_tokens_limit: int) -
     )
 
 
+def engine_options(engine: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """server_config ``engine:`` keys, plus model_config ``parameters.top_k`` as the engine's top_k.
+
+    The batching engine applies one top_k to every sampled request; ``server.engine.top_k``
+    wins when both are set. ``parameters.top_k`` must be 0 (off) or more to be used.
+    """
+    options = dict(engine)
+    top_k = parameters.get("top_k")
+    if options.get("top_k") is None and top_k is not None:
+        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0:
+            options["top_k"] = top_k
+        else:
+            logger.warning("model_config parameters.top_k=%r ignored: it must be an integer >= 0 (0: off)", top_k)
+    return options
+
+
 def settings_from_config(
     server_config: Mapping[str, Any] | None,
     azure_config: Mapping[str, Any] | None = None,
@@ -136,7 +155,7 @@ def settings_from_config(
         shutdown_timeout_s=float(server.get("shutdown_timeout_s", 30)),
         max_new_tokens_limit=limit,
         max_body_bytes=int(limits.get("max_body_bytes", ServerSettings.max_body_bytes)),
-        engine=dict(server.get("engine") or {}),
+        engine=engine_options(server.get("engine") or {}, model.get("parameters") or {}),
         key_vault_url=_text(azure.get("key_vault_url")),
         key_vault_secret_name=_text(azure.get("api_key_secret_name")),
         model=dict(model),

@@ -22,9 +22,15 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from llm_server.conversation_engine.improvement import improvement_pipeline, plain_messages
+from llm_server.conversation_engine.inputs import (
+    ChatTemplateError,
+    HistoryError,
+    UnknownRoleError,
+    build_messages,
+    chat_token_ids,
+)
 from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import (
@@ -39,7 +45,6 @@ from llm_server.engine.types import (
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
-HISTORY_ROLES = ("user", "assistant", "system")
 #: Improvement passes after the first may shrink max_new_tokens to fit the context, down to this.
 MIN_PASS_TOKENS = 16
 
@@ -131,36 +136,29 @@ class ChatService:
 
     # --- building prompts -----------------------------------------------------------------
     def spec_messages(self, prompt: str, history: list[Message], role: str) -> list[Message]:
-        """System prompt of ``role`` + history + the user's prompt (validated)."""
-        if role not in self.system_prompts:
-            known = ", ".join(sorted(self.system_prompts))
-            raise ChatInputError(f"unknown role {role!r}; known roles: {known}", param="role", code="unknown_role")
+        """System prompt of ``role`` + history + the user's prompt, built and validated by the
+        Python API's :func:`~llm_server.conversation_engine.inputs.build_messages` (the improvement
+        pipeline's draft pass uses it too); its errors become :class:`ChatInputError`."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ChatInputError("prompt must be a non-empty string", param="prompt")
-        checked = [self._checked_message(i, m) for i, m in enumerate(history)]
-        return [{"role": "system", "content": self.system_prompts[role]}, *checked, {"role": "user", "content": prompt}]
-
-    @staticmethod
-    def _checked_message(index: int, message: Any) -> Message:
-        where = f"history.{index}"
-        if not isinstance(message, Mapping):
-            raise ChatInputError(f"{where} must be an object with role and content", param=where)
-        role, content = message.get("role"), message.get("content")
-        if role not in HISTORY_ROLES:
-            raise ChatInputError(f"{where}.role must be one of {', '.join(HISTORY_ROLES)}", param=f"{where}.role")
-        if not isinstance(content, str):
-            raise ChatInputError(f"{where}.content must be a string", param=f"{where}.content")
-        return {"role": str(role), "content": content}
+        try:
+            return build_messages(self.system_prompts, prompt, role, history)
+        except UnknownRoleError as exc:
+            known = ", ".join(exc.known)
+            raise ChatInputError(f"unknown role {role!r}; known roles: {known}", param="role",
+                                 code="unknown_role") from exc
+        except HistoryError as exc:
+            where = f"history.{exc.index}" + (f".{exc.field}" if exc.field else "")
+            raise ChatInputError(f"{where} {exc.problem}", param=where) from exc
 
     def encode_messages(self, messages: list[Message]) -> list[int]:
-        """Apply the tokenizer's chat template once (generation prompt added) -> token ids."""
-        tokenizer = self.engine.tokenizer
+        """Prompt token ids through the Python API's one chat -> tokens path
+        (:func:`~llm_server.conversation_engine.inputs.chat_token_ids`): the chat template applied
+        once with the generation prompt, or a plain transcript for a model without a template."""
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # e.g. a template that demands alternating user/assistant turns
-            raise ChatInputError(f"the model's chat template rejected these messages: {exc}",
-                                 param="messages", code="invalid_messages") from exc
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return chat_token_ids(self.engine.tokenizer, messages)
+        except ChatTemplateError as exc:  # e.g. a template that demands alternating user/assistant turns
+            raise ChatInputError(str(exc), param="messages", code="invalid_messages") from exc
 
     # --- opening streams ------------------------------------------------------------------
     def open(self, messages: list[Message], options: ChatOptions) -> ChatStream:

@@ -1,0 +1,64 @@
+"""Server settings from a config folder (load_settings): model defaults that reach the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llm_server.api.settings import CONFIG_DIR_ENV, ServerSettings, load_settings
+
+MODEL_CONFIG = """\
+model:
+  id: "embedded:SmolLM2-135M-Instruct"
+  parameters:
+    max_new_tokens: 64
+    temperature: 0.7
+    top_p: 0.9
+{top_k}    do_sample: true
+"""
+SERVER_CONFIG = """\
+server:
+  engine:
+    max_running: 4
+{top_k}"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    from llm_server.helper_functionality import yaml_loading
+
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path))
+    yaml_loading.set_config_dir(None)
+    yield tmp_path
+    yaml_loading.set_config_dir(None)
+
+
+def _settings(folder: Path, model_top_k: int | None, engine_top_k: int | None = None) -> ServerSettings:
+    model_line = f"    top_k: {model_top_k}\n" if model_top_k is not None else ""
+    engine_line = f"    top_k: {engine_top_k}\n" if engine_top_k is not None else ""
+    (folder / "model_config.yaml").write_text(MODEL_CONFIG.format(top_k=model_line))
+    (folder / "server_config.yaml").write_text(SERVER_CONFIG.format(top_k=engine_line))
+    return load_settings()
+
+
+def test_model_parameters_top_k_reaches_the_engine(config_dir: Path) -> None:
+    from llm_server.engine.batch_engine import EngineConfig
+
+    settings = _settings(config_dir, model_top_k=20)
+    assert settings.engine["top_k"] == 20
+    assert settings.engine["max_running"] == 4  # the server's own engine keys are kept
+    assert EngineConfig(**settings.engine).top_k == 20  # what the server's engine factory builds
+
+
+def test_model_parameters_top_k_zero_turns_top_k_off(config_dir: Path) -> None:
+    assert _settings(config_dir, model_top_k=0).engine["top_k"] == 0
+
+
+def test_server_engine_top_k_wins(config_dir: Path) -> None:
+    assert _settings(config_dir, model_top_k=20, engine_top_k=5).engine["top_k"] == 5
+
+
+def test_no_top_k_anywhere_leaves_the_engine_default(config_dir: Path) -> None:
+    assert "top_k" not in _settings(config_dir, model_top_k=None).engine
