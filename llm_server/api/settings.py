@@ -15,13 +15,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm_server.engine.types import SamplingParams
+from llm_server.helper_functionality.yaml_loading import CONFIG_DIR_ENV, DEFAULT_HOST
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable that points every YAML loader at another folder (``--config-dir``).
-CONFIG_DIR_ENV = "LLM_SERVER_CONFIG_DIR"
-
-DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
 
 
