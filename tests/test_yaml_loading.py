@@ -263,3 +263,32 @@ def test_engine_section_accepts_optional_keys_and_rejects_unknown(tmp_path, monk
     (tmp_path / "server_config.yaml").write_text("server:\n  engine:\n    top_k: -1\n")
     with pytest.raises(yaml_loading.ConfigError, match="server.engine.top_k"):
         yaml_loading.load_chat_server_config()
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "key"),
+    [
+        ("server_config.yaml", "server:\n  prot: 8000\n", "server.prot"),
+        ("server_config.yaml", "server:\n  limits:\n    max_new_token: 5\n", "server.limits.max_new_token"),
+        ("model_config.yaml", "model:\n  id: x\n  devise: cpu\n", "model.devise"),
+        ("model_config.yaml", "model:\n  id: x\n  optimizations:\n    dtpye: float32\n", "model.optimizations.dtpye"),
+    ],
+)
+def test_misspelt_keys_are_errors_naming_the_key(tmp_path, monkeypatch, file: str, text: str, key: str) -> None:
+    """A typo in a setting must not be silently ignored (the setting would quietly not apply)."""
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    (tmp_path / file).write_text(text)
+    loader = yaml_loading.load_chat_server_config if file.startswith("server") else yaml_loading.load_model_config
+    with pytest.raises(yaml_loading.ConfigError, match=key.replace(".", r"\.")):
+        loader()
+
+
+def test_the_specs_model_config_example_still_loads(tmp_path, monkeypatch) -> None:
+    """The spec's model_config.yaml example (with type and return_dict_in_generate) is valid."""
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "model_config.yaml").write_text(
+        'model:\n  type: "llm"\n  id: "meta-llama/Llama-3.1-8B-Instruct"\n  device: "auto"\n'
+        "  parameters:\n    max_new_tokens: 4096\n    temperature: 0.7\n    top_p: 0.9\n"
+        "    do_sample: True\n    use_cache: True\n    return_dict_in_generate: True\n"
+    )
+    assert yaml_loading.load_model_config()["parameters"]["return_dict_in_generate"] is True

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,14 @@ def _check_type(section: Mapping[str, Any], key: str, types: tuple[type, ...], f
         raise ConfigError(file, f"{prefix}{key}", f"expected {expected}, got {type(value).__name__} ({value!r})")
 
 
+def _reject_unknown(section: Mapping[str, Any], allowed: Iterable[str], file: Path, prefix: str) -> None:
+    """A misspelt key must not be silently ignored: name it and the keys that exist."""
+    known = set(allowed)
+    for key in section:
+        if key not in known:
+            raise ConfigError(file, f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
 def _check_mapping(section: dict[str, Any], key: str, file: Path, prefix: str) -> dict[str, Any]:
     value = section.get(key)
     if value is None:
@@ -235,6 +243,7 @@ def load_model_config() -> dict[str, Any]:
     """The ``model`` section of model_config.yaml (id, device, served_name, parameters, optimizations)."""
     file = _file(MODEL_CONFIG_FILE)
     section = _section(load_yaml(file), "model", file)
+    _reject_unknown(section, [*_MODEL_TYPES, "parameters", "optimizations"], file, "model.")
     for key, types in _MODEL_TYPES.items():
         _check_type(section, key, types, file, "model.")
     parameters = _check_mapping(section, "parameters", file, "model.")
@@ -243,6 +252,7 @@ def load_model_config() -> dict[str, Any]:
     if parameters.get("max_new_tokens") is not None and parameters["max_new_tokens"] < 1:
         raise ConfigError(file, "model.parameters.max_new_tokens", "must be at least 1")
     optimizations = _check_mapping(section, "optimizations", file, "model.")
+    _reject_unknown(optimizations, _OPTIMIZATION_TYPES, file, "model.optimizations.")
     for key, types in _OPTIMIZATION_TYPES.items():
         _check_type(optimizations, key, types, file, "model.optimizations.")
     section["parameters"] = parameters
@@ -311,6 +321,7 @@ def load_chat_server_config() -> dict[str, Any]:
     """
     file = _file(SERVER_CONFIG_FILE)
     section = _section(load_yaml(file), "server", file)
+    _reject_unknown(section, [*_SERVER_TYPES, "limits", "engine"], file, "server.")
     for key, types in _SERVER_TYPES.items():
         _check_type(section, key, types, file, "server.")
     server = {**_SERVER_DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
@@ -318,6 +329,7 @@ def load_chat_server_config() -> dict[str, Any]:
     server["api_key"] = resolve_placeholder(section.get("api_key"), None)
     if not 0 < server["port"] < 65536:
         raise ConfigError(file, "server.port", f"must be between 1 and 65535, got {server['port']}")
+    _reject_unknown(_check_mapping(section, "limits", file, "server."), _LIMIT_DEFAULTS, file, "server.limits.")
     server["limits"] = _int_subsection(section, "limits", _LIMIT_DEFAULTS, file)
     server["engine"] = _engine_subsection(section, file)
     return server
