@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from llm_server.api.auth import RefreshingKeyStore, build_key_store
 from llm_server.api.keyvault import KeyVaultError, KeyVaultKeySource
 from llm_server.api.server import create_app
 from llm_server.api.settings import ServerSettings
-from tests.fake_keyvault import TENANT, VAULT_HOST, FakeKeyVault, StaticTokenCredential
+from tests.fake_keyvault import TENANT, VAULT_HOST, FakeKeyVault, StaticTokenCredential, use_test_vault_host
 from tests.fakes import ScriptedEngine
 from tests.spec_harness import free_port, serving, wait_until
 
@@ -41,16 +40,7 @@ def ca() -> trustme.CA:
 @pytest.fixture
 def vault_env(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trust the test CA and resolve the vault's host name to loopback (in this process)."""
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
-    monkeypatch.setenv("NO_PROXY", VAULT_HOST)
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        return real_getaddrinfo("127.0.0.1" if host == VAULT_HOST else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    use_test_vault_host(ca, tmp_path, monkeypatch)
 
 
 @pytest.fixture

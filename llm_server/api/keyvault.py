@@ -24,6 +24,8 @@ _CLIENT_DEFAULTS: dict[str, Any] = {
     "connection_timeout": 10,
     "read_timeout": 20,
 }
+#: Enough for DefaultAzureCredential's list of attempted credentials (about ten lines).
+_CREDENTIAL_DETAIL_LIMIT = 3000
 
 
 class KeyVaultError(RuntimeError):
@@ -76,6 +78,14 @@ class KeyVaultKeySource:
 
 
 def _short(exc: BaseException) -> str:
-    """First line of an SDK error (they can be pages long), with its type."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:500]
+    """First line of an SDK error (they can be pages long), with its type.
+
+    A credential failure keeps its following lines too: there ``DefaultAzureCredential`` lists
+    each credential it tried and why it failed (e.g. the managed identity endpoint's answer),
+    which is the whole diagnosis; its first line alone says only that no token was obtained.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    head = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
+    if type(exc).__name__ == "ClientAuthenticationError" and len(lines) > 1:
+        return "\n  ".join([head, *lines[1:]])[:_CREDENTIAL_DETAIL_LIMIT]
+    return head
