@@ -18,7 +18,7 @@ import torch
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 from llm_server.engine.llama_runner import LlamaRunner
-from llm_server.engine.runners import HFRunner
+from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import (
     ContextLengthExceeded,

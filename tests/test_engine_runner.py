@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
-from llm_server.engine.runners import KVHandle
+from llm_server.engine.runner import KVHandle
 from tests.test_engine_batching import build_model
 
 

@@ -91,7 +91,7 @@ def test_log_lines_carry_the_request_id_and_no_secrets(
 
 def test_log_format_renders_request_id() -> None:
     """Every record gets ``request_id`` ("-" outside a request); the server's format shows it."""
-    from llm_server.api.middleware import LOG_FORMAT, install_log_record_factory
+    from llm_server.api.request_context import LOG_FORMAT, install_log_record_factory
 
     install_log_record_factory()
     record = logging.getLogRecordFactory()("llm_server.test", logging.INFO, __file__, 1, "hello", None, None)

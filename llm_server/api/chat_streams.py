@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llm_server.api.errors import APIError
+from llm_server.api.request_context import request_id  # noqa: F401  re-exported for the routes
+from llm_server.api.request_context import started_at
 from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, EngineUnavailable
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent, ChatInputError, ChatStream
 from llm_server.serving.metrics import InstrumentedChatStream, instrument
@@ -42,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 #: Exceptions that are the client's or the engine's doing (mapped to 4xx/5xx, not crashes).
 EXPECTED_ERRORS = (APIError, ChatInputError, EngineError)
-_UNAVAILABLE_RETRY_AFTER_S = 5
+#: Seconds a client is told to wait (``Retry-After``) when the engine is not available.
+ENGINE_UNAVAILABLE_RETRY_AFTER_S = 5
+#: The status of a request whose client went away before the answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -66,24 +70,13 @@ def api_error_for(exc: Exception, *, context_param: str = "prompt",
         return APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(max(1, exc.retry_after_s))})
     if isinstance(exc, EngineUnavailable):
         return APIError(503, str(exc) or "the model is not available", code="model_unavailable",
-                        headers={"Retry-After": str(_UNAVAILABLE_RETRY_AFTER_S)})
+                        headers={"Retry-After": str(ENGINE_UNAVAILABLE_RETRY_AFTER_S)})
     if isinstance(exc, EngineError):
         return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
     return APIError(500, "internal server error", type="server_error")
 
 
 ErrorMapper = Callable[[Exception], APIError]
-
-
-# --- request context --------------------------------------------------------------------------
-def request_id(request: Request) -> str:
-    """The request's id (set by the request-context middleware), or a fresh one."""
-    return str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
-
-
-def started_at(request: Request) -> float | None:
-    """When the request arrived (``time.perf_counter()`` clock), for the latency metrics."""
-    return getattr(request.state, "started_at", None)
 
 
 # --- 1. opening -------------------------------------------------------------------------------

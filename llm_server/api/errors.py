@@ -6,15 +6,12 @@ Validation errors are 400 (not FastAPI's default 422), so OpenAI clients and pla
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-logger = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -64,7 +61,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map APIError, validation errors, HTTP errors and crashes to OpenAI-shaped JSON."""
+    """Map APIError, validation errors and HTTP errors to OpenAI-shaped JSON.
+
+    (Crashes are answered by the request-context middleware, which adds the request id.)
+    """
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -78,8 +78,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, "internal server error", type="server_error"))

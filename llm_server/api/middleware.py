@@ -1,11 +1,12 @@
 """Request ids, access logs, request counting and the drain gate, as one ASGI middleware.
 
 Every HTTP request gets an id: the incoming ``X-Request-Id`` when it is sane (printable,
-at most 128 characters), else a new one. The id is put on ``request.state.request_id``,
-returned in the ``X-Request-Id`` response header, and — through a context variable and a
-log-record factory — present as ``%(request_id)s`` on every log record emitted while the
-request is handled. Each request is counted in ``llm_server_requests_total{endpoint,
-status}`` (endpoint = the route template, so ids in paths never explode the label set).
+at most 128 characters), else a new one. The id is put on ``request.state.request_id``
+(with the arrival time on ``request.state.started_at``), returned in the ``X-Request-Id``
+response header, and set in the request context so it shows in every log line
+(:mod:`llm_server.api.request_context`). Each request is counted in
+``llm_server_requests_total{endpoint, status}`` (endpoint = the route template, so ids in
+paths never explode the label set).
 
 The access log line holds method, path, status and duration — never the query string
 (it may carry ``x_api_key``) nor bodies (prompts); successful ``/health`` and ``/metrics``
@@ -19,77 +20,41 @@ client disconnects pass through untouched.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response
+from llm_server.api.request_context import REQUEST_ID_HEADER, install_log_record_factory, request_id_var
+from llm_server.api.request_context import configure_logging  # noqa: F401  re-exported for server.main
 from llm_server.api.shutdown import drain_state
-from llm_server.serving.metrics import record_request
+from llm_server.serving.metrics import PREFIX
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("llm_server.access")
 
-REQUEST_ID_HEADER = "x-request-id"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+REQUESTS = Counter(
+    f"{PREFIX}_requests",  # exposed as llm_server_requests_total
+    "HTTP requests by endpoint (route template) and status code.",
+    ["endpoint", "status"],
+)
+#: Seconds a client is told to wait (``Retry-After``) before retrying elsewhere while we drain.
+DRAINING_RETRY_AFTER_S = 5
+_HEADER_NAME = REQUEST_ID_HEADER.encode()
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_DRAIN_EXEMPT = ("/health", "/metrics")
-#: Probe and scrape endpoints: successful hits are logged at DEBUG, not to flood the log.
-_QUIET_PATHS = ("/health", "/metrics")
-
-#: The id of the request being handled in this context ("-" outside a request).
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-
-
-def current_request_id() -> str:
-    """The request id of the current context, or "-"."""
-    return request_id_var.get()
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds ``record.request_id`` (for handlers whose records bypass the record factory)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id"):
-            record.request_id = request_id_var.get()
-        return True
-
-
-def install_log_record_factory() -> None:
-    """Make every LogRecord carry ``request_id`` so formats may use ``%(request_id)s``."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "_adds_request_id", False):
-        return
-
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
-        record.request_id = request_id_var.get()
-        return record
-
-    factory._adds_request_id = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(factory)
-
-
-def configure_logging(level: int | str = logging.INFO) -> None:
-    """Root logging for the server process: one stderr handler with request ids in lines."""
-    install_log_record_factory()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+#: Probe and scrape endpoints: they still answer while the server drains (so the orchestrator
+#: sees "draining" and scrapes go on), and their successful hits are logged at DEBUG.
+_PROBE_PATHS = ("/health", "/metrics")
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
+        if name == _HEADER_NAME:
             text = value.decode("latin-1").strip()
             return text if _SANE_ID.match(text) else None
     return None
@@ -119,7 +84,7 @@ class RequestContextMiddleware:
         state["started_at"] = started
         token = request_id_var.set(request_id)
         status: int | None = None
-        header = (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1"))
+        header = (_HEADER_NAME, request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -129,7 +94,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if drain_state(self.fastapi_app).draining and scope["path"] not in _DRAIN_EXEMPT:
+            if drain_state(self.fastapi_app).draining and scope["path"] not in _PROBE_PATHS:
                 await self._refuse_draining(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -147,9 +112,9 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _account(scope: Scope, status: int, elapsed: float) -> None:
-        record_request(_endpoint_label(scope), status)
+        REQUESTS.labels(endpoint=_endpoint_label(scope), status=str(status)).inc()
         path = scope.get("path", "")
-        level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
+        level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO
         access_logger.log(level, "%s %s -> %d in %.3fs", scope["method"], path, status, elapsed)
 
     async def _refuse_draining(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -157,7 +122,7 @@ class RequestContextMiddleware:
             503,
             "the server is shutting down; retry on another instance",
             code="server_shutting_down",
-            headers={"Retry-After": "5", "Connection": "close"},
+            headers={"Retry-After": str(DRAINING_RETRY_AFTER_S), "Connection": "close"},
         )
         await error_response(err)(scope, receive, send)
 

@@ -25,8 +25,8 @@ from llm_server.serving.chat import ChatService
 logger = logging.getLogger(__name__)
 
 LoadStatus = Literal["loading", "ready", "failed"]
-#: Seconds a client is told to wait (``Retry-After``) while the model is not ready.
-RETRY_AFTER_S = 5
+#: Seconds a client is told to wait (``Retry-After``) while the model loads (or failed to).
+MODEL_NOT_READY_RETRY_AFTER_S = 5
 
 
 class Readiness:
@@ -76,7 +76,7 @@ def not_ready_error(app: FastAPI) -> APIError | None:
     state = readiness(app)
     if state.ready:
         return None
-    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    headers = {"Retry-After": str(MODEL_NOT_READY_RETRY_AFTER_S)}
     if state.failed:
         return APIError(503, "the model failed to load; see the server log", code="model_load_failed",
                         headers=headers)
@@ -118,7 +118,7 @@ class ModelLoader:
         self.build = build
         self.make_chat = make_chat
         self.on_failure = on_failure
-        self.readiness = app.state.readiness = Readiness()  # a new load starts "loading"
+        self.readiness = readiness(app)
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._closed = False

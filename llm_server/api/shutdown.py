@@ -19,7 +19,6 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from collections.abc import Generator
 from types import FrameType
 from typing import Any
@@ -37,16 +36,13 @@ class DrainState:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.since: float | None = None
 
     @property
     def draining(self) -> bool:
         return self._event.is_set()
 
     def begin(self) -> None:
-        if not self._event.is_set():
-            self.since = time.monotonic()
-            self._event.set()
+        self._event.set()
 
 
 def drain_state(app: FastAPI) -> DrainState:

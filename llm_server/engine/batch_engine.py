@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from llm_server.engine.interface import Engine
-from llm_server.engine.runners import KVHandle, ModelRunner, make_runner
+from llm_server.engine.hf_runner import HFRunner
+from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
+from llm_server.engine.runner import KVHandle, ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.text import IncrementalDetokenizer, StopMatcher
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    """Scheduler limits (the first four are ``server_config.yaml`` ``server.engine`` keys)."""
+    """Scheduler limits; every field is a ``server_config.yaml`` ``server.engine`` key."""
 
     max_running: int = 16  # sequences decoded together
     max_waiting: int = 64  # queued requests; beyond -> EngineOverloaded (HTTP 503 + Retry-After)
@@ -111,6 +113,16 @@ def _default_max_context(model: Any, budget: int) -> int:
     return min(int(positions), budget)
 
 
+def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> ModelRunner:
+    """The fastest runner that supports ``model``: the compact batched one for Llama-family models,
+    else the model's own forward, one sequence at a time."""
+    reason = unsupported_reason(model)
+    if reason is None:
+        return LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
+    logger.warning("using the slow one-sequence-at-a-time path: %s", reason)
+    return HFRunner(model)
+
+
 class BatchEngine(Engine):
     """Continuous-batching engine: every request of the server shares each forward pass."""
 
@@ -121,7 +133,6 @@ class BatchEngine(Engine):
         self.max_context = self.config.max_context or _default_max_context(model, self.config.max_total_tokens)
         self.max_context = min(self.max_context, self.config.max_total_tokens)
         self.eos_ids = _eos_ids(tokenizer, model)
-        self._model = model
         self._runner: ModelRunner = make_runner(
             model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights
         )
@@ -254,10 +265,10 @@ class BatchEngine(Engine):
             if (len(running) + 1) * longest > self.config.max_total_tokens and running:
                 return
             self._waiting.popleft()
-            if self._start(seq):
+            if self._validate_admitted(seq):
                 self._prefilling.append(seq)
 
-    def _start(self, seq: _Sequence) -> bool:
+    def _validate_admitted(self, seq: _Sequence) -> bool:
         """Validate an admitted request; False when it already finished (or failed)."""
         ids = seq.request.prompt_ids
         if seq.request.params.max_new_tokens <= 0:
@@ -412,10 +423,9 @@ class BatchEngine(Engine):
         seq.stream.push(error)
 
     def _fail_all(self, error: EngineError) -> None:
-        with self._lock:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        pending = [*self._prefilling, *self._decoding, *waiting]
+        """Fail every waiting and running request; the caller holds ``self._lock``."""
+        pending = [*self._prefilling, *self._decoding, *self._waiting]
+        self._waiting.clear()
         self._prefilling.clear()
         self._decoding.clear()
         for seq in pending:
@@ -426,7 +436,7 @@ class BatchEngine(Engine):
         logger.critical("engine failed; failing every pending request", exc_info=exc)
         with self._lock:  # submit() checks health under this lock: nothing can slip in after
             self._healthy = False
-        self._fail_all(EngineError(f"the engine failed: {exc}"))
+            self._fail_all(EngineError(f"the engine failed: {exc}"))
 
 
 __all__ = ["BatchEngine", "EngineConfig"]

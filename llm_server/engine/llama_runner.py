@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llm_server.engine.runners import KVHandle, ModelRunner
+from llm_server.engine.runner import KVHandle, ModelRunner
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -135,6 +135,20 @@ class _Layer:
     down: _Linear
 
 
+@dataclass
+class _StepInputs:
+    """What every layer of one forward shares."""
+
+    tokens: torch.Tensor  # [n, steps] ids, short rows padded
+    lo: int  # the batch occupies cache slots lo .. lo + n - 1
+    positions: torch.Tensor  # [n, steps] position of each token
+    cos: torch.Tensor  # [n, steps, 1, head_dim] rotary tables at those positions
+    sin: torch.Tensor
+    bias: torch.Tensor | None  # attention mask over the cache; None: a fresh prefill (causal over its own tokens)
+    key_slots: torch.Tensor  # [n, 1] with ``positions``: where each new key goes
+    value_rows: torch.Tensor  # [n * steps * kv_heads] rows of one layer's value cache, flattened
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Exactly the HF Llama RMSNorm: statistics in float32, result in the input dtype."""
     x32 = x.float()
@@ -163,7 +177,6 @@ class LlamaRunner(ModelRunner):
             self._lm_head = _Linear(model.lm_head.weight.detach(), _bias(model.lm_head), pack_weights)
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
         self.vocab_size = int(self._lm_head.weight.shape[0])
-        self.packed = self._lm_head.packed is not None
         self._owner: list[KVHandle | None] = [None] * max_slots
         self._keys: torch.Tensor | None = None  # [layers, slots, kv_heads, head_dim, capacity]
         self._values: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
@@ -279,56 +292,80 @@ class LlamaRunner(ModelRunner):
         return logits[inverse]
 
     def _run(self, lo: int, padded: list[list[int]], starts: list[int], lengths: list[int]) -> torch.Tensor:
-        assert self._keys is not None and self._values is not None
+        """The forward of a batch in slots ``lo..lo+n``: [n, vocab] logits of each row's last token."""
+        step = self._step_inputs(lo, padded, starts)
+        x = F.embedding(step.tokens, self._embed)  # [n, steps, hidden]
+        for index, layer in enumerate(self._layers):
+            x = x + self._attention(index, layer, _rms_norm(x, layer.ln1, self._eps), step)
+            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self._eps))
+        return self._last_logits(x, lengths)
+
+    def _step_inputs(self, lo: int, padded: list[list[int]], starts: list[int]) -> _StepInputs:
+        """Tensors every layer of this forward shares: tokens, positions, rotary tables, mask, cache rows."""
         n, steps = len(padded), len(padded[0])
-        heads, kv_heads, head_dim, capacity = self._heads, self._kv_heads, self._head_dim, self._capacity
         device = self.device
-        tokens = torch.tensor(padded, dtype=torch.long, device=device)
         start = torch.tensor(starts, dtype=torch.long, device=device)
         positions = start.unsqueeze(1) + torch.arange(steps, device=device)  # [n, steps]
         rope_positions = positions.clamp(max=self._cos.shape[0] - 1)
-        cos = self._cos[rope_positions].unsqueeze(2)  # [n, steps, 1, head_dim]
-        sin = self._sin[rope_positions].unsqueeze(2)
         fresh = all(s == 0 for s in starts)  # a prefill from scratch attends only to its own tokens
-        bias = None if fresh else self._attention_bias(positions, capacity)
         slots = torch.arange(lo, lo + n, device=device)
-        flat_index = (
+        kv_heads, capacity = self._kv_heads, self._capacity
+        value_rows = (
             (slots.view(n, 1, 1) * kv_heads + torch.arange(kv_heads, device=device).view(1, 1, kv_heads)) * capacity
             + positions.unsqueeze(2)
-        ).reshape(-1)  # [n * steps * kv_heads] rows of one layer's value cache, flattened
-        key_slots = slots.unsqueeze(1)  # with ``positions``: where each new key goes
-        q_width = heads * head_dim
+        ).reshape(-1)
+        return _StepInputs(
+            tokens=torch.tensor(padded, dtype=torch.long, device=device),
+            lo=lo,
+            positions=positions,
+            cos=self._cos[rope_positions].unsqueeze(2),
+            sin=self._sin[rope_positions].unsqueeze(2),
+            bias=None if fresh else self._attention_bias(positions, capacity),
+            key_slots=slots.unsqueeze(1),
+            value_rows=value_rows,
+        )
+
+    def _attention(self, index: int, layer: _Layer, h: torch.Tensor, step: _StepInputs) -> torch.Tensor:
+        """Self-attention of layer ``index`` on normed input ``h`` [n, steps, hidden], output projection
+        included; writes the new keys and values into the cache."""
+        n, steps = step.positions.shape
+        heads, kv_heads, head_dim = self._heads, self._kv_heads, self._head_dim
         qk_width = (heads + kv_heads) * head_dim
+        qkv = layer.qkv(h)
+        qk = qkv[..., :qk_width].view(n, steps, heads + kv_heads, head_dim)
+        qk = qk * step.cos + qk.roll(head_dim // 2, dims=-1) * step.sin  # rotary, sin sign-folded
+        q = qk[:, :, :heads].transpose(1, 2)  # [n, heads, steps, head_dim]
+        k = qk[:, :, heads:]  # [n, steps, kv_heads, head_dim]
+        v = qkv[..., qk_width:].view(n, steps, kv_heads, head_dim)
+        self._store(index, step, k, v)
+        if step.bias is None:
+            attn = F.scaled_dot_product_attention(
+                q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+            attn = attn.transpose(1, 2).reshape(n, steps, heads * head_dim)
+        else:
+            attn = self._cached_attention(q, index, step.lo, step.bias)
+        return layer.o(attn)
 
-        x = F.embedding(tokens, self._embed)  # [n, steps, hidden]
-        for index, layer in enumerate(self._layers):
-            h = _rms_norm(x, layer.ln1, self._eps)
-            qkv = layer.qkv(h)
-            qk = qkv[..., :qk_width].view(n, steps, heads + kv_heads, head_dim)
-            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
-            q = qk[:, :, :heads].transpose(1, 2)  # [n, heads, steps, head_dim]
-            k = qk[:, :, heads:]  # [n, steps, kv_heads, head_dim]
-            v = qkv[..., qk_width:].view(n, steps, kv_heads, head_dim)
-            self._keys[index][key_slots, :, :, positions] = k
-            self._values[index].view(-1, head_dim).index_copy_(0, flat_index, v.reshape(-1, head_dim))
-            if fresh:
-                attn = F.scaled_dot_product_attention(
-                    q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-                )
-                attn = attn.transpose(1, 2).reshape(n, steps, q_width)
-            else:
-                attn = self._cached_attention(q, index, lo, bias)
-            x = x + layer.o(attn)
-            h = _rms_norm(x, layer.ln2, self._eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+    def _store(self, index: int, step: _StepInputs, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the new keys and values [n, steps, kv_heads, head_dim] into layer ``index``'s cache."""
+        assert self._keys is not None and self._values is not None
+        self._keys[index][step.key_slots, :, :, step.positions] = k
+        self._values[index].view(-1, self._head_dim).index_copy_(0, step.value_rows, v.reshape(-1, self._head_dim))
 
-        if steps == 1:
+    @staticmethod
+    def _mlp(layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up)
+
+    def _last_logits(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """float32 logits of each row's last real (not padding) token."""
+        if x.shape[1] == 1:
             last = x[:, 0]
         else:
-            last = x[torch.arange(n, device=device), torch.tensor(lengths, device=device) - 1]
-        last = _rms_norm(last, self._norm, self._eps)
-        return self._lm_head(last).float()
+            n = x.shape[0]
+            last = x[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self._lm_head(_rms_norm(last, self._norm, self._eps)).float()
 
     def _attention_bias(self, positions: torch.Tensor, key_len: int) -> torch.Tensor:
         """Additive float32 mask [n, 1, groups * steps, key_len]: query t of a row sees keys <= its position."""

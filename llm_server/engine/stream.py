@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from llm_server.engine.types import Finished, StreamEvent, TextDelta
+from llm_server.engine.types import Finished, StreamEvent
 
 
 class GenerationStream:
@@ -94,13 +94,5 @@ class GenerationStream:
         assert isinstance(last, Finished)
         return last
 
-    async def aresult(self) -> Finished:
-        """Await the request's ``Finished`` event (full text included)."""
-        last: StreamEvent | None = None
-        async for last in self:
-            pass
-        assert isinstance(last, Finished)
-        return last
 
-
-__all__ = ["GenerationStream", "TextDelta", "Finished"]
+__all__ = ["GenerationStream"]

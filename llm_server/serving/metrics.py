@@ -1,4 +1,4 @@
-"""Prometheus metrics for the server, and the ``instrument`` wrapper that feeds them.
+"""Prometheus metrics of generation, and the ``instrument`` wrapper that feeds them.
 
 The metric objects live in prometheus-client's default registry (one per process, as
 Prometheus expects), so ``/metrics`` also carries the standard ``process_*`` and
@@ -31,11 +31,6 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-REQUESTS = Counter(
-    f"{PREFIX}_requests",  # exposed as llm_server_requests_total
-    "HTTP requests by endpoint (route template) and status code.",
-    ["endpoint", "status"],
-)
 TIME_TO_FIRST_TOKEN = Histogram(
     f"{PREFIX}_time_to_first_token_seconds",
     "Time from request arrival to the first generated text.",
@@ -83,11 +78,6 @@ def update_engine_gauges(stats: EngineStats | None) -> None:
     ENGINE_HEALTHY.set(1 if stats.healthy and stats.ready else 0)
 
 
-def record_request(endpoint: str, status: int) -> None:
-    """Count one finished HTTP request (called by the API middleware)."""
-    REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
-
-
 class InstrumentedChatStream:
     """A ChatStream that records TTFT, inter-token latency, e2e latency and token counts.
 
@@ -99,6 +89,7 @@ class InstrumentedChatStream:
         self.inner = inner
         self.started_at = time.perf_counter() if started_at is None else started_at
         self._recorded = False
+        self._last_text_at: float | None = None
 
     def cancel(self) -> None:
         self.inner.cancel()
@@ -108,17 +99,12 @@ class InstrumentedChatStream:
 
     async def __aiter__(self) -> AsyncIterator[ChatEvent]:
         iterator = self.inner.__aiter__()
-        last: float | None = None
         outcome = "cancelled"
         try:
             async for event in iterator:
                 now = time.perf_counter()
                 if isinstance(event, ChatDelta) and event.text:
-                    if last is None:
-                        TIME_TO_FIRST_TOKEN.observe(now - self.started_at)
-                    else:
-                        INTER_TOKEN_LATENCY.observe(now - last)
-                    last = now
+                    self._record_text(now)
                 elif isinstance(event, ChatDone):
                     outcome = event.finish_reason
                     self._record_done(event, now)
@@ -133,6 +119,14 @@ class InstrumentedChatStream:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def _record_text(self, now: float) -> None:
+        """Time a non-empty delta: time to first token for the first, inter-token latency after."""
+        if self._last_text_at is None:
+            TIME_TO_FIRST_TOKEN.observe(now - self.started_at)
+        else:
+            INTER_TOKEN_LATENCY.observe(now - self._last_text_at)
+        self._last_text_at = now
 
     def _record_done(self, done: ChatDone, now: float) -> None:
         PROMPT_TOKENS.inc(max(done.prompt_tokens, 0))
@@ -150,11 +144,6 @@ class InstrumentedChatStream:
 def instrument(stream: CancellableStream, started_at: float | None = None) -> InstrumentedChatStream:
     """Wrap ``stream`` so its timings and token counts reach the metrics.
 
-    ``started_at`` is the request's arrival on the ``time.perf_counter()`` clock (the API
-    middleware keeps it on ``request.state.started_at``); default: now. Idempotent: an
-    already instrumented stream is returned unchanged, so wrapping in both ChatService and a
-    route never double-counts.
+    ``started_at`` is the request's arrival on the ``time.perf_counter()`` clock; default: now.
     """
-    if isinstance(stream, InstrumentedChatStream):
-        return stream
     return InstrumentedChatStream(stream, started_at)

@@ -1,0 +1,71 @@
+"""The request context: each HTTP request's id and arrival time, and request ids in log lines.
+
+The request-context middleware (:mod:`llm_server.api.middleware`) gives every request an id
+and an arrival time. Routes read them with :func:`request_id` and :func:`started_at`. While
+a request is handled its id is also in :data:`request_id_var`, from which a log-record
+factory (and :class:`RequestIdFilter`) copy it to every log record as ``%(request_id)s``
+("-" outside a request); :func:`configure_logging` sets up the server's log format with it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import uuid
+from typing import Any
+
+from fastapi import Request
+
+#: The header a request id comes in and goes back out in (lower case, as ASGI spells it).
+REQUEST_ID_HEADER = "x-request-id"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+#: The id of the request being handled in this context ("-" outside a request).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+# --- readers for routes -----------------------------------------------------------------------
+def request_id(request: Request) -> str:
+    """The request's id (set by the request-context middleware), or a fresh one."""
+    return str(getattr(request.state, "request_id", "") or uuid.uuid4().hex)
+
+
+def started_at(request: Request) -> float | None:
+    """When the request arrived (``time.perf_counter()`` clock), for the latency metrics."""
+    return getattr(request.state, "started_at", None)
+
+
+# --- request ids in log records ---------------------------------------------------------------
+class RequestIdFilter(logging.Filter):
+    """Adds ``record.request_id`` (for handlers whose records bypass the record factory)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
+
+
+def install_log_record_factory() -> None:
+    """Make every LogRecord carry ``request_id`` so formats may use ``%(request_id)s``."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_adds_request_id", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.request_id = request_id_var.get()
+        return record
+
+    factory._adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Root logging for the server process: one stderr handler with request ids in lines."""
+    install_log_record_factory()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,49 @@
+"""The model-runner interface: run one forward step for a batch of sequences, each with its own KV cache.
+
+The scheduler talks to a :class:`ModelRunner`: ``open`` a cache handle per request,
+``forward`` new tokens of several sequences at once (getting the next-token logits of each),
+``release`` the handle when the request leaves. Implementations: :class:`~.llama_runner.LlamaRunner`
+(compact batched forward for Llama-family models) and :class:`~.hf_runner.HFRunner` (any causal
+LM, one sequence at a time); ``batch_engine.make_runner`` picks one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class KVHandle:
+    """One sequence's place in a runner's KV cache."""
+
+    length: int = 0  # tokens already in the cache
+    slot: int = -1  # batched runner: row of the cache tensors
+    state: Any = None  # fallback runner: the model's own cache object
+
+
+class ModelRunner(ABC):
+    """Runs the model for a batch of sequences; owns their KV caches."""
+
+    device: torch.device
+    vocab_size: int
+
+    def open(self) -> KVHandle:
+        """A new, empty cache for one sequence."""
+        return KVHandle()
+
+    @abstractmethod
+    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
+        """Append ``tokens[i]`` to sequence ``handles[i]``; return [n, vocab] float32 logits of
+        each sequence's last new token."""
+
+    @abstractmethod
+    def release(self, handle: KVHandle) -> None:
+        """Free a sequence's cache (idempotent)."""
+
+    def idle(self) -> None:
+        """Called when no sequence is running (a chance to give memory back)."""
