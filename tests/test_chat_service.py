@@ -160,6 +160,14 @@ def test_improvement_runs_every_pass_through_the_engine(service: ChatService, en
                                          for r in engine.requests)
 
 
+def test_engine_request_ids_name_the_pass(service: ChatService, engine: ScriptedEngine) -> None:
+    """Logs show which pass of which request ran: the request id, plus the stage when improving."""
+    engine.reply = _reviser_reply
+    collect(service.open(service.spec_messages("Explain", [], "assistant"), options(request_id="req7")))
+    collect(service.open(service.spec_messages("Explain", [], "assistant"), options(request_id="req8", improvement=True)))
+    assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-review2"]
+
+
 def test_improvement_without_steps_streams_only_the_answer(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = _reviser_reply
     text, done = collect(service.open(service.spec_messages("Explain", [], "assistant"), options(improvement=True)))

@@ -109,17 +109,46 @@ def test_model_generate_receives_the_config_parameters(
     folder = write_model_config(tmp_path / "cfg", max_new_tokens=3, do_sample=True, temperature=0.4,
                                 repetition_penalty=1.3)  # fmt: skip
     monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(folder))
-    seen: dict[str, Any] = {}
-    original = tiny_model.generate
-
-    def spy(**kwargs: Any) -> Any:
-        seen.update(kwargs)
-        return original(**kwargs)
-
-    monkeypatch.setattr(tiny_model, "generate", spy)
+    seen = _spy_generate(tiny_model, monkeypatch)
     list(stream_reply(tokenizer, tiny_model, PROMPTS, "hi"))
     assert (seen["max_new_tokens"], seen["temperature"], seen["repetition_penalty"]) == (3, 0.4, 1.3)
     assert seen["do_sample"] is True
+
+
+def test_other_generate_keywords_in_the_config_pass_through(
+    tokenizer: Any, tiny_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_model_config(tmp_path / "cfg", max_new_tokens=6, no_repeat_ngram_size=2, min_new_tokens=6)
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(folder))
+    seen = _spy_generate(tiny_model, monkeypatch)
+    assert list(stream_reply(tokenizer, tiny_model, PROMPTS, "hi"))  # generate accepted them
+    assert seen["no_repeat_ngram_size"] == 2 and seen["min_new_tokens"] == 6
+
+
+def test_conversation_engine_reads_the_config_once(
+    tokenizer: Any, tiny_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_model_config(tmp_path / "cfg", max_new_tokens=3, do_sample=False)
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(folder))
+    engine = ConversationEngine(tokenizer, tiny_model, PROMPTS, improvement=True)
+    write_model_config(folder, max_new_tokens=5, do_sample=False)  # edited after the engine was built
+    seen = _spy_generate(tiny_model, monkeypatch)
+    engine.reply("hi")
+    assert len(seen["calls"]) == 3 and all(call["max_new_tokens"] == 3 for call in seen["calls"])
+
+
+def _spy_generate(model: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Record the keyword arguments of ``model.generate`` (the last call's, and every call's)."""
+    seen: dict[str, Any] = {"calls": []}
+    original = model.generate
+
+    def spy(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        seen["calls"].append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
 
 
 def test_stream_generate_matches_blocking_generation(tokenizer: Any, tiny_model: Any) -> None:

@@ -13,8 +13,8 @@ from llm_server.conversation_engine.improvement import (
     STAGE_HEADINGS,
     improvement_pipeline,
     parse_review,
-    plain_messages,
 )
+from llm_server.conversation_engine.inputs import build_messages
 
 PROMPTS = {"assistant": "ASSISTANT PROMPT", "reviser": "REVISER PROMPT", "poet": "POET PROMPT"}
 
@@ -162,8 +162,8 @@ def test_unknown_role_is_an_error() -> None:
         list(improvement_pipeline(ScriptedGenerate("x"), PROMPTS, [], "Q", role="pirate"))
 
 
-def test_plain_messages_accept_a_single_string_prompt() -> None:
-    assert plain_messages("Be brief.", [], "Q") == [
+def test_build_messages_accepts_a_single_string_prompt() -> None:
+    assert build_messages("Be brief.", "Q", conversation_history=[]) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Q"},
     ]

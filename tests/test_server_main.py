@@ -18,7 +18,8 @@ import requests
 
 from llm_server.api import server as server_module
 from llm_server.api.auth import OpenAccessKeyStore, StaticKeyStore
-from llm_server.api.settings import CONFIG_DIR_ENV, ServerSettings
+from llm_server.api.settings import ServerSettings
+from llm_server.helper_functionality.yaml_loading import CONFIG_DIR_ENV
 from tests.spec_harness import free_port, serving
 
 SCRIPT = Path(sys.executable).with_name("start_llm_server")
@@ -31,11 +32,8 @@ def _clean_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     for name in ("CHAT_SERVER_HOST", "CHAT_SERVER_API_KEY", "KEYVAULT_URL", "API_KEY_SECRET_NAME", CONFIG_DIR_ENV):
         monkeypatch.delenv(name, raising=False)
-    saved = os.environ.get(CONFIG_DIR_ENV)
     yield
-    yaml_loading.set_config_dir(None)
-    if saved is None:
-        os.environ.pop(CONFIG_DIR_ENV, None)
+    yaml_loading.set_config_dir(None)  # also restores $LLM_SERVER_CONFIG_DIR
 
 
 class Launch:
@@ -142,6 +140,20 @@ def test_the_api_package_never_imports_torch() -> None:
                           env={**os.environ, "CHAT_SERVER_API_KEY": "k"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("compile_setting", "device", "noted"),
+                         [("auto", "cuda", True), ("auto", "cpu", False), (True, "cpu", True), (False, "cuda", False)])
+def test_the_engine_loader_notes_python_api_only_options(
+    compile_setting: Any, device: str, noted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    from llm_server.engine.loader import _note_python_api_only_options
+
+    with caplog.at_level("INFO", logger="llm_server.engine.loader"):
+        _note_python_api_only_options({"compile": compile_setting, "attn_implementation": "sdpa"}, torch.device(device))
+    assert ("apply to model.generate" in caplog.text) is noted
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's failed start

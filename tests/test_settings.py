@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_server.api.settings import CONFIG_DIR_ENV, ServerSettings, load_settings
+from llm_server.api.settings import ServerSettings, load_settings
+from llm_server.helper_functionality.yaml_loading import CONFIG_DIR_ENV
 
 MODEL_CONFIG = """\
 model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,8 +141,19 @@ def test_set_config_dir_wins_over_the_environment(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(from_env))
     set_config_dir(from_cli)
     assert load_model_config()["id"] == "from-cli"
+    assert os.environ["LLM_SERVER_CONFIG_DIR"] == str(from_cli.resolve())  # seen by worker processes too
     set_config_dir(None)
     assert load_model_config()["id"] == "from-env"
+    assert os.environ["LLM_SERVER_CONFIG_DIR"] == str(from_env)
+
+
+def test_set_config_dir_none_goes_back_to_the_package_default(tmp_path: Path) -> None:
+    write(tmp_path, "model_config.yaml", 'model:\n  id: "from-cli"\n')
+    set_config_dir(tmp_path)
+    set_config_dir(tmp_path)  # set twice: None still restores the state before the first
+    set_config_dir(None)
+    assert "LLM_SERVER_CONFIG_DIR" not in os.environ
+    assert config_dir() == yaml_loading.PACKAGE_CONFIG_DIR
 
 
 def test_missing_config_folders_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,6 +223,10 @@ def test_missing_or_malformed_sections_name_file_and_key(
          "model.parameters.temperature"),
         ("model_config.yaml", "model:\n  parameters:\n    max_new_tokens: 0\n", load_model_config,
          "model.parameters.max_new_tokens"),
+        ("model_config.yaml", "model:\n  parameters:\n    top_k: -1\n", load_model_config,
+         "model.parameters.top_k"),
+        ("model_config.yaml", "model:\n  parameters:\n    streamer: x\n", load_model_config,
+         "model.parameters.streamer"),
         ("model_config.yaml", "model:\n  optimizations:\n    compile: 3\n", load_model_config,
          "model.optimizations.compile"),
         ("system_prompt_config.yaml", "system_prompts:\n  assistant: [1]\n", load_system_prompt,

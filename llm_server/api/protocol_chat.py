@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
 from llm_server.api.errors import APIError
+from llm_server.conversation_engine.improvement import RESULT_KEYS
 from llm_server.conversation_engine.inputs import HISTORY_ROLES
 from llm_server.engine.types import EngineError, SamplingParams
 from llm_server.serving.chat import ChatInputError, ChatOptions
@@ -24,7 +26,7 @@ from llm_server.serving.chat import ChatInputError, ChatOptions
 END_MARKER = "[[END]]"
 ERROR_MARKER = "[[ERROR]]"
 #: Keys of the improvement stages returned by /chat/blocking with intermediate_steps.
-STAGE_KEYS = ("draft_answer", "suggestions1", "revision1", "comments1", "suggestions2", "revision2", "comments2")
+STAGE_KEYS = tuple(key for key in RESULT_KEYS if key != "reply")
 
 
 class HistoryMessage(BaseModel):
@@ -66,13 +68,8 @@ class ChatRequest(BaseModel):
 
     def options(self, defaults: SamplingParams, request_id: str) -> ChatOptions:
         """ChatOptions for this request: the server's defaults, overridden where the client said."""
-        params = SamplingParams(
-            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else defaults.max_new_tokens,
-            temperature=self.temperature if self.temperature is not None else defaults.temperature,
-            top_p=self.top_p if self.top_p is not None else defaults.top_p,
-            do_sample=defaults.do_sample,
-            repetition_penalty=defaults.repetition_penalty,
-        )
+        given = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        params = replace(defaults, **{name: value for name, value in given.items() if value is not None})
         return ChatOptions(
             role=self.role,
             improvement=self.improvement,

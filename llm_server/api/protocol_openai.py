@@ -15,21 +15,25 @@ prompts; ``repetition_penalty`` maps to the engine's sampling setting.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-#: Accepted and ignored: they never change what is generated.
+from llm_server.engine.types import SamplingParams
+
+#: Message roles a chat request may use ("developer" is the newer name of "system").
+SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant"})
+#: Undeclared fields that are accepted and ignored: they never change what is generated.
+#: (Declared fields such as ``user`` and ``stream_options`` never reach ``model_extra``.)
 IGNORED_FIELDS = frozenset(
     {
-        "user",
         "metadata",
         "store",
         "service_tier",
         "parallel_tool_calls",
         "prompt_cache_key",
         "safety_identifier",
-        "stream_options",
     }
 )
 
@@ -57,6 +61,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     include_usage: bool = False
+    #: Accepted and ignored (vLLM clients send it); it does not change the output.
     continuous_usage_stats: bool = False
 
 
@@ -89,6 +94,28 @@ class SamplingFields(BaseModel):
             return ()
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return tuple(s for s in stops if s)
+
+    def sampling_params(self, defaults: SamplingParams, max_tokens: int | None) -> SamplingParams:
+        """The server's ``defaults``, overridden where the request says otherwise."""
+        changes: dict[str, Any] = {}
+        if max_tokens is not None:
+            changes["max_new_tokens"] = max_tokens
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+            changes["do_sample"] = self.temperature > 0.0
+        if self.top_p is not None:
+            if self.top_p == 0.0:  # only the most likely token survives: that is greedy decoding
+                changes["do_sample"] = False
+            else:
+                changes["top_p"] = self.top_p
+        if self.repetition_penalty is not None:
+            changes["repetition_penalty"] = self.repetition_penalty
+        if self.seed is not None:
+            changes["seed"] = self.seed
+        stops = self.stop_sequences()
+        if stops:
+            changes["stop"] = stops
+        return replace(defaults, **changes)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -182,6 +209,3 @@ def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
     if req.best_of not in (None, 1):
         bad.append("best_of")
     return bad + _unknown(req)
-
-
-SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant"})

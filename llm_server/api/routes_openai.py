@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -47,7 +47,6 @@ from llm_server.api.protocol_openai import (
     unsupported_completion_fields,
 )
 from llm_server.api.readiness import ready_chat, ready_engine
-from llm_server.engine.types import SamplingParams
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
 from llm_server.serving.metrics import InstrumentedChatStream
 
@@ -88,30 +87,6 @@ def _check_model(request: Request, model: str) -> str:
     return served
 
 
-def _sampling(request: Request, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-    settings = getattr(request.app.state, "settings", None)
-    base: SamplingParams = getattr(settings, "default_params", None) or SamplingParams()
-    changes: dict[str, Any] = {}
-    if max_tokens is not None:
-        changes["max_new_tokens"] = max_tokens
-    if body.temperature is not None:
-        changes["temperature"] = body.temperature
-        changes["do_sample"] = body.temperature > 0.0
-    if body.top_p is not None:
-        if body.top_p == 0.0:  # only the most likely token survives: that is greedy decoding
-            changes["do_sample"] = False
-        else:
-            changes["top_p"] = body.top_p
-    if body.repetition_penalty is not None:
-        changes["repetition_penalty"] = body.repetition_penalty
-    if body.seed is not None:
-        changes["seed"] = body.seed
-    stops = body.stop_sequences()
-    if stops:
-        changes["stop"] = stops
-    return replace(base, **changes)
-
-
 def _message_text(index: int, content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -141,23 +116,6 @@ def _chat_messages(body: ChatCompletionRequest) -> list[Message]:
         role = "system" if msg.role == "developer" else msg.role
         messages.append({"role": role, "content": _message_text(i, msg.content)})
     return messages
-
-
-def _with_role_prompt(chat: Any, messages: list[Message], role: str | None) -> list[Message]:
-    """The ``role`` extension: prepend that role's configured system prompt.
-
-    Only when the client sent no system message of its own (an explicit one wins). Without
-    ``role`` nothing is added: a plain OpenAI request gets exactly the messages it sent.
-    """
-    if role is None:
-        return messages
-    prompts = getattr(chat, "system_prompts", {})
-    if role not in prompts:
-        known = ", ".join(sorted(prompts))
-        raise APIError(400, f"unknown role {role!r}; known roles: {known}", param="role", code="unknown_role")
-    if any(m["role"] == "system" for m in messages):
-        return messages
-    return [{"role": "system", "content": prompts[role]}, *messages]
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -285,20 +243,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     model = _check_model(request, body.model)
     chat = ready_chat(request)
     role = body.role or ("assistant" if body.improvement else None)  # the pipeline uses roles anyway
-    messages = _with_role_prompt(chat, _chat_messages(body), role)
+    messages = _chat_messages(body)
     max_tokens = body.requested_max_tokens()
     options = ChatOptions(
         role=role or "assistant",
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
-        params=_sampling(request, body, max_tokens),
+        params=body.sampling_params(request.app.state.settings.default_params, max_tokens),
         request_id=request_id(request),
         fit_context=max_tokens is None,  # the default budget shrinks to the room the prompt leaves
     )
     logger.info("chat completion: %d messages, stream=%s, improvement=%s", len(messages), body.stream,
                 body.improvement)
-    return await _answer(request, lambda: chat.open(messages, options), _Reply.new(True, model, body),
-                         body.stream, "messages")
+    return await _answer(request, lambda: chat.open(chat.openai_messages(messages, role), options),
+                         _Reply.new(True, model, body), body.stream, "messages")
 
 
 @router.post("/completions", response_model=None)
@@ -313,8 +271,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
         prompt = prompt[0]
-    options = ChatOptions(params=_sampling(request, body, body.max_tokens), request_id=request_id(request),
-                          fit_context=body.max_tokens is None)
+    options = ChatOptions(params=body.sampling_params(request.app.state.settings.default_params, body.max_tokens),
+                          request_id=request_id(request), fit_context=body.max_tokens is None)
     chat = ready_chat(request)
     return await _answer(request, lambda: chat.open_completion(prompt, options), _Reply.new(False, model, body),
                          body.stream, "prompt")

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from llm_server.api.auth import require_api_key
+from llm_server.api.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,9 @@ async def chat_page() -> Response:
     return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
 
-def _role_names(request: Request) -> list[str]:
+def _role_names(settings: ServerSettings) -> list[str]:
     """System-prompt role names, ``assistant`` first, then alphabetical."""
-    chat = getattr(request.app.state, "chat", None)
-    prompts = getattr(chat, "system_prompts", None)
-    if prompts is None:  # the model is still loading: the prompts the server was configured with
-        settings = getattr(request.app.state, "settings", None)
-        prompts = getattr(settings, "system_prompts", None) or {"assistant": ""}
-    names = sorted(str(name) for name in prompts)
+    names = sorted(str(name) for name in settings.system_prompts)
     return sorted(names, key=lambda name: name != "assistant")
 
 
@@ -91,22 +87,15 @@ def _model_name(request: Request) -> str:
     model_id = getattr(engine, "model_id", None)
     if model_id:
         return str(model_id)
-    return str(getattr(getattr(request.app.state, "settings", None), "served_model_name", "model"))
-
-
-def _max_new_tokens_limit(request: Request) -> int | None:
-    for holder in (getattr(request.app.state, "chat", None), getattr(request.app.state, "settings", None)):
-        limit = getattr(holder, "max_new_tokens_limit", None)
-        if isinstance(limit, int):
-            return limit
-    return None
+    return request.app.state.settings.served_model_name
 
 
 @router.get("/ui/config", dependencies=[Depends(require_api_key)], include_in_schema=False)
 async def ui_config(request: Request) -> dict[str, Any]:
     """What the page needs to draw its controls: roles, the model's name, the token limit."""
+    settings: ServerSettings = request.app.state.settings
     return {
-        "roles": _role_names(request),
+        "roles": _role_names(settings),
         "model": _model_name(request),
-        "max_new_tokens_limit": _max_new_tokens_limit(request),
+        "max_new_tokens_limit": settings.max_new_tokens_limit,
     }

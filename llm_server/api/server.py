@@ -33,8 +33,9 @@ from llm_server.api.errors import install_error_handlers
 from llm_server.api.limits import BodySizeLimitMiddleware
 from llm_server.api.middleware import install_middleware
 from llm_server.api.readiness import FailureHook, ModelLoader, readiness
-from llm_server.api.settings import ServerSettings, load_settings, set_config_dir
+from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
+from llm_server.helper_functionality.yaml_loading import ConfigError, set_config_dir
 from llm_server.serving.chat import ChatService
 
 logger = logging.getLogger(__name__)
@@ -42,26 +43,13 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[], Engine]
 
 
-def _note_python_api_only_options(optimizations: dict[str, Any]) -> None:
-    """Say at start which model_config options the server's batching engine does not use."""
-    if optimizations.get("compile") is True or optimizations.get("attn_implementation") == "flash_attention_2":
-        logger.info("optimizations.compile / attn_implementation apply to model.generate (the Python API); "
-                    "the server's batching engine runs its own forward for Llama-family models")
-
-
-def default_engine_factory(settings: ServerSettings) -> EngineFactory:
-    """Load the model of ``model_config.yaml`` and wrap it in the batching engine."""
+def _configured_engine(settings: ServerSettings) -> EngineFactory:
+    """The model of ``model_config.yaml`` in the batching engine (imports torch only when called)."""
 
     def build() -> Engine:
-        from llm_server.helper_functionality.model_loading import initialize
+        from llm_server.engine.loader import load_engine
 
-        model_cfg = settings.model
-        tokenizer, model = initialize(device=model_cfg.get("device", "auto"), model_id=model_cfg.get("id"))
-        from llm_server.engine.batch_engine import BatchEngine, EngineConfig
-
-        config = EngineConfig(**settings.engine)  # keys validated by load_chat_server_config()
-        _note_python_api_only_options(model_cfg.get("optimizations") or {})
-        return BatchEngine(tokenizer, model, settings.served_model_name, config)
+        return load_engine(settings.model, settings.engine, settings.served_model_name)
 
     return build
 
@@ -79,7 +67,7 @@ def create_app(
     model cannot be loaded. The app's readiness is :func:`llm_server.api.readiness.readiness`.
     """
     settings = settings if settings is not None else load_settings()
-    factory = engine_factory or default_engine_factory(settings)
+    factory = engine_factory or _configured_engine(settings)
 
     def build_engine() -> Engine:
         engine = factory()
@@ -152,8 +140,6 @@ def _fail(message: str, status: int) -> None:
 
 
 def _settings_for(args: argparse.Namespace) -> ServerSettings:
-    from llm_server.helper_functionality.yaml_loading import ConfigError
-
     try:
         if args.config_dir:
             set_config_dir(args.config_dir)

@@ -8,26 +8,13 @@ which validates them and resolves the spec's environment placeholders such as
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm_server.engine.types import SamplingParams
-from llm_server.helper_functionality.yaml_loading import CONFIG_DIR_ENV, DEFAULT_HOST
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_PORT = 8000
-
-
-def _text(value: Any) -> str | None:
-    """A configured string; None and blank mean "not configured"."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
+from llm_server.helper_functionality import yaml_loading
+from llm_server.helper_functionality.yaml_loading import DEFAULT_HOST
 
 
 def split_keys(raw: str | None) -> tuple[str, ...]:
@@ -42,7 +29,7 @@ class ServerSettings:
     """Everything the HTTP layer needs to know about its configuration."""
 
     host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
+    port: int = 8000
     #: Keys from server_config.yaml / CHAT_SERVER_API_KEY (used when no Key Vault is configured).
     api_keys: tuple[str, ...] = ()
     allow_query_api_key: bool = True
@@ -83,32 +70,17 @@ class ServerSettings:
         return replace(self, **changes)
 
 
-def _section(config: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
-    """Accept both ``{"server": {...}}`` and the inner mapping itself."""
-    if not config:
-        return {}
-    inner = config.get(name)
-    return inner if isinstance(inner, Mapping) else config
-
-
-def _bool(value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
 def default_sampling(parameters: Mapping[str, Any], max_new_tokens_limit: int) -> SamplingParams:
     """model_config ``parameters`` -> SamplingParams, with max_new_tokens capped by the server limit."""
+    given = {key: value for key, value in parameters.items() if value is not None}
     base = SamplingParams()
-    wanted = int(parameters.get("max_new_tokens", base.max_new_tokens))
+    wanted = given.get("max_new_tokens", base.max_new_tokens)
     return SamplingParams(
         max_new_tokens=max(1, min(wanted, max_new_tokens_limit)),
-        temperature=float(parameters.get("temperature", base.temperature)),
-        top_p=float(parameters.get("top_p", base.top_p)),
-        do_sample=_bool(parameters.get("do_sample"), base.do_sample),
-        repetition_penalty=float(parameters.get("repetition_penalty", base.repetition_penalty)),
+        temperature=float(given.get("temperature", base.temperature)),
+        top_p=float(given.get("top_p", base.top_p)),
+        do_sample=given.get("do_sample", base.do_sample),
+        repetition_penalty=float(given.get("repetition_penalty", base.repetition_penalty)),
     )
 
 
@@ -116,66 +88,49 @@ def engine_options(engine: Mapping[str, Any], parameters: Mapping[str, Any]) -> 
     """server_config ``engine:`` keys, plus model_config ``parameters.top_k`` as the engine's top_k.
 
     The batching engine applies one top_k to every sampled request; ``server.engine.top_k``
-    wins when both are set. ``parameters.top_k`` must be 0 (off) or more to be used.
+    wins when both are set.
     """
     options = dict(engine)
-    top_k = parameters.get("top_k")
-    if options.get("top_k") is None and top_k is not None:
-        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0:
-            options["top_k"] = top_k
-        else:
-            logger.warning("model_config parameters.top_k=%r ignored: it must be an integer >= 0 (0: off)", top_k)
+    if options.get("top_k") is None and parameters.get("top_k") is not None:
+        options["top_k"] = parameters["top_k"]
     return options
 
 
 def settings_from_config(
-    server_config: Mapping[str, Any] | None,
-    azure_config: Mapping[str, Any] | None = None,
-    model_config: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any],
+    azure: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
     system_prompts: Mapping[str, str] | None = None,
 ) -> ServerSettings:
-    """Build settings from loaded YAML sections (placeholders already resolved by yaml_loading)."""
-    server = _section(server_config, "server")
-    azure = _section(azure_config, "azure")
-    model = _section(model_config, "model")
-    limits = server.get("limits") or {}
-    limit = int(limits.get("max_new_tokens", ServerSettings.max_new_tokens_limit))
-    prompts = dict(system_prompts) if system_prompts else ServerSettings().system_prompts
+    """Build settings from the sections ``yaml_loading`` returns (validated, defaults filled in,
+    placeholders resolved): ``load_chat_server_config()``, ``load_azure_config()``,
+    ``load_model_config()`` and ``load_system_prompt()``."""
+    azure = azure or {}
+    model = model or {}
+    parameters = model.get("parameters") or {}
+    limit = server["limits"]["max_new_tokens"]
     return ServerSettings(
-        host=_text(server.get("host")) or DEFAULT_HOST,
-        port=int(server.get("port") or DEFAULT_PORT),
-        api_keys=split_keys(_text(server.get("api_key"))),
-        allow_query_api_key=_bool(server.get("allow_query_api_key"), True),
-        open_access=_bool(server.get("open_access"), False),
-        metrics_require_key=_bool(server.get("metrics_require_key"), False),
-        key_refresh_interval_s=float(server.get("key_refresh_interval_s", 300)),
-        shutdown_timeout_s=float(server.get("shutdown_timeout_s", 30)),
+        host=server["host"],
+        port=server["port"],
+        api_keys=split_keys(server["api_key"]),
+        allow_query_api_key=server["allow_query_api_key"],
+        open_access=server["open_access"],
+        metrics_require_key=server["metrics_require_key"],
+        key_refresh_interval_s=float(server["key_refresh_interval_s"]),
+        shutdown_timeout_s=float(server["shutdown_timeout_s"]),
         max_new_tokens_limit=limit,
-        max_body_bytes=int(limits.get("max_body_bytes", ServerSettings.max_body_bytes)),
-        engine=engine_options(server.get("engine") or {}, model.get("parameters") or {}),
-        key_vault_url=_text(azure.get("key_vault_url")),
-        key_vault_secret_name=_text(azure.get("api_key_secret_name")),
+        max_body_bytes=server["limits"]["max_body_bytes"],
+        engine=engine_options(server["engine"], parameters),
+        key_vault_url=azure.get("key_vault_url"),
+        key_vault_secret_name=azure.get("api_key_secret_name"),
         model=dict(model),
-        system_prompts=prompts,
-        default_params=default_sampling(model.get("parameters") or {}, limit),
+        system_prompts=dict(system_prompts) if system_prompts else ServerSettings().system_prompts,
+        default_params=default_sampling(parameters, limit),
     )
-
-
-def set_config_dir(path: str) -> None:
-    """Point every YAML loader at ``path`` (``--config-dir``); call before anything is loaded.
-
-    The environment variable is set too, so worker processes and threads see the same folder.
-    """
-    from llm_server.helper_functionality import yaml_loading
-
-    yaml_loading.set_config_dir(path)  # raises ConfigError when the folder does not exist
-    os.environ[CONFIG_DIR_ENV] = str(yaml_loading.config_dir())
 
 
 def load_settings() -> ServerSettings:
     """Read the four YAML files (from the configured folder) into ServerSettings."""
-    from llm_server.helper_functionality import yaml_loading
-
     return settings_from_config(
         yaml_loading.load_chat_server_config(),
         yaml_loading.load_azure_config(),

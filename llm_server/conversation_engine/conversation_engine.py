@@ -15,6 +15,7 @@ from typing import Any
 
 from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, validate_history
 from llm_server.conversation_engine.outputs import (
+    configured_parameters,
     stream_and_improve_reply,
     stream_and_improve_reply_with_steps,
     stream_reply,
@@ -27,8 +28,9 @@ class ConversationEngine:
     """Multi-turn chat with optional two-pass answer improvement.
 
     ``system_prompt`` is the role -> text mapping of ``load_system_prompt()`` (``role`` picks the
-    answering prompt, "reviser" drives improvement) or a single string. ``generation_kwargs``
-    override model_config.yaml's ``parameters`` for every turn (e.g. ``max_new_tokens=64``).
+    answering prompt, "reviser" drives improvement) or a single string. model_config.yaml's
+    ``parameters`` are read once, here; ``generation_kwargs`` override them for every turn
+    (e.g. ``max_new_tokens=64``).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ConversationEngine:
         self.intermediate_steps = intermediate_steps
         self.role = role
         self.generation_kwargs = generation_kwargs
+        self.config_parameters = configured_parameters()
         self.conversation_history: list[dict[str, str]] = []
         self.last_result: dict[str, str] = {}
 
@@ -100,7 +103,10 @@ class ConversationEngine:
             generate = stream_and_improve_reply_with_steps
         else:
             generate = stream_and_improve_reply
-        return generate(self.tok, self.model, self.system_prompt, message, role, history, result, **generation_kwargs)
+        return generate(
+            self.tok, self.model, self.system_prompt, message, role, history, result,
+            config_parameters=self.config_parameters, **generation_kwargs,
+        )
 
     def _complete_turn(
         self, chunks: Iterator[str], message: str, history: list[dict[str, str]], result: dict[str, str]

@@ -14,9 +14,8 @@ blank line; draft and reviews stream live, revisions are yielded once parsed.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from llm_server.conversation_engine.inputs import (
     DEFAULT_ROLE,
@@ -143,16 +142,6 @@ def parse_review(text: str, previous_answer: str) -> Review:
     )
 
 
-def plain_messages(
-    system_prompts: SystemPrompt,
-    history: Sequence[Mapping[str, Any]] | None,
-    message: str,
-    role: str = DEFAULT_ROLE,
-) -> list[dict[str, str]]:
-    """System prompt for ``role`` + history + the user's message (one plain answer pass)."""
-    return build_messages(system_prompts, message, role, history)
-
-
 def _run_stage(chunks: Iterator[str], heading: str | None) -> Iterator[str]:
     """Yield a pass's chunks (under ``heading`` when visible); return the pass's full text."""
     parts: list[str] = []
@@ -183,13 +172,17 @@ def improvement_pipeline(
     Yields the chunks the client's stream carries and fills ``result`` (cleared first) with
     draft_answer, suggestions1, revision1, comments1, suggestions2, revision2, comments2 and
     reply (== the final answer), stage by stage.
+
+    The draft pass's messages are ``build_messages(system_prompts, message, role, history)``:
+    the serving layer submits that pass ahead of the pipeline and hands it to the first
+    ``generate`` call.
     """
     result = result if result is not None else {}
     result.clear()
     show = intermediate_steps
 
     draft_text = yield from _run_stage(
-        generate(plain_messages(system_prompts, history, message, role)), DRAFT_HEADING if show else None
+        generate(build_messages(system_prompts, message, role, history)), DRAFT_HEADING if show else None
     )
     draft = draft_text.strip()
     result["draft_answer"] = draft

@@ -5,8 +5,10 @@ An exception inside generation is re-raised to the consumer (nothing hangs), and
 stops iterating (``close()``, ``break`` + garbage collection) stops the generation at its next
 step through a StoppingCriteria.
 
-Generation parameters default to ``model_config.yaml``'s ``parameters``; keyword arguments
-override them per call.
+Generation parameters default to ``model_config.yaml``'s ``parameters`` (every key is passed
+to ``model.generate``); keyword arguments override them per call. Each function also accepts
+``config_parameters=``: the ``parameters`` mapping to start from, so a caller that read the file
+once (ConversationEngine) does not re-read it on every pass; without it the file is read per call.
 """
 
 from __future__ import annotations
@@ -19,26 +21,30 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from llm_server.conversation_engine.improvement import improvement_pipeline
+from llm_server.conversation_engine.improvement import GenerateFn, improvement_pipeline
 from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, encode_messages, prepare_inputs
 from llm_server.helper_functionality.yaml_loading import load_model_config
 
 logger = logging.getLogger(__name__)
 
-#: Keys of model_config.yaml ``parameters`` that are passed to ``model.generate``.
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "use_cache")
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 #: Seconds to wait for an abandoned generation thread to notice its stop flag.
 _STOP_JOIN_TIMEOUT_S = 30.0
 
 
-def generation_parameters(**overrides: Any) -> dict[str, Any]:
-    """``model.generate`` keyword arguments: config ``parameters`` updated with non-None overrides.
+def configured_parameters() -> dict[str, Any]:
+    """model_config.yaml's ``parameters``: the defaults of every generation."""
+    return dict(load_model_config()["parameters"])
+
+
+def generation_parameters(*, config_parameters: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """``model.generate`` keyword arguments: ``config_parameters`` (None: read model_config.yaml)
+    updated with the non-None ``overrides``.
 
     Sampling-only settings are dropped when ``do_sample`` is false (greedy decoding).
     """
-    configured = load_model_config().get("parameters", {})
-    params = {key: configured[key] for key in GENERATION_KEYS if configured.get(key) is not None}
+    configured = configured_parameters() if config_parameters is None else config_parameters
+    params = {key: value for key, value in configured.items() if value is not None}
     params.update({key: value for key, value in overrides.items() if value is not None})
     if not params.get("do_sample", False):
         for key in _SAMPLING_ONLY:
@@ -109,7 +115,7 @@ def stream_generate(
         raise failure[0]  # the original exception, with the worker's traceback
 
 
-def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Any:
+def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> GenerateFn:
     """A ``GenerateFn`` for :func:`improvement_pipeline`: messages -> streamed chunks of one pass."""
 
     def generate(messages: list[dict[str, str]]) -> Iterator[str]:

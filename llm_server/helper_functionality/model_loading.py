@@ -333,7 +333,7 @@ def initialize(
 
     source = resolve_model_source(model_id)
     location = _pretrained_location(source)
-    tokenizer = load_tokenizer(model_id)
+    tokenizer = _load_tokenizer_cached(location)  # the one load_tokenizer(model_id) returns
     model = _load_model(location, target, torch_dtype, attention, quantization_config)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -45,6 +45,8 @@ _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 _config_dir_override: Path | None = None
+#: $LLM_SERVER_CONFIG_DIR as it was before set_config_dir() replaced it.
+_env_before_override: str | None = None
 
 
 class ConfigError(ValueError):
@@ -65,15 +67,26 @@ class ConfigError(ValueError):
 
 
 def set_config_dir(path: str | Path | None) -> None:
-    """Choose the config folder for this process (None: back to env var / package default)."""
-    global _config_dir_override
+    """Choose the config folder for this process (``--config-dir``); call before anything is loaded.
+
+    ``$LLM_SERVER_CONFIG_DIR`` is set to the folder too, so worker processes and threads see the
+    same one. None undoes that: back to the variable's earlier value, else the package default.
+    """
+    global _config_dir_override, _env_before_override
     if path is None:
+        if _config_dir_override is not None and _env_before_override is None:
+            os.environ.pop(CONFIG_DIR_ENV, None)
+        elif _config_dir_override is not None:
+            os.environ[CONFIG_DIR_ENV] = _env_before_override
         _config_dir_override = None
         return
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise ConfigError(folder, None, "config folder does not exist")
+    if _config_dir_override is None:
+        _env_before_override = os.environ.get(CONFIG_DIR_ENV)
     _config_dir_override = folder
+    os.environ[CONFIG_DIR_ENV] = str(folder)
     logger.info("config folder set to %s", folder)
 
 
@@ -230,6 +243,8 @@ _PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
     "use_cache": (bool,),
     "return_dict_in_generate": (bool,),
 }
+#: model.generate keywords the Python API sets itself on each call: not allowed in ``parameters``.
+_PARAMETERS_SET_PER_CALL = ("inputs", "input_ids", "attention_mask", "streamer", "stopping_criteria")
 _OPTIMIZATION_TYPES: dict[str, tuple[type, ...]] = {
     "dtype": (str,),
     "attn_implementation": (str,),
@@ -249,8 +264,12 @@ def load_model_config() -> dict[str, Any]:
     parameters = _check_mapping(section, "parameters", file, "model.")
     for key, types in _PARAMETER_TYPES.items():
         _check_type(parameters, key, types, file, "model.parameters.")
-    if parameters.get("max_new_tokens") is not None and parameters["max_new_tokens"] < 1:
-        raise ConfigError(file, "model.parameters.max_new_tokens", "must be at least 1")
+    for key in _PARAMETERS_SET_PER_CALL:
+        if key in parameters:
+            raise ConfigError(file, f"model.parameters.{key}", "is set by the Python API on each call; remove it")
+    for key, minimum in (("max_new_tokens", 1), ("top_k", 0)):
+        if parameters.get(key) is not None and parameters[key] < minimum:
+            raise ConfigError(file, f"model.parameters.{key}", f"must be at least {minimum}")
     optimizations = _check_mapping(section, "optimizations", file, "model.")
     _reject_unknown(optimizations, _OPTIMIZATION_TYPES, file, "model.optimizations.")
     for key, types in _OPTIMIZATION_TYPES.items():

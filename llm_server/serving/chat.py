@@ -9,21 +9,22 @@ iterable of :class:`ChatDelta` ... then one :class:`ChatDone`.
 With ``options.improvement`` the spec's answer-improvement pipeline
 (``conversation_engine.improvement``) runs in a worker thread; each of its passes is
 submitted to the same engine (so it is batched with everything else) and its chunks are
-bridged back to asyncio. Its first (draft) pass is the one ``open`` submitted eagerly: its
-messages come from the pipeline's own builder, so it is never thrown away and resubmitted. Cancelling the stream (or abandoning its iteration) cancels the
-pass in flight and stops the pipeline.
+bridged back to asyncio. Its first (draft) pass is the one ``open`` submitted eagerly, built
+exactly as the pipeline builds its draft (``inputs.build_messages``), so the pipeline's first
+``generate`` call takes it over. Engine request ids are ``<request id>`` for a single pass and
+``<request id>-draft`` / ``-review1`` / ``-review2`` for the improvement passes. Cancelling the
+stream (or abandoning its iteration) cancels the pass in flight and stops the pipeline.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
-from llm_server.conversation_engine.improvement import improvement_pipeline, plain_messages
+from llm_server.conversation_engine.improvement import improvement_pipeline
 from llm_server.conversation_engine.inputs import (
     ChatTemplateError,
     HistoryError,
@@ -132,7 +133,6 @@ class ChatService:
         self.engine = engine
         self.system_prompts = dict(system_prompts)
         self.max_new_tokens_limit = max_new_tokens_limit
-        self._ids = itertools.count(1)
 
     # --- building prompts -----------------------------------------------------------------
     def spec_messages(self, prompt: str, history: list[Message], role: str) -> list[Message]:
@@ -144,14 +144,26 @@ class ChatService:
         try:
             return build_messages(self.system_prompts, prompt, role, history)
         except UnknownRoleError as exc:
-            known = ", ".join(exc.known)
-            raise ChatInputError(f"unknown role {role!r}; known roles: {known}", param="role",
-                                 code="unknown_role") from exc
+            raise _unknown_role(role, exc.known) from exc
         except HistoryError as exc:
             where = f"history.{exc.index}" + (f".{exc.field}" if exc.field else "")
             raise ChatInputError(f"{where} {exc.problem}", param=where) from exc
 
-    def encode_messages(self, messages: list[Message]) -> list[int]:
+    def openai_messages(self, messages: list[Message], role: str | None) -> list[Message]:
+        """The OpenAI API's ``role`` extension: that role's system prompt, then ``messages``.
+
+        Only when the client sent no system message of its own (an explicit one wins). Without
+        ``role`` nothing is added: a plain OpenAI request gets exactly the messages it sent.
+        """
+        if role is None:
+            return messages
+        if role not in self.system_prompts:
+            raise _unknown_role(role, sorted(self.system_prompts))
+        if any(m["role"] == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": self.system_prompts[role]}, *messages]
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
         """Prompt token ids through the Python API's one chat -> tokens path
         (:func:`~llm_server.conversation_engine.inputs.chat_token_ids`): the chat template applied
         once with the generation prompt, or a plain transcript for a model without a template."""
@@ -164,23 +176,23 @@ class ChatService:
     def open(self, messages: list[Message], options: ChatOptions) -> ChatStream:
         """Validate and submit now; raises ChatInputError / ContextLengthExceeded / EngineError.
 
-        The pass submitted here is the turn's first pass: the answer itself, or, with
-        ``options.improvement``, exactly the pipeline's draft pass (the pipeline's own
-        message builder makes its messages), which the pipeline then consumes.
+        ``messages`` is ``[system?, *history, user]``. The pass submitted here is the turn's
+        first: the answer itself, or, with ``options.improvement``, the pipeline's draft pass
+        (:attr:`_ImprovementPlan.draft_messages`), which the pipeline then consumes.
         """
         self._check_params(options.params)
         if not messages:
             raise ChatInputError("messages must not be empty", param="messages")
         plan = _ImprovementPlan.of(messages, options.role, self.system_prompts) if options.improvement else None
-        first_messages = plan.draft_messages() if plan is not None else messages
         request_id = options.request_id or uuid.uuid4().hex
-        prompt_ids = self.encode_messages(first_messages)
+        prompt_ids = self.prompt_ids(plan.draft_messages if plan is not None else messages)
         options = self._fitted(options, len(prompt_ids))
         self._check_context(len(prompt_ids), options.params.max_new_tokens)
-        first = self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, options.params))
-        if plan is not None:
-            return _ImprovementRun(self, plan, options, request_id, first, len(prompt_ids)).stream()
-        return ChatStream(_plain_events(first), first.cancel, len(prompt_ids))
+        if plan is None:
+            answer = self.engine.submit(GenerationRequest(request_id, prompt_ids, options.params))
+            return ChatStream(_plain_events(answer), answer.cancel, len(prompt_ids))
+        draft = self.engine.submit(GenerationRequest(f"{request_id}-draft", prompt_ids, options.params))
+        return _ImprovementRun(self, plan, options, request_id, draft, len(prompt_ids)).stream()
 
     def open_completion(self, prompt: str, options: ChatOptions) -> ChatStream:
         """A raw prompt (no chat template, no system prompt): for /v1/completions."""
@@ -191,7 +203,7 @@ class ChatService:
         options = self._fitted(options, len(prompt_ids))
         self._check_context(len(prompt_ids), options.params.max_new_tokens)
         request_id = options.request_id or uuid.uuid4().hex
-        stream = self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, options.params))
+        stream = self.engine.submit(GenerationRequest(request_id, prompt_ids, options.params))
         return ChatStream(_plain_events(stream), stream.cancel, len(prompt_ids))
 
     # --- checks -----------------------------------------------------------------------------
@@ -216,18 +228,20 @@ class ChatService:
         if prompt_tokens + max_new_tokens > self.engine.max_context:
             raise ContextLengthExceeded(prompt_tokens, max_new_tokens, self.engine.max_context)
 
-    def _pass_id(self, request_id: str) -> str:
-        return f"{request_id}-{next(self._ids)}"
-
-    def submit_pass(self, messages: list[Message], params: SamplingParams, request_id: str) -> GenerationStream:
+    def submit_pass(self, messages: list[Message], params: SamplingParams, pass_id: str) -> GenerationStream:
         """One improvement pass: max_new_tokens shrinks to fit the context if it must."""
-        prompt_ids = self.encode_messages(messages)
+        prompt_ids = self.prompt_ids(messages)
         room = self.engine.max_context - len(prompt_ids)
         if room < min(params.max_new_tokens, MIN_PASS_TOKENS):
             raise ContextLengthExceeded(len(prompt_ids), params.max_new_tokens, self.engine.max_context)
         if room < params.max_new_tokens:
             params = replace(params, max_new_tokens=room)
-        return self.engine.submit(GenerationRequest(self._pass_id(request_id), prompt_ids, params))
+        return self.engine.submit(GenerationRequest(pass_id, prompt_ids, params))
+
+
+def _unknown_role(role: str, known: Iterable[str]) -> ChatInputError:
+    return ChatInputError(f"unknown role {role!r}; known roles: {', '.join(known)}", param="role",
+                          code="unknown_role")
 
 
 async def _plain_events(stream: GenerationStream) -> AsyncIterator[ChatEvent]:
@@ -250,30 +264,30 @@ class _ImprovementPlan:
 
     ``messages`` is ``[system?, *history, user]``. The system prompts are the service's,
     with ``role``'s entry replaced by the turn's own system message when it has one.
+    ``draft_messages`` are the pipeline's first (draft) pass, built as the pipeline builds
+    them (``build_messages(system_prompts, message, role, history)``).
     """
 
     system_prompts: Mapping[str, str]
     history: list[Message]
     message: str
     role: str
+    draft_messages: list[Message]
 
     @classmethod
     def of(cls, messages: list[Message], role: str, system_prompts: Mapping[str, str]) -> _ImprovementPlan:
         system, history, message = _split_messages(messages)
         prompts = dict(system_prompts)
         prompts[role] = system if system is not None else prompts.get(role, "")
-        return cls(prompts, history, message, role)
-
-    def draft_messages(self) -> list[Message]:
-        """The messages of the pipeline's first (draft) pass, built by the pipeline's own function."""
-        return plain_messages(self.system_prompts, self.history, self.message, self.role)
+        return cls(prompts, history, message, role, build_messages(prompts, message, role, history))
 
 
 class _ImprovementRun:
     """Runs the improvement pipeline in a worker thread, one engine pass at a time.
 
-    The first pass was submitted eagerly by :meth:`ChatService.open` with the plan's draft
-    messages; the pipeline's first ``generate`` call takes that stream, later calls submit.
+    The draft pass was submitted eagerly by :meth:`ChatService.open` with the plan's draft
+    messages; the pipeline's first ``generate`` call (its draft) takes that stream, later
+    calls (the reviews) submit.
     A :class:`GenerationStream` doubles as the thread -> asyncio bridge: the worker pushes
     the pipeline's chunks as ``TextDelta`` and ends with ``Finished`` (or an exception).
     """
@@ -294,6 +308,7 @@ class _ImprovementRun:
         self.first_prompt_tokens = first_prompt_tokens
         self._pending_first: GenerationStream | None = first
         self._current: GenerationStream | None = first
+        self._reviews = 0  # review passes submitted so far (they are labelled -review1, -review2)
         self._lock = threading.Lock()
         self.bridge = GenerationStream(request_id)
         self.result: dict[str, str] = {}
@@ -354,15 +369,13 @@ class _ImprovementRun:
         return first
 
     def _take_stream(self, messages: list[Message]) -> GenerationStream:
-        """The eagerly submitted first pass on the first call, a new submission after that."""
+        """The eagerly submitted draft pass on the first call, a new review pass after that."""
         first = self._take_pending_first()
-        if first is not None:
-            if messages == self.plan.draft_messages():
-                return first
-            # Only if the pipeline stopped building its draft with plain_messages (a contract change).
-            logger.warning("improvement pipeline's first pass differs from its draft messages; resubmitting")
-            first.cancel()
-        stream = self.service.submit_pass(messages, self.options.params, self.request_id)
+        if first is not None:  # the draft: ``messages`` are the plan's draft_messages (same builder, same inputs)
+            return first
+        self._reviews += 1
+        pass_id = f"{self.request_id}-review{self._reviews}"
+        stream = self.service.submit_pass(messages, self.options.params, pass_id)
         with self._lock:
             self._current = stream
         if self.bridge.cancelled:
@@ -370,7 +383,7 @@ class _ImprovementRun:
         return stream
 
     def _generate(self, messages: list[Message]) -> Iterator[str]:
-        """C1's GenerateFn: one pass through the engine, iterated synchronously."""
+        """An ``improvement.GenerateFn``: one pass through the engine, iterated synchronously."""
         if self.bridge.cancelled:
             raise _PassCancelled()
         stream = self._take_stream(messages)

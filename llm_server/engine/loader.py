@@ -1,0 +1,41 @@
+"""The server's engine loader: ``model_config.yaml``'s model wrapped in the batching engine.
+
+:func:`load_engine` is what ``create_app`` runs (in its background load thread) when no test
+engine is given. It imports torch and transformers, so the HTTP layer imports this module only
+when the model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+from llm_server.engine.interface import Engine
+from llm_server.helper_functionality import model_loading
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(model_cfg: Mapping[str, Any], engine_cfg: Mapping[str, Any], served_name: str) -> Engine:
+    """Load the model of ``model_cfg`` (the ``model`` section) into a :class:`BatchEngine`.
+
+    ``engine_cfg`` is the validated ``server.engine`` section (EngineConfig keyword arguments);
+    ``served_name`` is the name clients see (/v1/models). The engine is returned unstarted.
+    """
+    tokenizer, model = model_loading.initialize(device=model_cfg.get("device", "auto"), model_id=model_cfg.get("id"))
+    _note_python_api_only_options(model_cfg.get("optimizations") or {}, model.device)
+    return BatchEngine(tokenizer, model, served_name, EngineConfig(**engine_cfg))
+
+
+def _note_python_api_only_options(optimizations: Mapping[str, Any], device: Any) -> None:
+    """Say at start which model_config options the server's batching engine does not use.
+
+    ``initialize`` has already accepted these values, so resolving them again cannot fail.
+    """
+    compiled = model_loading.resolve_compile(optimizations.get("compile"), device)
+    attention = model_loading.resolve_attention(optimizations.get("attn_implementation"), device)
+    if compiled or attention == "flash_attention_2":
+        logger.info("optimizations.compile / attn_implementation apply to model.generate (the Python API); "
+                    "the server's batching engine runs its own forward for Llama-family models")
