@@ -68,7 +68,7 @@ def test_server_config_has_the_contract_keys() -> None:
         "max_running": 16,
         "max_waiting": 64,
         "max_total_tokens": 32768,
-        "prefill_chunk_tokens": 512,
+        "prefill_chunk_tokens": 1024,
         "retry_after_s": 1,
     }
 
@@ -270,7 +270,7 @@ def test_engine_section_accepts_optional_keys_and_rejects_unknown(tmp_path, monk
     )
     engine = yaml_loading.load_chat_server_config()["engine"]
     assert engine["max_running"] == 4 and engine["top_k"] == 0 and engine["seed"] == 7
-    assert engine["pack_weights"] is False and engine["prefill_chunk_tokens"] == 512
+    assert engine["pack_weights"] is False and engine["prefill_chunk_tokens"] == 1024
 
     (tmp_path / "server_config.yaml").write_text("server:\n  engine:\n    max_runing: 4\n")
     with pytest.raises(yaml_loading.ConfigError, match="server.engine.max_runing"):

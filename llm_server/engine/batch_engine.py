@@ -55,7 +55,7 @@ class EngineConfig:
     max_waiting: int = 64  # queued requests; beyond -> EngineOverloaded (HTTP 503 + Retry-After)
     max_total_tokens: int = 32768  # KV-cache budget (tokens across running sequences)
     max_context: int | None = None  # per-sequence limit; default: model's max_position_embeddings capped by budget
-    prefill_chunk_tokens: int = 512  # most prompt tokens (padding included) in one prefill forward
+    prefill_chunk_tokens: int = 1024  # most prompt tokens (padding included) in one prefill forward
     retry_after_s: int = 1  # Retry-After hint carried by EngineOverloaded
     seed: int | None = None  # seed of the shared generator used by unseeded sampled requests
     top_k: int | None = None  # sampled requests: None -> model's generation_config.top_k, else 50 (as generate); 0 off

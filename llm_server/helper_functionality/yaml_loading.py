@@ -320,7 +320,7 @@ _ENGINE_DEFAULTS: dict[str, int] = {
     "max_running": 16,
     "max_waiting": 64,
     "max_total_tokens": 32768,
-    "prefill_chunk_tokens": 512,
+    "prefill_chunk_tokens": 1024,
     "retry_after_s": 1,
 }
 # Optional engine keys: (allowed types, smallest allowed int). Absent or null -> engine default.
