@@ -25,17 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SYSTEM_MESSAGE = "You are a helpful assistant."
-PROMPTS = (
-    "Write a detailed essay about the history of the Roman Empire.",
-    "Explain in detail how a car engine works, step by step.",
-    "Write a long story about a dragon who learns to cook.",
-    "Describe the water cycle in detail for a school textbook.",
-    "Give a thorough explanation of how photosynthesis works.",
-    "Write a detailed guide to planting a vegetable garden.",
-    "Explain the causes and consequences of the French Revolution.",
-    "Write a long letter to a friend describing a trip to the mountains.",
-)
+# The same chat requests as the HTTP benchmark beside this file.
+from bench_serving import PROMPTS, SYSTEM_MESSAGE  # noqa: E402
 
 
 @dataclass
