@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from llm_server.engine.config import EngineConfig
 from llm_server.engine.interface import Engine
 from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
@@ -45,21 +46,6 @@ from llm_server.engine.types import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Scheduler limits; every field is a ``server_config.yaml`` ``server.engine`` key."""
-
-    max_running: int = 16  # sequences decoded together
-    max_waiting: int = 64  # queued requests; beyond -> EngineOverloaded (HTTP 503 + Retry-After)
-    max_total_tokens: int = 32768  # KV-cache budget (tokens across running sequences)
-    max_context: int | None = None  # per-sequence limit; default: model's max_position_embeddings capped by budget
-    prefill_chunk_tokens: int = 1024  # most prompt tokens (padding included) in one prefill forward
-    retry_after_s: int = 1  # Retry-After hint carried by EngineOverloaded
-    seed: int | None = None  # seed of the shared generator used by unseeded sampled requests
-    top_k: int | None = None  # sampled requests: None -> model's generation_config.top_k, else 50 (as generate); 0 off
-    pack_weights: bool = True  # CPU: keep a oneDNN pre-packed copy of the weights (faster; one more copy in memory)
 
 
 @dataclass(eq=False)

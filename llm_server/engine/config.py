@@ -1,0 +1,37 @@
+"""EngineConfig: the batching engine's settings, the single source of their defaults and bounds.
+
+It is also the schema of ``server_config.yaml``'s ``server.engine`` section: the YAML loader
+validates that section with this model (unknown keys, wrong types and out-of-range values are
+errors naming the key), so a default written here is the default everywhere.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """Scheduler limits and engine options; every field is a ``server.engine`` key."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    max_running: int = Field(16, ge=1, description="sequences decoded together")
+    max_waiting: int = Field(
+        64, ge=1, description="queued requests; beyond this, 503 + Retry-After (EngineOverloaded)"
+    )
+    max_total_tokens: int = Field(32768, ge=1, description="KV-cache budget in tokens across running sequences")
+    max_context: int | None = Field(
+        None, ge=1, description="per-sequence prompt + new tokens; default: the model's window capped by the budget"
+    )
+    prefill_chunk_tokens: int = Field(
+        1024, ge=1, description="most prompt tokens (padding included) in one prefill forward"
+    )
+    retry_after_s: int = Field(1, ge=1, description="seconds suggested in the Retry-After header of a 503")
+    seed: int | None = Field(None, ge=0, description="seed of the shared generator for unseeded sampled requests")
+    top_k: int | None = Field(
+        None, ge=0, description="sampled requests: default the model's generation_config.top_k, else 50; 0 = off"
+    )
+    pack_weights: bool = Field(True, description="CPU: run linears on oneDNN pre-packed weights (faster)")
+
+
+__all__ = ["EngineConfig"]
