@@ -263,10 +263,13 @@ def test_abandoned_turn_leaves_history_unchanged(tokenizer: Any, tiny_model: Any
 def test_last_result_is_cleared_when_a_turn_starts(tokenizer: Any, tiny_model: Any) -> None:
     engine = ConversationEngine(tokenizer, tiny_model, PROMPTS)
     engine.reply("first")
+    first = engine.last_result["reply"]
     stream = engine.stream_reply("second")
     assert engine.last_result == {}
-    list(stream)
-    assert engine.last_result["reply"] is not None
+    streamed = "".join(stream)
+    assert engine.last_result["reply"] == streamed.strip()  # the reply is the streamed text, trimmed
+    assert engine.conversation_history[-1] == {"role": "assistant", "content": streamed.strip()}
+    assert engine.conversation_history[1] == {"role": "assistant", "content": first}
 
 
 def test_improvement_turn_with_intermediate_steps(tokenizer: Any, tiny_model: Any) -> None:
