@@ -1,9 +1,9 @@
 """Compact batched forward for Llama-family models (Llama, SmolLM, Mistral, Qwen2 layouts).
 
-It reads the Hugging Face model's weights (q/k/v and gate/up fused into single matmuls; the
-HF module's parameters become views of the fused tensors, so the HF model keeps working) and
-on CPU hands them to oneDNN pre-packed (``mkldnn._linear_pointwise``: 1.3-2x faster than
-``F.linear`` for the small batches of a decode step, bit-identical in bfloat16).
+It reads the Hugging Face model's weights (:mod:`.llama_weights`: q/k/v and gate/up fused into
+single matmuls) and on CPU hands them to oneDNN pre-packed (``mkldnn._linear_pointwise``: 1.3-2x
+faster than ``F.linear`` for the small batches of a decode step, bit-identical in bfloat16), or
+quantizes them to weight-only int8 / int4 (:mod:`.quant`).
 
 The KV cache is allocated once per engine, one slot per running sequence: keys
 ``[layers, slots, kv_heads, head_dim, capacity]`` (stored transposed, so ``q @ K^T`` is a plain
@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llm_server.engine.llama_weights import LayerWeights, read_head, read_layer, release_memory
+from llm_server.engine.quant import ENGINE_OWNED_ATTR, QUANT_MODES, QUANTIZATION_ATTR
 from llm_server.engine.runner import KVHandle, ModelRunner
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -73,68 +75,6 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def _fuse(modules: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linears; their parameters become views of it."""
-    weight = torch.cat([m.weight.detach() for m in modules])
-    sizes = [m.weight.shape[0] for m in modules]
-    for module, part in zip(modules, weight.split(sizes)):
-        module.weight.data = part
-    if all(m.bias is None for m in modules):
-        return weight, None
-    bias = torch.cat(
-        [m.bias.detach() if m.bias is not None else weight.new_zeros(m.weight.shape[0]) for m in modules]
-    )
-    for module, part in zip(modules, bias.split(sizes)):
-        if module.bias is not None:
-            module.bias.data = part
-    return weight, bias
-
-
-def _bias(module: torch.nn.Linear) -> torch.Tensor | None:
-    return None if module.bias is None else module.bias.detach()
-
-
-def _can_pack(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can take ``weight`` pre-packed (CPU, float32/bfloat16)."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if weight.dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return weight.dtype == torch.float32
-
-
-class _Linear:
-    """``y = x @ W^T + b`` with ``W`` pre-packed for oneDNN when possible."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
-        self.weight = weight
-        self.bias = bias
-        self.packed: torch.Tensor | None = None
-        if pack and _can_pack(weight):
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-                probe = weight.new_zeros(1, weight.shape[1])
-                torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
-                self.packed = packed
-            except (RuntimeError, AttributeError):  # an older or differently built torch
-                self.packed = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-@dataclass
-class _Layer:
-    ln1: torch.Tensor
-    qkv: _Linear
-    o: _Linear
-    ln2: torch.Tensor
-    gate_up: _Linear
-    down: _Linear
-
-
 @dataclass
 class _StepInputs:
     """What every layer of one forward shares."""
@@ -157,44 +97,59 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 class LlamaRunner(ModelRunner):
-    """Batched decode and prefill of a Llama-family model over an engine-owned KV cache."""
+    """Batched decode and prefill of a Llama-family model over an engine-owned KV cache.
 
-    def __init__(self, model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> None:
+    ``quantization`` ("int8", "int4" or None) selects weight-only quantized linears on CPU
+    (:mod:`.quant`); None reads the choice :func:`~llm_server.helper_functionality.model_loading.initialize`
+    recorded on the model. ``free_model_weights``: drop the HF module's copies of the weights the
+    runner re-laid (packed or quantized), so only one copy stays resident; the HF model can then no
+    longer run those layers. None reads :func:`mark_engine_owned`'s mark on the model.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        max_slots: int,
+        max_context: int,
+        pack_weights: bool = True,
+        quantization: str | None = None,
+        free_model_weights: bool | None = None,
+    ) -> None:
         config = model.config
         inner = model.model
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.num_slots = max_slots
         self.max_context = max_context
+        self.quantization = quantization if quantization is not None else getattr(model, QUANTIZATION_ATTR, None)
+        if self.quantization is not None and self.quantization not in QUANT_MODES:
+            raise ValueError(f"unknown weight quantization {self.quantization!r}; use one of {QUANT_MODES}")
+        free = bool(getattr(model, ENGINE_OWNED_ATTR, False)) if free_model_weights is None else free_model_weights
         self._heads = int(config.num_attention_heads)
         self._kv_heads = int(getattr(config, "num_key_value_heads", None) or self._heads)
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self._heads)
         self._eps = float(config.rms_norm_eps)
         with torch.no_grad():
-            self._layers = [self._read_layer(layer, pack_weights) for layer in inner.layers]
+            self._layers = [read_layer(layer, pack_weights, free, self.quantization) for layer in inner.layers]
             self._embed = inner.embed_tokens.weight.detach()
             self._norm = inner.norm.weight.detach()
-            self._lm_head = _Linear(model.lm_head.weight.detach(), _bias(model.lm_head), pack_weights)
+            self._lm_head = read_head(model, pack_weights, free, self.quantization)
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
-        self.vocab_size = int(self._lm_head.weight.shape[0])
+        if free:
+            release_memory()
+        self.vocab_size = self._lm_head.out_features
         self._owner: list[KVHandle | None] = [None] * max_slots
         self._keys: torch.Tensor | None = None  # [layers, slots, kv_heads, head_dim, capacity]
         self._values: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
         self._capacity = 0
 
-    # --- weights ------------------------------------------------------------------------
-    @staticmethod
-    def _read_layer(layer: Any, pack: bool) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        return _Layer(
-            ln1=layer.input_layernorm.weight.detach(),
-            qkv=_Linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), pack),
-            o=_Linear(attn.o_proj.weight.detach(), _bias(attn.o_proj), pack),
-            ln2=layer.post_attention_layernorm.weight.detach(),
-            gate_up=_Linear(*_fuse([mlp.gate_proj, mlp.up_proj]), pack),
-            down=_Linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj), pack),
-        )
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights the linears read per forward (LM head included)."""
+        linears = [lin for layer in self._layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(lin.weight_bytes for lin in linears) + self._lm_head.weight_bytes
 
+    # --- weights ------------------------------------------------------------------------
     def _rope_tables(self, rotary: Any, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin for every position, computed by the model's own rotary module."""
         positions = torch.arange(max_context, device=self.device).unsqueeze(0)
@@ -325,7 +280,7 @@ class LlamaRunner(ModelRunner):
             value_rows=value_rows,
         )
 
-    def _attention(self, index: int, layer: _Layer, h: torch.Tensor, step: _StepInputs) -> torch.Tensor:
+    def _attention(self, index: int, layer: LayerWeights, h: torch.Tensor, step: _StepInputs) -> torch.Tensor:
         """Self-attention of layer ``index`` on normed input ``h`` [n, steps, hidden], output projection
         included; writes the new keys and values into the cache."""
         n, steps = step.positions.shape
@@ -354,7 +309,7 @@ class LlamaRunner(ModelRunner):
         self._values[index].view(-1, self._head_dim).index_copy_(0, step.value_rows, v.reshape(-1, self._head_dim))
 
     @staticmethod
-    def _mlp(layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
         return layer.down(F.silu(gate) * up)
 

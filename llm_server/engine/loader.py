@@ -13,20 +13,23 @@ from typing import Any
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 from llm_server.engine.interface import Engine
+from llm_server.engine.llama_weights import mark_engine_owned
 from llm_server.helper_functionality import model_loading
+from llm_server.helper_functionality.config_models import ModelSection
 
 logger = logging.getLogger(__name__)
 
 
-def load_engine(model_cfg: Mapping[str, Any], engine_cfg: Mapping[str, Any], served_name: str) -> Engine:
+def load_engine(model_cfg: ModelSection, engine_cfg: EngineConfig, served_name: str) -> Engine:
     """Load the model of ``model_cfg`` (the ``model`` section) into a :class:`BatchEngine`.
 
-    ``engine_cfg`` is the validated ``server.engine`` section (EngineConfig keyword arguments);
+    ``engine_cfg`` is the validated ``server.engine`` section;
     ``served_name`` is the name clients see (/v1/models). The engine is returned unstarted.
     """
-    tokenizer, model = model_loading.initialize(device=model_cfg.get("device", "auto"), model_id=model_cfg.get("id"))
-    _note_python_api_only_options(model_cfg.get("optimizations") or {}, model.device)
-    return BatchEngine(tokenizer, model, served_name, EngineConfig(**engine_cfg))
+    tokenizer, model = model_loading.initialize(device=model_cfg.device, model_id=model_cfg.id)
+    mark_engine_owned(model)  # only the engine runs it: its runner keeps one copy of the weights
+    _note_python_api_only_options(model_cfg.optimizations.model_dump(), model.device)
+    return BatchEngine(tokenizer, model, served_name, engine_cfg)
 
 
 def _note_python_api_only_options(optimizations: Mapping[str, Any], device: Any) -> None:

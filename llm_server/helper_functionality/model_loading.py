@@ -8,8 +8,9 @@ tokenizer + config) under ``$LLM_SERVER_CACHE_DIR`` or ``~/.cache/llm_server``, 
 read safetensors instead of converting again.
 
 The optimisations come from ``model_config.yaml``'s ``optimizations`` unless passed explicitly:
-dtype, attention implementation, ``torch.compile``, 4-bit bitsandbytes quantisation (CUDA only)
-and float32 matmul precision.
+dtype, attention implementation, ``torch.compile``, weight quantisation (``int8`` / ``int4``:
+weight-only, applied by the server engine's Llama runner on CPU, ``model.generate`` keeps the float
+weights; ``4bit``: bitsandbytes NF4 at load, CUDA only) and float32 matmul precision.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from llm_server.engine.quant import QUANT_MODES, QUANTIZATION_ATTR
 from llm_server.helper_functionality.yaml_loading import load_model_config
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _ATTENTION = ("sdpa", "eager", "flash_attention_2")
 _MATMUL_PRECISIONS = ("highest", "high", "medium")
+#: Weight-only quantizations the server engine's Llama runner applies (CPU).
+RUNNER_QUANTIZATIONS = QUANT_MODES
 
 
 class ModelLoadError(RuntimeError):
@@ -263,14 +267,25 @@ def resolve_compile(compile: bool | str | None, device: torch.device) -> bool:
 
 
 def resolve_quantization(quantization: str | bool | None, device: torch.device, dtype: torch.dtype) -> Any:
-    """None/"none" -> no quantisation; "4bit" -> a BitsAndBytesConfig (CUDA + bitsandbytes only)."""
+    """The weight quantization asked for.
+
+    None/"none" -> None; "int8" / "int4" -> that string (weight-only quantization applied by the
+    server engine's Llama runner on CPU, see ``llm_server.engine.quant``); "4bit" (or "nf4") -> a
+    BitsAndBytesConfig (CUDA + bitsandbytes only).
+    """
     name = "" if quantization in (None, False) else str(quantization).strip().lower()
     if name in ("", "none", "null", "false"):
         return None
-    if name not in ("4bit", "4-bit", "nf4", "int4"):
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use null or 4bit")
+    if name in RUNNER_QUANTIZATIONS:
+        if device.type != "cpu":
+            raise ModelLoadError(f"{name} weight-only quantization runs on CPU; on CUDA use quantization: 4bit")
+        return name
+    if name not in ("4bit", "4-bit", "nf4"):
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use null, int8, int4 (CPU) or 4bit (CUDA)")
     if device.type != "cuda":
-        raise ModelLoadError("4-bit quantization (bitsandbytes) needs a CUDA device; set quantization: null on CPU")
+        raise ModelLoadError(
+            "4-bit quantization (bitsandbytes) needs a CUDA device; on CPU use quantization: int8 or int4"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError("4-bit quantization needs bitsandbytes: pip install 'llm_server[cuda]'")
     from transformers import BitsAndBytesConfig
@@ -326,9 +341,11 @@ def initialize(
     torch_dtype = resolve_dtype(dtype if dtype is not None else configured.get("dtype"), target)
     attention = resolve_attention(attn_implementation or configured.get("attn_implementation"), target)
     use_compile = resolve_compile(compile if compile is not None else configured.get("compile"), target)
-    quantization_config = resolve_quantization(
+    quantization_choice = resolve_quantization(
         quantization if quantization is not None else configured.get("quantization"), target, torch_dtype
     )
+    runner_quantization = quantization_choice if isinstance(quantization_choice, str) else None
+    quantization_config = None if runner_quantization else quantization_choice
     apply_matmul_precision(matmul_precision or configured.get("matmul_precision"))
 
     source = resolve_model_source(model_id)
@@ -339,6 +356,8 @@ def initialize(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if use_compile:
         model.forward = torch.compile(model.forward, dynamic=True)
+    if runner_quantization:
+        setattr(model, QUANTIZATION_ATTR, runner_quantization)
     logger.info(
         "model %s loaded on %s in %.1fs: dtype=%s attention=%s compile=%s quantization=%s",
         source.location,
@@ -347,7 +366,7 @@ def initialize(
         str(torch_dtype).removeprefix("torch."),
         attention,
         use_compile,
-        "4bit" if quantization_config is not None else "none",
+        runner_quantization or ("4bit" if quantization_config is not None else "none"),
     )
     return tokenizer, model
 

@@ -1,0 +1,198 @@
+"""Linear layers of the compact Llama runner: oneDNN pre-packed float weights, or weight-only int8 / int4.
+
+:func:`make_linear` turns one (fused) weight into the callable the runner's forward uses:
+
+- ``None`` (no quantization): ``y = x @ W^T + b`` with ``W`` pre-packed for oneDNN on CPU when
+  possible (``mkldnn._linear_pointwise``), else ``F.linear``;
+- ``"int8"``: symmetric int8 weights with one scale per output channel
+  (``aten._weight_int8pack_mm``); activations stay in the model's dtype;
+- ``"int4"``: asymmetric 4-bit weights with a scale and zero per group of 32 input channels
+  (``aten._weight_int4pack_mm_for_cpu``).
+
+The weight-only kernels read 2x / 4x fewer weight bytes than bfloat16, which is what a decode step
+of one sequence is bound by; with many rows per call they are slower than oneDNN's bf16 kernel
+(see docs/engine.md for the measurements).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+QUANT_MODES = ("int8", "int4")
+#: Attribute ``initialize()`` sets on a model loaded with ``quantization: int8 | int4``: the runner reads it.
+QUANTIZATION_ATTR = "llm_server_weight_quantization"
+#: Attribute the server's engine loader sets: only the engine runs this model (its weights may be re-laid).
+ENGINE_OWNED_ATTR = "llm_server_engine_owned"
+INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides the input width is used
+#: Calls with more rows than this (prefill) de-quantize the weight and use the float matmul: the
+#: weight-only kernels' cost grows with the rows much faster than oneDNN's (3x slower prefill).
+DEQUANT_ABOVE_ROWS = 32
+_INT4_BLOCK_N = 64  # _convert_weight_to_int4pack_for_cpu packs 64 output rows at a time
+
+
+class Linear(Protocol):
+    """What the runner calls: ``y = x @ W^T + b`` over the last dimension of ``x``."""
+
+    out_features: int
+    weight_bytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can take ``weight`` pre-packed (CPU, float32/bfloat16)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
+
+
+class FloatLinear:
+    """``y = x @ W^T + b`` with ``W`` pre-packed for oneDNN when possible (then only the packed
+    copy is kept)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+        self.weight: torch.Tensor | None = weight
+        self.bias = bias
+        self.out_features = int(weight.shape[0])
+        self.packed: torch.Tensor | None = None
+        if pack and _can_pack(weight):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                probe = weight.new_zeros(1, weight.shape[1])
+                torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                self.packed = packed
+                self.weight = None  # the packed copy is the one the forward reads
+            except (RuntimeError, AttributeError):  # an older or differently built torch
+                self.packed = None
+        used = self.packed if self.packed is not None else weight
+        self.weight_bytes = used.numel() * used.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        assert self.weight is not None
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear:
+    """Weight-only int8: ``W ~= q * scale[:, None]``, ``q`` in [-127, 127], one scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        self.scales = scale.to(weight.dtype)
+        self.bias = bias
+        self.out_features = int(weight.shape[0])
+        self.weight_bytes = self.qweight.numel() + self.scales.numel() * self.scales.element_size()
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight the int8 one stands for, ``[out, in]`` in the activations' dtype."""
+        weight = torch.empty(self.qweight.shape, dtype=self.scales.dtype)
+        return torch.mul(self.qweight, self.scales[:, None], out=weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        if flat.shape[0] > DEQUANT_ABOVE_ROWS:
+            return F.linear(x, self.dequantized(), self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear:
+    """Weight-only int4, asymmetric per group of ``group_size`` input channels.
+
+    ``W ~= (q - 8) * scale + zero`` with ``q`` in [0, 15] (the layout ``_weight_int4pack_mm_for_cpu``
+    expects: ``zero`` is the value of the group's middle level).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+        out_features, in_features = weight.shape
+        w = weight.detach().float().view(out_features, in_features // group_size, group_size)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        scale = (high - low).clamp(min=1e-12) / 15.0
+        q = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15)
+        q = q.to(torch.int32).view(out_features, in_features)
+        self.out_features = int(out_features)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if not torch.equal(self.levels(), q):
+            raise RuntimeError("unexpected int4 packing layout in this torch build")
+        zero = low + 8.0 * scale
+        # [in_features / group_size, out_features, 2] (scale, zero)
+        self.scale_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
+        self.group_size = group_size
+        self.bias = bias
+        self.weight_bytes = self.packed.numel() * self.packed.element_size() + (
+            self.scale_zeros.numel() * self.scale_zeros.element_size()
+        )
+
+    def levels(self) -> torch.Tensor:
+        """The 4-bit levels ``q`` [out, in] (int32), unpacked from the kernel's layout: per block of 64
+        output rows, byte ``[k, j]`` holds row ``j`` (low nibble) and row ``32 + j`` (high) of column ``k``."""
+        out_features = self.out_features
+        blocks = self.packed.view(out_features // _INT4_BLOCK_N, -1, _INT4_BLOCK_N // 2)
+        both = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [blocks, in, 64]
+        return both.transpose(1, 2).reshape(out_features, -1).to(torch.int32)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight the int4 one stands for, ``[out, in]`` in the activations' dtype."""
+        dtype = self.scale_zeros.dtype
+        scale, zero = self.scale_zeros.unbind(-1)  # [groups, out]
+        levels = self.levels().to(dtype).view(self.out_features, -1, self.group_size).sub_(8)
+        weight = levels.mul_(scale.t().unsqueeze(-1)).add_(zero.t().unsqueeze(-1))
+        return weight.view(self.out_features, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        if flat.shape[0] > DEQUANT_ABOVE_ROWS:
+            return F.linear(x, self.dequantized(), self.bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def quantization_unsupported(weight: torch.Tensor, mode: str) -> str | None:
+    """None when ``weight`` can be quantized with ``mode``; otherwise why not."""
+    if mode not in QUANT_MODES:
+        return f"unknown weight quantization {mode!r}; use one of {', '.join(QUANT_MODES)}"
+    if weight.device.type != "cpu":
+        return f"{mode} weight-only kernels are used on CPU only (got {weight.device.type})"
+    if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"weights of dtype {weight.dtype} cannot be quantized"
+    if mode == "int4" and not any(weight.shape[1] % g == 0 for g in INT4_GROUP_SIZES):
+        return f"input width {weight.shape[1]} is not a multiple of {INT4_GROUP_SIZES[0]}"
+    if mode == "int4" and weight.shape[0] % _INT4_BLOCK_N:
+        return f"output width {weight.shape[0]} is not a multiple of {_INT4_BLOCK_N}"
+    return None
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, quantization: str | None) -> Linear:
+    """The linear the runner's forward calls for ``weight`` (and ``bias``); see the module docstring.
+
+    A weight that ``quantization`` cannot handle (see :func:`quantization_unsupported`) stays a float linear.
+    """
+    if quantization is None or quantization_unsupported(weight, quantization) is not None:
+        return FloatLinear(weight, bias, pack)
+    if quantization == "int8":
+        return Int8Linear(weight, bias)
+    group = next(g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0)
+    try:
+        return Int4Linear(weight, bias, group)
+    except RuntimeError as exc:  # a torch build without the CPU int4 kernel, or another layout
+        logger.warning("int4 quantization unavailable (%s); keeping %s weights", exc, weight.dtype)
+        return FloatLinear(weight, bias, pack)
