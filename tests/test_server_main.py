@@ -19,6 +19,7 @@ import requests
 from llm_server.api import server as server_module
 from llm_server.api.auth import OpenAccessKeyStore, StaticKeyStore
 from llm_server.api.settings import ServerSettings
+from llm_server.helper_functionality.config_models import ModelSection
 from llm_server.helper_functionality.yaml_loading import CONFIG_DIR_ENV
 from tests.spec_harness import free_port, serving
 
@@ -91,7 +92,7 @@ def test_config_dir_flag(launch: Launch, tmp_path: Path, monkeypatch: pytest.Mon
     assert (launch.run["host"], launch.run["port"]) == ("127.0.0.3", 9123)
     assert launch.settings.max_new_tokens_limit == 77 and launch.settings.max_body_bytes == 5000
     assert dict(launch.settings.system_prompts) == {"assistant": "Be terse.", "critic": "Criticize."}
-    assert launch.settings.model.get("id")  # model_config.yaml not in the folder: the package default
+    assert launch.settings.model.id  # model_config.yaml not in the folder: the package default
     assert launch.key_store.matches("from-my-var")
 
 
@@ -166,7 +167,7 @@ def test_the_model_loads_in_the_lifespan_not_before(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr("llm_server.helper_functionality.model_loading.initialize", initialize)
     app = server_module.create_app(settings=ServerSettings(api_keys=("k",),
-                                                           model={"id": "some/model", "device": "cpu"}))
+                                                           model=ModelSection(id="some/model", device="cpu")))
     assert calls == []
     with pytest.raises(RuntimeError, match="failed to start"):
         with serving(app):

@@ -45,21 +45,45 @@ def _settings(folder: Path, model_top_k: int | None, engine_top_k: int | None = 
 
 
 def test_model_parameters_top_k_reaches_the_engine(config_dir: Path) -> None:
-    from llm_server.engine.batch_engine import EngineConfig
-
     settings = _settings(config_dir, model_top_k=20)
-    assert settings.engine["top_k"] == 20
-    assert settings.engine["max_running"] == 4  # the server's own engine keys are kept
-    assert EngineConfig(**settings.engine).top_k == 20  # what the server's engine factory builds
+    assert settings.engine.top_k == 20  # the EngineConfig the server's engine loader receives
+    assert settings.engine.max_running == 4  # the server's own engine keys are kept
 
 
 def test_model_parameters_top_k_zero_turns_top_k_off(config_dir: Path) -> None:
-    assert _settings(config_dir, model_top_k=0).engine["top_k"] == 0
+    assert _settings(config_dir, model_top_k=0).engine.top_k == 0
 
 
 def test_server_engine_top_k_wins(config_dir: Path) -> None:
-    assert _settings(config_dir, model_top_k=20, engine_top_k=5).engine["top_k"] == 5
+    assert _settings(config_dir, model_top_k=20, engine_top_k=5).engine.top_k == 5
 
 
 def test_no_top_k_anywhere_leaves_the_engine_default(config_dir: Path) -> None:
-    assert "top_k" not in _settings(config_dir, model_top_k=None).engine
+    assert _settings(config_dir, model_top_k=None).engine.top_k is None
+
+
+def test_model_section_is_typed_and_defaults_reach_requests(config_dir: Path) -> None:
+    """The model section arrives typed; its parameters become the request defaults (capped)."""
+    (config_dir / "model_config.yaml").write_text(
+        'model:\n  id: "my-org/my-model"\n  parameters:\n    max_new_tokens: 5000\n    temperature: 0.2\n'
+    )
+    (config_dir / "server_config.yaml").write_text("server:\n  limits:\n    max_new_tokens: 300\n")
+    settings = load_settings()
+    assert settings.model.id == "my-org/my-model" and settings.served_model_name == "my-org/my-model"
+    assert settings.model.optimizations.dtype == "auto"  # the model's default, not a copy of it here
+    assert settings.default_params.max_new_tokens == 300
+    assert settings.default_params.temperature == 0.2
+
+
+def test_defaults_without_any_file_match_the_models() -> None:
+    """ServerSettings() built in code and the config models agree on every shared default."""
+    from llm_server.helper_functionality.config_models import ServerLimits, ServerSection
+
+    settings, section = ServerSettings(), ServerSection()
+    assert settings.engine == section.engine
+    assert (settings.port, settings.allow_query_api_key, settings.open_access) == (
+        section.port, section.allow_query_api_key, section.open_access)
+    assert (settings.metrics_require_key, settings.key_refresh_interval_s, settings.shutdown_timeout_s) == (
+        section.metrics_require_key, section.key_refresh_interval_s, section.shutdown_timeout_s)
+    assert (settings.max_new_tokens_limit, settings.max_body_bytes) == (
+        ServerLimits().max_new_tokens, ServerLimits().max_body_bytes)

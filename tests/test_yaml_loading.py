@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_server.helper_functionality import yaml_loading
+from llm_server.engine.config import EngineConfig
+from llm_server.helper_functionality import config_models, yaml_loading
 from llm_server.helper_functionality.yaml_loading import (
     ConfigError,
     config_dir,
@@ -64,13 +65,8 @@ def test_server_config_has_the_contract_keys() -> None:
     assert server["port"] == 8000
     assert server["allow_query_api_key"] is True and server["open_access"] is False
     assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576}
-    assert server["engine"] == {
-        "max_running": 16,
-        "max_waiting": 64,
-        "max_total_tokens": 32768,
-        "prefill_chunk_tokens": 1024,
-        "retry_after_s": 1,
-    }
+    assert server["engine"] == EngineConfig().model_dump()  # the engine's own defaults, one copy
+    assert server["engine"]["max_running"] == 16 and server["engine"]["top_k"] is None
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -308,3 +304,85 @@ def test_the_specs_model_config_example_still_loads(tmp_path, monkeypatch) -> No
         "    do_sample: True\n    use_cache: True\n    return_dict_in_generate: True\n"
     )
     assert yaml_loading.load_model_config()["parameters"]["return_dict_in_generate"] is True
+
+
+@pytest.mark.parametrize("value", ["null", '"4bit"', '"int8"', '"int4"'])
+def test_quantization_accepts_the_documented_modes(tmp_path, monkeypatch, value: str) -> None:
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    write(tmp_path, "model_config.yaml", f"model:\n  optimizations:\n    quantization: {value}\n")
+    expected = None if value == "null" else value.strip('"')
+    assert load_model_config()["optimizations"]["quantization"] == expected
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "key", "words"),
+    [
+        ("model_config.yaml", 'model:\n  optimizations:\n    quantization: "int3"\n',
+         "model.optimizations.quantization", "'4bit', 'int8' or 'int4'"),
+        ("model_config.yaml", "model:\n  parameters:\n    top_p: 1.5\n", "model.parameters.top_p", "1.5"),
+        ("model_config.yaml", "model:\n  parameters:\n    do_sample: 1\n", "model.parameters.do_sample", "got int"),
+        ("server_config.yaml", "server:\n  engine:\n    pack_weights: 1\n", "server.engine.pack_weights", "got int"),
+        ("server_config.yaml", "server:\n  engine:\n    max_running: 0\n", "server.engine.max_running",
+         "greater than or equal to 1"),
+        ("server_config.yaml", "server:\n  port: 0\n", "server.port", "greater than or equal to 1"),
+        ("server_config.yaml", "server:\n  limits: [1]\n", "server.limits", "expected a mapping"),
+        ("azure_config.yaml", "azure:\n  key_vault: x\n", "azure.key_vault", "unknown key"),
+        ("azure_config.yaml", "azure:\n  key_vault_url: 5\n", "azure.key_vault_url", "got int"),
+    ],
+)  # fmt: skip
+def test_typed_errors_name_key_and_value(tmp_path, monkeypatch, file: str, text: str, key: str, words: str) -> None:
+    """Each wrong value names the file, the dotted key, and what was wrong with it."""
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    write(tmp_path, file, text)
+    loader = {"model_config.yaml": load_model_config, "server_config.yaml": load_chat_server_config,
+              "azure_config.yaml": load_azure_config}[file]
+    with pytest.raises(ConfigError) as caught:
+        loader()
+    assert caught.value.key == key and caught.value.file.endswith(file)
+    assert words in str(caught.value)
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    write(tmp_path, "server_config.yaml", "server:\n  engine:\n    max_runing: 4\n")
+    with pytest.raises(ConfigError) as caught:
+        load_chat_server_config()
+    for known in EngineConfig.model_fields:
+        assert known in caught.value.problem
+
+
+def test_null_means_the_default(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    write(tmp_path, "server_config.yaml", "server:\n  port: null\n  limits:\n  engine:\n    max_running: null\n")
+    server = load_chat_server_config()
+    assert server["port"] == 8000 and server["limits"]["max_new_tokens"] == 1024
+    assert server["engine"]["max_running"] == EngineConfig().max_running
+
+
+def test_parameters_pass_other_generate_keywords_through(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    write(tmp_path, "model_config.yaml", "model:\n  parameters:\n    no_repeat_ngram_size: 3\n")
+    assert load_model_config()["parameters"] == {"no_repeat_ngram_size": 3}
+
+
+def test_shipped_server_file_restates_the_model_defaults() -> None:
+    """The shipped server_config.yaml is documentation: every value there is the model's default."""
+    raw = load_yaml(yaml_loading.PACKAGE_CONFIG_DIR / "server_config.yaml", expand_env=False)["server"]
+    defaults = config_models.ServerSection().model_dump()
+    for key, value in raw.items():
+        if key in ("host", "api_key"):  # placeholders: the variable names
+            continue
+        if isinstance(value, dict):
+            assert {k: defaults[key][k] for k in value} == value, key
+        else:
+            assert defaults[key] == value, key
+
+
+def test_readme_config_table_matches_the_models() -> None:
+    """README's reference table is generated from the models: regenerate it when a key changes
+    (``python -m llm_server.helper_functionality.config_models``)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- config-table:start -->\n", "\n<!-- config-table:end -->"
+    assert start in readme and end in readme
+    table = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert table == config_models.markdown_table()

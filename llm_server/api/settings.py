@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llm_server.engine.config import EngineConfig
 from llm_server.engine.types import SamplingParams
 from llm_server.helper_functionality import yaml_loading
+from llm_server.helper_functionality.config_models import ModelParameters, ModelSection, ServerSection
 from llm_server.helper_functionality.yaml_loading import DEFAULT_HOST
 
 
@@ -24,29 +26,33 @@ def split_keys(raw: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+#: The defaults of every server setting, declared once in the config models.
+_DEFAULT = ServerSection()
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything the HTTP layer needs to know about its configuration."""
 
     host: str = DEFAULT_HOST
-    port: int = 8000
+    port: int = _DEFAULT.port
     #: Keys from server_config.yaml / CHAT_SERVER_API_KEY (used when no Key Vault is configured).
     api_keys: tuple[str, ...] = ()
-    allow_query_api_key: bool = True
+    allow_query_api_key: bool = _DEFAULT.allow_query_api_key
     #: Explicit opt-out: serve without checking any API key.
-    open_access: bool = False
-    metrics_require_key: bool = False
-    key_refresh_interval_s: float = 300.0
-    shutdown_timeout_s: float = 30.0
+    open_access: bool = _DEFAULT.open_access
+    metrics_require_key: bool = _DEFAULT.metrics_require_key
+    key_refresh_interval_s: float = _DEFAULT.key_refresh_interval_s
+    shutdown_timeout_s: float = _DEFAULT.shutdown_timeout_s
     #: Upper bound on any request's max_new_tokens / max_tokens.
-    max_new_tokens_limit: int = 1024
-    max_body_bytes: int = 1_048_576
-    #: server_config.yaml ``engine:`` section (EngineConfig keyword arguments).
-    engine: Mapping[str, Any] = field(default_factory=dict)
+    max_new_tokens_limit: int = _DEFAULT.limits.max_new_tokens
+    max_body_bytes: int = _DEFAULT.limits.max_body_bytes
+    #: server_config.yaml ``engine:`` section (model_config's ``parameters.top_k`` folded in).
+    engine: EngineConfig = field(default_factory=EngineConfig)
     key_vault_url: str | None = None
     key_vault_secret_name: str | None = None
     #: model_config.yaml ``model:`` section (id, device, served_name, parameters, optimizations).
-    model: Mapping[str, Any] = field(default_factory=dict)
+    model: ModelSection = field(default_factory=ModelSection)
     #: Role name -> system prompt (system_prompt_config.yaml).
     system_prompts: Mapping[str, str] = field(default_factory=lambda: {"assistant": "You are a helpful assistant."})
     #: Generation defaults for requests that do not say (model_config parameters, capped by the limit).
@@ -63,51 +69,55 @@ class ServerSettings:
 
     @property
     def served_model_name(self) -> str:
-        return str(self.model.get("served_name") or self.model.get("id") or "model")
+        return self.model.display_name
 
     def with_overrides(self, **changes: Any) -> ServerSettings:
         """A copy with some fields changed (command-line flags, tests)."""
         return replace(self, **changes)
 
 
-def default_sampling(parameters: Mapping[str, Any], max_new_tokens_limit: int) -> SamplingParams:
+def default_sampling(parameters: ModelParameters, max_new_tokens_limit: int) -> SamplingParams:
     """model_config ``parameters`` -> SamplingParams, with max_new_tokens capped by the server limit."""
-    given = {key: value for key, value in parameters.items() if value is not None}
     base = SamplingParams()
-    wanted = given.get("max_new_tokens", base.max_new_tokens)
-    return SamplingParams(
+    wanted = parameters.max_new_tokens if parameters.max_new_tokens is not None else base.max_new_tokens
+    return replace(
+        base,
         max_new_tokens=max(1, min(wanted, max_new_tokens_limit)),
-        temperature=float(given.get("temperature", base.temperature)),
-        top_p=float(given.get("top_p", base.top_p)),
-        do_sample=given.get("do_sample", base.do_sample),
-        repetition_penalty=float(given.get("repetition_penalty", base.repetition_penalty)),
+        temperature=_given(parameters.temperature, base.temperature),
+        top_p=_given(parameters.top_p, base.top_p),
+        do_sample=_given(parameters.do_sample, base.do_sample),
+        repetition_penalty=_given(parameters.repetition_penalty, base.repetition_penalty),
     )
 
 
-def engine_options(engine: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """server_config ``engine:`` keys, plus model_config ``parameters.top_k`` as the engine's top_k.
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def engine_options(engine: EngineConfig, parameters: ModelParameters) -> EngineConfig:
+    """server_config ``engine:``, with model_config ``parameters.top_k`` as the engine's top_k.
 
     The batching engine applies one top_k to every sampled request; ``server.engine.top_k``
     wins when both are set.
     """
-    options = dict(engine)
-    if options.get("top_k") is None and parameters.get("top_k") is not None:
-        options["top_k"] = parameters["top_k"]
-    return options
+    if engine.top_k is None and parameters.top_k is not None:
+        return engine.model_copy(update={"top_k": parameters.top_k})
+    return engine
 
 
 def settings_from_config(
     server: Mapping[str, Any],
     azure: Mapping[str, Any] | None = None,
-    model: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | ModelSection | None = None,
     system_prompts: Mapping[str, str] | None = None,
 ) -> ServerSettings:
     """Build settings from the sections ``yaml_loading`` returns (validated, defaults filled in,
     placeholders resolved): ``load_chat_server_config()``, ``load_azure_config()``,
-    ``load_model_config()`` and ``load_system_prompt()``."""
+    ``load_model_config()`` (or ``read_model_section()``) and ``load_system_prompt()``."""
     azure = azure or {}
-    model = model or {}
-    parameters = model.get("parameters") or {}
+    section = model if isinstance(model, ModelSection) else ModelSection.model_validate(model or {})
+    engine = server["engine"]
+    engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine)
     limit = server["limits"]["max_new_tokens"]
     return ServerSettings(
         host=server["host"],
@@ -120,12 +130,12 @@ def settings_from_config(
         shutdown_timeout_s=float(server["shutdown_timeout_s"]),
         max_new_tokens_limit=limit,
         max_body_bytes=server["limits"]["max_body_bytes"],
-        engine=engine_options(server["engine"], parameters),
+        engine=engine_options(engine, section.parameters),
         key_vault_url=azure.get("key_vault_url"),
         key_vault_secret_name=azure.get("api_key_secret_name"),
-        model=dict(model),
+        model=section,
         system_prompts=dict(system_prompts) if system_prompts else ServerSettings().system_prompts,
-        default_params=default_sampling(parameters, limit),
+        default_params=default_sampling(section.parameters, limit),
     )
 
 
@@ -134,6 +144,6 @@ def load_settings() -> ServerSettings:
     return settings_from_config(
         yaml_loading.load_chat_server_config(),
         yaml_loading.load_azure_config(),
-        yaml_loading.load_model_config(),
+        yaml_loading.read_model_section(),
         yaml_loading.load_system_prompt(),
     )

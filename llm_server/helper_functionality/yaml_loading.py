@@ -12,7 +12,9 @@ underscores, e.g. ``CHAT_SERVER_API_KEY``); the value is that variable's. An uns
 variable means: host -> ``0.0.0.0``; key / vault settings -> ``None`` ("not configured"). Any
 string value outside the system prompts may also use ``${VAR}`` or ``${VAR:-default}``.
 
-Every problem raises :class:`ConfigError` naming the file and the key.
+Every problem raises :class:`ConfigError` naming the file and the key. The sections' keys, types
+and defaults are declared once, in :mod:`~llm_server.helper_functionality.config_models`; the
+spec's loaders return them as plain dicts, the ``read_*_section`` functions as typed models.
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from llm_server.helper_functionality.config_models import (
+    SECTIONS,
+    AzureSection,
+    ConfigError,
+    M,
+    ModelSection,
+    ServerSection,
+    validate_section,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +59,6 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _config_dir_override: Path | None = None
 #: $LLM_SERVER_CONFIG_DIR as it was before set_config_dir() replaced it.
 _env_before_override: str | None = None
-
-
-class ConfigError(ValueError):
-    """A configuration file is missing, malformed, or holds a wrong value.
-
-    ``file`` is the file's path and ``key`` the dotted key (None for whole-file problems).
-    """
-
-    def __init__(self, file: str | Path, key: str | None, problem: str) -> None:
-        where = f"{file}" if key is None else f"{file}: key '{key}'"
-        super().__init__(f"{where}: {problem}")
-        self.file = str(file)
-        self.key = key
-        self.problem = problem
 
 
 # --------------------------------------------------------------------------- config folder
@@ -176,7 +174,7 @@ def resolve_placeholder(value: Any, default: str | None = None) -> str | None:
     return text
 
 
-# --------------------------------------------------------------------------- validation helpers
+# --------------------------------------------------------------------------- sections
 
 
 def _section(data: Mapping[str, Any], name: str, file: Path) -> dict[str, Any]:
@@ -190,96 +188,39 @@ def _section(data: Mapping[str, Any], name: str, file: Path) -> dict[str, Any]:
     return dict(section)
 
 
-def _check_type(section: Mapping[str, Any], key: str, types: tuple[type, ...], file: Path, prefix: str) -> None:
-    """Raise ConfigError when ``section[key]`` is present, not None, and not of ``types``."""
-    if key not in section or section[key] is None:
-        return
-    value = section[key]
-    # bool is a subclass of int: refuse true/false where a number is expected.
-    wrong_bool = isinstance(value, bool) and bool not in types
-    if wrong_bool or not isinstance(value, types):
-        expected = " or ".join(t.__name__ for t in types)
-        raise ConfigError(file, f"{prefix}{key}", f"expected {expected}, got {type(value).__name__} ({value!r})")
-
-
-def _reject_unknown(section: Mapping[str, Any], allowed: Iterable[str], file: Path, prefix: str) -> None:
-    """A misspelt key must not be silently ignored: name it and the keys that exist."""
-    known = set(allowed)
-    for key in section:
-        if key not in known:
-            raise ConfigError(file, f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
-
-
-def _check_mapping(section: dict[str, Any], key: str, file: Path, prefix: str) -> dict[str, Any]:
-    value = section.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(file, f"{prefix}{key}", f"expected a mapping, got {type(value).__name__}")
-    return dict(value)
-
-
 def _file(name: str) -> Path:
     """A standard file: from the config folder, else the package's default (never the cwd)."""
     return resolve_config_path(name, search_cwd=False)
 
 
-# --------------------------------------------------------------------------- model_config.yaml
+def _read(model: type[M], file_name: str) -> M:
+    """Read ``file_name`` and validate its section with ``model`` (see config_models.SECTIONS)."""
+    file = _file(file_name)
+    name = SECTIONS[file_name][0]
+    return validate_section(model, _section(load_yaml(file), name, file), file, name)
 
-_NUMBER = (int, float)
-_MODEL_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "device": (str, int),
-    "served_name": (str,),
-    "type": (str,),
-}
-_PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
-    "max_new_tokens": (int,),
-    "temperature": _NUMBER,
-    "top_p": _NUMBER,
-    "top_k": (int,),
-    "do_sample": (bool,),
-    "repetition_penalty": _NUMBER,
-    "use_cache": (bool,),
-    "return_dict_in_generate": (bool,),
-}
-#: model.generate keywords the Python API sets itself on each call: not allowed in ``parameters``.
-_PARAMETERS_SET_PER_CALL = ("inputs", "input_ids", "attention_mask", "streamer", "stopping_criteria")
-_OPTIMIZATION_TYPES: dict[str, tuple[type, ...]] = {
-    "dtype": (str,),
-    "attn_implementation": (str,),
-    "compile": (bool, str),
-    "quantization": (str, bool),
-    "matmul_precision": (str,),
-}
+
+def read_model_section() -> ModelSection:
+    """model_config.yaml's ``model`` section, typed (what the server reads)."""
+    return _read(ModelSection, MODEL_CONFIG_FILE)
+
+
+def read_server_section() -> ServerSection:
+    """server_config.yaml's ``server`` section, typed, placeholders as written (unresolved)."""
+    return _read(ServerSection, SERVER_CONFIG_FILE)
+
+
+def read_azure_section() -> AzureSection:
+    """azure_config.yaml's ``azure`` section, typed, placeholders as written (unresolved)."""
+    return _read(AzureSection, AZURE_CONFIG_FILE)
+
+
+# --------------------------------------------------------------------------- the spec's loaders
 
 
 def load_model_config() -> dict[str, Any]:
     """The ``model`` section of model_config.yaml (id, device, served_name, parameters, optimizations)."""
-    file = _file(MODEL_CONFIG_FILE)
-    section = _section(load_yaml(file), "model", file)
-    _reject_unknown(section, [*_MODEL_TYPES, "parameters", "optimizations"], file, "model.")
-    for key, types in _MODEL_TYPES.items():
-        _check_type(section, key, types, file, "model.")
-    parameters = _check_mapping(section, "parameters", file, "model.")
-    for key, types in _PARAMETER_TYPES.items():
-        _check_type(parameters, key, types, file, "model.parameters.")
-    for key in _PARAMETERS_SET_PER_CALL:
-        if key in parameters:
-            raise ConfigError(file, f"model.parameters.{key}", "is set by the Python API on each call; remove it")
-    for key, minimum in (("max_new_tokens", 1), ("top_k", 0)):
-        if parameters.get(key) is not None and parameters[key] < minimum:
-            raise ConfigError(file, f"model.parameters.{key}", f"must be at least {minimum}")
-    optimizations = _check_mapping(section, "optimizations", file, "model.")
-    _reject_unknown(optimizations, _OPTIMIZATION_TYPES, file, "model.optimizations.")
-    for key, types in _OPTIMIZATION_TYPES.items():
-        _check_type(optimizations, key, types, file, "model.optimizations.")
-    section["parameters"] = parameters
-    section["optimizations"] = optimizations
-    return section
-
-
-# --------------------------------------------------------------------------- system_prompt_config.yaml
+    return read_model_section().as_dict()
 
 
 def load_system_prompt() -> dict[str, str]:
@@ -295,102 +236,18 @@ def load_system_prompt() -> dict[str, str]:
     return {str(role): text.strip() for role, text in prompts.items()}
 
 
-# --------------------------------------------------------------------------- server_config.yaml
-
-_SERVER_DEFAULTS: dict[str, Any] = {
-    "port": 8000,
-    "allow_query_api_key": True,
-    "open_access": False,
-    "metrics_require_key": False,
-    "key_refresh_interval_s": 300,
-    "shutdown_timeout_s": 30,
-}
-_SERVER_TYPES: dict[str, tuple[type, ...]] = {
-    "host": (str,),
-    "port": (int,),
-    "api_key": (str,),
-    "allow_query_api_key": (bool,),
-    "open_access": (bool,),
-    "metrics_require_key": (bool,),
-    "key_refresh_interval_s": _NUMBER,
-    "shutdown_timeout_s": _NUMBER,
-}
-_LIMIT_DEFAULTS: dict[str, int] = {"max_new_tokens": 1024, "max_body_bytes": 1048576}
-_ENGINE_DEFAULTS: dict[str, int] = {
-    "max_running": 16,
-    "max_waiting": 64,
-    "max_total_tokens": 32768,
-    "prefill_chunk_tokens": 1024,
-    "retry_after_s": 1,
-}
-# Optional engine keys: (allowed types, smallest allowed int). Absent or null -> engine default.
-_ENGINE_OPTIONAL: dict[str, tuple[tuple[type, ...], int]] = {
-    "max_context": ((int,), 1),
-    "seed": ((int,), 0),
-    "top_k": ((int,), 0),
-    "pack_weights": ((bool,), 0),
-}
-
-
 def load_chat_server_config() -> dict[str, Any]:
     """The ``server`` section, placeholders resolved and defaults filled in.
 
     ``host``: from the env var it names, ``0.0.0.0`` when unset. ``api_key``: the env var's
     value (possibly several comma-separated keys) or None when not configured.
     """
-    file = _file(SERVER_CONFIG_FILE)
-    section = _section(load_yaml(file), "server", file)
-    _reject_unknown(section, [*_SERVER_TYPES, "limits", "engine"], file, "server.")
-    for key, types in _SERVER_TYPES.items():
-        _check_type(section, key, types, file, "server.")
-    server = {**_SERVER_DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
-    server["host"] = resolve_placeholder(section.get("host"), DEFAULT_HOST)
-    server["api_key"] = resolve_placeholder(section.get("api_key"), None)
-    if not 0 < server["port"] < 65536:
-        raise ConfigError(file, "server.port", f"must be between 1 and 65535, got {server['port']}")
-    _reject_unknown(_check_mapping(section, "limits", file, "server."), _LIMIT_DEFAULTS, file, "server.limits.")
-    server["limits"] = _int_subsection(section, "limits", _LIMIT_DEFAULTS, file)
-    server["engine"] = _engine_subsection(section, file)
+    server = read_server_section().model_dump()
+    server["host"] = resolve_placeholder(server["host"], DEFAULT_HOST)
+    server["api_key"] = resolve_placeholder(server["api_key"], None)
     return server
-
-
-def _engine_subsection(section: dict[str, Any], file: Path) -> dict[str, Any]:
-    """``server.engine``: the positive-int limits plus the optional keys; unknown keys are errors."""
-    values = dict(_check_mapping(section, "engine", file, "server."))
-    optional = {k: values.pop(k) for k in list(values) if k in _ENGINE_OPTIONAL}
-    for key in values:
-        if key not in _ENGINE_DEFAULTS:
-            known = ", ".join([*_ENGINE_DEFAULTS, *_ENGINE_OPTIONAL])
-            raise ConfigError(file, f"server.engine.{key}", f"unknown key (known: {known})")
-    engine = _int_subsection({"engine": values}, "engine", _ENGINE_DEFAULTS, file)
-    for key, value in optional.items():
-        if value is None:
-            continue
-        types, minimum = _ENGINE_OPTIONAL[key]
-        _check_type(optional, key, types, file, "server.engine.")
-        if types == (int,) and value < minimum:
-            raise ConfigError(file, f"server.engine.{key}", f"must be at least {minimum}")
-        engine[key] = value
-    return engine
-
-
-def _int_subsection(section: dict[str, Any], name: str, defaults: dict[str, int], file: Path) -> dict[str, Any]:
-    values = _check_mapping(section, name, file, "server.")
-    for key in values:
-        _check_type(values, key, (int,), file, f"server.{name}.")
-        if isinstance(values[key], int) and values[key] < 1:
-            raise ConfigError(file, f"server.{name}.{key}", "must be at least 1")
-    return {**defaults, **{k: v for k, v in values.items() if v is not None}}
-
-
-# --------------------------------------------------------------------------- azure_config.yaml
 
 
 def load_azure_config() -> dict[str, Any]:
     """The ``azure`` section; ``key_vault_url`` / ``api_key_secret_name`` are None when not configured."""
-    file = _file(AZURE_CONFIG_FILE)
-    section = _section(load_yaml(file), "azure", file)
-    for key in ("key_vault_url", "api_key_secret_name"):
-        _check_type(section, key, (str,), file, "azure.")
-        section[key] = resolve_placeholder(section.get(key), None)
-    return section
+    return {key: resolve_placeholder(value, None) for key, value in read_azure_section().model_dump().items()}
