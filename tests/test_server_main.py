@@ -105,7 +105,7 @@ def test_open_access_flag(launch: Launch, monkeypatch: pytest.MonkeyPatch) -> No
 def test_no_key_configured_generates_and_prints_one(launch: Launch, capsys: pytest.CaptureFixture[str]) -> None:
     server_module.main([])
     out = capsys.readouterr().out
-    assert isinstance(launch.key_store, StaticKeyStore) and launch.key_store.generated
+    assert isinstance(launch.key_store, StaticKeyStore)
     keys = re.findall(r"llm-[A-Za-z0-9_-]+", out)
     assert len(keys) == 1 and launch.key_store.matches(keys[0])
 

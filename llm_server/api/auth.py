@@ -75,10 +75,6 @@ class KeyStore:
 class StaticKeyStore(KeyStore):
     """Keys fixed for the life of the process (config / environment / generated)."""
 
-    def __init__(self, keys: Iterable[str], *, generated: bool = False) -> None:
-        super().__init__(keys)
-        self.generated = generated
-
 
 class OpenAccessKeyStore(KeyStore):
     """No key required (``open_access: true`` / ``--open-access``)."""
@@ -177,7 +173,7 @@ def build_key_store(settings: ServerSettings, *, credential: Any | None = None) 
         return StaticKeyStore(settings.api_keys)
     key = generate_key()
     announce_generated_key(key)
-    return StaticKeyStore([key], generated=True)
+    return StaticKeyStore([key])
 
 
 # --- the FastAPI dependency ---------------------------------------------------------------

@@ -33,7 +33,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llm_server.api.errors import APIError
-from llm_server.api.request_context import request_id  # noqa: F401  re-exported for the routes
 from llm_server.api.request_context import started_at
 from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, EngineUnavailable
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent, ChatInputError, ChatStream

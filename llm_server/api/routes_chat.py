@@ -31,7 +31,6 @@ from llm_server.api.chat_streams import (
     collect,
     events,
     open_stream,
-    request_id,
 )
 from llm_server.api.protocol_chat import (
     END_MARKER,
@@ -42,6 +41,7 @@ from llm_server.api.protocol_chat import (
     stream_error_line,
 )
 from llm_server.api.readiness import ready_chat
+from llm_server.api.request_context import request_id
 from llm_server.serving.chat import ChatDelta, ChatDone
 from llm_server.serving.metrics import InstrumentedChatStream
 

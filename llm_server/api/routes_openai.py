@@ -35,9 +35,9 @@ from llm_server.api.chat_streams import (
     collect,
     events,
     open_stream,
-    request_id,
 )
 from llm_server.api.errors import APIError
+from llm_server.api.request_context import request_id
 from llm_server.api.protocol_openai import (
     SUPPORTED_ROLES,
     ChatCompletionRequest,
