@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llm_server.api.shutdown import drain_state
+from llm_server.api.shutdown import SHUTDOWN_CUT_REASON, drain_state
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import API_KEY, build_app, free_port, live_server, wait_until
 from tests.shutdown_server import WORDS
@@ -45,6 +45,30 @@ def test_draining_server_fails_health_and_refuses_new_work(tokenizer: Any) -> No
 
         assert httpx.get(f"{url}/metrics").status_code == 200  # still scrapeable
         assert engine.requests == []
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_answers_cut_at_the_shutdown_deadline_end_with_an_error(tokenizer: Any, streamed: bool) -> None:
+    engine = ScriptedEngine(tokenizer, reply=" ".join(["word"] * 1000), delay_s=0.02)
+    app = build_app(engine)
+    with live_server(app) as url:
+        spec_body = {"prompt": "Count", "max_new_tokens": 1000}
+        v1_body = {**BODY, "max_tokens": 1000, "stream": streamed}
+        cutter = threading.Timer(1.0, drain_state(app).cut_open_streams)
+        cutter.start()
+        if streamed:
+            spec = httpx.post(f"{url}/chat/stream", json=spec_body, headers=HEADERS, timeout=60)
+            assert spec.text.startswith("word") and spec.text.endswith("[[ERROR]] " + SHUTDOWN_CUT_REASON)
+            cutter = threading.Timer(1.0, drain_state(app).cut_open_streams)
+            cutter.start()
+            events = httpx.post(f"{url}/v1/chat/completions", json=v1_body, headers=HEADERS, timeout=60).text
+            last = json.loads(events.strip().split("\n\n")[-1].removeprefix("data: "))
+            assert last["error"]["code"] == "server_shutting_down"
+        else:
+            spec = httpx.post(f"{url}/chat/blocking", json=spec_body, headers=HEADERS, timeout=60)
+            assert spec.status_code == 503 and spec.json()["error"]["code"] == "server_shutting_down"
+            assert int(spec.headers["retry-after"]) >= 1
+        assert wait_until(lambda: engine.stats().running == 0)
 
 
 # --- a real process and a real SIGTERM ------------------------------------------------------
@@ -162,7 +186,25 @@ def test_sigterm_cuts_requests_that_outlive_the_shutdown_timeout(spawn: Any) -> 
     assert server.proc.wait(timeout=30) == 0, server.log()
     reader.join(timeout=30)
     assert "[DONE]" not in reader.events  # cut short: 40 words take 4 s, the timeout is 1 s
-    assert "timeout graceful shutdown exceeded" in server.log()
+    last = json.loads(reader.events[-1])  # ... and said so: never a truncated body that looks complete
+    assert last["error"]["code"] == "server_shutting_down", (reader.events, server.log())
+    assert "cutting 1 running request(s) short" in server.log()
+
+
+def test_after_sigterm_new_connections_are_refused(spawn: Any) -> None:
+    """What draining looks like from outside: the listener closes at once (a load balancer sees
+    the port closed and fails over), while the running answer goes on."""
+    server = spawn(timeout_s=30)
+    reader = StreamReader(server.url)
+    reader.start()
+    assert reader.first.wait(30), server.log()
+    server.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: refuses_new_requests(server.url), timeout_s=10), server.log()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=2)
+    reader.join(timeout=60)
+    assert reader.events[-1] == "[DONE]"
+    assert server.proc.wait(timeout=30) == 0, server.log()
 
 
 @pytest.mark.integration

@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from llm_server.api.errors import APIError
 from llm_server.api.request_context import started_at
+from llm_server.api.shutdown import drain_state
 from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, EngineUnavailable
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent, ChatInputError, ChatStream
 from llm_server.serving.metrics import InstrumentedChatStream, instrument
@@ -47,6 +48,10 @@ ENGINE_UNAVAILABLE_RETRY_AFTER_S = 5
 #: The status of a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ServerShuttingDown(EngineUnavailable):
+    """A generation the server cut short because it is shutting down (503, or in-band)."""
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -65,6 +70,9 @@ def api_error_for(exc: Exception, *, context_param: str = "prompt",
         return APIError(400, str(exc), param=param, code=exc.code)
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc), param=context_param, code="context_length_exceeded")
+    if isinstance(exc, ServerShuttingDown):
+        return APIError(503, str(exc), code="server_shutting_down",
+                        headers={"Retry-After": str(ENGINE_UNAVAILABLE_RETRY_AFTER_S)})
     if isinstance(exc, EngineOverloaded):
         return APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(max(1, exc.retry_after_s))})
     if isinstance(exc, EngineUnavailable):
@@ -95,7 +103,11 @@ async def open_stream(request: Request, opener: Callable[[], ChatStream],
         if isinstance(exc, EXPECTED_ERRORS):
             raise to_api_error(exc) from exc
         raise
-    return instrument(stream, started_at=started_at(request))
+    instrumented = instrument(stream, started_at=started_at(request))
+    app = request.scope.get("app")
+    if app is not None:  # cut short, with an error, if it outlives a shutdown
+        drain_state(app).track(instrumented)
+    return instrumented
 
 
 class _Opening:
@@ -145,21 +157,31 @@ async def collect(request: Request, stream: InstrumentedChatStream,
     """
     work = asyncio.ensure_future(_read_all(stream))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    gone = True
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        gone = not work.done()
     finally:
         watcher.cancel()
-        if not work.done():
+        if gone:  # the client left (or this task was cancelled): stop generating for nobody
             stream.cancel()
             work.cancel()
             logger.info("client gone before the answer was complete: generation cancelled")
-    if work.cancelled():
+    if gone:
+        await asyncio.gather(work, return_exceptions=True)  # let the cancelled reader finish
         return None
     try:
-        return work.result()
+        return _not_cut(stream, work.result())
     except EXPECTED_ERRORS as exc:
         logger.warning("generation failed: %s", exc)
         raise to_api_error(exc) from exc
+
+
+def _not_cut(stream: InstrumentedChatStream, collected: Collected) -> Collected:
+    """``collected``, unless the server cut it short (then a 503, never a truncated answer)."""
+    if collected.done.finish_reason == "cancelled" and stream.cut_reason:
+        raise ServerShuttingDown(stream.cut_reason)
+    return collected
 
 
 async def _read_all(stream: InstrumentedChatStream) -> Collected:
@@ -204,6 +226,9 @@ async def events(stream: InstrumentedChatStream) -> AsyncIterator[StreamItem]:
     iterator = stream.__aiter__()
     try:
         async for event in iterator:
+            if isinstance(event, ChatDone) and event.finish_reason == "cancelled" and stream.cut_reason:
+                yield StreamFailure(ServerShuttingDown(stream.cut_reason))  # never a silent truncation
+                return
             if _worth_sending(event):
                 yield event
             if isinstance(event, ChatDone):

@@ -17,6 +17,8 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -52,12 +54,27 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def _is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> APIError:
+    """FastAPI's validation error -> a 400 naming the field (never a character offset)."""
     first = exc.errors()[0] if exc.errors() else {}
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = str((first.get("ctx") or {}).get("error", "")).strip()
+        return APIError(400, f"request body is not valid JSON{': ' + detail if detail else ''}", code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    if not loc and request.method == "POST" and not _is_json(request):
+        return APIError(400, "send the request body as JSON with the header Content-Type: application/json",
+                        code="invalid_content_type")
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
-    return (f"{param}: {msg}" if param else msg), param
+    if kind == "missing":
+        return APIError(400, f"{param} is required", param=param, code="missing_field")
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -71,10 +88,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(exc)
-        return error_response(APIError(400, message, param=param))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(request, exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        message = str(exc.detail)
+        if exc.status_code == 405:  # every route of the path, not only the first one's methods
+            from llm_server.api.methods import allow_header
+
+            headers["Allow"] = allow_header(app, request.url.path)
+            message = f"method {request.method} is not allowed here; allowed: {headers['Allow']}"
+        return error_response(APIError(exc.status_code, message, headers=headers))

@@ -1,18 +1,29 @@
-"""Request body size limit, as a plain ASGI middleware (413 before any route parses anything).
+"""Request body size and read-time limits, as a plain ASGI middleware (before any route parses anything).
 
-A declared ``Content-Length`` above the limit is refused without reading the body; a
-chunked body is read up to the limit and refused as soon as it goes over. Accepted bodies
-are replayed unchanged to the app, and later ``receive()`` calls (disconnect detection)
-pass straight through.
+A declared ``Content-Length`` above the limit is refused without reading the body (413); a
+chunked body is read up to the limit and refused as soon as it goes over. A body whose next
+part does not arrive within :data:`BODY_READ_TIMEOUT_S` is answered 408 and its connection
+closed (a half-sent body never holds a connection open for ever). A client that goes away
+mid-body is a client abort: counted as 499 with one log line, and the app never runs.
+Accepted bodies are replayed unchanged to the app, and later ``receive()`` calls
+(disconnect detection) pass straight through. All of this happens before the key check,
+so it holds without a key too.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response
+
+#: Seconds to wait for each next part of a request body before answering 408.
+BODY_READ_TIMEOUT_S = 30.0
+#: The status of a request whose client went away before the answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -44,9 +55,13 @@ class BodySizeLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_READ_TIMEOUT_S)
+            except TimeoutError:
+                await self._timed_out(scope, receive, send)
+                return
             if message["type"] != "http.request":  # client gone before the body arrived
-                await self.app(scope, _replay([], message, receive), send)
+                await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)  # counted, never sent
                 return
             body = message.get("body", b"")
             size += len(body)
@@ -62,6 +77,13 @@ class BodySizeLimitMiddleware:
     async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         err = APIError(413, f"request body is larger than this server's limit of {limit} bytes",
                        code="body_too_large", headers={"Connection": "close"})
+        await error_response(err)(scope, receive, send)
+
+
+    @staticmethod
+    async def _timed_out(scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(408, f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s",
+                       code="request_timeout", headers={"Connection": "close"})
         await error_response(err)(scope, receive, send)
 
 

@@ -10,7 +10,8 @@ paths never explode the label set).
 
 The access log line holds method, path, status and duration — never the query string
 (it may carry ``x_api_key``) nor bodies (prompts); successful ``/health`` and ``/metrics``
-hits log at DEBUG so probes do not flood the log. A crash is answered here with an
+hits log at DEBUG so probes do not flood the log. Control characters in the path are
+escaped (a ``%0D%0A`` in a URL cannot forge a log line). A crash is answered here with an
 OpenAI-shaped 500 that still carries the request id. While the server drains
 (SIGTERM) every request except ``/health`` and ``/metrics`` is refused with 503.
 
@@ -30,7 +31,12 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response
-from llm_server.api.request_context import REQUEST_ID_HEADER, install_log_record_factory, request_id_var
+from llm_server.api.request_context import (
+    REQUEST_ID_HEADER,
+    escape_controls,
+    install_log_record_factory,
+    request_id_var,
+)
 from llm_server.api.request_context import configure_logging  # noqa: F401  re-exported for server.main
 from llm_server.api.shutdown import drain_state
 from llm_server.serving.metrics import PREFIX
@@ -103,7 +109,8 @@ class RequestContextMiddleware:
                 raise
             # A crash: answer here (not in Starlette's outer error middleware) so the 500
             # carries the request id too.
-            logger.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+            logger.exception("unhandled error on %s %s", escape_controls(scope["method"]),
+                             escape_controls(scope.get("path", "")))
             crash = APIError(500, "internal server error", type="server_error")
             await error_response(crash)(scope, receive, send_with_id)
         finally:
@@ -115,7 +122,8 @@ class RequestContextMiddleware:
         REQUESTS.labels(endpoint=_endpoint_label(scope), status=str(status)).inc()
         path = scope.get("path", "")
         level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO
-        access_logger.log(level, "%s %s -> %d in %.3fs", scope["method"], path, status, elapsed)
+        access_logger.log(level, "%s %s -> %d in %.3fs", escape_controls(scope["method"]), escape_controls(path),
+                          status, elapsed)
 
     async def _refuse_draining(self, scope: Scope, receive: Receive, send: Send) -> None:
         err = APIError(

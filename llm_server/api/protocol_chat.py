@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
@@ -21,7 +20,9 @@ from llm_server.api.errors import APIError
 from llm_server.conversation_engine.improvement import RESULT_KEYS
 from llm_server.conversation_engine.inputs import HISTORY_ROLES
 from llm_server.engine.types import EngineError, SamplingParams
+from llm_server.serving import sampling
 from llm_server.serving.chat import ChatInputError, ChatOptions
+from llm_server.serving.sampling import request_sampling
 
 END_MARKER = "[[END]]"
 ERROR_MARKER = "[[ERROR]]"
@@ -53,7 +54,7 @@ class ChatRequest(BaseModel):
     intermediate_steps: StrictBool = False
     role: StrictStr = "assistant"
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=sampling.MAX_TEMPERATURE)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 
     @field_validator("prompt")
@@ -67,9 +68,10 @@ class ChatRequest(BaseModel):
         return [{"role": m.role, "content": m.content} for m in self.history]
 
     def options(self, defaults: SamplingParams, request_id: str) -> ChatOptions:
-        """ChatOptions for this request: the server's defaults, overridden where the client said."""
-        given = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
-        params = replace(defaults, **{name: value for name, value in given.items() if value is not None})
+        """ChatOptions for this request: the server's defaults, overridden where the client said
+        (the same rule as the OpenAI API: :func:`llm_server.serving.sampling.request_sampling`)."""
+        params = request_sampling(defaults, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p)
         return ChatOptions(
             role=self.role,
             improvement=self.improvement,

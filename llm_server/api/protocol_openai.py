@@ -15,12 +15,13 @@ prompts; ``repetition_penalty`` maps to the engine's sampling setting.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from llm_server.engine.types import SamplingParams
+from llm_server.serving import sampling
+from llm_server.serving.sampling import request_sampling
 
 #: Message roles a chat request may use ("developer" is the newer name of "system").
 SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant"})
@@ -60,9 +61,9 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
     #: Accepted and ignored (vLLM clients send it); it does not change the output.
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -71,20 +72,21 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    stream: bool = False
+    stream: StrictBool = False  # strict, as on /chat: "true" (a string) is a 400
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=sampling.MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=sampling.MIN_SEED, le=sampling.MAX_SEED)
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     # extensions
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, ge=sampling.MIN_REPETITION_PENALTY,
+                                             le=sampling.MAX_REPETITION_PENALTY)
     top_k: int | None = None
     min_p: float | None = None
     user: str | None = None
@@ -96,26 +98,11 @@ class SamplingFields(BaseModel):
         return tuple(s for s in stops if s)
 
     def sampling_params(self, defaults: SamplingParams, max_tokens: int | None) -> SamplingParams:
-        """The server's ``defaults``, overridden where the request says otherwise."""
-        changes: dict[str, Any] = {}
-        if max_tokens is not None:
-            changes["max_new_tokens"] = max_tokens
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-            changes["do_sample"] = self.temperature > 0.0
-        if self.top_p is not None:
-            if self.top_p == 0.0:  # only the most likely token survives: that is greedy decoding
-                changes["do_sample"] = False
-            else:
-                changes["top_p"] = self.top_p
-        if self.repetition_penalty is not None:
-            changes["repetition_penalty"] = self.repetition_penalty
-        if self.seed is not None:
-            changes["seed"] = self.seed
-        stops = self.stop_sequences()
-        if stops:
-            changes["stop"] = stops
-        return replace(defaults, **changes)
+        """The server's ``defaults``, overridden where the request says otherwise (the one rule
+        both APIs share: :func:`llm_server.serving.sampling.request_sampling`)."""
+        return request_sampling(defaults, max_new_tokens=max_tokens, temperature=self.temperature,
+                                top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
+                                stop=self.stop_sequences())
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -133,8 +120,8 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     web_search_options: Any = None
     # extensions (extra_body)
-    improvement: bool = False
-    intermediate_steps: bool = False
+    improvement: StrictBool = False
+    intermediate_steps: StrictBool = False
     role: str | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -144,7 +131,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
 

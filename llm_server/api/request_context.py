@@ -5,12 +5,19 @@ and an arrival time. Routes read them with :func:`request_id` and :func:`started
 a request is handled its id is also in :data:`request_id_var`, from which a log-record
 factory (and :class:`RequestIdFilter`) copy it to every log record as ``%(request_id)s``
 ("-" outside a request); :func:`configure_logging` sets up the server's log format with it.
+
+Log forging: values taken from a request (path, headers, model names, error messages) may
+hold control characters (``%0D%0A`` in a path decodes to CR LF). :func:`escape_controls`
+writes them as ``\\r``, ``\\n``, ``\\x1b``...; the access log applies it to what it logs, and
+the server's :class:`EscapingFormatter` applies it to every message, so no request can
+write a line of its own into the log (tracebacks keep their line breaks).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -22,6 +29,22 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 #: The id of the request being handled in this context ("-" outside a request).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters (CR, LF, ESC, ...) written as escapes: one log line, always."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A Formatter whose messages never contain control characters (see :func:`escape_controls`)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802  (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 # --- readers for routes -----------------------------------------------------------------------
@@ -64,7 +87,7 @@ def configure_logging(level: int | str = logging.INFO) -> None:
     """Root logging for the server process: one stderr handler with request ids in lines."""
     install_log_record_factory()
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -40,7 +40,7 @@ from llm_server.api.protocol_chat import (
     parse_query,
     stream_error_line,
 )
-from llm_server.api.readiness import ready_chat
+from llm_server.api.readiness import not_ready_error, readiness, ready_chat
 from llm_server.api.request_context import request_id
 from llm_server.serving.chat import ChatDelta, ChatDone
 from llm_server.serving.metrics import InstrumentedChatStream
@@ -82,10 +82,16 @@ _STREAM_DOC: dict[str, Any] = {
 
 
 # --- endpoints ----------------------------------------------------------------------------
-@router.get("/ping")
-async def ping() -> dict[str, str]:
-    """Liveness check (answers at once, whatever the engine is doing)."""
-    return {"status": "ok"}
+@router.get("/ping", response_model=None)
+async def ping(request: Request) -> Response:
+    """The spec's health check: ``{"status": "ok"}`` once the model can answer (at once, whatever
+    the engine is doing); while the model loads 503 ``{"status": "loading"}`` with ``Retry-After``
+    (``"error"`` if the load failed), so a client that waits for a 200 can then chat."""
+    error = not_ready_error(request.app)
+    if error is None:
+        return JSONResponse({"status": "ok"})
+    status = "error" if readiness(request.app).failed else "loading"
+    return JSONResponse({"status": status, "message": error.message}, status_code=503, headers=error.headers)
 
 
 @router.post("/chat/blocking", openapi_extra=_BODY_DOC)

@@ -93,10 +93,14 @@ def _message_text(index: int, content: Any) -> str:
     if content is None:
         return ""
     texts: list[str] = []
-    for part in content:
-        if part.type != "text" or part.text is None:
+    for j, part in enumerate(content):
+        if part.type != "text":
             raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
                            param=f"messages.{index}.content", code="unsupported_content")
+        if part.text is None:
+            where = f"messages.{index}.content.{j}.text"
+            raise APIError(400, f"{where} is required: a text part needs its text", param=where,
+                           code="missing_field")
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -105,7 +109,7 @@ def _chat_messages(body: ChatCompletionRequest) -> list[Message]:
     messages: list[Message] = []
     for i, msg in enumerate(body.messages):
         if msg.role not in SUPPORTED_ROLES:
-            raise APIError(400, f"message role {msg.role!r} is not supported (system, user, assistant)",
+            raise APIError(400, f"message role {msg.role!r} is not supported ({', '.join(sorted(SUPPORTED_ROLES))})",
                            param=f"messages.{i}.role", code="unsupported_role")
         extra = msg.model_extra or {}
         if extra.get("tool_calls") or extra.get("function_call"):

@@ -51,8 +51,17 @@ def _health_status(request: Request, stats: EngineStats | None) -> str:
     return "ok"
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+@router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    return _health(request)
+
+
+@router.head("/health")
+async def health_head(request: Request) -> JSONResponse:
+    return _health(request)
+
+
+def _health(request: Request) -> JSONResponse:
     engine, stats = _stats(request)
     status = _health_status(request, stats)
     body: dict[str, Any] = {

@@ -31,7 +31,9 @@ from llm_server.api import routes_chat, routes_ops, routes_openai, routes_page
 from llm_server.api.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.errors import install_error_handlers
 from llm_server.api.limits import BodySizeLimitMiddleware
+from llm_server.api.methods import OptionsMiddleware
 from llm_server.api.middleware import install_middleware
+from llm_server.api.openapi_doc import install_openapi
 from llm_server.api.readiness import FailureHook, ModelLoader, readiness
 from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
@@ -54,6 +56,19 @@ def _configured_engine(settings: ServerSettings) -> EngineFactory:
     return build
 
 
+def log_configuration_caps(settings: ServerSettings) -> None:
+    """Say at start when the server's limits cap a configured default (no silent caps)."""
+    parameters: Any = getattr(settings.model, "parameters", None) or {}
+    wanted = parameters.get("max_new_tokens") if isinstance(parameters, dict) else getattr(
+        parameters, "max_new_tokens", None)
+    limit = settings.max_new_tokens_limit
+    if isinstance(wanted, int) and wanted > limit:
+        logger.warning(
+            "model_config.yaml asks for max_new_tokens: %d, but this server's limit is %d, so answers "
+            "default to %d new tokens; raise server.limits.max_new_tokens in server_config.yaml "
+            "(or lower the model's max_new_tokens) to change this", wanted, limit, limit)
+
+
 def create_app(
     engine_factory: EngineFactory | None = None,
     *,
@@ -67,6 +82,7 @@ def create_app(
     model cannot be loaded. The app's readiness is :func:`llm_server.api.readiness.readiness`.
     """
     settings = settings if settings is not None else load_settings()
+    log_configuration_caps(settings)
     factory = engine_factory or _configured_engine(settings)
 
     def build_engine() -> Engine:
@@ -103,6 +119,8 @@ def create_app(
     for module in (routes_ops, routes_chat, routes_openai, routes_page):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(OptionsMiddleware, fastapi_app=app)
+    install_openapi(app)
     install_middleware(app)  # request ids, access log, drain gate: outermost
     install_log_redaction()
     return app
@@ -119,6 +137,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-dir", help="folder with your own YAML files (default: $LLM_SERVER_CONFIG_DIR, else the package's)")
     parser.add_argument("--open-access", action="store_true", help="serve WITHOUT any API key (explicit opt-out)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "
+                        "(needs the extra: pip install 'llm_server[ray]'; see docs/scale_out.md)")
+    parser.add_argument("--ray-address", help="join this Ray cluster ('auto': the local node's) and serve on Ray Serve")
     return parser.parse_args(_command_line() if argv is None else argv)
 
 
@@ -137,9 +158,6 @@ def _command_line() -> list[str]:
 def _fail(message: str, status: int) -> None:
     print(f"start_llm_server: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
-    parser.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "
-                        "(needs the extra: pip install 'llm_server[ray]'; see docs/scale_out.md)")
-    parser.add_argument("--ray-address", help="join this Ray cluster ('auto': the local node's) and serve on Ray Serve")
 
 
 def _settings_for(args: argparse.Namespace) -> ServerSettings:
@@ -187,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     configure_logging(args.log_level.upper())
     settings = _settings_for(args)
+    if args.replicas is not None or args.ray_address:
+        from llm_server.scale_out.cli import run_scaled_out
+
+        run_scaled_out(settings, args.replicas, args.ray_address, check_keys=_started_key_store)
+        return
     store = _started_key_store(settings)
     app = create_app(settings=settings, key_store=store, on_load_failure=_stop_the_process)
     run_server(app, host=settings.host, port=settings.port,
@@ -198,8 +221,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    if args.replicas is not None or args.ray_address:
-        from llm_server.scale_out.cli import run_scaled_out
-
-        run_scaled_out(settings, args.replicas, args.ray_address, check_keys=_started_key_store)
-        return

@@ -19,9 +19,10 @@ import contextlib
 import logging
 import signal
 import threading
+import weakref
 from collections.abc import Generator
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI
@@ -31,18 +32,61 @@ logger = logging.getLogger(__name__)
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Cuttable(Protocol):
+    """An open generation the server may cut short (an InstrumentedChatStream)."""
+
+    def cut(self, reason: str) -> None: ...
+
+
+#: What a client whose answer was cut short by the shutdown deadline reads in-band.
+SHUTDOWN_CUT_REASON = "the server is shutting down and cut this answer short; retry on another instance"
+
+
 class DrainState:
-    """Whether the server is shutting down (thread-safe; set once, never cleared)."""
+    """Whether the server is shutting down (thread-safe; set once, never cleared), and the
+    open generations, so those that outlive the shutdown timeout end with an error, not silently."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._open: weakref.WeakSet[Cuttable] = weakref.WeakSet()
+        self._timer: threading.Timer | None = None
 
     @property
     def draining(self) -> bool:
         return self._event.is_set()
 
-    def begin(self) -> None:
+    def begin(self, cut_after_s: float | None = None) -> None:
+        """Start draining; with ``cut_after_s``, cut the generations still open after that long."""
         self._event.set()
+        with self._lock:
+            if cut_after_s is None or self._timer is not None:
+                return
+            self._timer = threading.Timer(cut_after_s, self.cut_open_streams)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def track(self, stream: Cuttable) -> None:
+        with self._lock:
+            self._open.add(stream)
+
+    def cut_open_streams(self) -> int:
+        """Cut every open generation short (its client gets an in-band error); how many."""
+        with self._lock:
+            streams = list(self._open)
+            self._open.clear()
+        for stream in streams:
+            stream.cut(SHUTDOWN_CUT_REASON)
+        if streams:
+            logger.warning("shutdown timeout: cutting %d running request(s) short", len(streams))
+        return len(streams)
+
+
+def cut_deadline_s(shutdown_timeout_s: float) -> float:
+    """When to cut open generations: a little before uvicorn cancels the requests, so the
+    in-band error still reaches the clients."""
+    margin = min(2.0, max(0.25, 0.2 * shutdown_timeout_s))
+    return max(0.0, shutdown_timeout_s - margin)
 
 
 def drain_state(app: FastAPI) -> DrainState:
@@ -65,7 +109,7 @@ class GracefulServer(uvicorn.Server):
         if not self.should_exit:
             logger.info("received %s: draining (running requests get up to %ss)",
                         signal.Signals(sig).name, self.config.timeout_graceful_shutdown)
-        drain_state(self.fastapi_app).begin()
+        drain_state(self.fastapi_app).begin(cut_deadline_s(self.config.timeout_graceful_shutdown or 0))
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

@@ -90,8 +90,15 @@ class InstrumentedChatStream:
         self.started_at = time.perf_counter() if started_at is None else started_at
         self._recorded = False
         self._last_text_at: float | None = None
+        #: Why the server cut this stream short (e.g. shutdown), or None.
+        self.cut_reason: str | None = None
 
     def cancel(self) -> None:
+        self.inner.cancel()
+
+    def cut(self, reason: str) -> None:
+        """Cancel on the server's behalf (not the client's): readers report ``reason`` as an error."""
+        self.cut_reason = reason
         self.inner.cancel()
 
     def __getattr__(self, name: str) -> Any:  # anything else a ChatStream offers

@@ -1,0 +1,268 @@
+"""The OpenAPI document (``/openapi.json``, ``/docs``): what the server really does.
+
+FastAPI's generated document is the starting point; :func:`install_openapi` rewrites it so
+generated clients and fuzzers are not misled:
+
+- every error a route can answer is listed (400, 401, 404, 408, 413, 499, 500, 503, in
+  OpenAI's ``{"error": {...}}`` shape, 503 with ``Retry-After``) and FastAPI's 422, which
+  never happens (validation errors are 400), is gone;
+- the API key is a security scheme: ``X-API-Key`` header, ``Authorization: Bearer``, and the
+  ``x_api_key`` query parameter on GET when the server allows it; none on ``/health`` (and
+  on ``/metrics`` unless it needs a key);
+- the GET forms of ``/chat/*`` list their query parameters; bodies and query values carry
+  the bounds the server enforces (roles of this server, the max_new_tokens limit, seeds...);
+- media types are the real ones: ``/metrics`` text/plain, ``/chat/stream`` text/plain,
+  streamed ``/v1`` answers text/event-stream;
+- each operation has its own id (GET and HEAD ``/health`` included).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from llm_server.api.settings import ServerSettings
+from llm_server.conversation_engine.inputs import HISTORY_ROLES
+from llm_server.serving import sampling
+
+Schema = dict[str, Any]
+
+_ERROR_BODY: Schema = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+_ERROR_WORDS = {
+    400: "Invalid request: the message and `param` name the field",
+    401: "Missing or wrong API key",
+    404: "Unknown model (or path)",
+    408: "The request body did not arrive in time",
+    413: "Request body larger than the server's limit",
+    499: "The client went away before the answer (logged and counted; never received)",
+    500: "Generation failed",
+    503: "Model loading, server overloaded or shutting down: retry after `Retry-After` seconds",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+_HEALTH: Schema = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "loading", "draining", "error"]},
+    "model": {"type": ["string", "null"]}, "running": {"type": "integer"}, "waiting": {"type": "integer"}}}
+_PING: Schema = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "loading", "error"]}, "message": {"type": "string"}}}
+_MODEL: Schema = {"type": "object", "required": ["id", "object"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+    "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}}
+_COMPLETION: Schema = {"type": "object", "required": ["id", "object", "choices"], "properties": {
+    "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
+    "model": {"type": "string"}, "choices": {"type": "array"}, "usage": {"type": "object"}}}
+
+
+def _error(status: int, headers: bool = False) -> Schema:
+    out: Schema = {"description": _ERROR_WORDS[status], "content": {"application/json": {"schema": _ERROR_BODY}}}
+    if headers:
+        out["headers"] = _RETRY_AFTER
+    return out
+
+
+def _json(description: str, schema: Schema) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _text(description: str, media: str = "text/plain") -> Schema:
+    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+
+
+# --- request schemas --------------------------------------------------------------------------
+def _chat_fields(settings: ServerSettings) -> dict[str, Schema]:
+    """The fields of the spec's chat request, with the bounds the server enforces."""
+    turn = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"type": "string", "enum": list(HISTORY_ROLES)}, "content": {"type": "string"}}}
+    return {
+        "prompt": {"type": "string", "pattern": r"\S", "description": "the user's message (not blank)"},
+        "history": {"type": "array", "items": turn, "description": "earlier turns, oldest first"},
+        "improvement": {"type": "boolean", "default": False},
+        "intermediate_steps": {"type": "boolean", "default": False},
+        "role": {"type": "string", "enum": sorted(settings.system_prompts), "default": "assistant",
+                 "description": "which system prompt (system_prompt_config.yaml) answers"},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
+        "temperature": {"type": "number", "minimum": 0, "maximum": sampling.MAX_TEMPERATURE,
+                        "description": f"below {sampling.MIN_TEMPERATURE:g}: greedy"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    }
+
+
+def _chat_body(settings: ServerSettings) -> Schema:
+    return {"type": "object", "required": ["prompt"], "properties": _chat_fields(settings)}
+
+
+def _chat_query(settings: ServerSettings) -> list[Schema]:
+    params = []
+    for name, schema in _chat_fields(settings).items():
+        param: Schema = {"name": name, "in": "query", "required": name == "prompt"}
+        if name == "history":  # JSON text in the query string
+            param["content"] = {"application/json": {"schema": schema}}
+        else:
+            param["schema"] = schema
+        params.append(param)
+    return params
+
+
+def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> None:
+    """The OpenAI request schemas, limited to what this server implements (else it answers 400)."""
+    served = settings.served_model_name
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = schemas.get(name, {}).get("properties", {})
+        if not props:
+            continue
+        props["model"] = {"type": "string", "description": f"this server serves `{served}`"}
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
+                                          {"type": "null"}]}
+        for field in ("n", "best_of"):
+            if field in props:
+                props[field] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "only 1 is supported"}
+        for field in ("presence_penalty", "frequency_penalty", "min_p"):
+            if field in props:
+                props[field] = {"anyOf": [{"const": 0}, {"type": "null"}], "description": "only 0 is supported"}
+        if "top_k" in props:
+            props["top_k"] = {"anyOf": [{"enum": [0, -1]}, {"type": "null"}], "description": "not supported"}
+        for field in ("logit_bias", "tools", "functions", "audio", "prediction", "reasoning_effort",
+                      "web_search_options", "suffix", "top_logprobs"):
+            props.pop(field, None)
+        if "logprobs" in props:
+            props["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "not supported"}
+        if "echo" in props:
+            props["echo"] = {"const": False, "description": "not supported"}
+        schemas[name]["additionalProperties"] = False
+        schemas[name]["description"] = "Fields this server does not implement are refused with 400."
+    if "ChatMessage" in schemas:
+        msg = schemas["ChatMessage"]
+        msg["properties"]["role"] = {"type": "string", "enum": ["system", "developer", "user", "assistant"]}
+        msg["required"] = ["role", "content"]
+        msg["properties"]["content"] = {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}}]}
+        msg["additionalProperties"] = False
+    if "TextPart" in schemas:
+        schemas["TextPart"] = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+                               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+
+
+# --- operations -------------------------------------------------------------------------------
+def _security(doc: Schema, settings: ServerSettings) -> tuple[list[Schema], list[Schema]]:
+    """(for POST, for GET) security requirements, registering the schemes in ``doc``."""
+    if getattr(settings, "open_access", False):
+        return [], []
+    schemes = doc.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["ApiKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    schemes["BearerAuth"] = {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"}
+    post = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+    if not settings.allow_query_api_key:
+        return post, post
+    schemes["ApiKeyQuery"] = {"type": "apiKey", "in": "query", "name": "x_api_key",
+                              "description": "GET requests only (a browser link); never logged"}
+    return post, [*post, {"ApiKeyQuery": []}]
+
+
+def _errors(method: str, path: str, keyed: bool) -> dict[str, Schema]:
+    out: dict[str, Schema] = {}
+    if path == "/health":  # its 503 is the health body itself
+        return out
+    generates = path.startswith(("/chat/", "/v1/chat", "/v1/completions"))
+    if generates or path.startswith("/v1/models/"):
+        out["400"] = _error(400)
+    if keyed:
+        out["401"] = _error(401)
+    if path.startswith("/v1/models/") or path in ("/v1/chat/completions", "/v1/completions"):
+        out["404"] = _error(404)
+    if method == "post":
+        out["408"] = _error(408)
+        out["413"] = _error(413)
+    if generates:
+        out["499"] = {"description": _ERROR_WORDS[499]}
+        out["500"] = _error(500)
+    out["503"] = _error(503, headers=True)
+    return out
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = [w for w in path.replace("{", "").replace("}", "").split("/") if w]
+    return "_".join([method, *words]).replace("-", "_") or method
+
+
+def _success(method: str, path: str, settings: ServerSettings) -> dict[str, Schema]:
+    if path == "/health":
+        return {"200": _json("Ready", _HEALTH), "503": _json("Loading, draining or failed", _HEALTH)}
+    if path == "/metrics":
+        return {"200": _text("Prometheus text format")}
+    if path == "/ping":
+        return {"200": _json("The model can answer", _PING),
+                "503": {**_json("The model is loading (or failed)", _PING), "headers": _RETRY_AFTER}}
+    if path == "/chat/blocking":
+        stages = {k: {"type": "string"} for k in ("draft_answer", "suggestions1", "revision1", "comments1",
+                                                  "suggestions2", "revision2", "comments2")}
+        return {"200": _json("The reply (and the improvement stages with intermediate_steps)",
+                             {"type": "object", "required": ["reply"],
+                              "properties": {"reply": {"type": "string"}, **stages}})}
+    if path == "/chat/stream":
+        return {"200": _text("Text chunks, then `[[END]]` (or `[[ERROR]] <message>`)")}
+    if path == "/v1/models":
+        return {"200": _json("The served model", {"type": "object", "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}})}
+    if path.startswith("/v1/models/"):
+        return {"200": _json("The served model", _MODEL)}
+    answer = _json("The whole answer (`stream: false`)", _COMPLETION)
+    answer["content"]["text/event-stream"] = {"schema": {"type": "string"},
+                                              "description": "`stream: true`: `data: {chunk}` ... `data: [DONE]`"}
+    return {"200": answer}
+
+
+def _rewrite_operation(doc: Schema, method: str, path: str, op: Schema, settings: ServerSettings,
+                       security: tuple[list[Schema], list[Schema]]) -> None:
+    keyed = path != "/health" and (path != "/metrics" or settings.metrics_require_key) and bool(security[0])
+    op["operationId"] = _operation_id(method, path)
+    op["responses"] = {**_success(method, path, settings), **_errors(method, path, keyed)}
+    op["security"] = (security[1] if method == "get" else security[0]) if keyed else []
+    if path in ("/chat/blocking", "/chat/stream"):
+        if method == "get":
+            op["parameters"] = _chat_query(settings)
+        else:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _chat_body(settings)}}}
+    if method == "head":
+        for response in op["responses"].values():
+            response.pop("content", None)
+
+
+def build_openapi(app: FastAPI) -> Schema:
+    """The document for ``app`` (its routes and its settings)."""
+    settings: ServerSettings = app.state.settings
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                      description="Chat with the configured model: the spec's API (/chat/*, /ping), "
+                                  "an OpenAI-compatible API (/v1/*) and operations (/health, /metrics).")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    _tighten_openai(schemas, settings)
+    security = _security(doc, settings)
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            _rewrite_operation(doc, method, path, op, settings, security)
+    return doc
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve :func:`build_openapi`'s document (built on first request, then cached)."""
+
+    def openapi() -> Schema:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return copy.deepcopy(app.openapi_schema)
+
+    app.openapi = openapi  # type: ignore[method-assign]
