@@ -87,12 +87,6 @@ class ScaleOutConfig(BaseModel):
         return self.model_copy(update={"replicas": replicas, "autoscaling": None})
 
 
-def _engine_value(engine: Any, key: str, default: int) -> int:
-    """One ``server.engine`` limit, whether the settings hold a mapping or an EngineConfig."""
-    value = engine.get(key, default) if isinstance(engine, Mapping) else getattr(engine, key, default)
-    return int(value if value is not None else default)
-
-
 def scale_out_from_mapping(section: Mapping[str, Any] | None, file: str = SERVER_CONFIG_FILE) -> ScaleOutConfig:
     """Validate a ``scale_out`` mapping; problems raise :class:`ConfigError` naming the key."""
     if section is None:
