@@ -75,8 +75,24 @@ def run_scaled_out(settings: ServerSettings, replicas: int | None, ray_address: 
     try:
         _wait_for_signal()
     finally:
-        logger.info("stopping the Serve application")
-        serve.delete(options.app_name)
-        if ray_address is None:  # our own local Ray: stop it all; a joined cluster keeps running
+        _stop(options.app_name, local=ray_address is None, timeout_s=settings.shutdown_timeout_s + 15)
+
+
+def _stop(app_name: str, local: bool, timeout_s: float) -> None:
+    """Delete the application (replicas drain), and stop our own local Ray; a joined cluster keeps
+    running. Bounded: a Ctrl-C in a terminal also reaches Ray's own processes, which may be gone."""
+    import ray
+    from ray import serve
+
+    def graceful() -> None:
+        serve.delete(app_name)
+        if local:
             serve.shutdown()
-        ray.shutdown()
+
+    logger.info("stopping the Serve application %s", app_name)
+    worker = threading.Thread(target=graceful, name="serve-stop", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning("Serve did not stop within %.0f s (Ray's processes may already be gone); exiting", timeout_s)
+    ray.shutdown()
