@@ -46,8 +46,16 @@ def _bias(module: torch.nn.Linear) -> torch.Tensor | None:
 
 def _drop_weight(module: torch.nn.Linear) -> None:
     """Replace a linear's weight by a meta tensor of the same shape: its memory is freed, and
-    using the module afterwards fails loudly instead of computing garbage."""
+    calling the module afterwards raises instead of computing on meta tensors."""
     module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+    module.register_forward_pre_hook(_refuse)
+
+
+def _refuse(module: torch.nn.Module, args: Any) -> None:
+    raise RuntimeError(
+        "this model's weights were handed to the serving engine's runner (mark_engine_owned); "
+        "load another copy to run the model itself"
+    )
 
 
 def mark_engine_owned(model: Any) -> None:

@@ -32,7 +32,9 @@ ENGINE_OWNED_ATTR = "llm_server_engine_owned"
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides the input width is used
 #: Calls with more rows than this (prefill) de-quantize the weight and use the float matmul: the
 #: weight-only kernels' cost grows with the rows much faster than oneDNN's (3x slower prefill).
-DEQUANT_ABOVE_ROWS = 32
+#: Measured crossovers on an AVX-512 EPYC, one thread: int8 ~64 rows, int4 ~200 rows.
+INT8_DEQUANT_ABOVE_ROWS = 64
+INT4_DEQUANT_ABOVE_ROWS = 192
 _INT4_BLOCK_N = 64  # _convert_weight_to_int4pack_for_cpu packs 64 output rows at a time
 
 
@@ -103,7 +105,7 @@ class Int8Linear:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        if flat.shape[0] > DEQUANT_ABOVE_ROWS:
+        if flat.shape[0] > INT8_DEQUANT_ABOVE_ROWS:
             return F.linear(x, self.dequantized(), self.bias)
         y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
         if self.bias is not None:
@@ -127,7 +129,7 @@ class Int4Linear:
         q = q.to(torch.int32).view(out_features, in_features)
         self.out_features = int(out_features)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        if not torch.equal(self.levels(), q):
+        if not torch.equal(self._blocked_levels(), q.to(torch.uint8).view(-1, _INT4_BLOCK_N, in_features).transpose(1, 2)):
             raise RuntimeError("unexpected int4 packing layout in this torch build")
         zero = low + 8.0 * scale
         # [in_features / group_size, out_features, 2] (scale, zero)
@@ -138,27 +140,38 @@ class Int4Linear:
             self.scale_zeros.numel() * self.scale_zeros.element_size()
         )
 
+    def _blocked_levels(self) -> torch.Tensor:
+        """The 4-bit levels as ``[out / 64, in, 64]`` uint8, unpacked from the kernel's layout: per
+        block of 64 output rows, byte ``[k, j]`` holds row ``j`` (low nibble) and row ``32 + j`` (high)
+        of column ``k``."""
+        blocks = self.packed.view(self.out_features // _INT4_BLOCK_N, -1, _INT4_BLOCK_N // 2)
+        return torch.cat([blocks & 15, blocks >> 4], dim=-1)
+
     def levels(self) -> torch.Tensor:
-        """The 4-bit levels ``q`` [out, in] (int32), unpacked from the kernel's layout: per block of 64
-        output rows, byte ``[k, j]`` holds row ``j`` (low nibble) and row ``32 + j`` (high) of column ``k``."""
-        out_features = self.out_features
-        blocks = self.packed.view(out_features // _INT4_BLOCK_N, -1, _INT4_BLOCK_N // 2)
-        both = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [blocks, in, 64]
-        return both.transpose(1, 2).reshape(out_features, -1).to(torch.int32)
+        """The 4-bit levels ``q`` [out, in] (int32), as quantized."""
+        return self._blocked_levels().transpose(1, 2).reshape(self.out_features, -1).to(torch.int32)
 
     def dequantized(self) -> torch.Tensor:
-        """The float weight the int4 one stands for, ``[out, in]`` in the activations' dtype."""
-        dtype = self.scale_zeros.dtype
-        scale, zero = self.scale_zeros.unbind(-1)  # [groups, out]
-        levels = self.levels().to(dtype).view(self.out_features, -1, self.group_size).sub_(8)
-        weight = levels.mul_(scale.t().unsqueeze(-1)).add_(zero.t().unsqueeze(-1))
-        return weight.view(self.out_features, -1)
+        """The float weight the int4 one stands for, ``[out, in]`` (a transposed view) in the
+        activations' dtype. Computed in the packed block order: 3x faster than unpacking first."""
+        blocks, n = self.out_features // _INT4_BLOCK_N, self.out_features
+        scale, zero = self.scale_zeros.float().unbind(-1)  # [groups, out]
+        groups = scale.shape[0]
+
+        def per_block(t: torch.Tensor) -> torch.Tensor:  # [groups, out] -> [blocks, groups, 1, 64]
+            return t.view(groups, blocks, _INT4_BLOCK_N).permute(1, 0, 2).unsqueeze(2)
+
+        levels = self._blocked_levels().view(blocks, groups, self.group_size, _INT4_BLOCK_N).float()
+        weight = torch.addcmul(per_block(zero - 8.0 * scale), levels, per_block(scale))
+        transposed = torch.empty(groups, self.group_size, blocks, _INT4_BLOCK_N, dtype=self.scale_zeros.dtype)
+        transposed.copy_(weight.permute(1, 2, 0, 3))
+        return transposed.view(-1, n).t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        if flat.shape[0] > DEQUANT_ABOVE_ROWS:
+        if flat.shape[0] > INT4_DEQUANT_ABOVE_ROWS:
             return F.linear(x, self.dequantized(), self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_zeros)
         if self.bias is not None:

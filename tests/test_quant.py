@@ -1,0 +1,143 @@
+"""Weight-only int8 / int4 in the engine's Llama runner: the quantized linears against a float
+reference, the whole runner against the HF forward on the de-quantized weights, the
+``quantization`` option from ``initialize`` to the runner, and one resident copy of the weights
+when the engine owns the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llm_server.engine.llama_runner import LlamaRunner
+from llm_server.engine.llama_weights import mark_engine_owned
+from llm_server.engine.quant import (
+    INT4_DEQUANT_ABOVE_ROWS,
+    INT8_DEQUANT_ABOVE_ROWS,
+    FloatLinear,
+    Int4Linear,
+    Int8Linear,
+    make_linear,
+)
+from llm_server.helper_functionality.model_loading import ModelLoadError, initialize, resolve_quantization
+from tests.conftest import build_tiny_llama
+from tests.test_engine_batching import build_model
+from tests.test_engine_runner import hf_last_logits
+
+CPU = torch.device("cpu")
+# Relative error of y = x @ W^T against float weights, for Gaussian weights: int8 per channel ~0.8%,
+# int4 in groups of 32 ~8% (asymmetric round-to-nearest).
+BOUND = {"int8": 0.015, "int4": 0.10}
+ROWS = {"int8": (1, 5, INT8_DEQUANT_ABOVE_ROWS + 1), "int4": (1, 5, INT4_DEQUANT_ABOVE_ROWS + 1)}
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_is_close_to_the_float_one_on_every_path(mode: str, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(192, 256, generator=generator) * 0.05).to(dtype)
+    bias = torch.randn(192, generator=generator).to(dtype)
+    linear = make_linear(weight, bias, True, mode)
+    assert isinstance(linear, Int8Linear if mode == "int8" else Int4Linear)
+    assert linear.weight_bytes < weight.numel() * weight.element_size() / (1.8 if mode == "int8" else 3.0)
+    dequantized = linear.dequantized().float()
+    for rows in ROWS[mode]:  # the weight-only kernel for decode-sized calls, de-quantized matmul above
+        x = torch.randn(2, rows, 256, generator=generator).to(dtype)
+        y = linear(x)
+        assert y.shape == (2, rows, 192) and y.dtype == dtype
+        exact = x.float() @ weight.float().t() + bias.float()
+        assert relative_error(y, exact) < BOUND[mode]
+        # the kernel computes exactly with the weights it stands for (up to the activations' rounding)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert relative_error(y, x.float() @ dequantized.t() + bias.float()) < tolerance
+
+
+def test_shapes_the_int4_kernel_cannot_take_stay_float() -> None:
+    weight = torch.randn(100, 64) * 0.05  # 100 output rows: not a multiple of the 64-row packing
+    linear = make_linear(weight, None, True, "int4")
+    assert isinstance(linear, FloatLinear)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(linear(x), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+def dequantize_into(model: Any, runner: LlamaRunner) -> None:
+    """Write the weights the runner's quantized linears stand for back into the HF model."""
+    with torch.no_grad():
+        for layer, weights in zip(model.model.layers, runner._layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for modules, linear in (
+                ([attn.q_proj, attn.k_proj, attn.v_proj], weights.qkv),
+                ([attn.o_proj], weights.o),
+                ([mlp.gate_proj, mlp.up_proj], weights.gate_up),
+                ([mlp.down_proj], weights.down),
+            ):
+                parts = linear.dequantized().split([m.weight.shape[0] for m in modules])
+                for module, part in zip(modules, parts):
+                    module.weight.data = part.to(module.weight.dtype).contiguous()
+        model.lm_head.weight.data = runner._lm_head.dequantized().to(model.lm_head.weight.dtype).contiguous()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_quantized_runner_is_the_hf_forward_on_its_dequantized_weights(mode: str, kind: str) -> None:
+    """Batched prefill (a long prompt: the de-quantized path) and decode steps (the int kernels)."""
+    reference = build_model(512, kind)
+    if kind == "llama":  # a tied head would quantize the input embedding too: untie it in the reference
+        reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach().clone())
+    runner = LlamaRunner(build_model(512, kind), max_slots=4, max_context=1024, quantization=mode)
+    dequantize_into(reference, runner)
+    handles = [runner.open() for _ in range(2)]
+    prompts = [list(range(3, 40)), list(range(100, 400))]  # 300 rows: the de-quantized prefill path
+    with torch.inference_mode():
+        logits = runner.forward(handles, prompts)
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(logits[row], hf_last_logits(reference, prompt), atol=2e-4, rtol=1e-4)
+        for token in (7, 8, 9):
+            logits = runner.forward(handles, [[token], [token + 1]])
+            prompts = [prompts[0] + [token], prompts[1] + [token + 1]]
+            for row, prompt in enumerate(prompts):
+                torch.testing.assert_close(logits[row], hf_last_logits(reference, prompt), atol=2e-4, rtol=1e-4)
+
+
+def test_quantization_choice_reaches_the_runner(tmp_path: Path, tokenizer: Any) -> None:
+    assert resolve_quantization("int8", CPU, torch.bfloat16) == "int8"
+    assert resolve_quantization(" INT4 ", CPU, torch.bfloat16) == "int4"
+    with pytest.raises(ModelLoadError, match="runs on CPU"):
+        resolve_quantization("int8", torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="on CPU use quantization: int8 or int4"):
+        resolve_quantization("4bit", CPU, torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="unknown quantization"):
+        resolve_quantization("int3", CPU, torch.bfloat16)
+    folder = tmp_path / "tiny"
+    build_tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _, model = initialize(device="cpu", model_id=str(folder), dtype="float32", quantization="int4", compile=False)
+    runner = LlamaRunner(model, max_slots=1, max_context=64)
+    assert runner.quantization == "int4" and isinstance(runner._layers[0].gate_up, Int4Linear)
+    _, plain = initialize(device="cpu", model_id=str(folder), dtype="float32", quantization=None, compile=False)
+    assert LlamaRunner(plain, max_slots=1, max_context=64).quantization is None
+
+
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_an_engine_owned_model_keeps_one_copy_of_the_weights(mode: str | None) -> None:
+    kept = build_model(512, "llama")
+    owned = build_model(512, "llama")  # same seed: same weights
+    mark_engine_owned(owned)
+    shared = LlamaRunner(kept, max_slots=2, max_context=64, quantization=mode)
+    single = LlamaRunner(owned, max_slots=2, max_context=64, quantization=mode)
+    layer = owned.model.layers[0]
+    dropped = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj]
+    assert all(m.weight.device.type == "meta" for m in dropped)
+    assert owned.model.embed_tokens.weight.device.type == "cpu"  # the embedding (tied LM head) stays
+    assert kept.model.layers[0].mlp.gate_proj.weight.device.type == "cpu"  # not owned: the HF model still runs
+    with torch.inference_mode():
+        outputs = [runner.forward([runner.open()], [[5, 6, 7]]) for runner in (shared, single)]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="handed to the serving engine"):
+        owned(torch.tensor([[5, 6, 7]]))  # fails loudly rather than computing garbage
