@@ -2,15 +2,15 @@
 
 Requests are parsed leniently by pydantic (unknown keys are kept in ``model_extra``), then
 :func:`unsupported_chat_fields` / :func:`unsupported_completion_fields` list every field
-that would change the output but is not implemented (``logprobs: true``, ``tools``, a JSON
-``response_format``, non-zero penalties, ``logit_bias``, ``n > 1``...) and every key we do
-not know at all; routes answer those with a 400 naming the field, as OpenAI does, instead
-of silently ignoring them. Fields that never change the output (``user``, ``metadata``,
-``store``...) are accepted and ignored.
+that would change the output but is not implemented (non-zero penalties, ``logit_bias``,
+``n > 1``...) and every key we do not know at all; routes answer those with a 400 naming
+the field, as OpenAI does, instead of silently ignoring them. Fields that never change the
+output (``user``, ``metadata``, ``store``...) are accepted and ignored.
 
 Extension fields (sent by the SDK through ``extra_body``): ``improvement``,
 ``intermediate_steps`` and ``role`` run the spec's improvement pipeline and role system
-prompts; ``repetition_penalty`` maps to the engine's sampling setting.
+prompts; ``repetition_penalty`` maps to the engine's sampling setting. ``response_format``,
+``logprobs`` / ``top_logprobs`` and tools are honoured (see docs/structured_output.md).
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ MAX_STOP_SEQUENCES = 16
 class TextPart(BaseModel):
     """One part of a message's content list; only text parts are supported."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[TextPart] | None = None
@@ -59,7 +59,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     include_usage: StrictBool = False
     #: Accepted and ignored (vLLM clients send it); it does not change the output.
@@ -69,7 +69,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     stream: StrictBool = False  # strict, as on /chat: "true" (a string) is a 400
@@ -131,6 +131,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    response_format: dict[str, Any] | None = None  # extension: as on chat completions
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -162,10 +163,6 @@ def _unknown(req: BaseModel) -> list[str]:
 def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
     """Fields of a chat request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.logprobs not in (None, False):
-        bad.append("logprobs")
-    if req.top_logprobs not in (None, 0):
-        bad.append("top_logprobs")
     if req.tools:
         bad.append("tools")
     if req.tool_choice not in (None, "none", "auto") or (req.tool_choice == "auto" and req.tools):
@@ -174,8 +171,6 @@ def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
         bad.append("functions")
     if req.function_call not in (None, "none", "auto"):
         bad.append("function_call")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        bad.append("response_format")
     if req.modalities not in (None, ["text"]):
         bad.append("modalities")
     for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
@@ -187,8 +182,6 @@ def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
 def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
     """Fields of a completion request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.logprobs not in (None, 0, False):
-        bad.append("logprobs")
     if req.echo:
         bad.append("echo")
     if req.suffix:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -47,8 +47,16 @@ from llm_server.api.protocol_openai import (
     unsupported_completion_fields,
 )
 from llm_server.api.readiness import ready_chat, ready_engine
+from llm_server.engine.types import LogprobLog
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
 from llm_server.serving.metrics import InstrumentedChatStream
+from llm_server.serving.structured import (
+    MAX_TOP_LOGPROBS,
+    LogprobFormatter,
+    constrained,
+    response_format_grammar,
+    with_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +152,23 @@ class _Reply:
     include_usage: bool = False
     id: str = ""
     created: int = 0
+    logprobs: LogprobLog | None = None  # recorded by the engine when the request asked for them
+    formatter: LogprobFormatter | None = None
 
     @classmethod
-    def new(cls, chat: bool, model: str, body: SamplingFields) -> _Reply:
+    def new(cls, chat: bool, model: str, body: SamplingFields, logprobs: LogprobLog | None = None,
+            formatter: LogprobFormatter | None = None) -> _Reply:
         prefix = "chatcmpl" if chat else "cmpl"
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        return cls(chat, model, include_usage, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+        return cls(chat, model, include_usage, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), logprobs,
+                   formatter)
+
+    def _logprobs(self) -> dict[str, Any] | None:
+        """The log-probabilities recorded since the last call (None when not requested)."""
+        if self.logprobs is None or self.formatter is None:
+            return None
+        items = self.logprobs.drain()
+        return self.formatter.chat(items) if self.chat else self.formatter.completion(items)
 
     def _envelope(self, streamed: bool) -> dict[str, Any]:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -162,7 +181,7 @@ class _Reply:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": collected.text}}
         else:
             choice = {"index": 0, "text": collected.text}
-        choice.update(logprobs=None, finish_reason=_finish_reason(done))
+        choice.update(logprobs=self._logprobs(), finish_reason=_finish_reason(done))
         return {**self._envelope(False), "choices": [choice], "usage": _usage(done), "system_fingerprint": None}
 
     def chunk(self, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
@@ -170,7 +189,7 @@ class _Reply:
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": delta.get("content", "")}
-        choice.update(logprobs=None, finish_reason=finish)
+        choice.update(logprobs=self._logprobs() if delta.get("content") else None, finish_reason=finish)
         out = {**self._envelope(True), "choices": [choice]}
         if self.include_usage:
             out["usage"] = None
@@ -249,18 +268,66 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     role = body.role or ("assistant" if body.improvement else None)  # the pipeline uses roles anyway
     messages = _chat_messages(body)
     max_tokens = body.requested_max_tokens()
+    params, log = with_logprobs(body.sampling_params(request.app.state.settings.default_params, max_tokens),
+                                _chat_top_logprobs(body))
     options = ChatOptions(
         role=role or "assistant",
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
-        params=body.sampling_params(request.app.state.settings.default_params, max_tokens),
+        params=params,
         request_id=request_id(request),
         fit_context=max_tokens is None,  # the default budget shrinks to the room the prompt leaves
     )
+    _check_structure_combination(body.response_format, log, body.improvement)
     logger.info("chat completion: %d messages, stream=%s, improvement=%s", len(messages), body.stream,
                 body.improvement)
-    return await _answer(request, lambda: chat.open(chat.openai_messages(messages, role), options),
-                         _Reply.new(True, model, body), body.stream, "messages")
+
+    def opener() -> ChatStream:  # runs in a worker thread: the grammar is compiled there
+        grammar = response_format_grammar(chat.engine.tokenizer, body.response_format)
+        structured = replace(options, params=constrained(options.params, grammar))
+        return chat.open(chat.openai_messages(messages, role), structured)
+
+    reply = _Reply.new(True, model, body, log, _formatter(chat, log))
+    return await _answer(request, opener, reply, body.stream, "messages")
+
+
+def _chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """None: no logprobs; else how many alternatives per token (``top_logprobs``)."""
+    if body.logprobs not in (None, False, True):
+        raise APIError(400, "logprobs must be a boolean", param="logprobs", code="invalid_value")
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs",
+                       code="invalid_value")
+    if not body.logprobs:
+        if top:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
+                           code="invalid_value")
+        return None
+    return top or 0
+
+
+def _completion_top_logprobs(body: CompletionRequest) -> int | None:
+    value = body.logprobs
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}", param="logprobs",
+                       code="invalid_value")
+    return value
+
+
+def _check_structure_combination(response_format: Any, log: LogprobLog | None, improvement: bool) -> None:
+    if improvement and response_format and response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format cannot be combined with improvement", param="response_format",
+                       code="unsupported_value")
+    if improvement and log is not None:
+        raise APIError(400, "logprobs cannot be combined with improvement", param="logprobs",
+                       code="unsupported_value")
+
+
+def _formatter(chat: Any, log: LogprobLog | None) -> LogprobFormatter | None:
+    return None if log is None else LogprobFormatter(chat.engine.tokenizer)
 
 
 @router.post("/completions", response_model=None)
@@ -275,8 +342,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
         prompt = prompt[0]
-    options = ChatOptions(params=body.sampling_params(request.app.state.settings.default_params, body.max_tokens),
-                          request_id=request_id(request), fit_context=body.max_tokens is None)
+    params, log = with_logprobs(body.sampling_params(request.app.state.settings.default_params, body.max_tokens),
+                                _completion_top_logprobs(body))
+    options = ChatOptions(params=params, request_id=request_id(request), fit_context=body.max_tokens is None)
     chat = ready_chat(request)
-    return await _answer(request, lambda: chat.open_completion(prompt, options), _Reply.new(False, model, body),
-                         body.stream, "prompt")
+
+    def opener() -> ChatStream:  # runs in a worker thread: the grammar is compiled there
+        grammar = response_format_grammar(chat.engine.tokenizer, body.response_format)
+        return chat.open_completion(prompt, replace(options, params=constrained(options.params, grammar)))
+
+    reply = _Reply.new(False, model, body, log, _formatter(chat, log))
+    return await _answer(request, opener, reply, body.stream, "prompt")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -37,6 +38,10 @@ class ContextLengthExceeded(EngineError):
         self.max_context = max_context
 
 
+class InvalidRequest(EngineError):
+    """The request itself is malformed (an empty prompt, token ids outside the vocabulary): HTTP 400."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. ``temperature == 0`` or ``do_sample=False`` is greedy."""
@@ -48,10 +53,43 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: Grammar-constrained decoding (an ``engine.constraints.Grammar``); None: free text.
+    constraint: Any = field(default=None, compare=False)
+    #: None: no log-probabilities; n >= 0: record each token's, with its n likeliest alternatives,
+    #: into ``logprob_sink``.
+    logprobs: int | None = None
+    logprob_sink: LogprobLog | None = field(default=None, compare=False)
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated id's log-probability under the model, and the likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class LogprobLog:
+    """Per-request record of :class:`TokenLogprob`: the engine appends, the server drains."""
+
+    def __init__(self) -> None:
+        self._items: list[TokenLogprob] = []
+        self._lock = threading.Lock()
+
+    def append(self, item: TokenLogprob) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def drain(self) -> list[TokenLogprob]:
+        """Everything recorded since the last drain."""
+        with self._lock:
+            items, self._items = self._items, []
+        return items
 
 
 @dataclass
@@ -78,6 +116,9 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     text: str
+    #: When the request entered each status it went through (``waiting``, ``prefilling``,
+    #: ``decoding``, ``finished``), in ``time.monotonic()`` seconds; empty when not tracked.
+    timeline: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 StreamEvent = TextDelta | Finished

@@ -1,0 +1,111 @@
+"""Structured output for the serving layer: ``response_format`` -> a grammar on the sampling
+settings, and recorded log-probabilities -> OpenAI's ``logprobs`` objects.
+
+The grammar library (and torch with it) is imported lazily, when a request first asks for
+structure, so the API package can be imported without torch. Compiling happens here, in the
+request's worker thread, never on the engine's scheduler thread; a schema the library cannot
+compile is a :class:`~llm_server.serving.chat.ChatInputError` (HTTP 400) naming the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from llm_server.engine.types import LogprobLog, SamplingParams, TokenLogprob
+from llm_server.serving.chat import ChatInputError
+
+logger = logging.getLogger(__name__)
+
+#: The most alternatives a request may ask for per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+def response_format_grammar(tokenizer: Any, response_format: Any, param: str = "response_format") -> Any:
+    """The grammar for an OpenAI ``response_format`` (None for text); ChatInputError when invalid."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise ChatInputError(f"{param} must be an object", param=param, code="invalid_response_format")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return compile_schema(tokenizer, None, param)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ChatInputError(f"{param}.json_schema.schema is required", param=f"{param}.json_schema",
+                                 code="invalid_response_format")
+        return compile_schema(tokenizer, spec["schema"], f"{param}.json_schema.schema")
+    raise ChatInputError(f"{param}.type must be text, json_object or json_schema, not {kind!r}",
+                         param=f"{param}.type", code="invalid_response_format")
+
+
+def compile_schema(tokenizer: Any, schema: Any, param: str) -> Any:
+    """A JSON schema compiled for ``tokenizer`` (None: json_object mode's bounded object);
+    ChatInputError naming the problem otherwise."""
+    try:
+        from llm_server.engine.constraints import GrammarError, compiler_for
+    except ImportError as exc:  # the optional extra is not installed
+        raise ChatInputError(f"{param}: structured output needs the grammar extra "
+                             "(pip install 'llm_server[grammar]')", param=param, code="unsupported_value") from exc
+    try:
+        compiler = compiler_for(tokenizer)
+        return compiler.json_object() if schema is None else compiler.json_schema(schema)
+    except GrammarError as exc:
+        raise ChatInputError(f"{param} cannot be compiled: {exc}", param=param, code="invalid_schema") from exc
+
+
+def constrained(params: SamplingParams, grammar: Any) -> SamplingParams:
+    """``params`` with ``grammar`` enforced (unchanged for None)."""
+    return params if grammar is None else replace(params, constraint=grammar)
+
+
+def with_logprobs(params: SamplingParams, top: int | None) -> tuple[SamplingParams, LogprobLog | None]:
+    """``params`` recording log-probabilities (``top`` alternatives per token; None: off)."""
+    if top is None:
+        return params, None
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ChatInputError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    log = LogprobLog()
+    return replace(params, logprobs=top, logprob_sink=log), log
+
+
+class LogprobFormatter:
+    """Turns recorded :class:`TokenLogprob` into OpenAI's chat and completion shapes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+
+    def _text(self, token_id: int) -> str:
+        return str(self._tokenizer.decode([token_id]))
+
+    def _kept(self, items: list[TokenLogprob]) -> list[TokenLogprob]:
+        return [item for item in items if item.token_id not in self._special]
+
+    def chat(self, items: list[TokenLogprob]) -> dict[str, Any]:
+        """``{"content": [{token, logprob, bytes, top_logprobs}, ...]}`` (chat completions)."""
+        return {"content": [self._chat_entry(item) for item in self._kept(items)], "refusal": None}
+
+    def _chat_entry(self, item: TokenLogprob) -> dict[str, Any]:
+        token = self._text(item.token_id)
+        top = [{"token": (t := self._text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in item.top]
+        return {"token": token, "logprob": item.logprob, "bytes": list(token.encode()), "top_logprobs": top}
+
+    def completion(self, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (legacy completions)."""
+        kept = self._kept(items)
+        tokens = [self._text(item.token_id) for item in kept]
+        offsets: list[int] = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [item.logprob for item in kept],
+            "top_logprobs": [{self._text(i): lp for i, lp in item.top} for item in kept],
+            "text_offset": offsets,
+        }
