@@ -9,7 +9,7 @@ PORT        ?= 8000
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test browser benchmark clean
+.PHONY: install serve test browser benchmark lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ test: install browser
 
 benchmark: install
 	$(PY) benchmarks/bench_serving.py
+
+# Lint (ruff: E, F, W, I, B, UP, BLE) and type-check llm_server/ (mypy); both come with the dev extra.
+lint: install
+	$(VENV)/bin/ruff check llm_server tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

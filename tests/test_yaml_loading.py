@@ -65,8 +65,8 @@ def test_server_config_has_the_contract_keys() -> None:
     assert server["port"] == 8000
     assert server["allow_query_api_key"] is True and server["open_access"] is False
     assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576}
-    assert server["engine"] == EngineConfig().model_dump()  # the engine's own defaults, one copy
-    assert server["engine"]["max_running"] == 16 and server["engine"]["top_k"] is None
+    assert set(server["engine"]) == set(EngineConfig.model_fields)  # the engine's own keys, one copy
+    assert server["engine"]["top_k"] is None  # optional keys present, unset
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -373,9 +373,9 @@ def test_shipped_server_file_restates_the_model_defaults() -> None:
         if key in ("host", "api_key"):  # placeholders: the variable names
             continue
         if isinstance(value, dict):
-            assert {k: defaults[key][k] for k in value} == value, key
+            assert {k: defaults[key][k] for k in value} == value, f"server.{key} differs from its model's defaults"
         else:
-            assert defaults[key] == value, key
+            assert defaults[key] == value, f"server.{key} differs from its model's default"
 
 
 def test_readme_config_table_matches_the_models() -> None:
@@ -385,4 +385,5 @@ def test_readme_config_table_matches_the_models() -> None:
     start, end = "<!-- config-table:start -->\n", "\n<!-- config-table:end -->"
     assert start in readme and end in readme
     table = readme[readme.index(start) + len(start) : readme.index(end)]
-    assert table == config_models.markdown_table()
+    assert table == config_models.markdown_table(), (
+        "README's config table is stale: python -m llm_server.helper_functionality.config_models")

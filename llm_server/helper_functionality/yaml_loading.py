@@ -74,7 +74,7 @@ def set_config_dir(path: str | Path | None) -> None:
     if path is None:
         if _config_dir_override is not None and _env_before_override is None:
             os.environ.pop(CONFIG_DIR_ENV, None)
-        elif _config_dir_override is not None:
+        elif _config_dir_override is not None and _env_before_override is not None:
             os.environ[CONFIG_DIR_ENV] = _env_before_override
         _config_dir_override = None
         return
