@@ -9,7 +9,10 @@ OpenAPI document does not), a path no route matches gets 404.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
+from starlette.routing import Match
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -20,17 +23,16 @@ _ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """The methods some route of ``app`` answers at ``path`` (plus OPTIONS), in a stable order;
-    empty when no route matches the path."""
-    methods: set[str] = set()
-    for route in app.router.routes:
-        regex = getattr(route, "path_regex", None)
-        route_methods = getattr(route, "methods", None)
-        if regex is not None and route_methods and regex.match(path):
-            methods |= set(route_methods)
-    if not methods:
-        return []
-    methods.add("OPTIONS")
-    return sorted(methods, key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER))
+    empty when no route matches the path. Asks each route itself (Starlette's own matching), so
+    included routers and mounts count too."""
+    methods = [m for m in _ORDER[:-1] if any(_full_match(route, path, m) for route in app.router.routes)]
+    return [*methods, "OPTIONS"] if methods else []
+
+
+def _full_match(route: Any, path: str, method: str) -> bool:
+    scope = {"type": "http", "path": path, "root_path": "", "method": method, "headers": []}
+    match, _ = route.matches(scope)
+    return bool(match == Match.FULL)
 
 
 def allow_header(app: FastAPI, path: str) -> str:

@@ -91,11 +91,15 @@ def _chat_fields(settings: ServerSettings) -> dict[str, Schema]:
         "intermediate_steps": {"type": "boolean", "default": False},
         "role": {"type": "string", "enum": sorted(settings.system_prompts), "default": "assistant",
                  "description": "which system prompt (system_prompt_config.yaml) answers"},
-        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
-        "temperature": {"type": "number", "minimum": 0, "maximum": sampling.MAX_TEMPERATURE,
-                        "description": f"below {sampling.MIN_TEMPERATURE:g}: greedy"},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "max_new_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": sampling.MAX_TEMPERATURE,
+                                  "description": f"below {sampling.MIN_TEMPERATURE:g}: greedy"}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
     }
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
 
 
 def _chat_body(settings: ServerSettings) -> Schema:
@@ -134,8 +138,17 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
                 props[field] = {"anyOf": [{"const": 0}, {"type": "null"}], "description": "only 0 is supported"}
         if "top_k" in props:
             props["top_k"] = {"anyOf": [{"enum": [0, -1]}, {"type": "null"}], "description": "not supported"}
+        for field in ("tool_choice", "function_call"):
+            if field in props:
+                props[field] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
+        if name == "CompletionRequest":
+            text = {"type": "string", "minLength": 1}
+            props["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}],
+                               "description": "one non-empty prompt"}
+        if "seed" in props:  # exact 64-bit bounds do not survive JSON number handling in generators
+            props["seed"] = _nullable({"type": "integer", "format": "int64"})
         for field in ("logit_bias", "tools", "functions", "audio", "prediction", "reasoning_effort",
-                      "web_search_options", "suffix", "top_logprobs"):
+                      "web_search_options", "suffix", "top_logprobs", "modalities"):
             props.pop(field, None)
         if "logprobs" in props:
             props["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "not supported"}
@@ -235,6 +248,10 @@ def _rewrite_operation(doc: Schema, method: str, path: str, op: Schema, settings
             op["parameters"] = _chat_query(settings)
         else:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _chat_body(settings)}}}
+    if path.startswith("/v1/models/"):
+        for param in op.get("parameters", []):
+            param["schema"] = {"type": "string", "examples": [settings.served_model_name]}
+            param["example"] = settings.served_model_name
     if method == "head":
         for response in op["responses"].values():
             response.pop("content", None)

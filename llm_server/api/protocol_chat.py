@@ -14,7 +14,16 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from llm_server.api.errors import APIError
 from llm_server.conversation_engine.improvement import RESULT_KEYS
@@ -28,6 +37,18 @@ END_MARKER = "[[END]]"
 ERROR_MARKER = "[[ERROR]]"
 #: Keys of the improvement stages returned by /chat/blocking with intermediate_steps.
 STAGE_KEYS = tuple(key for key in RESULT_KEYS if key != "reply")
+
+
+def integral(value: Any) -> Any:
+    """``5.0`` -> ``5``: JSON does not tell 5 from 5.0 (JSON Schema's "integer" allows both);
+    other values pass unchanged to the strict check (``"5"`` and ``5.5`` stay errors)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer field that also takes an integral float (``5.0``) and nothing else.
+Integer = Annotated[int, BeforeValidator(integral)]
 
 
 class HistoryMessage(BaseModel):
@@ -53,7 +74,7 @@ class ChatRequest(BaseModel):
     improvement: StrictBool = False
     intermediate_steps: StrictBool = False
     role: StrictStr = "assistant"
-    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Annotated[int, BeforeValidator(integral), Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=sampling.MAX_TEMPERATURE)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 

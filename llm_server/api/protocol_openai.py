@@ -19,12 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from llm_server.api.protocol_chat import Integer
 from llm_server.engine.types import SamplingParams
 from llm_server.serving import sampling
 from llm_server.serving.sampling import request_sampling
 
 #: Message roles a chat request may use ("developer" is the newer name of "system").
-SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant"})
+SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant", "tool"})
 #: Undeclared fields that are accepted and ignored: they never change what is generated.
 #: (Declared fields such as ``user`` and ``stream_options`` never reach ``model_extra``.)
 IGNORED_FIELDS = frozenset(
@@ -74,12 +75,12 @@ class SamplingFields(BaseModel):
     model: str
     stream: StrictBool = False  # strict, as on /chat: "true" (a string) is a 400
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Integer | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=sampling.MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=sampling.MIN_SEED, le=sampling.MAX_SEED)
-    n: int | None = Field(default=None, ge=1)
+    seed: Integer | None = Field(default=None, ge=sampling.MIN_SEED, le=sampling.MAX_SEED)
+    n: Integer | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -87,7 +88,7 @@ class SamplingFields(BaseModel):
     # extensions
     repetition_penalty: float | None = Field(default=None, ge=sampling.MIN_REPETITION_PENALTY,
                                              le=sampling.MAX_REPETITION_PENALTY)
-    top_k: int | None = None
+    top_k: Integer | None = None
     min_p: float | None = None
     user: str | None = None
 
@@ -107,8 +108,8 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = None
+    max_completion_tokens: Integer | None = Field(default=None, ge=1)
+    top_logprobs: Integer | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -134,7 +135,7 @@ class CompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None  # extension: as on chat completions
     echo: StrictBool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
 
 
 def _common_unsupported(req: SamplingFields) -> list[str]:
@@ -163,10 +164,6 @@ def _unknown(req: BaseModel) -> list[str]:
 def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
     """Fields of a chat request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.tools:
-        bad.append("tools")
-    if req.tool_choice not in (None, "none", "auto") or (req.tool_choice == "auto" and req.tools):
-        bad.append("tool_choice")
     if req.functions:
         bad.append("functions")
     if req.function_call not in (None, "none", "auto"):

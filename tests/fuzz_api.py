@@ -1,0 +1,88 @@
+"""Schemathesis against the server's own OpenAPI document: ``python -m tests.fuzz_api [--real] [-n N]``.
+
+Serves the app on a real uvicorn on loopback (the scripted engine of :mod:`tests.fakes`, or with
+``--real`` the embedded model, as ``make fuzz`` does), then runs the ``schemathesis`` command line
+(``--checks all``, every phase, a fixed seed, with the key) against ``/openapi.json`` and exits
+with its status: 0 means no failure. ``tests/test_openapi.py`` runs it with few examples in
+``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+API_KEY = "fuzz-key-123"
+SEED = 12
+PHASES = "examples,coverage,fuzzing,stateful"
+#: Checks left off, and why (every other check of ``--checks all`` runs):
+#: (none today; a response-time budget, ``--max-response-time``, is not set: timing is a
+#: benchmark's business, not a correctness check on shared CPUs).
+EXCLUDED_CHECKS: dict[str, str] = {}
+
+
+def _settings(real: bool) -> Any:
+    from llm_server.api.settings import ServerSettings, load_settings
+
+    if real:
+        return load_settings().with_overrides(api_keys=(API_KEY,), open_access=False)
+    return ServerSettings(api_keys=(API_KEY,), max_new_tokens_limit=64,
+                          system_prompts={"assistant": "You are the test assistant.", "pirate": "Arr."})
+
+
+def _fake_engine() -> Any:
+    from llm_server.helper_functionality.model_loading import load_tokenizer
+    from tests.conftest import embedded_gguf
+    from tests.fakes import ScriptedEngine
+
+    tokenizer = load_tokenizer(str(embedded_gguf()))
+    return ScriptedEngine(tokenizer, reply="a short scripted answer for the fuzzer", max_context=100_000)
+
+
+@contextmanager
+def served(real: bool) -> Iterator[str]:
+    from llm_server.api.server import create_app
+    from tests.spec_harness import serving
+
+    settings = _settings(real)
+    app = create_app(None if real else _fake_engine, settings=settings)
+    if not real:
+        app.state.settings = settings
+    with serving(app, timeout_s=600) as url:
+        yield url
+
+
+def run_schemathesis(url: str, examples: int, report: Path | None = None) -> subprocess.CompletedProcess[str]:
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json",
+        "--checks", "all", *(["--exclude-checks", ",".join(EXCLUDED_CHECKS)] if EXCLUDED_CHECKS else []),
+        "--phases", PHASES, "--seed", str(SEED), "--max-examples", str(examples),
+        "--header", f"X-API-Key: {API_KEY}",
+        "--request-timeout", "120", "--no-color", "--workers", "1",
+    ]
+    if report is not None:
+        command += ["--report", "junit", "--report-junit-path", str(report)]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--real", action="store_true", help="the embedded model (default: the scripted engine)")
+    parser.add_argument("-n", "--examples", type=int, default=20)
+    args = parser.parse_args(argv)
+    with served(args.real) as url:
+        result = run_schemathesis(url, args.examples)
+    print(result.stdout[-20000:])
+    print(result.stderr[-5000:], file=sys.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
