@@ -17,8 +17,6 @@ import pytest
 import torch
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
-from llm_server.engine.llama_runner import LlamaRunner
-from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import (
     ContextLengthExceeded,
@@ -27,6 +25,7 @@ from llm_server.engine.types import (
     EngineUnavailable,
     Finished,
     GenerationRequest,
+    InvalidRequest,
     SamplingParams,
     TextDelta,
 )
@@ -162,8 +161,7 @@ def test_greedy_in_a_batch_equals_generate_alone(tokenizer: Any, kind: str) -> N
     prompts = [encode(tokenizer, p) for p in PROMPTS]
     budgets = [30, 12, 25, 18, 30]
     with running_engine(tokenizer, model, max_running=4) as engine:
-        expected_runner = HFRunner if kind == "gpt2" else LlamaRunner
-        assert isinstance(engine._runner, expected_runner)
+        assert engine.runner_name == ("HFRunner" if kind == "gpt2" else "LlamaRunner")
         requests = [request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, budgets))]
         results = run_staggered(engine, requests)
     for prompt, budget, (deltas, finished) in zip(prompts, budgets, results):
@@ -363,47 +361,71 @@ def test_full_queue_raises_overloaded(tokenizer: Any, model: Any) -> None:
         assert list(running_events)[-1].reason == "cancelled"
 
 
-def test_error_in_one_request_fails_only_that_request(
-    tokenizer: Any, model: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class PoisonedTokenizer:
+    """The real tokenizer, except that decoding text that contains ``poison`` raises."""
+
+    def __init__(self, inner: Any, poison: int) -> None:
+        self._inner, self._poison = inner, poison
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        if self._poison in ids:
+            raise ValueError("injected failure")
+        return str(self._inner.decode(ids, **kwargs))
+
+
+def test_error_in_one_request_fails_only_that_request(tokenizer: Any, model: Any) -> None:
+    """A request whose text cannot be decoded mid-generation, one whose seed is out of range,
+    and prompts the engine refuses at submit: each fails alone, the others match ``generate``."""
     prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
-    with running_engine(tokenizer, model) as engine:
-        original = engine._accept_token
-
-        def flaky(seq: Any, token: int) -> None:
-            if seq.request_id == "bad" and len(seq.generated) == 4:
-                raise ValueError("injected failure")
-            original(seq, token)
-
-        monkeypatch.setattr(engine, "_accept_token", flaky)
+    bad_prompt = encode(tokenizer, PROMPTS[3])
+    references = [generate_ids(model, p, 25) for p in prompts]
+    seen = {t for ids in [*prompts, *references] for t in ids}
+    poison = next(t for t in generate_ids(model, bad_prompt, 25)[4:] if t not in seen)
+    with running_engine(PoisonedTokenizer(tokenizer, poison), model) as engine:
+        with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+            engine.submit(request("bad-ids", [5, len(tokenizer) + 10], greedy(5)))
+        with pytest.raises(InvalidRequest, match="empty"):
+            engine.submit(request("empty", [], greedy(5)))
 
         async def scenario() -> list[Any]:
             streams = [engine.submit(request(f"r{i}", p, greedy(25))) for i, p in enumerate(prompts)]
-            streams.insert(1, engine.submit(request("bad", encode(tokenizer, PROMPTS[3]), greedy(25))))
-            streams.append(engine.submit(request("bad-ids", [5, len(tokenizer) + 10], greedy(5))))
+            streams.insert(1, engine.submit(request("bad", bad_prompt, greedy(25))))
+            overflow = SamplingParams(max_new_tokens=5, temperature=1.0, seed=2**70)
+            streams.append(engine.submit(request("bad-seed", prompts[0], overflow)))
             return await asyncio.gather(*(consume(s) for s in streams), return_exceptions=True)
 
         results = asyncio.run(scenario())
-        assert engine.stats().healthy
-    bad, bad_ids = results.pop(1), results.pop()
+        assert engine.stats().healthy and engine.stats().running == 0
+    bad, bad_seed = results.pop(1), results.pop()
     assert isinstance(bad, EngineError) and "injected failure" in str(bad)
-    assert isinstance(bad_ids, EngineError)
-    for prompt, (_, finished) in zip(prompts, results):
-        assert finished.text == reference_text(tokenizer, model, prompt, 25)
+    assert isinstance(bad_seed, EngineError)
+    for reference, (_, finished) in zip(references, results):
+        assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
 
 
-def test_fatal_error_fails_every_pending_request(tokenizer: Any, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fatal_error_fails_every_pending_request(tokenizer: Any) -> None:
+    """The model itself fails in a decode step (no request to blame): every request fails."""
+    model = build_model(len(tokenizer), "gpt2")  # its runner calls the model's own forward
+    broken = threading.Event()
+
+    def device_lost(*args: Any) -> None:
+        if broken.is_set():
+            raise RuntimeError("device lost")
+
+    model.register_forward_pre_hook(device_lost)
     with running_engine(tokenizer, model, max_running=2) as engine:
         streams = [engine.submit(request(f"r{i}", encode(tokenizer, p), greedy(900))) for i, p in enumerate(PROMPTS)]
         events = first_delta(streams[0])
-
-        def broken(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("device lost")
-
-        monkeypatch.setattr(engine._runner, "forward", broken)
+        second = first_delta(streams[1])  # both running requests decode: the next forward is a decode step
+        broken.set()
+        with pytest.raises(EngineError, match="device lost"):
+            list(second)
         with pytest.raises(EngineError, match="device lost"):
             list(events)
-        for stream in streams[1:]:
+        for stream in streams[2:]:  # the waiting ones
             with pytest.raises(EngineError, match="device lost"):
                 stream.result()
         stats = engine.stats()
@@ -477,19 +499,56 @@ def test_top_k_and_top_p_filters_restrict_sampling(tokenizer: Any, model: Any) -
         assert engine.submit(request("p", prompt, tiny_p)).result().text == expected
 
 
+def most_running_at_once(results: list[Finished]) -> int:
+    """From each request's timeline: the most requests admitted and not yet finished at once."""
+    spans = [(f.timeline["prefilling"], f.timeline["finished"]) for f in results]
+    return max(sum(1 for start, end in spans if start <= at < end) for at, _ in spans)
+
+
 def test_kv_budget_limits_how_many_requests_run_together(tokenizer: Any, model: Any) -> None:
     """Each request reserves prompt + max_new_tokens; 3 x 60 > 150, so at most 2 run at once."""
     prompt = [5] * 10
     with running_engine(tokenizer, model, max_running=4, max_total_tokens=150) as engine:
         engine.eos_ids = frozenset()  # every request runs its full budget
         streams = [engine.submit(request(f"b{i}", prompt, greedy(50))) for i in range(4)]
-        results: list[Finished] = []
-        worker = threading.Thread(target=lambda: results.extend(s.result() for s in streams))
-        worker.start()
-        most_running = 0
-        while worker.is_alive():
-            stats = engine.stats()
-            most_running = max(most_running, stats.running)
-            worker.join(0.001)
-    assert most_running == 2
+        results = [s.result() for s in streams]
     assert [r.reason for r in results] == ["length"] * 4
+    assert most_running_at_once(results) == 2
+
+
+def test_admission_is_bounded_by_the_kv_budget_not_a_small_constant(tokenizer: Any, model: Any) -> None:
+    """With the default max_running, 24 short requests all run together (a budget-bound batch)."""
+    assert EngineConfig().max_running >= 24
+    with running_engine(tokenizer, model) as engine:
+        engine.eos_ids = frozenset()
+        streams = [engine.submit(request(f"c{i}", [5, 6, 7], greedy(40))) for i in range(24)]
+        results = [s.result() for s in streams]
+    assert most_running_at_once(results) == 24
+    for finished in results:
+        timeline = finished.timeline
+        assert timeline["waiting"] <= timeline["prefilling"] <= timeline["decoding"] <= timeline["finished"]
+
+
+def test_one_event_loop_wake_up_per_step_not_per_token(tokenizer: Any, model: Any) -> None:
+    """8 requests x 12 tokens stream ~100 events; their consumers' loop is woken about once a step."""
+
+    async def scenario(engine: BatchEngine) -> int:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        streams = [engine.submit(request(f"w{i}", [5, 6, 7 + i], greedy(12))) for i in range(8)]
+        results = await asyncio.gather(*(consume(s) for s in streams))
+        assert all(f.completion_tokens == 12 for _, f in results)
+        return wakeups
+
+    with running_engine(tokenizer, model) as engine:
+        engine.eos_ids = frozenset()
+        wakeups = asyncio.run(scenario(engine))
+    assert 0 < wakeups <= 12 + 8  # one per step (12 decode steps, up to 8 admission steps), not ~104

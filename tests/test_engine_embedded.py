@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
-from llm_server.engine.llama_runner import LlamaRunner
 from llm_server.engine.types import Finished, GenerationRequest, SamplingParams, TextDelta
 
 pytestmark = pytest.mark.integration
@@ -42,7 +41,7 @@ def test_greedy_requests_joining_a_running_batch_match_generate(embedded: tuple[
     budgets = [24, 20, 16, 24]
     engine = BatchEngine(tokenizer, model, "embedded", EngineConfig(max_running=4))
     engine.start()
-    assert isinstance(engine._runner, LlamaRunner)
+    assert engine.runner_name == "LlamaRunner"  # the compact batched forward, not the fallback
 
     async def scenario() -> list[tuple[str, Finished]]:
         async def consume(stream: Any, started: asyncio.Event) -> tuple[str, Finished]:

@@ -35,7 +35,13 @@ from starlette.types import Receive, Scope, Send
 from llm_server.api.errors import APIError
 from llm_server.api.request_context import started_at
 from llm_server.api.shutdown import drain_state
-from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, EngineUnavailable
+from llm_server.engine.types import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidRequest,
+)
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent, ChatInputError, ChatStream
 from llm_server.serving.metrics import InstrumentedChatStream, instrument
 
@@ -70,6 +76,8 @@ def api_error_for(exc: Exception, *, context_param: str = "prompt",
         return APIError(400, str(exc), param=param, code=exc.code)
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc), param=context_param, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), param=context_param, code="invalid_prompt")
     if isinstance(exc, ServerShuttingDown):
         return APIError(503, str(exc), code="server_shutting_down",
                         headers={"Retry-After": str(ENGINE_UNAVAILABLE_RETRY_AFTER_S)})

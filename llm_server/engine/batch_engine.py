@@ -1,38 +1,48 @@
-"""BatchEngine: continuous batching on one scheduler thread that owns the model.
+"""BatchEngine: continuous batching on one scheduler thread that owns the model, from load to step.
 
-Requests move waiting -> prefill -> decode -> finished. Each scheduler iteration
-1. admits waiting requests while there are free sequence slots and KV-cache budget,
-2. drops cancelled requests (their cache is freed at once),
-3. runs one prefill forward for newly admitted prompts (several short prompts together, or
-   one chunk of a long prompt, so decoding requests are never stalled for long),
-4. runs one decode forward for every decoding request together,
-then turns each request's new token into text (UTF-8 safe, stop strings held back) and pushes
-it to the request's :class:`GenerationStream`. A request joins the batch at the next token
-boundary after it arrives and leaves it as soon as it finishes.
+Only the scheduler thread ever runs torch ops of the served model: it loads the model (the
+``loader`` given to :meth:`BatchEngine.from_loader`), builds the runner (weight packing), warms
+up and runs every step. Each thread that runs torch ops gets its own OpenMP team, and on a small
+machine a second, idle team steals the cores the working one needs (issue 9: a 2x slower step).
+:meth:`BatchEngine.start` returns once the thread is ready, or re-raises its load error.
 
-Errors while handling one request fail that request only. An error that cannot be pinned on
-one request (a decode forward raising) is fatal: every pending request fails with
-``EngineError`` and ``stats().healthy`` turns False.
+Each scheduler iteration (:meth:`BatchEngine._iterate`)
+1. finishes cancelled requests and admits waiting ones (:class:`~.scheduler.Scheduler` decides:
+   FIFO, bounded by the KV-cache budget and ``max_running``),
+2. runs one prefill forward for newly admitted prompts (several short prompts together, or one
+   chunk of a long prompt, so decoding requests are never stalled for long),
+3. runs one decode forward for every decoding request together,
+then applies the output: samples each row, turns the new token into text (UTF-8 safe, stop
+strings held back), pushes it to the request's :class:`GenerationStream`, and finishes the
+requests that are done. Consumers' event loops are woken once per step, not once per token.
+
+A request's state is its :class:`~.sequence.Sequence`'s ``status`` (waiting, prefilling,
+decoding, finished); finishing is idempotent. Errors while handling one request fail that
+request only. An error that cannot be pinned on one request (a decode forward raising) is fatal:
+every pending request fails with ``EngineError`` and ``stats().healthy`` turns False.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from llm_server.engine.config import EngineConfig
-from llm_server.engine.interface import Engine
 from llm_server.engine.hf_runner import HFRunner
+from llm_server.engine.interface import Engine
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
-from llm_server.engine.runner import KVHandle, ModelRunner
+from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
-from llm_server.engine.stream import GenerationStream
+from llm_server.engine.scheduler import Scheduler
+from llm_server.engine.sequence import Sequence
+from llm_server.engine.stream import GenerationStream, WakeupBatch
 from llm_server.engine.text import IncrementalDetokenizer, StopMatcher
+from llm_server.engine.threads import configure_threads
 from llm_server.engine.types import (
     ContextLengthExceeded,
     EngineError,
@@ -42,34 +52,14 @@ from llm_server.engine.types import (
     Finished,
     FinishReason,
     GenerationRequest,
+    InvalidRequest,
     TextDelta,
 )
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class _Sequence:
-    """A request inside the engine."""
-
-    request: GenerationRequest
-    stream: GenerationStream
-    sampler: SamplerState
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    kv: KVHandle
-    reserved: int  # prompt + max_new_tokens: the KV budget this request may use
-    prefilled: int = 0  # prompt tokens already in the KV cache
-    generated: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_ids)
+#: Returns ``(tokenizer, model)``; called on the scheduler thread by :meth:`BatchEngine.start`.
+Loader = Callable[[], tuple[Any, Any]]
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
@@ -110,63 +100,88 @@ def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool
 
 
 class BatchEngine(Engine):
-    """Continuous-batching engine: every request of the server shares each forward pass."""
+    """Continuous-batching engine: every request of the server shares each forward pass.
 
-    def __init__(self, tokenizer: Any, model: Any, model_id: str, config: EngineConfig | None = None) -> None:
+    ``BatchEngine(tokenizer, model, ...)`` serves an already-loaded model (tests);
+    :meth:`from_loader` loads it on the scheduler thread (the server). Until :meth:`start`
+    returns, ``tokenizer`` (from a loader) and ``max_context`` are not known.
+    """
+
+    def __init__(self, tokenizer: Any, model: Any, model_id: str, config: EngineConfig | None = None,
+                 *, loader: Loader | None = None) -> None:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.config = config or EngineConfig()
-        self.max_context = self.config.max_context or _default_max_context(model, self.config.max_total_tokens)
-        self.max_context = min(self.max_context, self.config.max_total_tokens)
-        self.eos_ids = _eos_ids(tokenizer, model)
-        self._runner: ModelRunner = make_runner(
-            model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights
-        )
-        self._sampler = Sampler(self._runner.device, self.config.seed, _default_top_k(model, self.config.top_k))
+        self.max_context = 0
+        self.eos_ids: frozenset[int] = frozenset()
+        self.runner_name = ""  # the runner class serving the model, known once started
+        self._load: Loader = loader if loader is not None else (lambda: (tokenizer, model))
+        self._runner: ModelRunner | None = None
+        self._sampler: Sampler | None = None
+        self._vocab_size = 0
+        self._sched = Scheduler(self.config)
+        self._wakeups = WakeupBatch()
         self._lock = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: list[_Sequence] = []
-        self._decoding: list[_Sequence] = []
         self._thread: threading.Thread | None = None
+        self._booted = threading.Event()
+        self._boot_error: BaseException | None = None
         self._ready = False
         self._healthy = True
         self._draining = False
         self._abort = False
 
+    @classmethod
+    def from_loader(cls, loader: Loader, model_id: str, config: EngineConfig | None = None) -> BatchEngine:
+        """An engine whose model ``loader()`` loads on the scheduler thread, in :meth:`start`."""
+        return cls(None, None, model_id, config, loader=loader)
+
     # --- Engine API ---------------------------------------------------------------------
     def start(self) -> None:
+        """Start the scheduler thread and wait until it has loaded and warmed up the model;
+        a load error is re-raised here."""
         if self._thread is not None:
             return
-        self._warm_up()
-        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="batch-engine", daemon=True)
         self._thread.start()
-        self._ready = True
-        logger.info("engine started: model=%s runner=%s max_context=%d", self.model_id,
-                    type(self._runner).__name__, self.max_context)
+        self._booted.wait()
+        if self._boot_error is not None:
+            raise self._boot_error
+        logger.info("engine started: model=%s runner=%s max_context=%d", self.model_id, self.runner_name,
+                    self.max_context)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         self._check_accepting()
+        self._validate(request)
         params = request.params
-        if len(request.prompt_ids) + params.max_new_tokens > self.max_context:
-            raise ContextLengthExceeded(len(request.prompt_ids), params.max_new_tokens, self.max_context)
-        stream = GenerationStream(request.request_id)
-        seq = _Sequence(
-            request=request,
-            stream=stream,
-            sampler=SamplerState.create(params, request.prompt_ids, self._runner.vocab_size, self._runner.device),
-            detok=IncrementalDetokenizer(self.tokenizer),
-            stops=StopMatcher(tuple(params.stop)),
-            kv=self._runner.open(),
-            reserved=len(request.prompt_ids) + max(params.max_new_tokens, 0),
-        )
+        if params.max_new_tokens <= 0:  # nothing to generate: finished at once
+            stream = GenerationStream(request.request_id)
+            stream.push(Finished("length", len(request.prompt_ids), 0, ""))
+            return stream
+        matcher = params.constraint.matcher() if params.constraint is not None else None  # grammar: here, not
+        stream = GenerationStream(request.request_id, self._wakeups)  # on the scheduler thread
+        seq = Sequence(request=request, stream=stream, detok=IncrementalDetokenizer(self.tokenizer),
+                       stops=StopMatcher(tuple(params.stop)), reserved=len(request.prompt_ids) + params.max_new_tokens,
+                       matcher=matcher)
         with self._lock:
             self._check_accepting()
-            if len(self._waiting) >= self.config.max_waiting:
+            if len(self._sched.waiting) >= self.config.max_waiting:
                 raise EngineOverloaded(retry_after_s=self.config.retry_after_s)
-            self._waiting.append(seq)
+            self._sched.add(seq)
             self._lock.notify()
         logger.debug("request %s queued (%d prompt tokens)", request.request_id, len(request.prompt_ids))
         return stream
+
+    def _validate(self, request: GenerationRequest) -> None:
+        """Reject a malformed request now (InvalidRequest / ContextLengthExceeded: HTTP 400)."""
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidRequest("the prompt is empty: at least one token is needed")
+        if min(ids) < 0 or max(ids) >= self._vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
+        new_tokens = max(request.params.max_new_tokens, 0)
+        if len(ids) + new_tokens > self.max_context:
+            raise ContextLengthExceeded(len(ids), new_tokens, self.max_context)
 
     def _check_accepting(self) -> None:
         if not self._healthy:
@@ -175,12 +190,8 @@ class BatchEngine(Engine):
             raise EngineUnavailable("the engine is not accepting requests")
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            waiting=len(self._waiting),
-            running=len(self._prefilling) + len(self._decoding),
-            healthy=self._healthy,
-            ready=self._ready and self._healthy and not self._draining,
-        )
+        return EngineStats(waiting=len(self._sched.waiting), running=self._sched.running, healthy=self._healthy,
+                           ready=self._ready and self._healthy and not self._draining)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         with self._lock:
@@ -197,18 +208,45 @@ class BatchEngine(Engine):
         self._ready = False
         logger.info("engine stopped")
 
-    # --- scheduler thread ---------------------------------------------------------------
-    def _warm_up(self) -> None:
+    # --- scheduler thread: start-up -----------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._boot()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by start() on the caller's thread
+            self._boot_error = exc
+            self._healthy = False
+            return
+        finally:
+            self._booted.set()
+        self._loop()
+
+    def _boot(self) -> None:
+        """Load the model, build the runner and warm up, all on this (the scheduler) thread."""
+        configure_threads(self.config.threads)
+        tokenizer, model = self._load()
+        self.tokenizer = tokenizer
+        budget = self.config.max_total_tokens
+        self.max_context = min(self.config.max_context or _default_max_context(model, budget), budget)
+        self.eos_ids = _eos_ids(tokenizer, model)
+        runner = make_runner(model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights)
+        self._sampler = Sampler(runner.device, self.config.seed, _default_top_k(model, self.config.top_k))
+        self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
+        self._warm_up(runner)
+        self._ready = True
+
+    @staticmethod
+    def _warm_up(runner: ModelRunner) -> None:
         """One tiny forward so the first request does not pay for kernel initialisation."""
         with torch.inference_mode():
-            handle = self._runner.open()
+            handle = runner.open()
             try:
-                self._runner.forward([handle], [[0, 0]])
-                self._runner.forward([handle], [[0]])
+                runner.forward([handle], [[0, 0]])
+                runner.forward([handle], [[0]])
             finally:
-                self._runner.release(handle)
-                self._runner.idle()
+                runner.release(handle)
+                runner.idle()
 
+    # --- scheduler thread: the loop -----------------------------------------------------
     def _loop(self) -> None:
         try:
             with torch.inference_mode():
@@ -216,207 +254,151 @@ class BatchEngine(Engine):
                     pass
         except BaseException as exc:  # noqa: BLE001 - anything here is fatal for every request
             self._die(exc)
+        finally:
+            self._wakeups.flush()
 
     def _iterate(self) -> bool:
         """One scheduler iteration; False when the thread should exit."""
+        assert self._runner is not None
         with self._lock:
-            while not (self._waiting or self._prefilling or self._decoding or self._draining or self._abort):
+            while not (self._sched.has_work() or self._draining or self._abort):
                 self._runner.idle()
                 self._lock.wait()
             if self._abort:
                 self._fail_all(EngineUnavailable("the server is shutting down"))
                 return False
-            if self._draining and not (self._waiting or self._prefilling or self._decoding):
+            if self._draining and not self._sched.has_work():
                 return False
-            self._admit()
-        self._drop_cancelled()
-        if self._prefilling:
-            self._prefill_step()
-        if self._decoding:
-            self._decode_step()
+            for seq in self._sched.cancelled():
+                self._finish(seq, "cancelled", flush=False)
+            admitted = self._sched.admit()
+        for seq in admitted:
+            self._open(seq)
+        group = self._sched.schedule_prefill()
+        if group:
+            self._prefill(group)
+        batch = self._sched.schedule_decode()
+        if batch:
+            logits = self._runner.forward([s.kv for s in batch], [[s.generated[-1]] for s in batch])  # type: ignore[misc]
+            self._apply(batch, logits)
+        self._wakeups.flush()
         return True
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch while slots and KV budget allow (FIFO)."""
-        while self._waiting:
-            seq = self._waiting[0]
-            if seq.stream.cancelled:
-                self._waiting.popleft()
-                self._finish(seq, "cancelled", flush=False)
-                continue
-            running = self._prefilling + self._decoding
-            if len(running) >= self.config.max_running:
-                return
-            longest = max([s.reserved for s in running] + [seq.reserved])
-            if (len(running) + 1) * longest > self.config.max_total_tokens and running:
-                return
-            self._waiting.popleft()
-            if self._validate_admitted(seq):
-                self._prefilling.append(seq)
-
-    def _validate_admitted(self, seq: _Sequence) -> bool:
-        """Validate an admitted request; False when it already finished (or failed)."""
-        ids = seq.request.prompt_ids
-        if seq.request.params.max_new_tokens <= 0:
-            self._finish(seq, "length", flush=False)
-            return False
-        if not ids or min(ids) < 0 or max(ids) >= self._runner.vocab_size:
-            self._fail(seq, EngineError("the prompt is empty or has token ids outside the vocabulary"))
-            return False
-        logger.debug("request %s admitted", seq.request_id)
-        return True
-
-    def _drop_cancelled(self) -> None:
-        for group in (self._prefilling, self._decoding):
-            for seq in [s for s in group if s.stream.cancelled]:
-                group.remove(seq)
-                self._finish(seq, "cancelled", flush=False)
-        with self._lock:
-            for seq in [s for s in self._waiting if s.stream.cancelled]:
-                self._waiting.remove(seq)
-                self._finish(seq, "cancelled", flush=False)
-
-    def _prefill_group(self) -> list[tuple[_Sequence, list[int]]]:
-        """The prompts (or chunk of one long prompt) for the next prefill forward."""
-        budget = self.config.prefill_chunk_tokens
-        first = self._prefilling[0]
-        remaining = list(first.request.prompt_ids[first.prefilled :])
-        if len(remaining) >= budget:
-            return [(first, remaining[:budget])]
-        group = [(first, remaining)]
-        longest = len(remaining)
-        for seq in self._prefilling[1:]:
-            ids = list(seq.request.prompt_ids[seq.prefilled :])
-            if (len(group) + 1) * max(longest, len(ids)) > budget:
-                break
-            group.append((seq, ids))
-            longest = max(longest, len(ids))
-        return group
-
-    def _prefill_step(self) -> None:
-        group = self._prefill_group()
+    def _open(self, seq: Sequence) -> None:
+        """An admitted request's cache handle and sampling state (tensors: made on this thread)."""
+        assert self._runner is not None
         try:
-            logits = self._runner.forward([s.kv for s, _ in group], [ids for _, ids in group])
+            seq.kv = self._runner.open()
+            params = seq.request.params  # its grammar matcher was built by submit()
+            seq.sampler = SamplerState.create(replace(params, constraint=None), seq.request.prompt_ids,
+                                              self._vocab_size, self._runner.device)
+            seq.sampler.params, seq.sampler.matcher = params, seq.matcher
+        except Exception as exc:  # noqa: BLE001 - this request's settings are at fault
+            self._fail(seq, exc)
+            return
+        logger.debug("request %s admitted", seq.request_id)
+
+    # --- running a step and applying its output -----------------------------------------
+    def _prefill(self, group: list[tuple[Sequence, list[int]]]) -> None:
+        assert self._runner is not None
+        try:
+            logits = self._runner.forward([s.kv for s, _ in group], [ids for _, ids in group])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - retried one by one to find the culprit
             if len(group) == 1:
-                self._prefilling.remove(group[0][0])
                 self._fail(group[0][0], exc)
                 return
             logger.warning("batched prefill failed (%s); retrying its requests one by one", exc)
-            for seq, ids in group:
-                self._runner.release(seq.kv)
+            for seq, _ in group:
+                self._runner.release(seq.kv)  # type: ignore[arg-type]
                 seq.prefilled = 0
             for seq, _ in group:
-                self._prefill_alone(seq)
+                ids = list(seq.request.prompt_ids[: self.config.prefill_chunk_tokens])
+                self._prefill([(seq, ids)])
             return
-        self._after_prefill([(seq, ids, row) for row, (seq, ids) in enumerate(group)], logits)
+        done = [(seq, row) for row, (seq, ids) in enumerate(group) if self._sched.prefilled(seq, len(ids))]
+        if done:
+            picked = logits if len(done) == len(group) else logits[[row for _, row in done]]
+            self._apply([seq for seq, _ in done], picked)
 
-    def _prefill_alone(self, seq: _Sequence) -> None:
-        ids = list(seq.request.prompt_ids[: self.config.prefill_chunk_tokens])
+    def _apply(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        """Apply one step's output: a new token for each row of ``batch``."""
+        assert self._sampler is not None
         try:
-            logits = self._runner.forward([seq.kv], [ids])
-        except Exception as exc:  # noqa: BLE001
-            self._prefilling.remove(seq)
-            self._fail(seq, exc)
-            return
-        self._after_prefill([(seq, ids, 0)], logits)
-
-    def _after_prefill(self, rows: list[tuple[_Sequence, list[int], int]], logits: torch.Tensor) -> None:
-        done: list[tuple[_Sequence, int]] = []
-        for seq, ids, row in rows:
-            seq.prefilled += len(ids)
-            if seq.prefilled >= seq.prompt_len:
-                done.append((seq, row))
-        if not done:
-            return
-        for seq, _ in done:
-            self._prefilling.remove(seq)
-            self._decoding.append(seq)
-        picked = logits if len(done) == len(rows) else logits[[row for _, row in done]]
-        self._sample_and_emit([seq for seq, _ in done], picked)
-
-    def _decode_step(self) -> None:
-        batch = list(self._decoding)
-        logits = self._runner.forward([s.kv for s in batch], [[s.generated[-1]] for s in batch])
-        self._sample_and_emit(batch, logits)
-
-    def _sample_and_emit(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
-        try:
-            tokens = self._sampler.select(logits, [s.sampler for s in batch])
+            tokens = self._sampler.select(logits, [s.sampler for s in batch])  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - find the request whose settings broke sampling
             tokens = [self._select_alone(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
         for seq, token in zip(batch, tokens):
             if token < 0:
                 continue
             try:
-                self._accept_token(seq, token)
+                self._apply_token(seq, token)
             except Exception as exc:  # noqa: BLE001 - one request's failure is its own
-                self._leave(seq)
                 self._fail(seq, exc)
 
-    def _select_alone(self, seq: _Sequence, logits: torch.Tensor) -> int:
+    def _select_alone(self, seq: Sequence, logits: torch.Tensor) -> int:
+        assert self._sampler is not None and seq.sampler is not None
         try:
             return self._sampler.select(logits, [seq.sampler])[0]
         except Exception as exc:  # noqa: BLE001
-            self._leave(seq)
             self._fail(seq, exc)
             return -1
 
-    def _accept_token(self, seq: _Sequence, token: int) -> None:
+    def _apply_token(self, seq: Sequence, token: int) -> None:
         """Record one generated id, stream its text, and finish the request when it is done."""
         seq.generated.append(token)
-        seq.sampler.observe(token)
+        seq.sampler.observe(token)  # type: ignore[union-attr]
         if token in self.eos_ids:
-            self._leave(seq)
             self._finish(seq, "stop", flush=True)
             return
         text, stopped = seq.stops.feed(seq.detok.push(token))
         self._emit(seq, text)
         if stopped:  # the text after the stop string is dropped
-            self._leave(seq)
             self._finish(seq, "stop", flush=False)
         elif len(seq.generated) >= seq.request.params.max_new_tokens:
-            self._leave(seq)
             self._finish(seq, "length", flush=True)
 
-    def _leave(self, seq: _Sequence) -> None:
-        if seq in self._decoding:
-            self._decoding.remove(seq)
-        elif seq in self._prefilling:
-            self._prefilling.remove(seq)
-
-    def _emit(self, seq: _Sequence, text: str) -> None:
+    def _emit(self, seq: Sequence, text: str) -> None:
         if text:
             seq.text.append(text)
             seq.stream.push(TextDelta(text))
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, flush: bool) -> None:
-        """Release the request's cache and close its stream with ``Finished``.
+    # --- leaving ------------------------------------------------------------------------
+    def _close(self, seq: Sequence) -> bool:
+        """Take ``seq`` out of the batch and free its cache; False when it had already finished."""
+        self._sched.remove(seq)
+        if not seq.close():
+            return False
+        if seq.kv is not None and self._runner is not None:
+            self._runner.release(seq.kv)
+        return True
+
+    def _finish(self, seq: Sequence, reason: FinishReason, flush: bool) -> None:
+        """Close the request's stream with ``Finished`` (a no-op when it already finished).
 
         ``flush`` emits text still held back (an unfinished character at the very end, or a
         possible stop-string start that never completed)."""
-        self._runner.release(seq.kv)
+        if not self._close(seq):
+            return
         if flush:
             tail, stopped = seq.stops.feed(seq.detok.flush())
             self._emit(seq, tail if stopped else tail + seq.stops.flush())
-        seq.stream.push(Finished(reason, seq.prompt_len, len(seq.generated), "".join(seq.text)))
+        timeline = {status.value: at for status, at in seq.times.items()}
+        seq.stream.push(Finished(reason, seq.prompt_len, len(seq.generated), "".join(seq.text), timeline))
         logger.debug("request %s finished: %s after %d tokens", seq.request_id, reason, len(seq.generated))
 
-    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
-        self._runner.release(seq.kv)
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        if not self._close(seq):
+            return
         logger.error("request %s failed: %s", seq.request_id, exc, exc_info=exc)
-        error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
-        seq.stream.push(error)
+        seq.stream.push(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))
 
     def _fail_all(self, error: EngineError) -> None:
         """Fail every waiting and running request; the caller holds ``self._lock``."""
-        pending = [*self._prefilling, *self._decoding, *self._waiting]
-        self._waiting.clear()
-        self._prefilling.clear()
-        self._decoding.clear()
-        for seq in pending:
-            self._runner.release(seq.kv)
-            seq.stream.push(error)
+        for seq in self._sched.take_all():
+            if seq.close():
+                if seq.kv is not None and self._runner is not None:
+                    self._runner.release(seq.kv)
+                seq.stream.push(error)
 
     def _die(self, exc: BaseException) -> None:
         logger.critical("engine failed; failing every pending request", exc_info=exc)
@@ -425,4 +407,4 @@ class BatchEngine(Engine):
             self._fail_all(EngineError(f"the engine failed: {exc}"))
 
 
-__all__ = ["BatchEngine", "EngineConfig"]
+__all__ = ["BatchEngine", "EngineConfig", "Loader"]

@@ -15,7 +15,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    max_running: int = Field(16, ge=1, description="sequences decoded together")
+    max_running: int = Field(64, ge=1, description="sequences decoded together")
     max_waiting: int = Field(
         64, ge=1, description="queued requests; beyond this, 503 + Retry-After (EngineOverloaded)"
     )
@@ -32,6 +32,10 @@ class EngineConfig(BaseModel):
         None, ge=0, description="sampled requests: default the model's generation_config.top_k, else 50; 0 = off"
     )
     pack_weights: bool = Field(True, description="CPU: run linears on oneDNN pre-packed weights (faster)")
+    threads: int = Field(
+        0, ge=0, description="torch threads of the engine thread; 0 = OMP_NUM_THREADS if set, else the cores "
+        "in this process's affinity mask"
+    )
 
 
 __all__ = ["EngineConfig"]

@@ -1,14 +1,17 @@
 """The server's engine loader: ``model_config.yaml``'s model wrapped in the batching engine.
 
 :func:`load_engine` is what ``create_app`` runs (in its background load thread) when no test
-engine is given. It imports torch and transformers, so the HTTP layer imports this module only
-when the model is actually loaded.
+engine is given. It returns at once: the model is loaded by the engine's own scheduler thread
+when ``start()`` runs (so one thread runs every torch op of the model: see batch_engine.py), and
+``start()`` raises if the load fails. It imports torch and transformers, so the HTTP layer
+imports this module only when the model is actually loaded.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
@@ -24,12 +27,18 @@ def load_engine(model_cfg: ModelSection, engine_cfg: EngineConfig, served_name: 
     """Load the model of ``model_cfg`` (the ``model`` section) into a :class:`BatchEngine`.
 
     ``engine_cfg`` is the validated ``server.engine`` section;
-    ``served_name`` is the name clients see (/v1/models). The engine is returned unstarted.
+    ``served_name`` is the name clients see (/v1/models). The engine is returned unstarted: its
+    ``start()`` loads the model on the engine's own thread.
     """
+    return BatchEngine.from_loader(partial(_load_model, model_cfg), served_name, engine_cfg)
+
+
+def _load_model(model_cfg: ModelSection) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` of the ``model`` section (runs on the engine's scheduler thread)."""
     tokenizer, model = model_loading.initialize(device=model_cfg.device, model_id=model_cfg.id)
     mark_engine_owned(model)  # only the engine runs it: its runner keeps one copy of the weights
     _note_python_api_only_options(model_cfg.optimizations.model_dump(), model.device)
-    return BatchEngine(tokenizer, model, served_name, engine_cfg)
+    return tokenizer, model
 
 
 def _note_python_api_only_options(optimizations: Mapping[str, Any], device: Any) -> None:

@@ -4,6 +4,10 @@ The scheduler thread ``push``es events; the consumer iterates with ``async for``
 event loop) or plain ``for`` (from a worker thread). Abandoning the iteration early, or
 calling :meth:`GenerationStream.cancel`, asks the scheduler to drop the request at the next
 step boundary; the stream then ends with ``Finished(reason="cancelled")``.
+
+Wake-ups are batched: a stream given a :class:`WakeupBatch` does not wake its consumer's event
+loop on every push; the scheduler calls :meth:`WakeupBatch.flush` once per step, which wakes each
+event loop once (one ``call_soon_threadsafe``) for all the streams that got events in that step.
 """
 
 from __future__ import annotations
@@ -16,11 +20,42 @@ from collections.abc import AsyncIterator, Iterator
 from llm_server.engine.types import Finished, StreamEvent
 
 
+class WakeupBatch:
+    """The streams pushed to during one scheduler step, woken with one call per event loop.
+
+    Used by one producer thread only (the scheduler's): ``defer`` during the step, ``flush`` at its end.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[GenerationStream]] = {}
+
+    def defer(self, loop: asyncio.AbstractEventLoop, stream: GenerationStream) -> None:
+        streams = self._pending.setdefault(loop, [])
+        if not streams or streams[-1] is not stream:
+            streams.append(stream)
+
+    def flush(self) -> None:
+        """Wake every consumer that got events since the last flush (one wake-up per loop)."""
+        pending, self._pending = self._pending, {}
+        for loop, streams in pending.items():
+            try:
+                loop.call_soon_threadsafe(_wake, streams)
+            except RuntimeError:  # the consumers' loop is closed: nobody is listening
+                for stream in streams:
+                    stream.cancel()
+
+
+def _wake(streams: list[GenerationStream]) -> None:
+    for stream in streams:
+        stream._wakeup.set()
+
+
 class GenerationStream:
     """Events of one request, in order: ``TextDelta``..., then one ``Finished`` (or an error)."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, wakeups: WakeupBatch | None = None) -> None:
         self.request_id = request_id
+        self._wakeups = wakeups  # None: wake the consumer on every push
         self._items: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -32,7 +67,9 @@ class GenerationStream:
         """Deliver a text delta, the final ``Finished``, or an exception to raise."""
         self._items.put(item)
         loop = self._loop
-        if loop is not None:
+        if loop is not None and self._wakeups is not None:
+            self._wakeups.defer(loop, self)
+        elif loop is not None:
             try:
                 loop.call_soon_threadsafe(self._wakeup.set)
             except RuntimeError:  # the consumer's loop is closed: nobody is listening
@@ -95,4 +132,4 @@ class GenerationStream:
         return last
 
 
-__all__ = ["GenerationStream"]
+__all__ = ["GenerationStream", "WakeupBatch"]

@@ -1,0 +1,122 @@
+"""Scheduler: decides what the next step runs; it never runs the model.
+
+It owns the three queues (waiting, prefilling, decoding; a sequence's ``status`` always names the
+queue that holds it) and answers two questions per iteration:
+
+- :meth:`Scheduler.admit`: which waiting requests join the batch. Admission is FIFO and bounded
+  by the KV-cache budget (``running x longest reservation <= max_total_tokens``, a reservation
+  being prompt + max_new_tokens) and by ``max_running``, the batch size past which a bigger
+  step stops paying (see docs/engine.md);
+- :meth:`Scheduler.schedule_prefill` / :meth:`Scheduler.schedule_decode`: what the step's two
+  forwards run: one prefill group (several short prompts together, or one chunk of a long
+  prompt), then every decoding sequence (those whose prefill just completed included).
+
+Applying a step's output (sampling, text, finishing) is the engine's job
+(:mod:`llm_server.engine.batch_engine`); the scheduler only moves sequences between queues.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from llm_server.engine.config import EngineConfig
+from llm_server.engine.sequence import Sequence, SeqStatus
+
+
+class Scheduler:
+    """The engine's queues and its admission / batching policy (no torch, no threads)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []
+
+    @property
+    def running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting requests into the batch (FIFO) while slots and the KV budget allow."""
+        admitted: list[Sequence] = []
+        while self.waiting and self._fits(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.advance(SeqStatus.PREFILLING)
+            self.prefilling.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _fits(self, seq: Sequence) -> bool:
+        running = self.running
+        if running >= self.config.max_running:
+            return False
+        if running == 0:
+            return True  # one request alone always runs (submit checked it fits max_context)
+        longest = max(seq.reserved, *(s.reserved for s in self.prefilling), *(s.reserved for s in self.decoding))
+        return (running + 1) * longest <= self.config.max_total_tokens
+
+    def cancelled(self) -> list[Sequence]:
+        """Every queued or running sequence whose consumer has gone (still in its queue)."""
+        return [s for s in (*self.waiting, *self.prefilling, *self.decoding) if s.stream.cancelled]
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queue its status names (no-op once finished)."""
+        queue: deque[Sequence] | list[Sequence] | None = {
+            SeqStatus.WAITING: self.waiting,
+            SeqStatus.PREFILLING: self.prefilling,
+            SeqStatus.DECODING: self.decoding,
+        }.get(seq.status)
+        if queue is not None and seq in queue:
+            queue.remove(seq)
+
+    def take_all(self) -> list[Sequence]:
+        """Empty every queue; the sequences that were in them."""
+        pending = [*self.prefilling, *self.decoding, *self.waiting]
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.decoding.clear()
+        return pending
+
+    def schedule_decode(self) -> list[Sequence]:
+        """The decode batch: every decoding sequence."""
+        return list(self.decoding)
+
+    def schedule_prefill(self) -> list[tuple[Sequence, list[int]]]:
+        """The prefill group: prompts (with the ids still to prefill) that fit
+        ``prefill_chunk_tokens`` together, padding included, or one chunk of a long prompt."""
+        if not self.prefilling:
+            return []
+        budget = self.config.prefill_chunk_tokens
+        first = self.prefilling[0]
+        remaining = list(first.request.prompt_ids[first.prefilled :])
+        if len(remaining) >= budget:
+            return [(first, remaining[:budget])]
+        group = [(first, remaining)]
+        longest = len(remaining)
+        for seq in self.prefilling[1:]:
+            ids = list(seq.request.prompt_ids[seq.prefilled :])
+            if (len(group) + 1) * max(longest, len(ids)) > budget:
+                break
+            group.append((seq, ids))
+            longest = max(longest, len(ids))
+        return group
+
+    def prefilled(self, seq: Sequence, count: int) -> bool:
+        """Record ``count`` more prompt tokens in the cache; True (and now decoding) when the
+        whole prompt is in."""
+        seq.prefilled += count
+        if seq.prefilled < seq.prompt_len:
+            return False
+        self.prefilling.remove(seq)
+        seq.advance(SeqStatus.DECODING)
+        self.decoding.append(seq)
+        return True
+
+
+__all__ = ["Scheduler"]
