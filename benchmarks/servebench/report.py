@@ -186,16 +186,11 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, list[Le
         f"Machine: {info.get('cpu', '?')}, nproc {info['nproc']}; {info['os']}; Python {info['python']}, "
         f"torch {info['torch']}, transformers {info['transformers']}, openai {info['openai']}.",
         f"CPU flags (lscpu): {info.get('cpu_flags', '?')}.",
-        f"Weights: `{model_dir}` (embedded SmolLM2-135M-Instruct GGUF dequantized to float32, cast by each "
-        "server to the dtype above).",
-        f"Peer: `transformers serve <weights> --continuous-batching --device cpu --dtype <dtype>"
-        f"{''.join(' ' + a for a in args.peer_arg)}`. "
-        f"Requests per level: {', '.join(map(str, counts))} "
-        f"(concurrency {args.concurrency}); prompts: {len(PROMPTS)} open-ended requests with one system message.",
-        "Ours: `start_llm_server --config-dir <tmp>` with the package's YAML files and `model.id: <weights>`, "
-        "`device: cpu`, `optimizations.dtype: <dtype>`, `parameters.repetition_penalty: 1.0`, `top_p: 1.0`"
-        f"{''.join(f', `{item}`' for item in args.ours_set)}.",
-        *(f"{name}: `{command}`" for name, command in commands.items()),
+        f"Weights: `{model_dir}` (embedded SmolLM2-135M-Instruct GGUF dequantized to float32, cast by ours and "
+        "the peer to the dtype above; llama-server reads the GGUF itself).",
+        f"Requests per level: {', '.join(map(str, counts))} (concurrency {args.concurrency}); prompts: "
+        f"{len(PROMPTS)} open-ended requests with one system message.",
+        *server_notes(args, commands),
         f"Command: `{' '.join(['python', 'benchmarks/bench_serving.py', *sys.argv[1:]])}` "
         f"(whole run {elapsed_s / 60:.1f} min).",
     ]
@@ -268,3 +263,18 @@ def save(results_dir: Path, stem: str, report: str, args: argparse.Namespace,
            for group, by_server in results.items()}
     (results_dir / f"{stem}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "machine": info, "results": raw}, indent=2))
+
+
+def server_notes(args: argparse.Namespace, commands: dict[str, str]) -> list[str]:
+    """How each server that ran was started (API keys hidden)."""
+    notes = {
+        "peer": "Peer: `transformers serve <weights> --continuous-batching --device cpu --dtype <dtype>"
+                f"{''.join(' ' + a for a in args.peer_arg)}`.",
+        "ours": "Ours: `start_llm_server --config-dir <tmp>` with the package's YAML files and `model.id: <weights>`, "
+                "`device: cpu`, `optimizations.dtype: <dtype>`, `parameters.repetition_penalty: 1.0`, `top_p: 1.0`"
+                f"{''.join(f', `{item}`' for item in args.ours_set)}.",
+        "llama-server": "llama-server: the package's GGUF, one slot per concurrent request, "
+                        f"{args.llama_ctx_per_slot} tokens of context per slot, {args.llama_threads} threads.",
+    }
+    return [line for name in commands for line in (notes.get(name, ""), f"{name} command: `{commands[name]}`")
+            if line]

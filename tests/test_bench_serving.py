@@ -1,0 +1,92 @@
+"""The serving benchmark's plumbing (no server started): which servers a run plans, the llama-server
+binary check, hidden keys, memory measurement, and the report's llama-server and memory tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_serving  # noqa: E402
+
+from servebench import peers, report  # noqa: E402
+from servebench.client import LevelResult  # noqa: E402
+from servebench.servers import process_group_rss_mb  # noqa: E402
+
+WEIGHTS = peers.Weights(gguf=Path("/models/m.gguf"), hf_folder=Path("/models/hf"))
+
+
+def level(concurrency: int, tokens_per_s: float, ttft_p95_s: float, rss_mb: float | None = None) -> LevelResult:
+    return LevelResult(concurrency=concurrency, requests=concurrency, errors=0, full_length=concurrency,
+                       completion_tokens=64 * concurrency, wall_s=1.0, tokens_per_s=tokens_per_s,
+                       ttft_p50_s=ttft_p95_s, ttft_p95_s=ttft_p95_s, itl_p50_s=0.05, prompt_tokens_mean=30.0,
+                       tokens_from_usage=True, rss_mb=rss_mb)
+
+
+def fake_binary(folder: Path) -> Path:
+    binary = folder / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    return binary
+
+
+def test_llama_server_runs_only_when_a_binary_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(peers.LLAMA_SERVER_ENV, raising=False)
+    args = bench_serving.parse_args(["--dtype", "bfloat16", "--concurrency", "1,16"])
+    runs = bench_serving.plan(args, WEIGHTS, tmp_path, peers.llama_server_binary(args.llama_server))
+    assert [(group, name) for group, name, _ in runs] == [("bfloat16", "peer"), ("bfloat16", "ours")]
+
+    monkeypatch.setenv(peers.LLAMA_SERVER_ENV, str(fake_binary(tmp_path)))
+    runs = bench_serving.plan(args, WEIGHTS, tmp_path, peers.llama_server_binary(args.llama_server))
+    assert [name for _, name, _ in runs] == ["peer", "ours", "llama-server"]
+    spec = runs[-1][2](8080)
+    command = spec.command
+    assert command[command.index("-m") + 1] == "/models/m.gguf"  # the package's own GGUF
+    assert command[command.index("-np") + 1] == "16"  # one slot per request of the highest level
+    assert command[command.index("-c") + 1] == str(16 * args.llama_ctx_per_slot)
+    assert command[command.index("-t") + 1] == str(os.cpu_count())
+    assert spec.api_key not in peers.describe_command(spec) and "<key>" in peers.describe_command(spec)
+
+
+def test_a_missing_llama_server_binary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="llama-server binary not found"):
+        peers.llama_server_binary(str(tmp_path / "nope"))
+
+
+def test_rss_of_this_process_group_is_measured() -> None:
+    rss = process_group_rss_mb(os.getpgid(0))
+    assert rss is not None and rss > 10  # this Python process alone holds more than 10 MB
+    assert process_group_rss_mb(2**22 + 12345) is None  # no such group
+
+
+def test_report_compares_with_llama_server_and_shows_memory() -> None:
+    results = {
+        "bfloat16": {"ours": [level(1, 20.0, 0.1), level(16, 300.0, 0.5, rss_mb=1100.0)]},
+        report.GGUF_GROUP: {"llama-server": [level(1, 100.0, 0.05), level(16, 180.0, 1.7, rss_mb=500.0)]},
+    }
+    lines = "\n".join(report.llama_summary(results))
+    assert "| tok/s at 16 concurrent (bfloat16) | 300.00 | 180.00 | 1.67x | >= 1.50x | yes |" in lines
+    assert "| tok/s at 1 concurrent (bfloat16) | 20.00 | 100.00 | 0.20x | >= 1.00x | NO |" in lines
+    assert "| TTFT p95 (s) at 16 concurrent (bfloat16) | 0.50 | 1.70 | 0.29x | <= 1.00x | yes |" in lines
+    memory = "\n".join(report.rss_table(results))
+    assert "| ours | bfloat16 | 16 | 1100 |" in memory and "| llama-server | gguf | 16 | 500 |" in memory
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None, reason="needs lscpu (util-linux)")
+def test_every_results_file_records_the_cpu_and_its_flags(tmp_path: Path) -> None:
+    info = report.machine_info()
+    assert info.get("cpu") and len(info.get("cpu_flags", "").split()) > 5  # lscpu's Flags line
+    args = argparse.Namespace(max_tokens=64, retries=0, max_other_cpu=0.25, concurrency="1", peer_arg=[],
+                              ours_set=[], llama_ctx_per_slot=1024, llama_threads=2)
+    results = {"bfloat16": {"ours": [level(1, 20.0, 0.1, rss_mb=700.0)]}}
+    text = report.render_report(args, results, info, Path("/w"), 1.0, [], {"ours": "start_llm_server"}, [2])
+    report.save(tmp_path, "run", text, args, results, info)
+    assert info["cpu_flags"] in (tmp_path / "run.md").read_text()
+    assert info["cpu_flags"] in (tmp_path / "run.json").read_text()
