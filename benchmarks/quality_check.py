@@ -2,7 +2,7 @@
 """Quality cost of the engine's weight-only quantization (int8, int4) against bfloat16 weights.
 
 It loads the embedded SmolLM2-135M-Instruct, builds the engine's ``LlamaRunner`` on it once per
-weight mode (float32, bfloat16, bfloat16 + int8 weights, bfloat16 + int4 weights) and measures,
+weight mode (float32, bfloat16, bfloat16 + int8 weights, bfloat16 + int4 weights, LM head variants) and measures,
 against the bfloat16 runner:
 
 - free-running greedy agreement: 20 chat prompts x 64 greedy tokens, the fraction of positions
@@ -67,11 +67,13 @@ TEXT = (
     "damage and wondered how long it would take for the ground to dry before the planting could begin."
 )
 
-MODES: dict[str, tuple[str, str | None]] = {  # name -> (dtype, quantization)
-    "float32": ("float32", None),
-    "bf16": ("bfloat16", None),
-    "int8": ("bfloat16", "int8"),
-    "int4": ("bfloat16", "int4"),
+MODES: dict[str, tuple[str, str | None, str | None]] = {  # name -> (dtype, layers, LM head)
+    "float32": ("float32", None, None),
+    "bf16": ("bfloat16", None, None),
+    "int8": ("bfloat16", "int8", "int8"),  # the engine's int8 mode
+    "int4": ("bfloat16", "int4", "int8"),  # the engine's int4 mode
+    "int4-head-bf16": ("bfloat16", "int4", None),
+    "int4-head-int4": ("bfloat16", "int4", "int4"),
 }
 
 
@@ -135,8 +137,9 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def runner(mode: str) -> LlamaRunner:
-        dtype, quantization = MODES[mode]
-        return LlamaRunner(models[dtype], max_slots=len(prompts), max_context=1024, quantization=quantization)
+        dtype, quantization, head = MODES[mode]
+        return LlamaRunner(models[dtype], max_slots=len(prompts), max_context=1024, quantization=quantization,
+                           head_quantization=head)
 
     with torch.inference_mode():
         base = runner("bf16")

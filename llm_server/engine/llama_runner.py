@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_server.engine.llama_weights import LayerWeights, read_head, read_layer, release_memory
-from llm_server.engine.quant import ENGINE_OWNED_ATTR, QUANT_MODES, QUANTIZATION_ATTR
+from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR
 from llm_server.engine.runner import KVHandle, ModelRunner
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -104,6 +104,7 @@ class LlamaRunner(ModelRunner):
     recorded on the model. ``free_model_weights``: drop the HF module's copies of the weights the
     runner re-laid (packed or quantized), so only one copy stays resident; the HF model can then no
     longer run those layers. None reads :func:`mark_engine_owned`'s mark on the model.
+    ``head_quantization``: the LM head's ("default": :data:`HEAD_QUANTIZATION`).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class LlamaRunner(ModelRunner):
         pack_weights: bool = True,
         quantization: str | None = None,
         free_model_weights: bool | None = None,
+        head_quantization: str | None = "default",
     ) -> None:
         config = model.config
         inner = model.model
@@ -124,6 +126,8 @@ class LlamaRunner(ModelRunner):
         self.quantization = quantization if quantization is not None else getattr(model, QUANTIZATION_ATTR, None)
         if self.quantization is not None and self.quantization not in QUANT_MODES:
             raise ValueError(f"unknown weight quantization {self.quantization!r}; use one of {QUANT_MODES}")
+        if head_quantization == "default":
+            head_quantization = HEAD_QUANTIZATION.get(self.quantization) if self.quantization else None
         free = bool(getattr(model, ENGINE_OWNED_ATTR, False)) if free_model_weights is None else free_model_weights
         self._heads = int(config.num_attention_heads)
         self._kv_heads = int(getattr(config, "num_key_value_heads", None) or self._heads)
@@ -133,7 +137,7 @@ class LlamaRunner(ModelRunner):
             self._layers = [read_layer(layer, pack_weights, free, self.quantization) for layer in inner.layers]
             self._embed = inner.embed_tokens.weight.detach()
             self._norm = inner.norm.weight.detach()
-            self._lm_head = read_head(model, pack_weights, free, self.quantization)
+            self._lm_head = read_head(model, pack_weights, free, head_quantization)
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
         if free:
             release_memory()

@@ -111,8 +111,8 @@ def read_layer(layer: Any, pack: bool, free: bool, mode: str | None) -> LayerWei
 
 
 def read_head(model: Any, pack: bool, free: bool, mode: str | None) -> Linear:
-    """The LM head (quantized like the layers); its HF weight is dropped only when not tied
-    to the input embedding, which the forward keeps using."""
+    """The LM head (quantized with ``mode``); its HF weight is dropped only when not tied to the
+    input embedding, which the forward keeps using."""
     head = model.lm_head
     made = make_linear(head.weight.detach(), _bias(head), pack, mode)
     tied = head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
