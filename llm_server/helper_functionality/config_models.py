@@ -7,14 +7,15 @@ ignored) and uses strict types (``true`` is not a number, ``"8000"`` is not a po
 
 :func:`validate_section` turns pydantic's errors into :class:`ConfigError` naming the file and the
 dotted key, as the loaders always have. Adding a section is one model here plus one entry in
-:data:`SECTIONS` (which also feeds the README's reference table, see :func:`markdown_table`).
+:data:`SECTIONS` (which also feeds the README's reference table, see :func:`markdown_table`);
+``yaml_loading.read_section`` reads and validates any of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import UnionType
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -138,12 +139,13 @@ class AzureSection(BaseModel):
     )
 
 
-#: YAML file -> (top-level section, its model): what the loaders validate and the README documents.
-SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {
-    "model_config.yaml": ("model", ModelSection),
-    "server_config.yaml": ("server", ServerSection),
-    "azure_config.yaml": ("azure", AzureSection),
-}
+#: (YAML file, top-level section, its model): what the loaders validate and the README documents.
+#: A new section (another top-level key of a file) is one model and one entry here.
+SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
+    ("model_config.yaml", "model", ModelSection),
+    ("server_config.yaml", "server", ServerSection),
+    ("azure_config.yaml", "azure", AzureSection),
+)
 
 
 # --------------------------------------------------------------------------- validation
@@ -266,8 +268,8 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
 def markdown_table() -> str:
     """The README's config reference: every key of every section, its type, default and meaning."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for file, (section, model) in SECTIONS.items():
-        lines.append(f"| **{file}** | | | |")
+    for file, section, model in SECTIONS:
+        lines.append(f"| **{file}** `{section}:` | | | |")
         lines.extend(_rows(model, section))
     return "\n".join(lines)
 

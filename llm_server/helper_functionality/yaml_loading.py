@@ -193,11 +193,21 @@ def _file(name: str) -> Path:
     return resolve_config_path(name, search_cwd=False)
 
 
-def _read(model: type[M], file_name: str) -> M:
-    """Read ``file_name`` and validate its section with ``model`` (see config_models.SECTIONS)."""
+def read_section(file_name: str, name: str, model: type[M], required: bool = True) -> M:
+    """Section ``name`` of the config folder's ``file_name``, validated by ``model``.
+
+    A missing section is an error when ``required``, else the model's defaults.
+    """
     file = _file(file_name)
-    name = SECTIONS[file_name][0]
-    return validate_section(model, _section(load_yaml(file), name, file), file, name)
+    data = load_yaml(file)
+    section = _section(data, name, file) if required or name in data else {}
+    return validate_section(model, section, file, name)
+
+
+def _read(model: type[M], file_name: str) -> M:
+    """The section that config_models.SECTIONS declares for ``model`` in ``file_name``."""
+    name = next(section for file, section, known in SECTIONS if file == file_name and known is model)
+    return read_section(file_name, name, model)
 
 
 def read_model_section() -> ModelSection:
