@@ -387,3 +387,17 @@ def test_readme_config_table_matches_the_models() -> None:
     table = readme[readme.index(start) + len(start) : readme.index(end)]
     assert table == config_models.markdown_table(), (
         "README's config table is stale: python -m llm_server.helper_functionality.config_models")
+
+
+def test_read_section_validates_any_declared_section(tmp_path, monkeypatch) -> None:
+    """A new section (e.g. a second top-level key of server_config.yaml) needs only its model."""
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
+    write(tmp_path, "server_config.yaml", "server:\n  port: 8001\n")
+    limits = yaml_loading.read_section("server_config.yaml", "extra", config_models.ServerLimits, required=False)
+    assert limits == config_models.ServerLimits()  # absent optional section: the defaults
+    with pytest.raises(ConfigError, match="missing section"):
+        yaml_loading.read_section("server_config.yaml", "extra", config_models.ServerLimits)
+    write(tmp_path, "server_config.yaml", "server: {}\nextra:\n  max_body_bytes: 10\n  nope: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        yaml_loading.read_section("server_config.yaml", "extra", config_models.ServerLimits, required=False)
+    assert caught.value.key == "extra.nope" and "max_body_bytes" in caught.value.problem
