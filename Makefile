@@ -9,7 +9,7 @@ PORT        ?= 8000
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test browser benchmark lint clean
+.PHONY: install serve test browser benchmark lint fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,16 @@ test: install browser
 
 benchmark: install
 	$(PY) benchmarks/bench_serving.py
+
+# Schemathesis (--checks all, every phase, fixed seed, with a key) against the real embedded model.
+FUZZ_EXAMPLES ?= 60
+fuzz: install
+	$(PY) -m tests.fuzz_api --real -n $(FUZZ_EXAMPLES)
+
+# 32 concurrent clients on the embedded model for SOAK_S seconds; a markdown table per minute.
+SOAK_S ?= 600
+soak: install
+	$(PY) benchmarks/soak.py --duration-s $(SOAK_S)
 
 # Lint (ruff: E, F, W, I, B, UP, BLE) and type-check llm_server/ (mypy); both come with the dev extra.
 lint: install

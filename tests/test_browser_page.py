@@ -290,6 +290,19 @@ def test_wrong_key_is_explained(serve: Callable[..., LiveChat], new_page: Callab
     assert "Hello from the scripted engine." in answer_text(page)
 
 
+def test_a_typed_key_is_used_without_pressing_save(serve: Callable[..., LiveChat],
+                                                  new_page: Callable[[], Any]) -> None:
+    """Issue 12: a key typed into the field, then Send (no "Save key"), is sent and then kept."""
+    chat = serve()
+    page = new_page()
+    page.goto(chat.url)
+    page.locator("#api-key").fill(API_KEY)
+    ask(page, "Hello?")
+    wait_turn_done(page)
+    assert "Hello from the scripted engine." in answer_text(page)
+    assert page.evaluate("localStorage.getItem('llm_server.api_key')") == API_KEY
+
+
 def test_html_in_a_reply_is_shown_as_text_and_runs_nothing(
     serve: Callable[..., LiveChat], new_page: Callable[[], Any]
 ) -> None:
