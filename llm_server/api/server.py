@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from llm_server.api import routes_chat, routes_ops, routes_openai, routes_page
+from llm_server.api import routes_chat, routes_openai, routes_ops, routes_page
 from llm_server.api.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.errors import install_error_handlers
 from llm_server.api.limits import BodySizeLimitMiddleware
@@ -58,9 +58,7 @@ def _configured_engine(settings: ServerSettings) -> EngineFactory:
 
 def log_configuration_caps(settings: ServerSettings) -> None:
     """Say at start when the server's limits cap a configured default (no silent caps)."""
-    parameters: Any = getattr(settings.model, "parameters", None) or {}
-    wanted = parameters.get("max_new_tokens") if isinstance(parameters, dict) else getattr(
-        parameters, "max_new_tokens", None)
+    wanted = settings.model.parameters.max_new_tokens
     limit = settings.max_new_tokens_limit
     if isinstance(wanted, int) and wanted > limit:
         logger.warning(
