@@ -97,7 +97,7 @@ def test_unknown_model_is_404_model_not_found(serve: Serve) -> None:
         ({"model": MODEL, "messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": USER, "top_p": "high"}, "top_p"),
         ({"model": MODEL, "messages": [{"role": "user"}]}, "messages.0.content"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "messages": [{"role": "function", "content": "x"}]}, "messages.0.role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]}]}, "messages.0.content"),
     ],
@@ -124,7 +124,6 @@ def test_malformed_json_is_400(serve: Serve) -> None:
     ("field", "value"),
     [
         ("n", 2),
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("presence_penalty", 0.5),
         ("frequency_penalty", -1.0),
         ("logit_bias", {"50256": -100}),

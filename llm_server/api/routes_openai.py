@@ -37,7 +37,13 @@ from llm_server.api.chat_streams import (
     open_stream,
 )
 from llm_server.api.errors import APIError
-from llm_server.api.request_context import request_id
+from llm_server.api.openai_structured import (
+    chat_top_logprobs,
+    check_combination,
+    completion_top_logprobs,
+    request_tools,
+)
+from llm_server.api.openai_tools import assistant_calls_text, streamed_deltas, whole_message
 from llm_server.api.protocol_openai import (
     SUPPORTED_ROLES,
     ChatCompletionRequest,
@@ -47,16 +53,17 @@ from llm_server.api.protocol_openai import (
     unsupported_completion_fields,
 )
 from llm_server.api.readiness import ready_chat, ready_engine
+from llm_server.api.request_context import request_id
 from llm_server.engine.types import LogprobLog
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
 from llm_server.serving.metrics import InstrumentedChatStream
 from llm_server.serving.structured import (
-    MAX_TOP_LOGPROBS,
     LogprobFormatter,
     constrained,
     response_format_grammar,
     with_logprobs,
 )
+from llm_server.serving.tools import ToolSet, call_grammar, with_tools_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +127,24 @@ def _chat_messages(body: ChatCompletionRequest) -> list[Message]:
             raise APIError(400, f"message role {msg.role!r} is not supported ({', '.join(sorted(SUPPORTED_ROLES))})",
                            param=f"messages.{i}.role", code="unsupported_role")
         extra = msg.model_extra or {}
-        if extra.get("tool_calls") or extra.get("function_call"):
-            raise APIError(400, "tool calls are not supported", param=f"messages.{i}.tool_calls",
-                           code="unsupported_parameter")
+        calls = extra.get("tool_calls") or extra.get("function_call")
+        if ("tool_calls" in extra or "function_call" in extra) and msg.role != "assistant":
+            raise APIError(400, "only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls",
+                           code="invalid_value")
         if msg.content is None and msg.role != "assistant":
             raise APIError(400, "message content is required", param=f"messages.{i}.content")
         role = "system" if msg.role == "developer" else msg.role
-        messages.append({"role": role, "content": _message_text(i, msg.content)})
+        text = _message_text(i, msg.content)
+        if calls:
+            text = "\n".join(t for t in (text, assistant_calls_text(i, extra)) if t)
+        messages.append({"role": role, "content": text})
     return messages
 
 
 # --- responses --------------------------------------------------------------------------------
-def _finish_reason(done: ChatDone) -> str:
+def _finish_reason(done: ChatDone, called: bool = False) -> str:
+    if called:
+        return "tool_calls"
     return "length" if done.finish_reason == "length" else "stop"
 
 
@@ -154,6 +167,7 @@ class _Reply:
     created: int = 0
     logprobs: LogprobLog | None = None  # recorded by the engine when the request asked for them
     formatter: LogprobFormatter | None = None
+    tools: ToolSet | None = None  # the reply may hold tool calls
 
     @classmethod
     def new(cls, chat: bool, model: str, body: SamplingFields, logprobs: LogprobLog | None = None,
@@ -177,14 +191,16 @@ class _Reply:
 
     def whole(self, collected: Collected) -> dict[str, Any]:
         done = collected.done
+        called = False
         if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": collected.text}}
+            message, called = whole_message(collected.text, self.tools)
+            choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             choice = {"index": 0, "text": collected.text}
-        choice.update(logprobs=self._logprobs(), finish_reason=_finish_reason(done))
+        choice.update(logprobs=self._logprobs(), finish_reason=_finish_reason(done, called))
         return {**self._envelope(False), "choices": [choice], "usage": _usage(done), "system_fingerprint": None}
 
-    def chunk(self, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         if self.chat:
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
@@ -210,14 +226,23 @@ async def _sse_events(stream: InstrumentedChatStream, reply: _Reply,
     or, after a failure, a final error event instead of the finish."""
     if reply.chat:
         yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+    held: list[str] = []  # a reply that may hold tool calls is sent once it is complete
     async with aclosing(events(stream)) as items:
         async for item in items:
             if isinstance(item, ChatDelta):
-                yield _sse(reply.chunk({"content": item.text}))
+                if reply.tools is None:
+                    yield _sse(reply.chunk({"content": item.text}))
+                else:
+                    held.append(item.text)
             elif isinstance(item, StreamFailure):
                 yield _sse(to_api_error(item.error).body())
             elif isinstance(item, ChatDone):
-                yield _sse(reply.chunk({}, _finish_reason(item)))
+                called = False
+                if reply.tools is not None:
+                    deltas, called = streamed_deltas("".join(held), reply.tools)
+                    for delta in deltas:
+                        yield _sse(reply.chunk(delta))
+                yield _sse(reply.chunk({}, _finish_reason(item, called)))
                 if reply.include_usage:
                     yield _sse(reply.usage_chunk(item))
                 yield _sse("[DONE]")
@@ -269,7 +294,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     messages = _chat_messages(body)
     max_tokens = body.requested_max_tokens()
     params, log = with_logprobs(body.sampling_params(request.app.state.settings.default_params, max_tokens),
-                                _chat_top_logprobs(body))
+                                chat_top_logprobs(body))
     options = ChatOptions(
         role=role or "assistant",
         improvement=body.improvement,
@@ -278,52 +303,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         request_id=request_id(request),
         fit_context=max_tokens is None,  # the default budget shrinks to the room the prompt leaves
     )
-    _check_structure_combination(body.response_format, log, body.improvement)
-    logger.info("chat completion: %d messages, stream=%s, improvement=%s", len(messages), body.stream,
-                body.improvement)
+    check_combination(body.response_format, log, body.improvement)
+    tools = request_tools(body, chat)
+    if tools is not None:
+        messages = with_tools_prompt(messages, tools)
+    logger.info("chat completion: %d messages, stream=%s, improvement=%s, tools=%s", len(messages), body.stream,
+                body.improvement, tools.choice if tools else None)
 
-    def opener() -> ChatStream:  # runs in a worker thread: the grammar is compiled there
-        grammar = response_format_grammar(chat.engine.tokenizer, body.response_format)
+    def opener() -> ChatStream:  # runs in a worker thread: grammars are compiled there
+        if tools is not None and tools.constrained:
+            grammar = call_grammar(chat.engine.tokenizer, tools)
+        else:
+            grammar = response_format_grammar(chat.engine.tokenizer, body.response_format)
         structured = replace(options, params=constrained(options.params, grammar))
         return chat.open(chat.openai_messages(messages, role), structured)
 
-    reply = _Reply.new(True, model, body, log, _formatter(chat, log))
+    reply = replace(_Reply.new(True, model, body, log, _formatter(chat, log)), tools=tools)
     return await _answer(request, opener, reply, body.stream, "messages")
 
 
-def _chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
-    """None: no logprobs; else how many alternatives per token (``top_logprobs``)."""
-    if body.logprobs not in (None, False, True):
-        raise APIError(400, "logprobs must be a boolean", param="logprobs", code="invalid_value")
-    top = body.top_logprobs
-    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
-        raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs",
-                       code="invalid_value")
-    if not body.logprobs:
-        if top:
-            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
-                           code="invalid_value")
-        return None
-    return top or 0
 
 
-def _completion_top_logprobs(body: CompletionRequest) -> int | None:
-    value = body.logprobs
-    if value is None or value is False:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise APIError(400, f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}", param="logprobs",
-                       code="invalid_value")
-    return value
-
-
-def _check_structure_combination(response_format: Any, log: LogprobLog | None, improvement: bool) -> None:
-    if improvement and response_format and response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format cannot be combined with improvement", param="response_format",
-                       code="unsupported_value")
-    if improvement and log is not None:
-        raise APIError(400, "logprobs cannot be combined with improvement", param="logprobs",
-                       code="unsupported_value")
 
 
 def _formatter(chat: Any, log: LogprobLog | None) -> LogprobFormatter | None:
@@ -343,7 +343,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                            code="unsupported_value")
         prompt = prompt[0]
     params, log = with_logprobs(body.sampling_params(request.app.state.settings.default_params, body.max_tokens),
-                                _completion_top_logprobs(body))
+                                completion_top_logprobs(body))
     options = ChatOptions(params=params, request_id=request_id(request), fit_context=body.max_tokens is None)
     chat = ready_chat(request)
 

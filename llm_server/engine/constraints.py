@@ -150,7 +150,8 @@ def _bounded_object_schema(max_entries: int = 8, max_string: int = 100) -> dict[
                 {"type": "object", "maxProperties": max_entries, "additionalProperties": items}]
 
     inner = {"anyOf": scalar + container({"anyOf": scalar})}
-    return {"type": "object", "maxProperties": max_entries, "additionalProperties": {"anyOf": scalar + container(inner)}}
+    value = {"anyOf": scalar + container(inner)}
+    return {"type": "object", "maxProperties": max_entries, "additionalProperties": value}
 
 
 #: ``json_object`` mode: any JSON object up to three levels deep, at most 8 entries per object or

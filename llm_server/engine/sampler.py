@@ -151,7 +151,7 @@ def _record_logprobs(raw: torch.Tensor, ids: list[int], states: Sequence[Sampler
         top_values, top_ids = top.values.tolist(), top.indices.tolist()
     for j, i in enumerate(rows):
         n = states[i].params.logprobs or 0
-        top_pairs = tuple(zip(top_ids[j][:n], top_values[j][:n]))
+        top_pairs = tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
         states[i].params.logprob_sink.append(TokenLogprob(ids[i], picked[j], top_pairs))  # type: ignore[union-attr]
 
 
