@@ -321,6 +321,8 @@ def test_quantization_accepts_the_documented_modes(tmp_path, monkeypatch, value:
          "model.optimizations.quantization", "'4bit', 'int8' or 'int4'"),
         ("model_config.yaml", "model:\n  parameters:\n    top_p: 1.5\n", "model.parameters.top_p", "1.5"),
         ("model_config.yaml", "model:\n  parameters:\n    do_sample: 1\n", "model.parameters.do_sample", "got int"),
+        ("model_config.yaml", "model:\n  parameters:\n    streamer: x\n", "model.parameters.streamer",
+         "set by the Python API on each call; remove it"),
         ("server_config.yaml", "server:\n  engine:\n    pack_weights: 1\n", "server.engine.pack_weights", "got int"),
         ("server_config.yaml", "server:\n  engine:\n    max_running: 0\n", "server.engine.max_running",
          "greater than or equal to 1"),

@@ -225,6 +225,8 @@ def _problem(error: Mapping[str, Any], owner: type[BaseModel]) -> str:
         return f"unknown key (known: {', '.join(sorted(owner.model_fields))})"
     if error["type"] == "missing":
         return "missing"
+    if "key" in (error.get("ctx") or {}):  # a check of the whole section that names its key
+        return str(error["msg"])
     value = error.get("input")
     if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
         return f"expected a mapping, got {type(value).__name__} ({value!r})"
