@@ -195,8 +195,7 @@ def _free_port() -> int:
 def start_server(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {**os.environ, "CHAT_SERVER_API_KEY": KEY}
-    # ``python -m llm_server.api.server`` is what the ``start_llm_server`` script runs
-    command = [sys.executable, "-m", "llm_server.api.server", "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(Path(sys.executable).with_name("start_llm_server")), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

@@ -274,7 +274,6 @@ def test_temperature_on_chat_samples_like_v1(base_url: str, engine: ScriptedEngi
 # --- 11. the max_new_tokens cap is logged -----------------------------------------------------
 def test_a_capped_max_new_tokens_is_logged_at_start(engine: ScriptedEngine) -> None:
     from llm_server.api.server import log_configuration_caps
-
     from llm_server.helper_functionality.config_models import ModelSection
 
     settings = make_settings(model=ModelSection.model_validate({"parameters": {"max_new_tokens": 4 * LONG_WORDS}}))
@@ -282,3 +281,16 @@ def test_a_capped_max_new_tokens_is_logged_at_start(engine: ScriptedEngine) -> N
         log_configuration_caps(settings)
     line = next(line for line in logs.lines if "max_new_tokens" in line)
     assert str(4 * LONG_WORDS) in line and str(LONG_WORDS) in line and "limits.max_new_tokens" in line
+
+
+def test_python_dash_m_reads_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m llm_server.api.server --port N`` (found by the soak: it served on 8000 instead)."""
+    import sys
+    import types
+
+    from llm_server.api import server
+
+    fake_main = types.SimpleNamespace(__spec__=types.SimpleNamespace(name="llm_server.api.server"))
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    monkeypatch.setattr(sys, "argv", ["/x/llm_server/api/server.py", "--port", "9"])
+    assert server._command_line() == ["--port", "9"]

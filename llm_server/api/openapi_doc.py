@@ -176,7 +176,7 @@ def _security(doc: Schema, settings: ServerSettings) -> tuple[list[Schema], list
     schemes = doc.setdefault("components", {}).setdefault("securitySchemes", {})
     schemes["ApiKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     schemes["BearerAuth"] = {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"}
-    post = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+    post: list[Schema] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
     if not settings.allow_query_api_key:
         return post, post
     schemes["ApiKeyQuery"] = {"type": "apiKey", "in": "query", "name": "x_api_key",

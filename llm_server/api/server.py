@@ -149,7 +149,7 @@ def _command_line() -> list[str]:
     """
     program = os.path.basename(sys.argv[0]) if sys.argv else ""
     main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
-    as_module = main_module is not None and main_module.name == __name__
+    as_module = main_module is not None and main_module.name == "llm_server.api.server"  # not __name__: "__main__" then
     return sys.argv[1:] if program.startswith("start_llm_server") or as_module else []
 
 
