@@ -6,9 +6,16 @@ It loads the embedded SmolLM2-135M-Instruct (or ``--model``) with ``initialize``
 greedy chat request (the same system message and prompts as ``bench_serving.py``), read its
 stream to the end, and submit the next one. End-of-sequence is ignored so every request
 generates exactly ``--max-tokens`` tokens. Printed per level: aggregate output tokens/s,
-time to first token p50/p95 and inter-token latency p50.
+time to first token p50/p95, inter-token latency p50, and the engine's efficiency: served tok/s
+divided by the bare forward's tok/s on the same batch size (``LlamaRunner.forward`` alone, timed
+in a separate process whose one thread loads the model and steps it: a 60-token prompt, then
+decode steps; issue 9's target is >= 0.9).
 
-    .venv/bin/python benchmarks/engine_microbench.py                  # bfloat16, 1/4/8/16
+The model is loaded the way the server loads it: by the engine's own thread
+(``BatchEngine.from_loader``). ``--split-load`` loads it on the main thread instead (the
+arrangement issue 9 measured as 2x slower on 2 cores), for comparison.
+
+    .venv/bin/python benchmarks/engine_microbench.py                  # bfloat16, 1/16/32/48/64
     .venv/bin/python benchmarks/engine_microbench.py --dtype float32 --levels 1,16
 """
 
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -84,40 +93,88 @@ async def run_level(engine: Any, tokenizer: Any, concurrency: int, requests: int
     }
 
 
+def bare_forward_ms(dtype: str, model_id: str | None, batches: list[int], threads: int) -> dict[int, float]:
+    """ms per decode step of ``LlamaRunner.forward`` alone, per batch size (this thread only)."""
+    import torch
+
+    from llm_server.engine.llama_runner import LlamaRunner
+    from llm_server.helper_functionality.model_loading import initialize
+
+    if threads:
+        torch.set_num_threads(threads)
+    _, model = initialize(device="cpu", model_id=model_id, dtype=dtype, compile=False)
+    runner = LlamaRunner(model, max_slots=max(batches), max_context=2048)
+    result: dict[int, float] = {}
+    with torch.inference_mode():
+        for n in batches:
+            handles = [runner.open() for _ in range(n)]
+            runner.forward(handles, [list(range(100, 160))] * n)
+            for _ in range(4):
+                runner.forward(handles, [[5]] * n)
+            started = time.perf_counter()
+            for _ in range(32):
+                runner.forward(handles, [[5]] * n)
+            result[n] = (time.perf_counter() - started) / 32 * 1e3
+            for handle in handles:
+                runner.release(handle)
+    return result
+
+
+def bare_in_subprocess(args: argparse.Namespace) -> dict[int, float]:
+    """:func:`bare_forward_ms` in a fresh process (its torch threads never meet the engine's)."""
+    command = [sys.executable, __file__, "--bare", "--dtype", args.dtype, "--levels", args.levels,
+               "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model id for initialize() (default: the embedded model)")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--levels", default="1,16,32,48,64")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests per worker at each level")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's choice)")
+    parser.add_argument("--split-load", action="store_true", help="load the model on the main thread (slow)")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare-forward reference")
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # the subprocess's job
     args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.bare:
+        print(json.dumps(bare_forward_ms(args.dtype, args.model, levels, args.threads)))
+        return
+    bare = {} if args.no_bare else bare_in_subprocess(args)
+    engine, tokenizer = start_engine(args, levels)
+    try:
+        asyncio.run(run_level(engine, tokenizer, 1, 1, 8))  # warm-up
+        print(f"engine micro-benchmark: dtype {args.dtype}, {args.max_tokens} new tokens, runner "
+              f"{engine.runner_name}, {'model loaded on the main thread' if args.split_load else 'one thread'}")
+        print("| concurrent | tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | bare step (ms) | efficiency |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for level in levels:
+            row = asyncio.run(run_level(engine, tokenizer, level, level * args.rounds, args.max_tokens))
+            step = bare.get(level)
+            efficiency = f"{row['tok_s'] / (level * 1e3 / step):.2f}" if step else "-"
+            print(f"| {level} | {row['tok_s']:.1f} | {row['ttft_p50']:.3f} | {row['ttft_p95']:.3f} | "
+                  f"{row['itl_p50'] * 1e3:.1f} | {f'{step:.1f}' if step else '-'} | {efficiency} |", flush=True)
+    finally:
+        engine.shutdown(timeout_s=30)
 
-    import torch
+
+def start_engine(args: argparse.Namespace, levels: list[int]) -> tuple[Any, Any]:
+    """A started engine for the benchmark, and its tokenizer."""
+    from functools import partial
 
     from llm_server.engine.batch_engine import BatchEngine, EngineConfig
     from llm_server.helper_functionality.model_loading import initialize
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer, model = initialize(device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
-    levels = [int(x) for x in args.levels.split(",")]
-    engine = BatchEngine(tokenizer, model, "bench", EngineConfig(max_running=max(levels)))
-    engine.eos_ids = frozenset()  # every request generates exactly --max-tokens tokens
+    config = EngineConfig(max_running=max(levels), threads=args.threads)
+    load = partial(initialize, device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
+    engine = BatchEngine(*load(), "bench", config) if args.split_load else BatchEngine.from_loader(load, "bench", config)
     engine.start()
-    try:
-        asyncio.run(run_level(engine, tokenizer, 1, 1, 8))  # warm-up
-        print(f"engine micro-benchmark: dtype {args.dtype}, {args.max_tokens} new tokens, torch threads "
-              f"{torch.get_num_threads()}, runner {type(engine._runner).__name__}")
-        print("| concurrent | tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) |")
-        print("| --- | --- | --- | --- | --- |")
-        for level in levels:
-            row = asyncio.run(run_level(engine, tokenizer, level, level * args.rounds, args.max_tokens))
-            print(f"| {level} | {row['tok_s']:.1f} | {row['ttft_p50']:.3f} | {row['ttft_p95']:.3f} | "
-                  f"{row['itl_p50'] * 1e3:.1f} |", flush=True)
-    finally:
-        engine.shutdown(timeout_s=30)
+    engine.eos_ids = frozenset()  # every request generates exactly --max-tokens tokens
+    return engine, engine.tokenizer
 
 
 if __name__ == "__main__":

@@ -33,9 +33,8 @@ from typing import Any
 import torch
 
 from llm_server.engine.config import EngineConfig
-from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.interface import Engine
-from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
+from llm_server.engine.model_setup import default_max_context, default_top_k, eos_ids, make_runner
 from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
@@ -60,43 +59,6 @@ logger = logging.getLogger(__name__)
 
 #: Returns ``(tokenizer, model)``; called on the scheduler thread by :meth:`BatchEngine.start`.
 Loader = Callable[[], tuple[Any, Any]]
-
-
-def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    """End-of-sequence ids of the tokenizer and of the model's generation config."""
-    ids: set[int] = set()
-    candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
-    generation_config = getattr(model, "generation_config", None)
-    candidates.append(getattr(generation_config, "eos_token_id", None))
-    for value in candidates:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
-
-
-def _default_top_k(model: Any, configured: int | None) -> int:
-    """The top-k ``model.generate`` would use when sampling: the model's, else transformers' 50."""
-    if configured is not None:
-        return configured
-    value = getattr(getattr(model, "generation_config", None), "top_k", None)
-    return 50 if value is None else int(value)
-
-
-def _default_max_context(model: Any, budget: int) -> int:
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or budget
-    return min(int(positions), budget)
-
-
-def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> ModelRunner:
-    """The fastest runner that supports ``model``: the compact batched one for Llama-family models,
-    else the model's own forward, one sequence at a time."""
-    reason = unsupported_reason(model)
-    if reason is None:
-        return LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
-    logger.warning("using the slow one-sequence-at-a-time path: %s", reason)
-    return HFRunner(model)
 
 
 class BatchEngine(Engine):
@@ -226,10 +188,10 @@ class BatchEngine(Engine):
         tokenizer, model = self._load()
         self.tokenizer = tokenizer
         budget = self.config.max_total_tokens
-        self.max_context = min(self.config.max_context or _default_max_context(model, budget), budget)
-        self.eos_ids = _eos_ids(tokenizer, model)
+        self.max_context = min(self.config.max_context or default_max_context(model, budget), budget)
+        self.eos_ids = eos_ids(tokenizer, model)
         runner = make_runner(model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights)
-        self._sampler = Sampler(runner.device, self.config.seed, _default_top_k(model, self.config.top_k))
+        self._sampler = Sampler(runner.device, self.config.seed, default_top_k(model, self.config.top_k))
         self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
         self._warm_up(runner)
         self._ready = True

@@ -4,7 +4,7 @@ The scheduler talks to a :class:`ModelRunner`: ``open`` a cache handle per reque
 ``forward`` new tokens of several sequences at once (getting the next-token logits of each),
 ``release`` the handle when the request leaves. Implementations: :class:`~.llama_runner.LlamaRunner`
 (compact batched forward for Llama-family models) and :class:`~.hf_runner.HFRunner` (any causal
-LM, one sequence at a time); ``batch_engine.make_runner`` picks one.
+LM, one sequence at a time); ``model_setup.make_runner`` picks one.
 """
 
 from __future__ import annotations

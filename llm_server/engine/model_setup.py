@@ -1,0 +1,52 @@
+"""What the engine reads from the loaded model: its runner, end-of-sequence ids, default top-k and context."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from llm_server.engine.hf_runner import HFRunner
+from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
+from llm_server.engine.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    """End-of-sequence ids of the tokenizer and of the model's generation config."""
+    ids: set[int] = set()
+    candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    generation_config = getattr(model, "generation_config", None)
+    candidates.append(getattr(generation_config, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def default_top_k(model: Any, configured: int | None) -> int:
+    """The top-k ``model.generate`` would use when sampling: the model's, else transformers' 50."""
+    if configured is not None:
+        return configured
+    value = getattr(getattr(model, "generation_config", None), "top_k", None)
+    return 50 if value is None else int(value)
+
+
+def default_max_context(model: Any, budget: int) -> int:
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or budget
+    return min(int(positions), budget)
+
+
+def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> ModelRunner:
+    """The fastest runner that supports ``model``: the compact batched one for Llama-family models,
+    else the model's own forward, one sequence at a time."""
+    reason = unsupported_reason(model)
+    if reason is None:
+        return LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
+    logger.warning("using the slow one-sequence-at-a-time path: %s", reason)
+    return HFRunner(model)
+
+
+__all__ = ["default_max_context", "default_top_k", "eos_ids", "make_runner"]
