@@ -9,13 +9,22 @@ previous answer.
 Streaming: without intermediate steps only the final answer is yielded. With intermediate steps
 each stage is preceded by one of :data:`STAGE_HEADINGS` and a blank line, and followed by a
 blank line; draft and reviews stream live, revisions are yielded once parsed.
+
+Structured reviews (``structured=True``, used when the grammar library is installed and the
+``generate`` function accepts ``schema=``): each review pass is constrained to
+:data:`REVIEW_SCHEMA` (suggestions, revised answer, comments as JSON), so even a 135M model's
+output always parses; the intermediate-steps stream then shows the parsed sections rather
+than raw JSON. A review cut short by max_new_tokens falls back to the text parser.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from llm_server.conversation_engine.inputs import (
     DEFAULT_ROLE,
@@ -24,8 +33,26 @@ from llm_server.conversation_engine.inputs import (
     build_review_messages,
 )
 
-#: Full messages (system first) -> the text chunks of ONE generation pass.
-GenerateFn = Callable[[list[dict[str, str]]], Iterator[str]]
+#: Full messages (system first) -> the text chunks of ONE generation pass. With structured
+#: reviews it is also called as ``generate(messages, schema=...)``: the pass must then produce
+#: JSON valid against that schema.
+GenerateFn = Callable[..., Iterator[str]]
+
+#: The JSON a structured review pass is constrained to (lengths bound a small model's loops).
+REVIEW_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "suggestions": {"type": "string", "maxLength": 400},
+        "revised_answer": {"type": "string", "minLength": 1, "maxLength": 1000},
+        "comments": {"type": "string", "maxLength": 200},
+    },
+    "required": ["suggestions", "revised_answer", "comments"],
+    "additionalProperties": False,
+}
+_JSON_INSTRUCTION = (
+    "\n\nReply with only a JSON object with three string fields: \"suggestions\" (the improvements), "
+    "\"revised_answer\" (the complete improved answer) and \"comments\" (one sentence on what changed)."
+)
 
 DRAFT_HEADING = "### Draft answer"
 REVIEW1_HEADING = "### Review 1"
@@ -142,6 +169,53 @@ def parse_review(text: str, previous_answer: str) -> Review:
     )
 
 
+def grammar_available() -> bool:
+    """Whether structured reviews can run (the optional grammar library is installed)."""
+    return importlib.util.find_spec("llguidance") is not None
+
+
+def structured_review_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Review messages asking for :data:`REVIEW_SCHEMA`'s JSON instead of text sections."""
+    last = messages[-1]
+    return [*messages[:-1], {**last, "content": last["content"] + _JSON_INSTRUCTION}]
+
+
+def parse_structured_review(text: str, previous_answer: str) -> Review:
+    """A structured review's JSON -> Review; text that is not that JSON goes to :func:`parse_review`."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return parse_review(text, previous_answer)
+    if not isinstance(value, dict):
+        return parse_review(text, previous_answer)
+    revision = _clean_revision(str(value.get("revised_answer") or ""))
+    return Review(
+        suggestions=str(value.get("suggestions") or "").strip(),
+        revision=revision or previous_answer,
+        comments=str(value.get("comments") or "").strip(),
+        revision_found=bool(revision),
+    )
+
+
+def _review_text(review: Review) -> str:
+    """A structured review as the intermediate-steps stream shows it."""
+    return f"Suggestions: {review.suggestions}\n\nComments: {review.comments}"
+
+
+def _run_review(
+    generate: GenerateFn, messages: list[dict[str, str]], previous: str, heading: str | None, structured: bool
+) -> Iterator[str]:
+    """One review pass (streamed under ``heading`` when visible); returns its parsed Review."""
+    if not structured:
+        text = yield from _run_stage(generate(messages), heading)
+        return parse_review(text, previous)
+    text = yield from _run_stage(generate(structured_review_messages(messages), schema=REVIEW_SCHEMA), None)
+    review = parse_structured_review(text, previous)
+    if heading is not None:
+        yield f"{heading}\n\n{_review_text(review)}\n\n"
+    return review
+
+
 def _run_stage(chunks: Iterator[str], heading: str | None) -> Iterator[str]:
     """Yield a pass's chunks (under ``heading`` when visible); return the pass's full text."""
     parts: list[str] = []
@@ -166,6 +240,8 @@ def improvement_pipeline(
     role: str = DEFAULT_ROLE,
     intermediate_steps: bool = False,
     result: dict[str, str] | None = None,
+    structured: bool = False,
+    reviews: list[Review] | None = None,
 ) -> Iterator[str]:
     """Draft -> review 1 -> revision 1 -> review 2 -> revision 2.
 
@@ -175,7 +251,8 @@ def improvement_pipeline(
 
     The draft pass's messages are ``build_messages(system_prompts, message, role, history)``:
     the serving layer submits that pass ahead of the pipeline and hands it to the first
-    ``generate`` call.
+    ``generate`` call. ``structured`` constrains the review passes to :data:`REVIEW_SCHEMA`;
+    ``reviews`` (when given) receives both parsed reviews (to measure parse fallbacks).
     """
     result = result if result is not None else {}
     result.clear()
@@ -187,19 +264,20 @@ def improvement_pipeline(
     draft = draft_text.strip()
     result["draft_answer"] = draft
 
-    review1_text = yield from _run_stage(
-        generate(build_review_messages(system_prompts, message, draft, history)), REVIEW1_HEADING if show else None
+    review1 = yield from _run_review(
+        generate, build_review_messages(system_prompts, message, draft, history), draft,
+        REVIEW1_HEADING if show else None, structured,
     )
-    review1 = parse_review(review1_text, draft)
     result.update(suggestions1=review1.suggestions, revision1=review1.revision, comments1=review1.comments)
     if show:
         yield f"{REVISION1_HEADING}\n\n{review1.revision}\n\n"
 
-    review2_text = yield from _run_stage(
-        generate(build_review_messages(system_prompts, message, review1.revision, history)),
-        REVIEW2_HEADING if show else None,
+    review2 = yield from _run_review(
+        generate, build_review_messages(system_prompts, message, review1.revision, history), review1.revision,
+        REVIEW2_HEADING if show else None, structured,
     )
-    review2 = parse_review(review2_text, review1.revision)
+    if reviews is not None:
+        reviews.extend((review1, review2))
     result.update(suggestions2=review2.suggestions, revision2=review2.revision, comments2=review2.comments)
     result["reply"] = review2.revision
     yield f"{FINAL_HEADING}\n\n{review2.revision}\n\n" if show else review2.revision

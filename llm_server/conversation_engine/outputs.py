@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from llm_server.conversation_engine.improvement import GenerateFn, improvement_pipeline
+from llm_server.conversation_engine.improvement import GenerateFn, grammar_available, improvement_pipeline
 from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, encode_messages, prepare_inputs
 from llm_server.helper_functionality.yaml_loading import load_model_config
 
@@ -118,10 +118,25 @@ def stream_generate(
 def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> GenerateFn:
     """A ``GenerateFn`` for :func:`improvement_pipeline`: messages -> streamed chunks of one pass."""
 
-    def generate(messages: list[dict[str, str]]) -> Iterator[str]:
-        return stream_generate(encode_messages(tok, model, messages), tok, model, **generation_kwargs)
+    def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None) -> Iterator[str]:
+        inputs = encode_messages(tok, model, messages)
+        kwargs = generation_kwargs if schema is None else _with_schema(tok, inputs, schema, generation_kwargs)
+        return stream_generate(inputs, tok, model, **kwargs)
 
     return generate
+
+
+def _with_schema(tok: Any, inputs: Mapping[str, Any], schema: dict[str, Any],
+                 generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generation_kwargs`` plus a LogitsProcessor holding the output to ``schema`` (llguidance)."""
+    from transformers import LogitsProcessorList
+
+    from llm_server.engine.constraints import GrammarLogitsProcessor, compiler_for
+
+    grammar = compiler_for(tok).json_schema(schema)
+    processors = LogitsProcessorList([*(generation_kwargs.get("logits_processor") or []),
+                                      GrammarLogitsProcessor(grammar, int(inputs["input_ids"].shape[-1]))])
+    return {**generation_kwargs, "logits_processor": processors}
 
 
 def stream_reply(
@@ -171,6 +186,7 @@ def stream_and_improve_reply(
         role=role,
         intermediate_steps=intermediate_steps,
         result=result,
+        structured=grammar_available(),
     )
 
 

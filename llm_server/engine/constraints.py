@@ -194,5 +194,8 @@ class GrammarLogitsProcessor:
         for token in row[self._fed :]:
             self._matcher.advance(int(token))
         self._fed = len(row)
-        allowed = self._matcher.allowed(scores.shape[-1]).to(scores.device)
-        return scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+        allowed = self._matcher.allowed(scores.shape[-1]).to(scores.device).unsqueeze(0)
+        masked = scores.masked_fill(~allowed, float("-inf"))
+        if not bool(torch.isfinite(masked).any()):  # earlier warpers (top-k/top-p) removed every allowed id
+            masked = torch.zeros_like(scores).masked_fill(~allowed, float("-inf"))
+        return masked

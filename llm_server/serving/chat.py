@@ -23,8 +23,9 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from llm_server.conversation_engine.improvement import improvement_pipeline
+from llm_server.conversation_engine.improvement import grammar_available, improvement_pipeline
 from llm_server.conversation_engine.inputs import (
     ChatTemplateError,
     HistoryError,
@@ -343,6 +344,7 @@ class _ImprovementRun:
             for chunk in improvement_pipeline(
                 self._generate, plan.system_prompts, plan.history, plan.message, role=plan.role,
                 intermediate_steps=self.options.intermediate_steps, result=self.result,
+                structured=grammar_available(),
             ):
                 if self.bridge.cancelled:
                     raise _PassCancelled()
@@ -368,25 +370,30 @@ class _ImprovementRun:
             first, self._pending_first = self._pending_first, None
         return first
 
-    def _take_stream(self, messages: list[Message]) -> GenerationStream:
+    def _take_stream(self, messages: list[Message], schema: dict[str, Any] | None = None) -> GenerationStream:
         """The eagerly submitted draft pass on the first call, a new review pass after that."""
         first = self._take_pending_first()
         if first is not None:  # the draft: ``messages`` are the plan's draft_messages (same builder, same inputs)
             return first
         self._reviews += 1
         pass_id = f"{self.request_id}-review{self._reviews}"
-        stream = self.service.submit_pass(messages, self.options.params, pass_id)
+        params = self.options.params
+        if schema is not None:  # a structured review: compiled here, in the pipeline's thread
+            from llm_server.serving.structured import compile_schema, constrained
+
+            params = constrained(params, compile_schema(self.service.engine.tokenizer, schema, "review"))
+        stream = self.service.submit_pass(messages, params, pass_id)
         with self._lock:
             self._current = stream
         if self.bridge.cancelled:
             stream.cancel()
         return stream
 
-    def _generate(self, messages: list[Message]) -> Iterator[str]:
+    def _generate(self, messages: list[Message], schema: dict[str, Any] | None = None) -> Iterator[str]:
         """An ``improvement.GenerateFn``: one pass through the engine, iterated synchronously."""
         if self.bridge.cancelled:
             raise _PassCancelled()
-        stream = self._take_stream(messages)
+        stream = self._take_stream(messages, schema)
         for event in stream:
             if isinstance(event, TextDelta):
                 if self.bridge.cancelled:
