@@ -364,6 +364,8 @@ def test_full_queue_raises_overloaded(tokenizer: Any, model: Any) -> None:
 class PoisonedTokenizer:
     """The real tokenizer, except that decoding text that contains ``poison`` raises."""
 
+    backend_tokenizer = None  # no byte table: the engine decodes through ``decode``
+
     def __init__(self, inner: Any, poison: int) -> None:
         self._inner, self._poison = inner, poison
 
