@@ -139,8 +139,7 @@ class LlamaRunner(ModelRunner):
             self._norm = inner.norm.weight.detach()
             self._lm_head = read_head(model, pack_weights, free, head_quantization)
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
-        if free:
-            release_memory()
+        release_memory()  # the originals (when freed) and the quantization's float temporaries
         self.vocab_size = self._lm_head.out_features
         self._owner: list[KVHandle | None] = [None] * max_slots
         self._keys: torch.Tensor | None = None  # [layers, slots, kv_heads, head_dim, capacity]
