@@ -10,7 +10,7 @@ speak for the deployment, and killing a replica keeps the endpoint answering.
 from __future__ import annotations
 
 import re
-import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,17 +150,31 @@ def test_disconnect_cancels_the_generation_on_its_replica(base_url: str) -> None
                what="the engines to be idle")
 
 
+def _running_by_replica(base_url: str) -> dict[str, float]:
+    text = requests.get(f"{base_url}/metrics", timeout=60).text
+    found = re.findall(r'^llm_server_requests_running\{replica="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    return {replica: float(value) for replica, value in found}
+
+
 def test_killing_a_replica_keeps_the_endpoint_answering(base_url: str) -> None:
-    with requests.post(f"{base_url}/chat/stream", json={"prompt": "Go on", "max_new_tokens": LONG_TOKENS},
-                       headers=HEADERS, stream=True, timeout=120) as response:
+    """In flight on the killed replica: the stream is cut and blocking requests get an error status
+    (never a hang); elsewhere they finish; then new requests all go to the healthy replica."""
+    long_chat = {"prompt": "Go on", "max_new_tokens": LONG_TOKENS}
+    with requests.post(f"{base_url}/chat/stream", json=long_chat, headers=HEADERS, stream=True, timeout=120) as response:
         victim = response.headers["x-replica-id"]
         pieces = response.iter_content(chunk_size=None)
         next(pieces)
-        ray.kill(_replica_actor(victim), no_restart=True)
-        with pytest.raises(requests.exceptions.ChunkedEncodingError):  # cut short: never a hang
-            text = b"".join(pieces).decode("utf-8")
-            assert not text.endswith("[[END]]")
-            raise AssertionError(f"the stream of a killed replica ended normally: {text[-80:]!r}")
+        with ThreadPoolExecutor(3) as pool:  # Serve balances them: some land on the victim too
+            blocking = [pool.submit(_chat, base_url, **long_chat) for _ in range(3)]
+            wait_until(lambda: sum(_running_by_replica(base_url).values()) == 4, timeout_s=60,
+                       what="the blocking requests to run")
+            on_victim = int(_running_by_replica(base_url)[victim]) - 1  # minus the stream
+            ray.kill(_replica_actor(victim), no_restart=True)
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):  # cut short: never a hang
+                text = b"".join(pieces).decode("utf-8")
+                raise AssertionError(f"the stream of a killed replica ended normally: {text[-80:]!r}")
+            statuses = sorted(future.result(timeout=120).status_code for future in blocking)
+    assert statuses == [200] * (3 - on_victim) + [500] * on_victim, (statuses, on_victim)
     answered = [_chat(base_url) for _ in range(6)]
     assert [r.status_code for r in answered] == [200] * 6
     assert victim not in {r.headers["x-replica-id"] for r in answered}
