@@ -67,7 +67,8 @@ def embedded() -> tuple[Any, Any]:
     """(tokenizer, model) of the real embedded SmolLM2-135M-Instruct, float32 on CPU."""
     from llm_server.helper_functionality.model_loading import initialize
 
-    return initialize(device="cpu", model_id=str(embedded_gguf()), dtype="float32", compile=False)
+    # quantization "none": the engine must run exactly these float32 weights (tests compare with generate)
+    return initialize(device="cpu", model_id=str(embedded_gguf()), dtype="float32", compile=False, quantization="none")
 
 
 def write_model_config(folder: Path, **parameters: Any) -> Path:
