@@ -77,6 +77,8 @@ class ChatRequest(BaseModel):
     max_new_tokens: Annotated[int, BeforeValidator(integral), Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=sampling.MAX_TEMPERATURE)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    #: As on the OpenAI API: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}.
+    response_format: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -135,6 +137,11 @@ def parse_query(params: Mapping[str, str]) -> ChatRequest:
             data["history"] = json.loads(data["history"]) if data["history"].strip() else []
         except json.JSONDecodeError:
             raise APIError(400, "history must be a JSON list of {role, content}", param="history") from None
+    if "response_format" in data:
+        try:
+            data["response_format"] = json.loads(data["response_format"])
+        except json.JSONDecodeError:
+            raise APIError(400, "response_format must be a JSON object", param="response_format") from None
     try:
         return ChatRequest.model_validate(data, strict=False)
     except ValidationError as exc:

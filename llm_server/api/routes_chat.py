@@ -1,7 +1,8 @@
 """The spec's endpoints: /chat/blocking, /chat/stream (POST and GET) and /ping.
 
 - ``POST`` takes a JSON body ``{prompt, history, improvement, intermediate_steps}`` plus
-  optional ``role``, ``max_new_tokens``, ``temperature``, ``top_p``; ``GET`` takes the same
+  optional ``role``, ``max_new_tokens``, ``temperature``, ``top_p`` and ``response_format``
+  (as on the OpenAI API: the reply is held to JSON / a JSON schema); ``GET`` takes the same
   fields as query parameters (``history`` as JSON text) for a browser.
 - ``/chat/blocking`` answers ``{"reply": ...}`` (plus the improvement stages with
   ``improvement`` and ``intermediate_steps``).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -42,8 +44,9 @@ from llm_server.api.protocol_chat import (
 )
 from llm_server.api.readiness import not_ready_error, readiness, ready_chat
 from llm_server.api.request_context import request_id
-from llm_server.serving.chat import ChatDelta, ChatDone
+from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatStream
 from llm_server.serving.metrics import InstrumentedChatStream
+from llm_server.serving.structured import constrained, response_format_grammar
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
 
@@ -120,7 +123,22 @@ async def _open(request: Request, body: ChatRequest) -> InstrumentedChatStream:
     chat = ready_chat(request)
     options = body.options(request.app.state.settings.default_params, request_id(request))
     history = body.history_dicts()
-    return await open_stream(request, lambda: chat.open(chat.spec_messages(body.prompt, history, body.role), options))
+
+    def opener() -> ChatStream:  # runs in a worker thread: a response_format is compiled there
+        structured = replace(options, params=constrained(options.params, spec_response_format(chat, body)))
+        return chat.open(chat.spec_messages(body.prompt, history, body.role), structured)
+
+    return await open_stream(request, opener)
+
+
+def spec_response_format(chat: Any, body: ChatRequest) -> Any:
+    """The grammar of the request's ``response_format`` (None for text); ChatInputError (400)
+    for an invalid one, or one combined with improvement."""
+    grammar = response_format_grammar(chat.engine.tokenizer, body.response_format)
+    if grammar is not None and body.improvement:
+        raise ChatInputError("response_format cannot be combined with improvement", param="response_format",
+                             code="unsupported_value")
+    return grammar
 
 
 async def _blocking(request: Request, body: ChatRequest) -> Response:

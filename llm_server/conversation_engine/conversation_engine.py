@@ -21,6 +21,15 @@ from llm_server.conversation_engine.outputs import (
     stream_reply,
 )
 
+
+def schema_processors(tok: Any, schema: dict[str, Any]) -> Any:
+    """A fresh ``logits_processor`` list (one per turn) holding ``model.generate`` to ``schema``."""
+    from transformers import LogitsProcessorList
+
+    from llm_server.engine.constraints import GrammarLogitsProcessor, compiler_for
+
+    return LogitsProcessorList([GrammarLogitsProcessor(compiler_for(tok).json_schema(schema))])
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,7 +39,8 @@ class ConversationEngine:
     ``system_prompt`` is the role -> text mapping of ``load_system_prompt()`` (``role`` picks the
     answering prompt, "reviser" drives improvement) or a single string. model_config.yaml's
     ``parameters`` are read once, here; ``generation_kwargs`` override them for every turn
-    (e.g. ``max_new_tokens=64``).
+    (e.g. ``max_new_tokens=64``). ``schema`` (optional, a JSON schema dict) holds every plain
+    (non-improvement) reply to that schema during decoding; it needs the grammar extra.
     """
 
     def __init__(
@@ -41,9 +51,11 @@ class ConversationEngine:
         improvement: bool = False,
         intermediate_steps: bool = False,
         role: str = DEFAULT_ROLE,
+        schema: dict[str, Any] | None = None,
         **generation_kwargs: Any,
     ) -> None:
         self.tok = tok
+        self.schema = schema
         self.model = model
         self.system_prompt = system_prompt
         self.improvement = improvement
@@ -97,6 +109,10 @@ class ConversationEngine:
         result: dict[str, str],
         generation_kwargs: dict[str, Any],
     ) -> Iterator[str]:
+        if self.schema is not None:
+            if self.improvement:
+                raise ValueError("a schema applies to plain replies; turn improvement off to use it")
+            generation_kwargs = {**generation_kwargs, "logits_processor": schema_processors(self.tok, self.schema)}
         if not self.improvement:
             generate = stream_reply
         elif self.intermediate_steps:

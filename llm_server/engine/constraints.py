@@ -184,13 +184,15 @@ def schema_text(schema: Any) -> str:
 class GrammarLogitsProcessor:
     """A transformers ``LogitsProcessor`` for one ``model.generate`` call (batch size 1)."""
 
-    def __init__(self, grammar: Grammar, prompt_len: int) -> None:
+    def __init__(self, grammar: Grammar, prompt_len: int | None = None) -> None:
+        """``prompt_len`` None: the first call's ``input_ids`` (the prompt alone) give it."""
         self._matcher = grammar.matcher()
-        self._prompt_len = prompt_len
         self._fed = prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         row = input_ids[0].tolist()
+        if self._fed is None:
+            self._fed = len(row)
         for token in row[self._fed :]:
             self._matcher.advance(int(token))
         self._fed = len(row)
