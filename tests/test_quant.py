@@ -142,3 +142,45 @@ def test_an_engine_owned_model_keeps_one_copy_of_the_weights(mode: str | None) -
     torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="handed to the serving engine"):
         owned(torch.tensor([[5, 6, 7]]))  # fails loudly rather than computing garbage
+
+
+def test_the_server_loader_serves_the_configured_int4_weights(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model_config.yaml's ``quantization: int4`` -> initialize -> the engine's runner, which owns
+    the model (one copy of the weights), and greedy text equal to an int4 runner's own."""
+    import yaml
+
+    from llm_server.engine.batch_engine import EngineConfig
+    from llm_server.engine.loader import load_engine
+    from llm_server.engine.types import GenerationRequest, SamplingParams
+    from llm_server.helper_functionality.yaml_loading import PACKAGE_CONFIG_DIR, read_model_section
+
+    folder = tmp_path / "tiny"
+    build_tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    document = yaml.safe_load((PACKAGE_CONFIG_DIR / "model_config.yaml").read_text(encoding="utf-8"))
+    document["model"].update(id=str(folder), device="cpu")
+    document["model"]["optimizations"].update(dtype="float32", quantization="int4")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "model_config.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path / "config"))
+
+    engine = load_engine(read_model_section(), EngineConfig(max_running=2), "tiny")
+    engine.start()
+    try:
+        prompt = tokenizer("The quick brown fox")["input_ids"]
+        finished = engine.submit(GenerationRequest("q", prompt, SamplingParams(max_new_tokens=8, do_sample=False)))
+        text = finished.result().text
+        runner = engine._runner
+    finally:
+        engine.shutdown(timeout_s=30)
+    assert isinstance(runner, LlamaRunner) and runner.quantization == "int4"
+    reference = LlamaRunner(build_tiny_llama(len(tokenizer)), max_slots=1, max_context=64, quantization="int4")
+    ids, handle = list(prompt), reference.open()
+    with torch.inference_mode():
+        logits = reference.forward([handle], [ids])
+        for _ in range(8):
+            ids.append(int(logits[0].argmax()))
+            logits = reference.forward([handle], [[ids[-1]]])
+    assert text == tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
