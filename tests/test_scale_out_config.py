@@ -100,7 +100,8 @@ def test_deployment_options_replace_serves_starving_defaults() -> None:
 
     settings = ServerSettings(api_keys=("k",))
     fixed = deployment_options(ScaleOutConfig(replicas=2, num_cpus=2), settings)
-    assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] == 80
+    capacity = settings.engine.max_running + settings.engine.max_waiting
+    assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] == capacity > 5  # not Serve's 5
     assert fixed["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
     scaled = deployment_options(ScaleOutConfig.model_validate({"autoscaling": {"max_replicas": 4}}), settings)
     assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 4
