@@ -135,22 +135,23 @@ class Soak:
         self.ok("leaves") if r.status_code == 200 else self.error("leaves", str(r.status_code))
 
     # --- driving ----------------------------------------------------------------------------------
-    def _pick(self) -> Callable[[httpx.AsyncClient], Awaitable[None]]:
-        mix: list[Callable[[httpx.AsyncClient], Awaitable[None]]] = [
-            self.blocking, self.blocking, self.spec_stream, self.spec_stream, self.v1, self.v1_stream,
-            self.v1_stream, self.leave_stream, self.leave_blocking,
-            lambda c: self.blocking(c, improvement=True),
+    def _pick(self) -> tuple[str, Callable[[httpx.AsyncClient], Awaitable[None]]]:
+        mix: list[tuple[str, Callable[[httpx.AsyncClient], Awaitable[None]]]] = [
+            ("chat/blocking", self.blocking), ("chat/blocking", self.blocking), ("chat/stream", self.spec_stream),
+            ("chat/stream", self.spec_stream), ("v1", self.v1), ("v1 stream", self.v1_stream),
+            ("v1 stream", self.v1_stream), ("leaves", self.leave_stream), ("leaves", self.leave_blocking),
+            ("improvement", lambda c: self.blocking(c, improvement=True)),
         ]
         return random.choice(mix)
 
     async def client_loop(self, deadline: float) -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=30)) as client:
             while time.monotonic() < deadline:
-                work = self._pick()
+                kind, work = self._pick()
                 try:
                     await work(client)
-                except httpx.HTTPError as exc:
-                    self.error("transport", type(exc).__name__)
+                except httpx.HTTPError as exc:  # e.g. no answer within the client's 300 s
+                    self.error(kind, type(exc).__name__)
 
     async def run(self, concurrency: int, duration_s: float) -> None:
         async with httpx.AsyncClient() as client:

@@ -31,7 +31,9 @@ def _settings(real: bool) -> Any:
     from llm_server.api.settings import ServerSettings, load_settings
 
     if real:
-        return load_settings().with_overrides(api_keys=(API_KEY,), open_access=False)
+        # The real model and configuration, with answers capped at 64 tokens so that a few
+        # hundred generated requests finish in minutes on a CPU (the cap is in the document too).
+        return load_settings().with_overrides(api_keys=(API_KEY,), open_access=False, max_new_tokens_limit=64)
     return ServerSettings(api_keys=(API_KEY,), max_new_tokens_limit=64,
                           system_prompts={"assistant": "You are the test assistant.", "pirate": "Arr."})
 
@@ -52,8 +54,6 @@ def served(real: bool) -> Iterator[str]:
 
     settings = _settings(real)
     app = create_app(None if real else _fake_engine, settings=settings)
-    if not real:
-        app.state.settings = settings
     with serving(app, timeout_s=600) as url:
         yield url
 

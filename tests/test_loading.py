@@ -104,7 +104,9 @@ def test_the_server_answers_503_while_the_model_loads_then_serves(tokenizer: Any
             openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0).chat.completions.create(
                 model=MODEL, messages=USER)
         assert err.value.status_code == 503
-        assert httpx.get(f"{url}/ping", headers=HEADERS).status_code == 200  # alive, just not ready
+        ping = httpx.get(f"{url}/ping", headers=HEADERS)  # the spec's health check says "not yet" (issue 12)
+        assert ping.status_code == 503 and ping.json()["status"] == "loading"
+        assert int(ping.headers["retry-after"]) >= 1
         assert engine.requests == []
     finally:
         release.set()
