@@ -82,7 +82,7 @@ def fallbacks(args: argparse.Namespace) -> dict[str, Any]:
                             repetition_penalty=1.1, seed=0)
     out: dict[str, Any] = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
     try:
-        for structured in (False, True):
+        for structured in (True, False):
             def one(question: str, structured: bool = structured) -> list[Review]:
                 reviews: list[Review] = []
                 for _ in improvement_pipeline(engine_generate(engine, tokenizer, params), prompts, [], question,
@@ -98,6 +98,8 @@ def fallbacks(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = {"reviews": len(reviews), "fallbacks": failed, "rate": round(failed / len(reviews), 3),
                         "seconds": round(time.perf_counter() - started, 1)}
             print(key, out[key], flush=True)
+            if args.out:  # partial results survive an interrupted run
+                Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     finally:
         engine.shutdown()
     return out

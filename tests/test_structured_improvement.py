@@ -56,7 +56,8 @@ def test_structured_intermediate_steps_show_sections_not_json() -> None:
 @pytest.mark.parametrize("text, revision, found", [
     (json.dumps(REVIEW), "Paris, on the Seine.", True),
     (json.dumps({**REVIEW, "revised_answer": "None"}), "previous", False),
-    ('{"suggestions": "cut off', "previous", False),  # max_new_tokens cut the JSON: the text parser's turn
+    ('{"suggestions": "cut off', "previous", False),  # cut by max_new_tokens before the revision
+    ('{"suggestions": "More.", "revised_answer": "Paris \\"FR\\".", "comm', 'Paris "FR".', True),  # after it
     ("Suggestions: x\nRevised answer: Better.\nComments: y", "Better.", True),
 ])
 def test_parse_structured_review(text: str, revision: str, found: bool) -> None:

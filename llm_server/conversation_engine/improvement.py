@@ -42,7 +42,7 @@ GenerateFn = Callable[..., Iterator[str]]
 REVIEW_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "suggestions": {"type": "string", "maxLength": 400},
+        "suggestions": {"type": "string", "maxLength": 300},
         "revised_answer": {"type": "string", "minLength": 1, "maxLength": 1000},
         "comments": {"type": "string", "maxLength": 200},
     },
@@ -180,13 +180,31 @@ def structured_review_messages(messages: list[dict[str, str]]) -> list[dict[str,
     return [*messages[:-1], {**last, "content": last["content"] + _JSON_INSTRUCTION}]
 
 
+_FIELD_START = re.compile(r'"(suggestions|revised_answer|comments)": ?(?=")')
+
+
+def _complete_fields(text: str) -> dict[str, str]:
+    """The string fields of a JSON object cut short (by max_new_tokens) that were completed."""
+    fields: dict[str, str] = {}
+    decoder = json.JSONDecoder()
+    for match in _FIELD_START.finditer(text):
+        try:
+            value, _ = decoder.raw_decode(text, match.end())
+        except ValueError:
+            continue
+        if isinstance(value, str):
+            fields[match.group(1)] = value
+    return fields
+
+
 def parse_structured_review(text: str, previous_answer: str) -> Review:
-    """A structured review's JSON -> Review; text that is not that JSON goes to :func:`parse_review`."""
+    """A structured review's JSON -> Review. A document cut short by max_new_tokens keeps the
+    fields it completed; text that is not that JSON at all goes to :func:`parse_review`."""
     try:
         value = json.loads(text)
     except ValueError:
-        return parse_review(text, previous_answer)
-    if not isinstance(value, dict):
+        value = _complete_fields(text) if text.lstrip().startswith("{") else None
+    if not isinstance(value, dict) or not value:
         return parse_review(text, previous_answer)
     revision = _clean_revision(str(value.get("revised_answer") or ""))
     return Review(
