@@ -108,6 +108,14 @@ def test_openai_client_through_serve(base_url: str) -> None:
     assert len([p for p in pieces if p]) >= 2
 
 
+def test_chat_page_and_one_request_id(base_url: str) -> None:
+    page = requests.get(f"{base_url}/", timeout=60)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    response = requests.post(f"{base_url}/chat/blocking", json={"prompt": "Hi"},
+                             headers={**HEADERS, "X-Request-Id": "trace-me-42"}, timeout=120)
+    assert response.headers["x-request-id"] == "trace-me-42"
+
+
 def test_every_replica_checks_the_key(base_url: str) -> None:
     for _ in range(6):
         response = requests.post(f"{base_url}/chat/blocking", json={"prompt": "Hi"},

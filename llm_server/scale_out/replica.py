@@ -56,7 +56,8 @@ def replica_id() -> str:
 
 
 class ReplicaIdMiddleware:
-    """Adds ``X-Replica-Id: <id>`` to every HTTP response."""
+    """Adds ``X-Replica-Id: <id>`` to every HTTP response, and leaves ``X-Request-Id`` to Serve's
+    proxy, which adds the same id (the one it passed in, which the app logs) to every response."""
 
     def __init__(self, app: ASGIApp, replica: str) -> None:
         self.app = app
@@ -69,7 +70,8 @@ class ReplicaIdMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                kept = [(name, value) for name, value in message.get("headers", []) if name.lower() != b"x-request-id"]
+                message = {**message, "headers": [*kept, self.header]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)
