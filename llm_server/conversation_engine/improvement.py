@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,7 +222,7 @@ def _review_text(review: Review) -> str:
 
 def _run_review(
     generate: GenerateFn, messages: list[dict[str, str]], previous: str, heading: str | None, structured: bool
-) -> Iterator[str]:
+) -> Generator[str, None, Review]:
     """One review pass (streamed under ``heading`` when visible); returns its parsed Review."""
     if not structured:
         text = yield from _run_stage(generate(messages), heading)
@@ -234,7 +234,7 @@ def _run_review(
     return review
 
 
-def _run_stage(chunks: Iterator[str], heading: str | None) -> Iterator[str]:
+def _run_stage(chunks: Iterator[str], heading: str | None) -> Generator[str, None, str]:
     """Yield a pass's chunks (under ``heading`` when visible); return the pass's full text."""
     parts: list[str] = []
     if heading is not None:

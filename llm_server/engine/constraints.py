@@ -20,7 +20,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import llguidance
 import llguidance.hf
@@ -106,7 +106,7 @@ class GrammarCompiler:
         if not isinstance(schema, dict):
             raise GrammarError("the JSON schema must be an object")
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=cast(Any, _JSON_OPTIONS))
         except (ValueError, TypeError, RuntimeError) as exc:
             raise GrammarError(f"invalid JSON schema: {exc}") from exc
         return self._checked(text, "json_schema")
