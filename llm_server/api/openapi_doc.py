@@ -141,6 +141,8 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
         for field in ("tool_choice", "function_call"):
             if field in props:
                 props[field] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
+        if name == "ChatCompletionRequest" and "role" in props:  # extension: a system-prompt name
+            props["role"] = _nullable({"type": "string", "enum": sorted(settings.system_prompts)})
         if name == "CompletionRequest":
             text = {"type": "string", "minLength": 1}
             props["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}],
