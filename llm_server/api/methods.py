@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.routing import Match
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response

@@ -33,11 +33,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llm_server.api.errors import APIError, error_response
 from llm_server.api.request_context import (
     REQUEST_ID_HEADER,
+    configure_logging,  # noqa: F401  re-exported for server.main
     escape_controls,
     install_log_record_factory,
     request_id_var,
 )
-from llm_server.api.request_context import configure_logging  # noqa: F401  re-exported for server.main
 from llm_server.api.shutdown import drain_state
 from llm_server.serving.metrics import PREFIX
 
