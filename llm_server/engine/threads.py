@@ -7,12 +7,15 @@ every torch op of its model on one thread and sizes that thread's team here:
 
 - ``engine.threads`` when set (> 0);
 - else ``OMP_NUM_THREADS`` when the environment sets it (torch already follows it);
-- else the number of cores in this process's CPU affinity mask (``os.sched_getaffinity``: a
-  container or ``taskset`` limit, not the host's core count).
+- else the cores this process may really use: its CPU affinity mask (``os.sched_getaffinity``:
+  ``taskset``, cpusets), further capped by a cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``: a
+  container's ``--cpus`` / Kubernetes CPU limit), never the host's core count.
 
-The OpenMP wait policy is left at the runtime's default (spin briefly, then sleep): with a single
-team nothing competes for its spinning workers, and ``PASSIVE`` costs a futex wake-up per parallel
-region (~600 per step). Export ``OMP_WAIT_POLICY`` before start to change it.
+The OpenMP wait policy is left at the runtime's default (workers spin a while between parallel
+regions): with a single team that is the fastest on cores the server has to itself. On a machine
+whose cores other busy processes share, spinning workers lose their time slices and a step can be
+10x slower; there ``engine.threads: 1``, or ``GOMP_SPINCOUNT=1000`` (or ``OMP_WAIT_POLICY=PASSIVE``)
+exported before the server starts, is much faster (docs/engine.md has the measurements).
 """
 
 from __future__ import annotations
@@ -26,11 +29,25 @@ logger = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its affinity mask), at least 1."""
+    """Cores this process may run on (its affinity mask, capped by a cgroup CPU quota), at least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, int(quota))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """CPUs allowed by the cgroup v2 quota (``"<quota> <period>"``), or None when unlimited/unknown."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 def configure_threads(requested: int) -> int:
