@@ -1,9 +1,9 @@
 """Request body size and read-time limits, as a plain ASGI middleware (before any route parses anything).
 
 A declared ``Content-Length`` above the limit is refused without reading the body (413); a
-chunked body is read up to the limit and refused as soon as it goes over. A body whose next
-part does not arrive within :data:`BODY_READ_TIMEOUT_S` is answered 408 and its connection
-closed (a half-sent body never holds a connection open for ever). A client that goes away
+chunked body is read up to the limit and refused as soon as it goes over. A body that has not
+fully arrived within :data:`BODY_READ_TIMEOUT_S` is answered 408 and its connection closed (a
+half-sent or trickled body never holds a connection open for ever). A client that goes away
 mid-body is a client abort: counted as 499 with one log line, and the app never runs.
 Accepted bodies are replayed unchanged to the app, and later ``receive()`` calls
 (disconnect detection) pass straight through. All of this happens before the key check,
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response
 
-#: Seconds to wait for each next part of a request body before answering 408.
+#: Seconds a request body may take to arrive, in all, before the server answers 408.
 BODY_READ_TIMEOUT_S = 30.0
 #: The status of a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
@@ -54,9 +54,11 @@ class BodySizeLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_READ_TIMEOUT_S  # for the whole body: a trickle cannot stretch it
         while True:
             try:
-                message = await asyncio.wait_for(receive(), BODY_READ_TIMEOUT_S)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 await self._timed_out(scope, receive, send)
                 return
