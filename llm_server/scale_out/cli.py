@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from llm_server.api.settings import ServerSettings
@@ -86,6 +87,8 @@ def _stop(app_name: str, local: bool, timeout_s: float) -> None:
 
     def graceful() -> None:
         serve.delete(app_name)
+        with suppress(Exception):  # the metrics board outlives replicas, not the application
+            ray.kill(ray.get_actor(f"{app_name}-metrics-board", namespace="llm_server"))
         if local:
             serve.shutdown()
 
