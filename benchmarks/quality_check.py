@@ -155,17 +155,21 @@ def main() -> None:
             _, forced_argmax = greedy(current, prompts, args.tokens, reference)
             loglik = base_loglik if mode == "bf16" else mean_loglik(current, text_ids)
             print(f"| {mode} | {identical(free, reference):.3f} | {first_difference(free, reference):.1f} "
-                  f"| {identical(forced_argmax, reference):.3f} | {loglik:.4f} |  ({time.perf_counter() - started:.0f}s)",
+                  f"| {identical(forced_argmax, reference):.3f} | {loglik:.4f} |"
+                  f"  ({time.perf_counter() - started:.0f}s)",
                   flush=True)
 
 
 def identical(rows: list[list[int]], reference: list[list[int]]) -> float:
-    same = sum(a == b for row, ref in zip(rows, reference) for a, b in zip(row, ref))
+    same = sum(a == b for row, ref in zip(rows, reference, strict=True) for a, b in zip(row, ref, strict=True))
     return same / sum(len(ref) for ref in reference)
 
 
 def first_difference(rows: list[list[int]], reference: list[list[int]]) -> float:
-    lengths = [next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), len(ref)) for row, ref in zip(rows, reference)]
+    lengths = [
+        next((i for i, (a, b) in enumerate(zip(row, ref, strict=True)) if a != b), len(ref))
+        for row, ref in zip(rows, reference, strict=True)
+    ]
     return sum(lengths) / len(lengths)
 
 

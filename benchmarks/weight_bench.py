@@ -66,7 +66,8 @@ def _time_run(runner: LlamaRunner, prompt: list[int], batch: int, steps: int) ->
 def bench_step(batches: list[int], steps: int, rounds: int) -> None:
     tokenizer, model = initialize(device="cpu", dtype="bfloat16", compile=False, quantization="none")
     prompt = _prompt_ids(tokenizer)
-    runners = {m: LlamaRunner(model, max_slots=max(batches), max_context=1024, quantization=q) for m, q in MODES.items()}
+    slots = max(batches)
+    runners = {m: LlamaRunner(model, max_slots=slots, max_context=1024, quantization=q) for m, q in MODES.items()}
     print(f"prompt {len(prompt)} tokens, {steps} decode steps, {rounds} rounds, {torch.get_num_threads()} threads")
     print("| batch | weights | weight MB | prefill ms | decode ms/step | tok/s | decode vs bf16 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -69,7 +69,7 @@ def test_shapes_the_int4_kernel_cannot_take_stay_float() -> None:
 def dequantize_into(model: Any, runner: LlamaRunner) -> None:
     """Write the weights the runner's quantized linears stand for back into the HF model."""
     with torch.no_grad():
-        for layer, weights in zip(model.model.layers, runner._layers):
+        for layer, weights in zip(model.model.layers, runner._layers, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             for modules, linear in (
                 ([attn.q_proj, attn.k_proj, attn.v_proj], weights.qkv),
@@ -78,7 +78,7 @@ def dequantize_into(model: Any, runner: LlamaRunner) -> None:
                 ([mlp.down_proj], weights.down),
             ):
                 parts = linear.dequantized().split([m.weight.shape[0] for m in modules])
-                for module, part in zip(modules, parts):
+                for module, part in zip(modules, parts, strict=True):
                     module.weight.data = part.to(module.weight.dtype).contiguous()
         model.lm_head.weight.data = runner._lm_head.dequantized().to(model.lm_head.weight.dtype).contiguous()
 

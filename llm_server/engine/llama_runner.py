@@ -223,7 +223,7 @@ class LlamaRunner(ModelRunner):
         outside = [h for h in batch if not lo <= h.slot < lo + n]
         if outside:
             free = [s for s in range(lo, lo + n) if self._owner[s] is None or id(self._owner[s]) not in members]
-            for handle, slot in zip(outside, free):
+            for handle, slot in zip(outside, free, strict=True):
                 self._move(handle.slot, slot)
         return lo
 
@@ -240,7 +240,7 @@ class LlamaRunner(ModelRunner):
         lengths = [len(tokens[i]) for i in order]
         padded = [tokens[i] + [0] * (steps - len(tokens[i])) for i in order]
         logits = self._run(lo, padded, starts, lengths)
-        for handle, ids in zip(handles, tokens):
+        for handle, ids in zip(handles, tokens, strict=True):
             handle.length += len(ids)
         if order == sorted(order):
             return logits

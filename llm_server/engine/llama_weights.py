@@ -27,14 +27,14 @@ def _fuse(modules: Sequence[torch.nn.Linear], keep_views: bool = True) -> tuple[
     weight = torch.cat([m.weight.detach() for m in modules])
     sizes = [m.weight.shape[0] for m in modules]
     if keep_views:
-        for module, part in zip(modules, weight.split(sizes)):
+        for module, part in zip(modules, weight.split(sizes), strict=True):
             module.weight.data = part
     if all(m.bias is None for m in modules):
         return weight, None
     bias = torch.cat(
         [m.bias.detach() if m.bias is not None else weight.new_zeros(m.weight.shape[0]) for m in modules]
     )
-    for module, part in zip(modules, bias.split(sizes)):
+    for module, part in zip(modules, bias.split(sizes), strict=True):
         if module.bias is not None:
             module.bias.data = part
     return weight, bias

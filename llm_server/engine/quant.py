@@ -133,7 +133,8 @@ class Int4Linear:
         q = q.to(torch.int32).view(out_features, in_features)
         self.out_features = int(out_features)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        if not torch.equal(self._blocked_levels(), q.to(torch.uint8).view(-1, _INT4_BLOCK_N, in_features).transpose(1, 2)):
+        expected = q.to(torch.uint8).view(-1, _INT4_BLOCK_N, in_features).transpose(1, 2)
+        if not torch.equal(self._blocked_levels(), expected):
             raise RuntimeError("unexpected int4 packing layout in this torch build")
         zero = low + 8.0 * scale
         # [in_features / group_size, out_features, 2] (scale, zero)
