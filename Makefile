@@ -36,8 +36,9 @@ benchmark: install
 
 # Schemathesis (--checks all, every phase, fixed seed, with a key) against the real embedded model.
 FUZZ_EXAMPLES ?= 60
+FUZZ_MAX_S ?= 1800
 fuzz: install
-	$(PY) -m tests.fuzz_api --real -n $(FUZZ_EXAMPLES)
+	$(PY) -m tests.fuzz_api --real -n $(FUZZ_EXAMPLES) --max-time $(FUZZ_MAX_S)
 
 # 32 concurrent clients on the embedded model for SOAK_S seconds; a markdown table per minute.
 SOAK_S ?= 600
