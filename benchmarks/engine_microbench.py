@@ -171,7 +171,10 @@ def start_engine(args: argparse.Namespace, levels: list[int]) -> tuple[Any, Any]
 
     config = EngineConfig(max_running=max(levels), threads=args.threads)
     load = partial(initialize, device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
-    engine = BatchEngine(*load(), "bench", config) if args.split_load else BatchEngine.from_loader(load, "bench", config)
+    if args.split_load:
+        engine = BatchEngine(*load(), "bench", config)
+    else:
+        engine = BatchEngine.from_loader(load, "bench", config)
     engine.start()
     engine.eos_ids = frozenset()  # every request generates exactly --max-tokens tokens
     return engine, engine.tokenizer

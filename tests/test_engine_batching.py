@@ -162,9 +162,9 @@ def test_greedy_in_a_batch_equals_generate_alone(tokenizer: Any, kind: str) -> N
     budgets = [30, 12, 25, 18, 30]
     with running_engine(tokenizer, model, max_running=4) as engine:
         assert engine.runner_name == ("HFRunner" if kind == "gpt2" else "LlamaRunner")
-        requests = [request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, budgets))]
+        requests = [request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, budgets, strict=True))]
         results = run_staggered(engine, requests)
-    for prompt, budget, (deltas, finished) in zip(prompts, budgets, results):
+    for prompt, budget, (deltas, finished) in zip(prompts, budgets, results, strict=True):
         reference = generate_ids(model, prompt, budget)
         assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
         assert "".join(deltas) == finished.text
@@ -176,7 +176,7 @@ def test_greedy_on_the_shared_tiny_fixture(tokenizer: Any, tiny_model: Any) -> N
     prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
     with running_engine(tokenizer, tiny_model) as engine:
         results = run_staggered(engine, [request(f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)])
-    for prompt, (_, finished) in zip(prompts, results):
+    for prompt, (_, finished) in zip(prompts, results, strict=True):
         assert finished.text == reference_text(tokenizer, tiny_model, prompt, 16)
 
 
@@ -203,12 +203,13 @@ def test_sequences_leaving_the_batch_do_not_disturb_the_others(tokenizer: Any, m
     budgets = [5, 40, 3, 40, 8]
 
     async def scenario(engine: BatchEngine) -> list[tuple[list[str], Finished]]:
-        streams = [engine.submit(request(f"r{i}", p, greedy(n))) for i, (p, n) in enumerate(zip(prompts, budgets))]
+        pairs = enumerate(zip(prompts, budgets, strict=True))
+        streams = [engine.submit(request(f"r{i}", p, greedy(n))) for i, (p, n) in pairs]
         return list(await asyncio.gather(*(consume(s) for s in streams)))
 
     with running_engine(tokenizer, model, max_running=3) as engine:
         results = asyncio.run(scenario(engine))
-    for prompt, budget, (_, finished) in zip(prompts, budgets, results):
+    for prompt, budget, (_, finished) in zip(prompts, budgets, results, strict=True):
         assert finished.text == reference_text(tokenizer, model, prompt, budget)
 
 
@@ -241,7 +242,8 @@ def test_sampling_settings_are_per_request(tokenizer: Any, model: Any) -> None:
         SamplingParams(max_new_tokens=20, temperature=0.3, repetition_penalty=1.2, seed=5),
     ]
     with running_engine(tokenizer, model) as engine:
-        results = run_staggered(engine, [request(f"r{i}", p, s) for i, (p, s) in enumerate(zip(prompts, params))])
+        pairs = enumerate(zip(prompts, params, strict=True))
+        results = run_staggered(engine, [request(f"r{i}", p, s) for i, (p, s) in pairs])
     assert results[0][1].text == reference_text(tokenizer, model, prompts[0], 20)
     assert results[2][1].text == reference_text(tokenizer, model, prompts[2], 20)
     assert all(f.completion_tokens == 20 for _, f in results)
@@ -318,7 +320,7 @@ def test_cancelling_one_request_leaves_the_others_unchanged(tokenizer: Any, mode
         finished, cancelled = asyncio.run(scenario(engine))
         assert engine.stats().running == 0
     assert cancelled.reason == "cancelled" and cancelled.completion_tokens < 500
-    for prompt, result in zip(prompts, finished):
+    for prompt, result in zip(prompts, finished, strict=True):
         assert result.text == reference_text(tokenizer, model, prompt, 40)
 
 
@@ -404,7 +406,7 @@ def test_error_in_one_request_fails_only_that_request(tokenizer: Any, model: Any
     bad, bad_seed = results.pop(1), results.pop()
     assert isinstance(bad, EngineError) and "injected failure" in str(bad)
     assert isinstance(bad_seed, EngineError)
-    for reference, (_, finished) in zip(references, results):
+    for reference, (_, finished) in zip(references, results, strict=True):
         assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
 
 

@@ -57,7 +57,7 @@ def test_greedy_requests_joining_a_running_batch_match_generate(embedded: tuple[
             raise AssertionError("no Finished event")
 
         tasks = []
-        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
             started = asyncio.Event()
             params = SamplingParams(max_new_tokens=budget, do_sample=False)
             stream = engine.submit(GenerationRequest(f"q{i}", prompt, params))
@@ -69,7 +69,7 @@ def test_greedy_requests_joining_a_running_batch_match_generate(embedded: tuple[
         results = asyncio.run(scenario())
     finally:
         engine.shutdown(timeout_s=30)
-    for prompt, budget, (streamed, finished) in zip(prompts, budgets, results):
+    for prompt, budget, (streamed, finished) in zip(prompts, budgets, results, strict=True):
         reference = solo_generate(model, prompt, budget)
         assert finished.text == streamed == tokenizer.decode(reference, skip_special_tokens=True)
         assert finished.completion_tokens == len(reference)

@@ -9,7 +9,7 @@ import pytest
 
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.scheduler import Scheduler
-from llm_server.engine.sequence import Sequence, SeqStatus
+from llm_server.engine.sequence import SeqStatus, Sequence
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.text import StopMatcher
 from llm_server.engine.types import GenerationRequest, SamplingParams

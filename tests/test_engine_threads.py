@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from tests.conftest import build_tiny_llama
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 from llm_server.engine.types import GenerationRequest, SamplingParams
+from tests.conftest import build_tiny_llama
 
 
 @contextmanager

@@ -289,7 +289,7 @@ class BatchEngine(Engine):
             tokens = self._sampler.select(logits, [s.sampler for s in batch])  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - find the request whose settings broke sampling
             tokens = [self._select_alone(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
-        for seq, token in zip(batch, tokens):
+        for seq, token in zip(batch, tokens, strict=True):
             if token < 0:
                 continue
             try:

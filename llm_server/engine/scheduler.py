@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 
 from llm_server.engine.config import EngineConfig
-from llm_server.engine.sequence import Sequence, SeqStatus
+from llm_server.engine.sequence import SeqStatus, Sequence
 
 
 class Scheduler:
@@ -67,13 +67,12 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take ``seq`` out of the queue its status names (no-op once finished)."""
-        queue: deque[Sequence] | list[Sequence] | None = {
-            SeqStatus.WAITING: self.waiting,
-            SeqStatus.PREFILLING: self.prefilling,
-            SeqStatus.DECODING: self.decoding,
-        }.get(seq.status)
-        if queue is not None and seq in queue:
-            queue.remove(seq)
+        if seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq.status is SeqStatus.PREFILLING and seq in self.prefilling:
+            self.prefilling.remove(seq)
+        elif seq.status is SeqStatus.DECODING and seq in self.decoding:
+            self.decoding.remove(seq)
 
     def take_all(self) -> list[Sequence]:
         """Empty every queue; the sequences that were in them."""

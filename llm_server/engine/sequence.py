@@ -70,7 +70,8 @@ class Sequence:
     def advance(self, status: SeqStatus) -> None:
         """Move to ``status``; an illegal move is a bug in the scheduler (AssertionError)."""
         if status not in _ALLOWED[self.status]:
-            raise AssertionError(f"request {self.request_id}: {self.status.value} -> {status.value} is not a legal move")
+            move = f"{self.status.value} -> {status.value}"
+            raise AssertionError(f"request {self.request_id}: {move} is not a legal move")
         self.status = status
         self.times[status] = time.monotonic()
 

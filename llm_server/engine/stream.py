@@ -126,8 +126,8 @@ class GenerationStream:
     def result(self) -> Finished:
         """Block until the request finishes; return its ``Finished`` (full text included)."""
         last: StreamEvent | None = None
-        for last in self:
-            pass
+        for event in self:
+            last = event
         assert isinstance(last, Finished)
         return last
 
