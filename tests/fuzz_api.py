@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 API_KEY = "fuzz-key-123"
+#: Per-operation settings (with the reason for each).
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 SEED = 12
 PHASES = "examples,coverage,fuzzing,stateful"
 #: Checks left off, and why (every other check of ``--checks all`` runs):
@@ -61,11 +63,11 @@ def served(real: bool) -> Iterator[str]:
 def run_schemathesis(url: str, examples: int, *, capture: bool = True,
                      max_time_s: int | None = None) -> subprocess.CompletedProcess[str]:
     command = [
-        str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json",
+        str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
         "--checks", "all", *(["--exclude-checks", ",".join(EXCLUDED_CHECKS)] if EXCLUDED_CHECKS else []),
         "--phases", PHASES, "--seed", str(SEED), "--max-examples", str(examples),
         "--header", f"X-API-Key: {API_KEY}",
-        "--request-timeout", "120", "--no-color", "--workers", "1",
+        "--request-timeout", "120", "--no-color", "--workers", "1", "--generation-database", "none",
     ]
     if max_time_s is not None:
         command += ["--max-time", str(max_time_s)]

@@ -234,7 +234,7 @@ def _success(method: str, path: str, settings: ServerSettings) -> dict[str, Sche
     if path.startswith("/v1/models/"):
         return {"200": _json("The served model", _MODEL)}
     answer = _json("The whole answer (`stream: false`)", _COMPLETION)
-    answer["content"]["text/event-stream"] = {"schema": {"type": "string"},
+    answer["content"]["text/event-stream"] = {"schema": {},  # each event: a chunk object, an error, or [DONE]
                                               "description": "`stream: true`: `data: {chunk}` ... `data: [DONE]`"}
     return {"200": answer}
 
