@@ -534,7 +534,7 @@ def test_admission_is_bounded_by_the_kv_budget_not_a_small_constant(tokenizer: A
 
 
 def test_one_event_loop_wake_up_per_step_not_per_token(tokenizer: Any, model: Any) -> None:
-    """8 requests x 12 tokens stream ~100 events; their consumers' loop is woken about once a step."""
+    """8 requests x 12 tokens stream ~100 events; their consumers' loop is woken once per forward."""
 
     async def scenario(engine: BatchEngine) -> int:
         loop = asyncio.get_running_loop()
@@ -555,4 +555,4 @@ def test_one_event_loop_wake_up_per_step_not_per_token(tokenizer: Any, model: An
     with running_engine(tokenizer, model) as engine:
         engine.eos_ids = frozenset()
         wakeups = asyncio.run(scenario(engine))
-    assert 0 < wakeups <= 12 + 8  # one per step (12 decode steps, up to 8 admission steps), not ~104
+    assert 0 < wakeups <= 12 + 2 * 8  # one per forward (12 decode steps, up to 8 prefills), not ~104

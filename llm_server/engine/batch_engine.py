@@ -14,7 +14,7 @@ Each scheduler iteration (:meth:`BatchEngine._iterate`)
 3. runs one decode forward for every decoding request together,
 then applies the output: samples each row, turns the new token into text (UTF-8 safe, stop
 strings held back), pushes it to the request's :class:`GenerationStream`, and finishes the
-requests that are done. Consumers' event loops are woken once per step, not once per token.
+requests that are done. Consumers' event loops are woken once per forward, not once per token.
 
 A request's state is its :class:`~.sequence.Sequence`'s ``status`` (waiting, prefilling,
 decoding, finished); finishing is idempotent. Errors while handling one request fail that
@@ -239,6 +239,7 @@ class BatchEngine(Engine):
         group = self._sched.schedule_prefill()
         if group:
             self._prefill(group)
+            self._wakeups.flush()  # first tokens go out now, not after the decode step
         batch = self._sched.schedule_decode()
         if batch:
             logits = self._runner.forward([s.kv for s in batch], [[s.generated[-1]] for s in batch])  # type: ignore[misc]

@@ -6,7 +6,7 @@ calling :meth:`GenerationStream.cancel`, asks the scheduler to drop the request 
 step boundary; the stream then ends with ``Finished(reason="cancelled")``.
 
 Wake-ups are batched: a stream given a :class:`WakeupBatch` does not wake its consumer's event
-loop on every push; the scheduler calls :meth:`WakeupBatch.flush` once per step, which wakes each
+loop on every push; the scheduler calls :meth:`WakeupBatch.flush` after each forward, which wakes each
 event loop once (one ``call_soon_threadsafe``) for all the streams that got events in that step.
 """
 
