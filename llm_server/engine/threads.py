@@ -14,8 +14,8 @@ every torch op of its model on one thread and sizes that thread's team here:
 The OpenMP wait policy is left at the runtime's default (workers spin a while between parallel
 regions): with a single team that is the fastest on cores the server has to itself. On a machine
 whose cores other busy processes share, spinning workers lose their time slices and a step can be
-10x slower; there ``engine.threads: 1``, or ``GOMP_SPINCOUNT=1000`` (or ``OMP_WAIT_POLICY=PASSIVE``)
-exported before the server starts, is much faster (docs/engine.md has the measurements).
+10x slower; there ``GOMP_SPINCOUNT=100`` exported before the server starts, or ``engine.threads: 1``,
+is much faster (docs/engine.md has the measurements).
 """
 
 from __future__ import annotations
