@@ -24,9 +24,11 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 SEED = 12
 PHASES = "examples,coverage,fuzzing,stateful"
 #: Checks left off, and why (every other check of ``--checks all`` runs):
-#: (none today; a response-time budget, ``--max-response-time``, is not set: timing is a
-#: benchmark's business, not a correctness check on shared CPUs).
+#: none. The response-time check (ST112) gets a generous bound, RESPONSE_TIME_LIMIT_S: a
+#: generation on the real model takes seconds on a busy CPU, and timing is a benchmark's
+#: business, not a correctness check (it still catches a request that hangs).
 EXCLUDED_CHECKS: dict[str, str] = {}
+RESPONSE_TIME_LIMIT_S = 300
 
 
 def _settings(real: bool) -> Any:
@@ -68,6 +70,7 @@ def run_schemathesis(url: str, examples: int, *, capture: bool = True,
         "--phases", PHASES, "--seed", str(SEED), "--max-examples", str(examples),
         "--header", f"X-API-Key: {API_KEY}",
         "--request-timeout", "120", "--no-color", "--workers", "1", "--generation-database", "none",
+        "--max-response-time", str(RESPONSE_TIME_LIMIT_S),
     ]
     if max_time_s is not None:
         command += ["--max-time", str(max_time_s)]
