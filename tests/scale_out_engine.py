@@ -9,9 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 
+#: Each step of the test engine takes at least this long, so a long request stays in flight for
+#: seconds on any machine (the tests watch requests while they run; a fast CPU must not win the race).
+STEP_DELAY_S = 0.01
+
+
 def tiny_engine() -> Any:
-    """The batching engine over a 2-layer random Llama with the embedded tokenizer."""
+    """The batching engine over a 2-layer random Llama with the embedded tokenizer, slowed to
+    ``STEP_DELAY_S`` per step."""
     import importlib.util
+    import time
     from pathlib import Path
 
     import torch
@@ -30,4 +37,12 @@ def tiny_engine() -> Any:
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.generation_config.pad_token_id = 2
-    return BatchEngine(tokenizer, model, "tiny-llama", EngineConfig(max_running=8))
+    engine = BatchEngine(tokenizer, model, "tiny-llama", EngineConfig(max_running=8))
+    apply_step = engine._apply
+
+    def slowed(*args: Any) -> None:
+        apply_step(*args)
+        time.sleep(STEP_DELAY_S)
+
+    engine._apply = slowed  # type: ignore[method-assign]
+    return engine
