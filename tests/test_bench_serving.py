@@ -79,6 +79,18 @@ def test_report_compares_with_llama_server_and_shows_memory() -> None:
     assert "| ours | bfloat16 | 16 | 1100 |" in memory and "| llama-server | gguf | 16 | 500 |" in memory
 
 
+def test_report_checks_issue_9_against_the_peer_and_rising_throughput() -> None:
+    results = {
+        "bfloat16": {"ours": [level(16, 300.0, 0.5), level(32, 280.0, 0.9)],
+                     "peer": [level(16, 180.0, 0.6), level(32, 190.0, 1.3)]},
+        report.GGUF_GROUP: {"llama-server": [level(16, 180.0, 0.3)]},
+    }
+    lines = "\n".join(report.llama_summary(results))
+    assert "vs transformers serve (bfloat16 / bfloat16) | 300.00 | 180.00 | 1.67x | >= 2.00x | NO |" in lines
+    assert "| TTFT p95 (s) at 16 concurrent vs transformers serve | 0.50 | 0.60 | 0.83x | <= 1.00x | yes |" in lines
+    assert "| ours: tok/s at 32 concurrent vs at 16 | 280.00 | 300.00 | 0.93x | >= 1.00x | NO |" in lines
+
+
 @pytest.mark.skipif(shutil.which("lscpu") is None, reason="needs lscpu (util-linux)")
 def test_every_results_file_records_the_cpu_and_its_flags(tmp_path: Path) -> None:
     info = report.machine_info()

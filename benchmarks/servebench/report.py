@@ -231,7 +231,27 @@ def llama_summary(results: dict[str, dict[str, list[LevelResult]]]) -> list[str]
         if ours.ttft_p95_s is not None and theirs.ttft_p95_s is not None:
             lines.append(_check(f"TTFT p95 (s) at {theirs.concurrency} concurrent ({dtype})", ours.ttft_p95_s,
                                 theirs.ttft_p95_s, 1.0, higher_is_better=False))
+    lines += _issue9_extra_checks(per_server)
     return ["### Against llama-server (issue 9)", "", *lines, ""]
+
+
+def _issue9_extra_checks(per_server: dict[str, dict[str, list[LevelResult]]]) -> list[str]:
+    """Issue 9's other two checks: at 16 concurrent >= 2x the peer (best dtype of each), and
+    ours faster at 32 concurrent than at 16."""
+    lines = []
+    ours16 = best_by_dtype(per_server["ours"], RSS_LEVEL)
+    peer16 = best_by_dtype(per_server["peer"], RSS_LEVEL) if "peer" in per_server else None
+    if ours16 and peer16:
+        lines.append(_check(f"tok/s at {RSS_LEVEL} concurrent vs transformers serve ({ours16[0]} / {peer16[0]})",
+                            ours16[1].tokens_per_s, peer16[1].tokens_per_s, 2.0))
+        if ours16[1].ttft_p95_s is not None and peer16[1].ttft_p95_s is not None:
+            lines.append(_check(f"TTFT p95 (s) at {RSS_LEVEL} concurrent vs transformers serve",
+                                ours16[1].ttft_p95_s, peer16[1].ttft_p95_s, 1.0, higher_is_better=False))
+    ours32 = best_by_dtype(per_server["ours"], 2 * RSS_LEVEL)
+    if ours16 and ours32:
+        lines.append(_check(f"ours: tok/s at {2 * RSS_LEVEL} concurrent vs at {RSS_LEVEL}", ours32[1].tokens_per_s,
+                            ours16[1].tokens_per_s, 1.0 + 1e-9))
+    return lines
 
 
 def _rss_level(levels: list[LevelResult]) -> LevelResult | None:
