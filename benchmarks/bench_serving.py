@@ -188,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + text)
     if not args.no_save:
         servers = "-".join(sorted({name for by_server in results.values() for name in by_server}))
-        stem = f"bench_{servers}_{'-'.join(results)}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        settings = "".join(f"-{item.rpartition('.')[2].replace('=', '-')}" for item in args.ours_set)
+        stem = f"bench_{servers}_{'-'.join(results)}{settings}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         report.save(args.results_dir, stem, text, args, results, info)
         log.info("saved %s.{md,json} in %s", stem, args.results_dir)
     return 0
