@@ -28,7 +28,8 @@ browser:
 serve: install
 	$(VENV)/bin/start_llm_server --host $(HOST) --port $(PORT)
 
-test: install browser
+# Lint and type-check first (so CI, .ci/run -> make test, fails on either), then the tests.
+test: install browser lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 benchmark: install

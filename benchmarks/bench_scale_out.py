@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     deploy(args.port, args.one_cpus)
-    print("| round | concurrent | app | requests | errors | tokens | wall s | tok/s |\n|---|---|---|---|---|---|---|---|")
+    print("| round | concurrent | app | requests | errors | tokens | wall s | tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     try:
         asyncio.run(measure(args.port, [int(x) for x in args.levels.split(",")], args.rounds, args.requests,
                             args.max_tokens))

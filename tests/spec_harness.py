@@ -95,7 +95,7 @@ class LogCapture(logging.Handler):
         try:
             yield self
         finally:
-            for lg, level in zip(loggers, previous):
+            for lg, level in zip(loggers, previous, strict=True):
                 lg.removeHandler(self)
                 lg.setLevel(level)
 

@@ -188,10 +188,12 @@ def test_page_is_served_without_a_key_with_a_strict_policy(serve: Callable[..., 
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "unsafe-inline" not in policy
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text), "the page loads something from elsewhere"
+    external = re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)
+    assert not external, "the page loads something from elsewhere"
     assert httpx.get(chat.url + "ui/config").status_code == 401
     config = httpx.get(chat.url + "ui/config", headers={"X-API-Key": API_KEY}).json()
-    assert config == {"roles": ["assistant", "pirate", "reviser"], "model": "scripted-model", "max_new_tokens_limit": 1024}
+    roles = ["assistant", "pirate", "reviser"]
+    assert config == {"roles": roles, "model": "scripted-model", "max_new_tokens_limit": 1024}
 
 
 def test_roles_while_the_model_loads_are_the_servers_own(tokenizer: Any) -> None:
@@ -329,7 +331,8 @@ def test_intermediate_steps_show_as_collapsible_stages(
 ) -> None:
     def reply(prompt: str) -> str:
         if "REVISER" in prompt:
-            return "Suggestions:\n1. Mention photosynthesis.\n\nRevised answer:\nPlants make **sugar** from light.\n\nComments:\nBetter."
+            return ("Suggestions:\n1. Mention photosynthesis.\n\n"
+                    "Revised answer:\nPlants make **sugar** from light.\n\nComments:\nBetter.")
         return "Plants grow."
 
     chat = serve(reply=reply)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -78,7 +79,7 @@ def test_log_lines_carry_the_request_id_and_no_secrets(
                    for r in list(caplog.records))
 
     for rid in ("req-logged-1", "req-logged-2", "req-logged-3"):
-        assert wait_until(lambda: access_logged(rid)), rid
+        assert wait_until(partial(access_logged, rid)), rid
     ours = [r for r in caplog.records if r.name.startswith("llm_server")]
     assert any(r.name == "llm_server.api.routes_openai" and r.request_id == "req-logged-1" for r in ours)
 

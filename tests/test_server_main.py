@@ -86,7 +86,8 @@ def test_config_dir_flag(launch: Launch, tmp_path: Path, monkeypatch: pytest.Mon
         'server:\n  host: "127.0.0.3"\n  port: 9123\n  api_key: "MY_OWN_KEY_VAR"\n'
         "  limits:\n    max_new_tokens: 77\n    max_body_bytes: 5000\n"
     )
-    (tmp_path / "system_prompt_config.yaml").write_text("system_prompts:\n  assistant: Be terse.\n  critic: Criticize.\n")
+    prompts = "system_prompts:\n  assistant: Be terse.\n  critic: Criticize.\n"
+    (tmp_path / "system_prompt_config.yaml").write_text(prompts)
     monkeypatch.setenv("MY_OWN_KEY_VAR", "from-my-var")
     server_module.main(["--config-dir", str(tmp_path)])
     assert (launch.run["host"], launch.run["port"]) == ("127.0.0.3", 9123)
@@ -110,7 +111,9 @@ def test_no_key_configured_generates_and_prints_one(launch: Launch, capsys: pyte
     assert len(keys) == 1 and launch.key_store.matches(keys[0])
 
 
-def test_missing_config_dir_is_a_clear_error(launch: Launch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_config_dir_is_a_clear_error(
+    launch: Launch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         server_module.main(["--config-dir", str(tmp_path / "nope")])
     assert info.value.code == 2

@@ -56,7 +56,7 @@ for chunk in engine.stream_reply("How do neural networks learn?"):
 # Access final result
 print(f"Final reply: {engine.last_result.get('revision2', 'No revision')}")
 
-"""
+"""  # noqa: W291 - verbatim, the spec's trailing space included
 
 
 @pytest.fixture

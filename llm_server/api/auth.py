@@ -116,7 +116,7 @@ class RefreshingKeyStore(KeyStore):
         """Re-read the keys now; True when they were replaced."""
         try:
             keys = self._fetch()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any source failure keeps the last good keys (reported below)
             self.last_error = str(exc)
             logger.warning("could not refresh API keys (keeping the %d last good key(s)): %s", self.key_count, exc)
             return False

@@ -139,7 +139,7 @@ class ModelLoader:
         try:
             engine = self.build()
             chat = self.make_chat(engine)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - any load failure is reported (503 + /health), not lost
             self._fail(exc)
             return
         with self._lock:

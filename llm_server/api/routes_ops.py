@@ -33,7 +33,7 @@ def _stats(request: Request) -> tuple[Any, EngineStats | None]:
         return None, None
     try:
         return engine, engine.stats()
-    except Exception:  # a dying engine must not take /health down with it
+    except Exception:  # noqa: BLE001 - a dying engine must not take /health down with it
         return engine, EngineStats(waiting=0, running=0, healthy=False, ready=False)
 
 

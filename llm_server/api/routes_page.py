@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-_PAGE_RESOURCE = ("static", "index.html")
+_PAGE_FOLDER, _PAGE_FILE = "static", "index.html"  # in the llm_server.api package
 _INLINE_BLOCK = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("script", "style")}
 
 
@@ -58,7 +58,8 @@ def content_security_policy(html: str) -> str:
 @lru_cache(maxsize=1)
 def _page() -> tuple[bytes, dict[str, str]]:
     """The page's bytes and response headers (read once from the installed package)."""
-    html = resources.files("llm_server.api").joinpath(*_PAGE_RESOURCE).read_text(encoding="utf-8")
+    page = resources.files("llm_server.api").joinpath(_PAGE_FOLDER).joinpath(_PAGE_FILE)  # one part each: Python 3.10
+    html = page.read_text(encoding="utf-8")
     headers = {
         "Content-Security-Policy": content_security_policy(html),
         "X-Content-Type-Options": "nosniff",

@@ -130,9 +130,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="start_llm_server",
         description="Serve the configured chat model over HTTP (spec API, OpenAI API, chat page).",
     )
-    parser.add_argument("--host", help="interface to bind (default: server_config.yaml host / CHAT_SERVER_HOST, else 0.0.0.0)")
+    parser.add_argument("--host", help="interface to bind "
+                        "(default: server_config.yaml host / CHAT_SERVER_HOST, else 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port to bind (default: server_config.yaml port)")
-    parser.add_argument("--config-dir", help="folder with your own YAML files (default: $LLM_SERVER_CONFIG_DIR, else the package's)")
+    parser.add_argument("--config-dir", help="folder with your own YAML files "
+                        "(default: $LLM_SERVER_CONFIG_DIR, else the package's)")
     parser.add_argument("--open-access", action="store_true", help="serve WITHOUT any API key (explicit opt-out)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "

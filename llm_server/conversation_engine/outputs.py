@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -59,7 +59,8 @@ class _StopFlag(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        flags = torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, flags)  # a bool tensor: what StoppingCriteria's signature calls BoolTensor
 
 
 def _decode_new_tokens(tok: Any, output: torch.Tensor, prompt_length: int) -> str:
@@ -92,7 +93,7 @@ def stream_generate(
         try:
             with torch.inference_mode():
                 model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping)
-        except BaseException as exc:  # handed to the consumer below
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below, which re-raises it
             failure.append(exc)
             # Wake the consumer, which would otherwise wait forever. Not streamer.end(): it decodes
             # the token cache and could fail again (e.g. when decoding was what failed).
@@ -181,7 +182,7 @@ def stream_and_improve_reply(
     return improvement_pipeline(
         make_generate_fn(tok, model, **generation_kwargs),
         system_prompt,
-        list(conversation_history or []),
+        [dict(turn) for turn in conversation_history or []],
         message,
         role=role,
         intermediate_steps=intermediate_steps,

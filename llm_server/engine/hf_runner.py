@@ -23,7 +23,7 @@ class HFRunner(ModelRunner):
 
     def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
         rows = []
-        for handle, ids in zip(handles, tokens):
+        for handle, ids in zip(handles, tokens, strict=True):
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             out = self._model(input_ids=input_ids, use_cache=True, **{self._cache_arg: handle.state})
             handle.state = out[self._cache_arg] if self._cache_arg in out else out.past_key_values

@@ -45,5 +45,5 @@ class ModelRunner(ABC):
     def release(self, handle: KVHandle) -> None:
         """Free a sequence's cache (idempotent)."""
 
-    def idle(self) -> None:
+    def idle(self) -> None:  # noqa: B027 - an optional hook: the default does nothing
         """Called when no sequence is running (a chance to give memory back)."""

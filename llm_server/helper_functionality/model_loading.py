@@ -142,7 +142,8 @@ def export_gguf(gguf_path: str | os.PathLike[str]) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses save_pretrained() while the GGUF quantizer is attached; the weights
         # are already plain float32 tensors, so detach it and drop the quantization marker.
-        model.hf_quantizer = None
+        # nn.Module.__setattr__ is typed for tensors and modules; any value is allowed at runtime.
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging)
@@ -316,7 +317,7 @@ def apply_matmul_precision(precision: str | None) -> None:
 def _configured_optimizations() -> dict[str, Any]:
     try:
         return dict(load_model_config().get("optimizations") or {})
-    except Exception as exc:  # a missing/broken config must not stop explicit arguments from working
+    except Exception as exc:  # noqa: BLE001 - a missing/broken config must not stop explicit arguments
         logger.warning("cannot read optimizations from model_config.yaml (%s); using defaults", exc)
         return {}
 
@@ -387,5 +388,6 @@ def _load_model(
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {location!r}: {exc}") from exc
     if quantization_config is None:
-        model = model.to(device)
+        # PreTrainedModel.to is @wraps(nn.Module.to): the stubs lose that it is a bound method.
+        model = model.to(device)  # type: ignore[arg-type]
     return model.eval()
