@@ -144,16 +144,29 @@ def test_an_engine_owned_model_keeps_one_copy_of_the_weights(mode: str | None) -
         owned(torch.tensor([[5, 6, 7]]))  # fails loudly rather than computing garbage
 
 
+def greedy_with_logprobs(runner: LlamaRunner, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """``steps`` greedy ids from ``runner`` and each one's log-probability (what the engine reports)."""
+    ids, logprobs, handle = list(prompt), [], runner.open()
+    with torch.inference_mode():
+        logits = runner.forward([handle], [ids])
+        for _ in range(steps):
+            ids.append(int(logits[0].argmax()))
+            logprobs.append(float(torch.log_softmax(logits[0].float(), dim=-1)[ids[-1]]))
+            logits = runner.forward([handle], [[ids[-1]]])
+    return ids[len(prompt):], logprobs
+
+
 def test_the_server_loader_serves_the_configured_int4_weights(
     tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """model_config.yaml's ``quantization: int4`` -> initialize -> the engine's runner, which owns
-    the model (one copy of the weights), and greedy text equal to an int4 runner's own."""
+    """model_config.yaml's ``quantization: int4`` -> initialize -> the engine's runner: the served
+    tokens' log-probabilities are an int4 runner's, not a float or int8 one's (the tiny random model
+    repeats one id whatever the weights, so the text alone could not tell them apart)."""
     import yaml
 
     from llm_server.engine.batch_engine import EngineConfig
     from llm_server.engine.loader import load_engine
-    from llm_server.engine.types import GenerationRequest, SamplingParams
+    from llm_server.engine.types import GenerationRequest, LogprobLog, SamplingParams
     from llm_server.helper_functionality.yaml_loading import PACKAGE_CONFIG_DIR, read_model_section
 
     folder = tmp_path / "tiny"
@@ -166,21 +179,25 @@ def test_the_server_loader_serves_the_configured_int4_weights(
     (tmp_path / "config" / "model_config.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
     monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path / "config"))
 
+    prompt = tokenizer("The quick brown fox")["input_ids"]
+    log = LogprobLog()
+    params = SamplingParams(max_new_tokens=8, do_sample=False, logprobs=0, logprob_sink=log)
     engine = load_engine(read_model_section(), EngineConfig(max_running=2), "tiny")
     engine.start()
     try:
-        prompt = tokenizer("The quick brown fox")["input_ids"]
-        finished = engine.submit(GenerationRequest("q", prompt, SamplingParams(max_new_tokens=8, do_sample=False)))
-        text = finished.result().text
-        runner = engine._runner
+        text = engine.submit(GenerationRequest("q", prompt, params)).result().text
     finally:
         engine.shutdown(timeout_s=30)
-    assert isinstance(runner, LlamaRunner) and runner.quantization == "int4"
-    reference = LlamaRunner(build_tiny_llama(len(tokenizer)), max_slots=1, max_context=64, quantization="int4")
-    ids, handle = list(prompt), reference.open()
-    with torch.inference_mode():
-        logits = reference.forward([handle], [ids])
-        for _ in range(8):
-            ids.append(int(logits[0].argmax()))
-            logits = reference.forward([handle], [[ids[-1]]])
-    assert text == tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+    served = log.drain()
+
+    references: dict[str | None, tuple[list[int], list[float]]] = {}
+    for mode in (None, "int8", "int4"):
+        runner = LlamaRunner(build_tiny_llama(len(tokenizer)), max_slots=1, max_context=64, quantization=mode)
+        references[mode] = greedy_with_logprobs(runner, prompt, 8)
+    ids, logprobs = references["int4"]
+    assert [item.token_id for item in served] == ids
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    tolerance = 1e-4
+    assert max(abs(item.logprob - lp) for item, lp in zip(served, logprobs, strict=True)) < tolerance
+    for mode in (None, "int8"):  # the check can tell the modes apart
+        assert max(abs(a - b) for a, b in zip(references[mode][1], logprobs, strict=True)) > 10 * tolerance
