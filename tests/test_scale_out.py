@@ -3,19 +3,31 @@ Ray instance (``ray.init(num_cpus=2)``). Marked ``ray`` (``-m 'not ray'`` desele
 
 What a user relies on: both replicas answer (``X-Replica-Id``), the spec's stream arrives in
 pieces and ends in ``[[END]]``, the official ``openai`` client works, keys are checked in every
-replica, a disconnect cancels the generation on its replica, ``/health`` and ``/metrics``
-speak for the deployment, and killing a replica keeps the endpoint answering.
+replica and a key rotated in Key Vault reaches every replica, a disconnect cancels the
+generation on its replica, ``/health`` and ``/metrics`` speak for the deployment, and killing a
+replica keeps the endpoint answering (its in-flight requests get the API's JSON error).
+
+The API keys come from Azure Key Vault, as in production: each replica's own key store reads
+:class:`tests.fake_keyvault.FakeKeyVault` (HTTPS, bearer challenge) with the real SDK and
+``DefaultAzureCredential``, which gets its token from
+:class:`tests.fake_keyvault.FakeManagedIdentityEndpoint`. Replicas are separate processes, so
+what the in-process Key Vault tests patch is given to every Ray worker instead: the CA bundle
+and identity endpoint as environment variables, the vault's host name through a worker setup
+hook (:func:`tests.scale_out_engine.resolve_test_vault`).
 """
 
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
+import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
+import trustme
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'llm_server[ray]')")
 
@@ -25,27 +37,61 @@ from llm_server.api.settings import ServerSettings  # noqa: E402
 from llm_server.engine.types import SamplingParams  # noqa: E402
 from llm_server.scale_out.config import ScaleOutConfig  # noqa: E402
 from llm_server.scale_out.deployment import build_application  # noqa: E402
+from llm_server.scale_out.proxy_errors import controller_options  # noqa: E402
 from tests import scale_out_engine  # noqa: E402
+from tests.fake_keyvault import VAULT_HOST, FakeKeyVault, FakeManagedIdentityEndpoint  # noqa: E402
 from tests.spec_harness import free_port, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 KEY = "scale-out-test-key"
 HEADERS = {"X-API-Key": KEY}
+SECRET = "llm-server-api-keys"
+#: Seconds between each replica's Key Vault reads.
+REFRESH_S = 0.5
 APP = "llm_server_test"
 #: Generous bounds for a 2-core machine shared with other work (they bound failures, not speed).
 START_TIMEOUT_S = 240
 LONG_TOKENS = 900
 
 
+@dataclass
+class Vault:
+    """The fake vault, and the environment a Ray worker needs to read it as a managed identity."""
+
+    fake: FakeKeyVault
+    worker_env: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
+def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vault]:
+    """A Key Vault holding ``KEY``, readable with the managed identity's token (see the docstring)."""
+    ca = trustme.CA()
+    bundle = tmp_path_factory.mktemp("vault") / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    identity = FakeManagedIdentityEndpoint(token=f"mi-token-{secrets.token_hex(8)}",
+                                           identity_header=secrets.token_hex(16))
+    fake = FakeKeyVault(ca, {SECRET: KEY})
+    fake.token = identity.token
+    env = {"REQUESTS_CA_BUNDLE": str(bundle), "NO_PROXY": f"{VAULT_HOST},127.0.0.1,localhost",
+           "IDENTITY_ENDPOINT": identity.url, "IDENTITY_HEADER": identity.identity_header,
+           scale_out_engine.VAULT_HOST_ENV: VAULT_HOST}
+    yield Vault(fake, env)
+    fake.stop()
+    identity.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(vault: Vault) -> Iterator[str]:
     ray.cloudpickle.register_pickle_by_value(scale_out_engine)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": vault.worker_env,
+                          "worker_process_setup_hook": scale_out_engine.resolve_test_vault})
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServerSettings(api_keys=(KEY,), shutdown_timeout_s=2,
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options())
+        settings = ServerSettings(key_vault_url=vault.fake.url, key_vault_secret_name=SECRET,
+                                  key_refresh_interval_s=REFRESH_S, shutdown_timeout_s=2,
                                   default_params=SamplingParams(max_new_tokens=8, do_sample=False))
         options = ScaleOutConfig(replicas=2, num_cpus=0.5, app_name=APP)
         serve.run(build_application(settings, options, scale_out_engine.tiny_engine), name=APP, route_prefix="/")
@@ -61,7 +107,8 @@ def _chat(base_url: str, **payload: Any) -> requests.Response:
 
 def _replicas_running(count: int) -> bool:
     deployments = serve.status().applications[APP].deployments.values()
-    return all(d.replica_states.get("RUNNING", 0) == count for d in deployments)
+    return all({getattr(state, "value", state): n for state, n in d.replica_states.items()}.get("RUNNING", 0) == count
+               for d in deployments)
 
 
 def _metric_sum(base_url: str, name: str, **labels: str) -> float:
@@ -125,6 +172,39 @@ def test_every_replica_checks_the_key(base_url: str) -> None:
     assert _chat(base_url).status_code == 200  # healthy after
 
 
+def _statuses_by_replica(base_url: str, key: str, requests_count: int = 16) -> dict[str, set[int]]:
+    """The statuses each replica gave ``requests_count`` requests with ``key`` (a cheap keyed GET)."""
+    seen: dict[str, set[int]] = {}
+    for _ in range(requests_count):
+        response = requests.get(f"{base_url}/v1/models", headers={"X-API-Key": key}, timeout=60)
+        seen.setdefault(response.headers["x-replica-id"], set()).add(response.status_code)
+    return seen
+
+
+def _every_replica_answers(base_url: str, key: str, status: int) -> bool:
+    seen = _statuses_by_replica(base_url, key)
+    return len(seen) == 2 and all(statuses == {status} for statuses in seen.values())
+
+
+def test_a_key_rotated_in_key_vault_reaches_every_replica(base_url: str, vault: Vault) -> None:
+    """Each replica re-reads the vault every REFRESH_S: after a rotation, the new key works on both
+    replicas and the old one is refused by both, without a restart."""
+    rotated = f"rotated-{secrets.token_hex(8)}"
+    assert _every_replica_answers(base_url, KEY, 200)
+    assert _every_replica_answers(base_url, rotated, 401)
+    vault.fake.secrets[SECRET] = rotated
+    try:
+        wait_until(lambda: _every_replica_answers(base_url, rotated, 200), timeout_s=60,
+                   what="both replicas to accept the rotated key")
+        assert _every_replica_answers(base_url, KEY, 401), "a replica still accepts the key rotated out"
+        chat = requests.post(f"{base_url}/chat/blocking", json={"prompt": "Hi"}, headers={"X-API-Key": rotated},
+                             timeout=120)
+        assert chat.status_code == 200, chat.text
+    finally:
+        vault.fake.secrets[SECRET] = KEY
+    wait_until(lambda: _every_replica_answers(base_url, KEY, 200), timeout_s=60, what="the key to be restored")
+
+
 def test_bad_input_is_refused_by_the_replica(base_url: str) -> None:
     response = requests.post(f"{base_url}/chat/blocking", json={"prompt": 5}, headers=HEADERS, timeout=60)
     assert response.status_code in (400, 422)
@@ -165,10 +245,12 @@ def _running_by_replica(base_url: str) -> dict[str, float]:
 
 
 def test_killing_a_replica_keeps_the_endpoint_answering(base_url: str) -> None:
-    """In flight on the killed replica: the stream is cut and blocking requests get an error status
-    (never a hang); elsewhere they finish; then new requests all go to the healthy replica."""
-    long_chat = {"prompt": "Go on", "max_new_tokens": LONG_TOKENS}
-    with requests.post(f"{base_url}/chat/stream", json=long_chat, headers=HEADERS, stream=True, timeout=120) as response:
+    """In flight on the killed replica: the stream is cut and blocking requests get the API's JSON
+    500 ``replica_failed`` (never a hang); elsewhere they finish; then new requests all go to the
+    healthy replica."""
+    long_chat: dict[str, Any] = {"prompt": "Go on", "max_new_tokens": LONG_TOKENS}
+    with requests.post(f"{base_url}/chat/stream", json=long_chat, headers=HEADERS, stream=True,
+                       timeout=120) as response:
         victim = response.headers["x-replica-id"]
         pieces = response.iter_content(chunk_size=None)
         next(pieces)
@@ -181,8 +263,13 @@ def test_killing_a_replica_keeps_the_endpoint_answering(base_url: str) -> None:
             with pytest.raises(requests.exceptions.ChunkedEncodingError):  # cut short: never a hang
                 text = b"".join(pieces).decode("utf-8")
                 raise AssertionError(f"the stream of a killed replica ended normally: {text[-80:]!r}")
-            statuses = sorted(future.result(timeout=120).status_code for future in blocking)
+            results = [future.result(timeout=120) for future in blocking]
+    statuses = sorted(result.status_code for result in results)
     assert statuses == [200] * (3 - on_victim) + [500] * on_victim, (statuses, on_victim)
+    for failed in (result for result in results if result.status_code == 500):
+        assert failed.headers["content-type"] == "application/json", failed.text
+        assert failed.json()["error"]["code"] == "replica_failed"
+        assert failed.headers["x-request-id"]
     answered = [_chat(base_url) for _ in range(6)]
     assert [r.status_code for r in answered] == [200] * 6
     assert victim not in {r.headers["x-replica-id"] for r in answered}

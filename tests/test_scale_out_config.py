@@ -1,10 +1,12 @@
 """``scale_out:`` configuration and the ``--replicas`` / ``--ray-address`` command line, without
-starting Ray: defaults, bad values named by key, the clear error when Ray is not installed."""
+starting Ray: defaults, bad values named by key, the clear error when Ray is not installed, and
+the Serve config file."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from llm_server.scale_out.config import ScaleOutConfig, load_scale_out_config
 
 
 @pytest.fixture(autouse=True)
-def _package_config(monkeypatch: pytest.MonkeyPatch) -> None:
+def _package_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(yaml_loading.CONFIG_DIR_ENV, raising=False)
     monkeypatch.delenv("CHAT_SERVER_API_KEY", raising=False)
     yield
@@ -128,3 +130,22 @@ def test_metrics_of_replicas_are_merged_with_a_replica_label() -> None:
     assert 'x_total{kind="a",replica="r1"} 1.0' in text
     assert 'x_total{kind="a",replica="r2"} 2.0' in text
     assert text.count("# TYPE x_total counter") == 1
+
+
+def test_serve_config_file_is_valid_and_installs_the_json_proxy_errors() -> None:
+    """deploy/serve_config.yaml parses with Serve's own schema, and its proxy callback (the same one
+    ``start_llm_server --replicas`` passes) imports and returns the JSON error middleware."""
+    pytest.importorskip("ray")
+    import yaml
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    from llm_server.scale_out.proxy_errors import CALLBACK_ENV, JsonProxyErrors, controller_options
+
+    config = ServeDeploySchema(**yaml.safe_load((Path(__file__).parents[1] / "deploy/serve_config.yaml").read_text()))
+    assert config.controller_options is not None
+    env = config.controller_options.runtime_env or {}
+    assert env["env_vars"] == controller_options()["runtime_env"]["env_vars"]
+    middlewares = import_attr(env["env_vars"][CALLBACK_ENV])()
+    assert [middleware.cls for middleware in middlewares] == [JsonProxyErrors]
+    assert config.applications[0].import_path == "llm_server.scale_out.serve_app:build"

@@ -5,6 +5,7 @@
 - :mod:`.deployment`: the Serve application built from the app factory (imports Ray);
 - :mod:`.replica`: what each replica runs (lifespan, replica id header, /health, /metrics);
 - :mod:`.metrics`: every replica's Prometheus series behind one ``/metrics``;
+- :mod:`.proxy_errors`: the API's JSON error when a replica dies before answering (proxy middleware);
 - :mod:`.serve_app`: the builder ``serve run`` / ``serve deploy`` config files import.
 
 See docs/scale_out.md.

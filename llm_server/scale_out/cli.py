@@ -61,6 +61,7 @@ def run_scaled_out(settings: ServerSettings, replicas: int | None, ray_address: 
 
     from llm_server.scale_out.config import load_scale_out_config
     from llm_server.scale_out.deployment import build_application, pin_generated_key
+    from llm_server.scale_out.proxy_errors import controller_options
 
     try:
         options = load_scale_out_config().with_replicas(replicas)
@@ -69,7 +70,7 @@ def run_scaled_out(settings: ServerSettings, replicas: int | None, ray_address: 
     settings = pin_generated_key(settings)
     check_keys(settings).stop()  # reachable Key Vault / valid keys, checked once before any replica
     ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port}, controller_options=controller_options())
     serve.run(build_application(settings, options), name=options.app_name, route_prefix=options.route_prefix)
     logger.info("serving %s replica(s) on http://%s:%d (Ctrl-C stops)",
                 options.replicas if options.autoscaling is None else "autoscaled", settings.host, settings.port)

@@ -69,7 +69,7 @@ def build_application(settings: ServerSettings, options: ScaleOutConfig,
         """One replica: the server's FastAPI app (its lifespan starts the engine)."""
 
     ingress = serve.ingress(build_app)(LLMServer)
-    deployment = serve.deployment(ingress, **deployment_options(options, settings))
+    deployment = serve.deployment(**deployment_options(options, settings))(ingress)
     logger.info("Serve deployment: %s", {k: v for k, v in deployment_options(options, settings).items()
                                           if k != "ray_actor_options"})
     return deployment.bind()

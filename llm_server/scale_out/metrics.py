@@ -81,5 +81,5 @@ def _labelled(samples: Iterable[Sample], replica: str) -> Iterator[Sample]:
 def merged_text(texts: Mapping[str, str]) -> bytes:
     """One exposition of all replicas' texts (``replica`` label added to every sample)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(texts))  # type: ignore[arg-type]
+    registry.register(_Merged(texts))
     return generate_latest(registry)

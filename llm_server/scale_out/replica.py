@@ -51,7 +51,7 @@ def replica_id() -> str:
         from ray import serve
 
         return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:  # not in a replica (tests of the app itself)
+    except Exception:  # noqa: BLE001 - not in a replica (tests of the app itself)
         return LOCAL
 
 
@@ -99,7 +99,7 @@ class DeploymentStatus:
 
             application = serve.status().applications[self.app_name]
             deployment = next(iter(application.deployments.values()))
-        except Exception as exc:  # the controller is restarting: report what we know
+        except Exception as exc:  # noqa: BLE001 - the controller is restarting: report what we know
             return {"status": "UNKNOWN", "message": f"{type(exc).__name__}: {exc}"[:200]}
         states = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
         return {"status": str(getattr(deployment.status, "value", deployment.status)),
@@ -173,7 +173,7 @@ async def _publish(app: FastAPI, app_name: str, replica: str, fetch: bool = Fals
         if fetch:
             texts: dict[str, str] = await board.fresh.remote(scale_metrics.STALE_AFTER_S)
             return texts
-    except Exception as exc:  # the board is being restarted: this replica's own series still answer
+    except Exception as exc:  # noqa: BLE001 - the board is being restarted: this replica's own series still answer
         logger.warning("metrics board unavailable (%s): serving this replica's metrics only", exc)
     return {replica: text}
 
