@@ -9,7 +9,8 @@ generates exactly ``--max-tokens`` tokens. Printed per level: aggregate output t
 time to first token p50/p95, inter-token latency p50, and the engine's efficiency: served tok/s
 divided by the bare forward's tok/s on the same batch size (``LlamaRunner.forward`` alone, timed
 in a separate process whose one thread loads the model and steps it: a 60-token prompt, then
-decode steps; issue 9's target is >= 0.9).
+decode steps; issue 9's target is >= 0.9), and the process's RSS once the level is over
+(``benchmarks/engine_memory.py`` reports the peaks).
 
 The model is loaded the way the server loads it: by the engine's own thread
 (``BatchEngine.from_loader``). ``--split-load`` loads it on the main thread instead (the
@@ -93,6 +94,17 @@ async def run_level(engine: Any, tokenizer: Any, concurrency: int, requests: int
     }
 
 
+def rss_mb() -> float:
+    """This process's resident set size in MB (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def bare_forward_ms(dtype: str, model_id: str | None, batches: list[int], threads: int) -> dict[int, float]:
     """ms per decode step of ``LlamaRunner.forward`` alone, per batch size (this thread only)."""
     import torch
@@ -150,27 +162,34 @@ def main() -> None:
         asyncio.run(run_level(engine, tokenizer, 1, 1, 8))  # warm-up
         print(f"engine micro-benchmark: dtype {args.dtype}, {args.max_tokens} new tokens, runner "
               f"{engine.runner_name}, {'model loaded on the main thread' if args.split_load else 'one thread'}")
-        print("| concurrent | tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | bare step (ms) | efficiency |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(f"RSS after load: {rss_mb():.0f} MB")
+        print("| concurrent | tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | bare step (ms) | efficiency "
+              "| RSS after (MB) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for level in levels:
             row = asyncio.run(run_level(engine, tokenizer, level, level * args.rounds, args.max_tokens))
             step = bare.get(level)
             efficiency = f"{row['tok_s'] / (level * 1e3 / step):.2f}" if step else "-"
             print(f"| {level} | {row['tok_s']:.1f} | {row['ttft_p50']:.3f} | {row['ttft_p95']:.3f} | "
-                  f"{row['itl_p50'] * 1e3:.1f} | {f'{step:.1f}' if step else '-'} | {efficiency} |", flush=True)
+                  f"{row['itl_p50'] * 1e3:.1f} | {f'{step:.1f}' if step else '-'} | {efficiency} | {rss_mb():.0f} |",
+                  flush=True)
     finally:
         engine.shutdown(timeout_s=30)
 
 
 def start_engine(args: argparse.Namespace, levels: list[int]) -> tuple[Any, Any]:
     """A started engine for the benchmark, and its tokenizer."""
-    from functools import partial
-
     from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+    from llm_server.engine.llama_weights import mark_engine_owned
     from llm_server.helper_functionality.model_loading import initialize
 
     config = EngineConfig(max_running=max(levels), threads=args.threads)
-    load = partial(initialize, device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
+
+    def load() -> tuple[Any, Any]:
+        tokenizer, model = initialize(device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
+        mark_engine_owned(model)  # as the server's loader does: the runner keeps one copy of the weights
+        return tokenizer, model
+
     if args.split_load:
         engine = BatchEngine(*load(), "bench", config)
     else:

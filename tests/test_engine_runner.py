@@ -68,3 +68,55 @@ def test_weights_are_shared_with_the_hf_model() -> None:
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
     torch.testing.assert_close(hf_last_logits(model, [5, 6, 7]), before, atol=0, rtol=0)
+
+
+def test_the_kv_cache_holds_only_the_slots_and_positions_in_use() -> None:
+    """A 64-slot runner serving a few sequences allocates rows for the slots in use and positions for
+    the longest sequence (not 64 x capacity), grows in few re-allocations while decoding, keeps every
+    sequence's cache through growth and shrinking, and frees it all when idle."""
+    model = build_model(512, "llama")
+    runner = LlamaRunner(model, max_slots=64, max_context=1024)
+    slot_position_bytes = 2 * 2 * 16 * 2 * 4  # layers x kv_heads x head_dim x (K, V) x float32
+    generator = torch.Generator().manual_seed(1)
+    history = [torch.randint(3, 512, (12,), generator=generator).tolist() for _ in range(16)]
+    history[0] = torch.randint(3, 512, (300,), generator=generator).tolist()
+    handles = [runner.open() for _ in history]
+
+    def step(rows: list[int], tokens: list[list[int]], check: bool = True) -> None:
+        for i, ids in zip(rows, tokens, strict=True):
+            history[i] = history[i] + ids if handles[i].length else ids
+        with torch.inference_mode():
+            logits = runner.forward([handles[i] for i in rows], tokens)
+        if check:
+            for row, i in enumerate(rows):
+                torch.testing.assert_close(logits[row], hf_last_logits(model, history[i]), atol=2e-4, rtol=1e-4)
+
+    step([0], [history[0]])
+    slots, positions = runner.cache_shape
+    assert slots == 1 and 300 < positions <= 300 + 64
+    assert runner.cache_bytes == slots * positions * slot_position_bytes
+    step(list(range(1, 16)), history[1:16])
+    assert runner.cache_shape == (16, positions)  # rows follow the slots in use
+
+    shapes = {runner.cache_shape}
+    for token in range(500):  # the long sequence decodes on to 800 tokens
+        step([0], [[3 + token]], check=token % 100 == 99)
+        shapes.add(runner.cache_shape)
+    slots, positions = runner.cache_shape
+    assert 800 <= positions <= 800 * 1.25 + 64  # little masked padding for attention to read
+    assert len(shapes) <= 11  # growth is amortised (a re-allocation every 32 tokens would be 16)
+
+    for i in range(3, 16):  # the slots in use fall to a quarter: the rows shrink, contents kept
+        runner.release(handles[i])
+    step([0, 1, 2], [[7], [8], [9]])
+    assert runner.cache_shape[0] == 4
+    runner.release(handles[0])  # the long one leaves: the capacity follows the longest left
+    step([1, 2], [[10], [11]])
+    assert runner.cache_shape[1] <= 64
+    for handle in handles:
+        runner.release(handle)
+    runner.idle()
+    assert runner.cache_bytes == 0
+    handles[0] = runner.open()
+    step([0], [history[5][:9]])  # a newcomer after idle: a fresh small cache
+    assert runner.cache_shape[0] == 1

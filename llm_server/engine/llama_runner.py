@@ -5,14 +5,11 @@ single matmuls) and on CPU hands them to oneDNN pre-packed (``mkldnn._linear_poi
 faster than ``F.linear`` for the small batches of a decode step, bit-identical in bfloat16), or
 quantizes them to weight-only int8 / int4 (:mod:`.quant`).
 
-The KV cache is allocated once per engine, one slot per running sequence: keys
-``[layers, slots, kv_heads, head_dim, capacity]`` (stored transposed, so ``q @ K^T`` is a plain
-batched matmul over a cache view) and values ``[layers, slots, kv_heads, capacity, head_dim]``.
-A step runs every sequence of the batch in one forward: their slots are kept contiguous, and the
-capacity is kept tight (a multiple of 32 just above the longest sequence, re-allocated as
-sequences grow and leave), so attention reads the batch's keys and values as contiguous views of
-the cache over the whole capacity, masking what each sequence has not written: no gather, and
-no per-layer copy inside the batched matmuls.
+The KV cache (:mod:`.kv_cache`) has one slot per running sequence and grows with the slots and
+positions in use. A step runs every sequence of the batch in one forward: their slots are kept
+contiguous, so attention reads the batch's keys and values as contiguous views of the cache over
+its whole capacity, masking what each sequence has not written: no gather, and no per-layer copy
+inside the batched matmuls.
 """
 
 from __future__ import annotations
@@ -24,15 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import LayerWeights, read_head, read_layer, release_memory
 from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR
 from llm_server.engine.runner import KVHandle, ModelRunner
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
-_CAPACITY_STEP = 32  # the cache's capacity is a multiple of this, a little above the longest sequence
-_SHRINK_SLACK = 128  # shrink once the capacity exceeds what the running sequences need by this much
-_KEEP_WHEN_IDLE = 1024  # an idle engine keeps a cache up to this capacity (no re-allocation per request)
 
 
 def _rope_type(config: Any) -> str:
@@ -45,7 +40,7 @@ def _rope_type(config: Any) -> str:
 
 def unsupported_reason(model: Any) -> str | None:
     """None when :class:`LlamaRunner` can run ``model``; otherwise why not."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} has no compact forward"
@@ -141,10 +136,8 @@ class LlamaRunner(ModelRunner):
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
         release_memory()  # the originals (when freed) and the quantization's float temporaries
         self.vocab_size = self._lm_head.out_features
-        self._owner: list[KVHandle | None] = [None] * max_slots
-        self._keys: torch.Tensor | None = None  # [layers, slots, kv_heads, head_dim, capacity]
-        self._values: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
-        self._capacity = 0
+        self._cache = SlotCache(len(self._layers), self._kv_heads, self._head_dim, max_slots, max_context,
+                                self.dtype, self.device)
 
     @property
     def weight_bytes(self) -> int:
@@ -164,77 +157,29 @@ class LlamaRunner(ModelRunner):
 
     # --- slots and cache ----------------------------------------------------------------
     def release(self, handle: KVHandle) -> None:
-        if handle.slot >= 0 and self._owner[handle.slot] is handle:
-            self._owner[handle.slot] = None
-        handle.slot = -1
-        handle.length = 0
+        self._cache.release(handle)
 
     def idle(self) -> None:
-        if self._capacity > _KEEP_WHEN_IDLE and all(o is None for o in self._owner):
-            self._keys = self._values = None
-            self._capacity = 0
+        self._cache.idle()
 
-    def _take_slot(self, handle: KVHandle) -> None:
-        slot = self._owner.index(None)  # the scheduler never admits more than num_slots
-        self._owner[slot] = handle
-        handle.slot = slot
+    @property
+    def cache_shape(self) -> tuple[int, int]:
+        """(slots, positions) the KV cache holds now."""
+        return self._cache.rows, self._cache.capacity
 
-    def _fit_capacity(self, needed: int) -> None:
-        """Grow the cache when ``needed`` positions do not fit; shrink it when far too large."""
-        longest = max([needed] + [o.length for o in self._owner if o is not None])
-        tight = (longest // _CAPACITY_STEP + 2) * _CAPACITY_STEP  # at least one step of headroom
-        if self._keys is None or needed > self._capacity or self._capacity > tight + _SHRINK_SLACK:
-            self._resize(tight)
-
-    def _resize(self, capacity: int) -> None:
-        """Re-allocate the cache with ``capacity`` positions, keeping what fits (zeros elsewhere:
-        masked positions must hold finite values)."""
-        rows = (len(self._layers), self.num_slots, self._kv_heads)
-        keys = torch.zeros((*rows, self._head_dim, capacity), dtype=self.dtype, device=self.device)
-        values = torch.zeros((*rows, capacity, self._head_dim), dtype=self.dtype, device=self.device)
-        if self._keys is not None and self._values is not None:
-            kept = min(capacity, self._capacity)
-            keys[..., :kept] = self._keys[..., :kept]
-            values[:, :, :, :kept] = self._values[:, :, :, :kept]
-        self._keys, self._values, self._capacity = keys, values, capacity
-
-    def _move(self, src: int, dst: int) -> None:
-        """Exchange the contents (and owners) of two slots."""
-        assert self._keys is not None and self._values is not None
-        for cache in (self._keys, self._values):
-            if self._owner[dst] is None:
-                cache[:, dst] = cache[:, src]
-            else:
-                saved = cache[:, dst].clone()
-                cache[:, dst] = cache[:, src]
-                cache[:, src] = saved
-        moving, other = self._owner[src], self._owner[dst]
-        self._owner[dst], self._owner[src] = moving, other
-        if moving is not None:
-            moving.slot = dst
-        if other is not None:
-            other.slot = src
-
-    def _make_contiguous(self, batch: Sequence[KVHandle]) -> int:
-        """Rearrange slots so ``batch`` occupies consecutive slots; return the first one."""
-        n = len(batch)
-        lo = min(min(h.slot for h in batch), self.num_slots - n)
-        members = {id(h) for h in batch}
-        outside = [h for h in batch if not lo <= h.slot < lo + n]
-        if outside:
-            free = [s for s in range(lo, lo + n) if self._owner[s] is None or id(self._owner[s]) not in members]
-            for handle, slot in zip(outside, free, strict=True):
-                self._move(handle.slot, slot)
-        return lo
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache holds now."""
+        return self._cache.nbytes
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
         for handle in handles:
             if handle.slot < 0:
-                self._take_slot(handle)
+                self._cache.take_slot(handle)
         steps = max(len(t) for t in tokens)
-        self._fit_capacity(max(h.length for h in handles) + steps)
-        lo = self._make_contiguous(handles)
+        self._cache.fit(max(h.length for h in handles) + steps)
+        lo = self._cache.make_contiguous(handles)
         order = sorted(range(len(handles)), key=lambda i: handles[i].slot)
         starts = [handles[i].length for i in order]
         lengths = [len(tokens[i]) for i in order]
@@ -267,7 +212,7 @@ class LlamaRunner(ModelRunner):
         rope_positions = positions.clamp(max=self._cos.shape[0] - 1)
         fresh = all(s == 0 for s in starts)  # a prefill from scratch attends only to its own tokens
         slots = torch.arange(lo, lo + n, device=device)
-        kv_heads, capacity = self._kv_heads, self._capacity
+        kv_heads, capacity = self._kv_heads, self._cache.capacity
         value_rows = (
             (slots.view(n, 1, 1) * kv_heads + torch.arange(kv_heads, device=device).view(1, 1, kv_heads)) * capacity
             + positions.unsqueeze(2)
@@ -307,9 +252,9 @@ class LlamaRunner(ModelRunner):
 
     def _store(self, index: int, step: _StepInputs, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the new keys and values [n, steps, kv_heads, head_dim] into layer ``index``'s cache."""
-        assert self._keys is not None and self._values is not None
-        self._keys[index][step.key_slots, :, :, step.positions] = k
-        self._values[index].view(-1, self._head_dim).index_copy_(0, step.value_rows, v.reshape(-1, self._head_dim))
+        head_dim = self._head_dim
+        self._cache.keys[index][step.key_slots, :, :, step.positions] = k
+        self._cache.values[index].view(-1, head_dim).index_copy_(0, step.value_rows, v.reshape(-1, head_dim))
 
     @staticmethod
     def _mlp(layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
@@ -341,13 +286,12 @@ class LlamaRunner(ModelRunner):
         Plain batched matmuls: for a handful of queries per sequence this is several times faster
         on CPU than ``scaled_dot_product_attention`` (whose flash kernel is tuned for long queries).
         """
-        assert self._keys is not None and self._values is not None
         n, heads, steps, head_dim = q.shape
         kv_heads = self._kv_heads
         rows = n * kv_heads
-        key_len = self._capacity
-        keys_t = self._keys[index, lo : lo + n].flatten(0, 1)  # [rows, head_dim, capacity], contiguous view
-        values = self._values[index, lo : lo + n].flatten(0, 1)  # [rows, capacity, head_dim], contiguous view
+        key_len = self._cache.capacity
+        keys_t = self._cache.keys[index, lo : lo + n].flatten(0, 1)  # [rows, head_dim, capacity], contiguous view
+        values = self._cache.values[index, lo : lo + n].flatten(0, 1)  # [rows, capacity, head_dim], contiguous view
         grouped = q.reshape(rows, (heads // kv_heads) * steps, head_dim)
         scores = torch.bmm(grouped, keys_t).view(n, kv_heads, -1, key_len)
         scores = scores.float().mul_(head_dim**-0.5).add_(bias)
