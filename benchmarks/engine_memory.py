@@ -13,6 +13,7 @@ between phases through ``/proc/self/clear_refs``; Linux only):
 Memory only: the numbers do not depend on how busy the machine is (speed does).
 
     .venv/bin/python benchmarks/engine_memory.py --dtype bfloat16
+    .venv/bin/python benchmarks/engine_memory.py --dtype bfloat16 --quantization int4
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-prompt", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--quantization", default="none", help="none | int8 | int4 (weight-only, CPU)")
     args = parser.parse_args()
 
     from llm_server.engine.batch_engine import BatchEngine, EngineConfig
@@ -70,7 +72,8 @@ def main() -> None:
     from llm_server.helper_functionality.model_loading import initialize
 
     def load() -> tuple[Any, Any]:
-        tokenizer, model = initialize(device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
+        tokenizer, model = initialize(device="cpu", model_id=args.model, dtype=args.dtype, compile=False,
+                                      quantization=args.quantization)
         mark_engine_owned(model)  # as the server's loader does: the runner keeps one copy of the weights
         return tokenizer, model
 
@@ -102,7 +105,8 @@ def main() -> None:
         rows.append((f"after one {args.long_prompt}-token prompt", status_mb("VmRSS"), status_mb("VmHWM")))
     finally:
         engine.shutdown(timeout_s=30)
-    print(f"engine memory: dtype {args.dtype}, runner {engine.runner_name}, max_running {engine.config.max_running}")
+    print(f"engine memory: dtype {args.dtype}, quantization {args.quantization}, runner {engine.runner_name}, "
+          f"max_running {engine.config.max_running}")
     print("| phase | RSS after (MB) | peak RSS during (MB) |")
     print("| --- | --- | --- |")
     for name, rss, peak in rows:

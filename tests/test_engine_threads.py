@@ -9,15 +9,19 @@ fail on the old arrangement (model loaded on the caller's thread, stepped on the
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+from llm_server.engine.threads import available_cores, configure_threads
 from llm_server.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import build_tiny_llama
 
@@ -44,7 +48,7 @@ def threads_calling_torch() -> Iterator[set[str]]:
         yield names
     finally:
         sys.setprofile(None)
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
 
 
 def serve_two_requests(engine: BatchEngine, tokenizer: Any) -> None:
@@ -92,3 +96,53 @@ def test_a_load_failure_is_raised_by_start() -> None:
         raise AssertionError("start() returned although the model failed to load")
     assert not engine.stats().ready and not engine.stats().healthy
     engine.shutdown(0)
+
+
+@pytest.fixture
+def busy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1-minute load average above the cores this process may use, no wait policy exported."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (available_cores() + 2.5, 1.0, 1.0))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+
+
+def start_messages(caplog: pytest.LogCaptureFixture, tokenizer: Any, threads: int) -> list[logging.LogRecord]:
+    """The engine-thread log records of starting (and stopping) an engine with ``threads`` torch threads."""
+    with caplog.at_level(logging.INFO, logger="llm_server.engine.threads"):
+        engine = BatchEngine.from_loader(lambda: (tokenizer, build_tiny_llama(len(tokenizer))), "tiny",
+                                         EngineConfig(max_running=2, threads=threads))
+        engine.start()
+        engine.shutdown(timeout_s=30)
+    return [r for r in caplog.records if r.name == "llm_server.engine.threads"]
+
+
+def test_the_engine_start_names_a_busy_machine_and_the_remedies(
+    busy_machine: None, caplog: pytest.LogCaptureFixture, tokenizer: Any
+) -> None:
+    records = start_messages(caplog, tokenizer, threads=2)
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert any("2 torch threads" in m and "wait policy: default spinning" in m for m in info), info
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    load = f"{available_cores() + 2.5:.1f}"
+    assert load in warnings[0] and "GOMP_SPINCOUNT=100" in warnings[0] and "engine.threads: 1" in warnings[0]
+
+
+@pytest.mark.parametrize("remedy", ["GOMP_SPINCOUNT", "one thread", "quiet machine"])
+def test_no_warning_once_a_remedy_is_in_effect_or_the_machine_is_quiet(
+    busy_machine: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, remedy: str
+) -> None:
+    if remedy == "GOMP_SPINCOUNT":
+        monkeypatch.setenv("GOMP_SPINCOUNT", "100")
+    if remedy == "quiet machine":
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="llm_server.engine.threads"):
+            assert configure_threads(1 if remedy == "one thread" else 2) == (1 if remedy == "one thread" else 2)
+    finally:
+        torch.set_num_threads(before)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llm_server.engine.threads"]
+    assert [level for level, _ in messages] == [logging.INFO], messages
+    expected = "wait policy: GOMP_SPINCOUNT=100" if remedy == "GOMP_SPINCOUNT" else "wait policy: default spinning"
+    assert expected in messages[0][1]

@@ -211,6 +211,6 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, qua
     group = next(g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0)
     try:
         return Int4Linear(weight, bias, group)
-    except RuntimeError as exc:  # a torch build without the CPU int4 kernel, or another layout
+    except (RuntimeError, AttributeError) as exc:  # a torch without the CPU int4 op (AttributeError), another layout
         logger.warning("int4 quantization unavailable (%s); keeping %s weights", exc, weight.dtype)
         return FloatLinear(weight, bias, pack)

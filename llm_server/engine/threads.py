@@ -15,7 +15,9 @@ The OpenMP wait policy is left at the runtime's default (workers spin a while be
 regions): with a single team that is the fastest on cores the server has to itself. On a machine
 whose cores other busy processes share, spinning workers lose their time slices and a step can be
 10x slower; there ``GOMP_SPINCOUNT=100`` exported before the server starts, or ``engine.threads: 1``,
-is much faster (docs/engine.md has the measurements).
+is much faster (docs/engine.md has the measurements). The engine's start logs the thread count and
+the wait policy in effect, and warns when the machine is already busier than the cores this
+process may use (1-minute load average) while the workers would spin.
 """
 
 from __future__ import annotations
@@ -50,16 +52,36 @@ def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
         return None
 
 
+def wait_policy() -> str:
+    """The OpenMP wait policy the environment sets (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``), in words."""
+    settings = [f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(name)]
+    return ", ".join(settings) if settings else "default spinning"
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, or None where the OS does not report one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def configure_threads(requested: int) -> int:
-    """Set the calling thread's torch thread count (see the module docstring); return it."""
+    """Set the calling thread's torch thread count (see the module docstring), log it with the wait
+    policy, warn on an already busy machine; return the thread count."""
     if requested > 0:
         torch.set_num_threads(requested)
     elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(available_cores())
-    threads = torch.get_num_threads()
-    logger.info("engine thread: %d torch threads (%d cores available, OMP_WAIT_POLICY=%s)", threads,
-                available_cores(), os.environ.get("OMP_WAIT_POLICY", "default"))
+    threads, cores, policy = torch.get_num_threads(), available_cores(), wait_policy()
+    logger.info("engine thread: %d torch threads (%d cores available), OpenMP wait policy: %s", threads, cores, policy)
+    load = _load_average()
+    if load is not None and load > cores and threads > 1 and policy == "default spinning":
+        logger.warning(
+            "the 1-minute load average (%.1f) already exceeds the %d cores this process may use: with other busy "
+            "processes on its cores the engine's spinning OpenMP workers can make it 10-20x slower; export "
+            "GOMP_SPINCOUNT=100 before starting the server, or set engine.threads: 1 (docs/engine.md)", load, cores)
     return threads
 
 
-__all__ = ["available_cores", "configure_threads"]
+__all__ = ["available_cores", "configure_threads", "wait_policy"]
