@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 
 from llm_server.conversation_engine.improvement import STAGE_HEADINGS
-from llm_server.engine.types import ContextLengthExceeded, EngineError, EngineOverloaded, SamplingParams
+from llm_server.engine.stream import GenerationStream
+from llm_server.engine.types import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineOverloaded,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatOptions, ChatService, ChatStream
 from tests.fakes import ScriptedEngine
 from tests.spec_harness import wait_until
@@ -66,7 +75,6 @@ def test_spec_messages_order_and_role(service: ChatService) -> None:
     ("prompt", "history", "role", "param"),
     [
         ("hi", [], "nobody", "role"),
-        ("", [], "assistant", "prompt"),
         ("hi", [{"role": "robot", "content": "x"}], "assistant", "history.0.role"),
         ("hi", [{"role": "user"}], "assistant", "history.0.content"),
         ("hi", ["text"], "assistant", "history.0"),
@@ -164,7 +172,8 @@ def test_engine_request_ids_name_the_pass(service: ChatService, engine: Scripted
     """Logs show which pass of which request ran: the request id, plus the stage when improving."""
     engine.reply = _reviser_reply
     collect(service.open(service.spec_messages("Explain", [], "assistant"), options(request_id="req7")))
-    collect(service.open(service.spec_messages("Explain", [], "assistant"), options(request_id="req8", improvement=True)))
+    messages = service.spec_messages("Explain", [], "assistant")
+    collect(service.open(messages, options(request_id="req8", improvement=True)))
     assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-review2"]
 
 
@@ -200,7 +209,8 @@ def _consume_then_abandon(stream: ChatStream, n: int, after: Callable[[], None] 
 def test_abandoning_a_plain_stream_cancels_it(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = " ".join(["w"] * 5000)
     engine.delay_s = 0.02
-    seen = _consume_then_abandon(service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=100)), 2)
+    stream = service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=100))
+    seen = _consume_then_abandon(stream, 2)
     assert seen == ["w", " w"]
     wait_until(lambda: engine.stats().running == 0, what="cancellation")
 
@@ -213,9 +223,6 @@ def test_abandoning_an_improvement_stream_stops_the_pipeline(service: ChatServic
     seen = _consume_then_abandon(stream, 3)
     assert seen[0].startswith("### Draft answer")
     wait_until(lambda: engine.stats().running == 0, what="the draft pass to be cancelled")
-    threads = [t for t in threading.enumerate() if t.name.startswith("improve-")]
-    for t in threads:
-        t.join(timeout=30)
     assert len(engine.requests) == 1  # no review pass after the cancel
 
 
@@ -322,3 +329,53 @@ def test_spec_messages_are_the_python_apis_messages(engine: ScriptedEngine) -> N
     for role in ("poet", "silent"):
         assert service.spec_messages("Write", history, role) == build_messages(prompts, "Write", role, history)
     assert service.spec_messages("Write", [], "silent") == [{"role": "user", "content": "Write"}]
+
+
+# --- a turn runs on the event loop, and its stream owns cancellation ------------------------
+class HeldEngine(ScriptedEngine):
+    """Submits without generating: the test pushes each pass's events itself (no engine thread)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.streams: list[GenerationStream] = []
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        self.requests.append(request)
+        stream = GenerationStream(request.request_id)
+        self.streams.append(stream)
+        return stream
+
+
+def _answer(stream: GenerationStream, text: str) -> None:
+    stream.push(TextDelta(text))
+    stream.push(Finished("stop", 5, 1, text))
+
+
+def test_an_improvement_turn_holds_no_thread_and_its_stream_cancels_the_pass_in_flight(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("llm_server.serving.chat.grammar_available", lambda: False)  # text reviews, streamed
+    engine = HeldEngine(tokenizer)
+    engine.start()
+    service = ChatService(engine, PROMPTS, max_new_tokens_limit=100)
+
+    async def run() -> None:
+        threads = threading.active_count()
+        opts = options(improvement=True, intermediate_steps=True, request_id="r1")
+        stream = service.open([{"role": "user", "content": "Explain"}], opts)
+        events = stream.__aiter__()
+        assert await anext(events) == ChatDelta("### Draft answer\n\n")
+        assert threading.active_count() == threads  # the turn waits on the event loop, in no thread
+        _answer(engine.streams[0], "A draft.")
+        assert await anext(events) == ChatDelta("A draft.")
+        assert await anext(events) == ChatDelta("\n\n")
+        assert await anext(events) == ChatDelta("### Review 1\n\n")
+        pending = asyncio.ensure_future(anext(events))  # the review pass is submitted, then waited on
+        await asyncio.to_thread(wait_until, lambda: len(engine.streams) == 2, what="the review pass")
+        assert [r.request_id for r in engine.requests] == ["r1-draft", "r1-review1"]
+        pending.cancel()  # the reader goes away mid-review
+        await asyncio.gather(pending, return_exceptions=True)
+        await events.aclose()
+        assert engine.streams[1].cancelled and len(engine.streams) == 2
+
+    asyncio.run(run())

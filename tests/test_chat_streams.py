@@ -63,9 +63,10 @@ def _send_then_hang_up(url: str, path: str, body: str) -> None:
     [
         ("/chat/stream", '{"prompt": "Hi", "max_new_tokens": 1000}'),
         ("/chat/blocking", '{"prompt": "Hi", "max_new_tokens": 1000}'),
-        ("/v1/chat/completions",
-         '{"model": "scripted-model", "messages": [{"role": "user", "content": "Hi"}], "stream": true, "max_tokens": 1000}'),
-        ("/v1/chat/completions", '{"model": "scripted-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000}'),
+        ("/v1/chat/completions", '{"model": "scripted-model", "messages": [{"role": "user", "content": "Hi"}], '
+                                 '"stream": true, "max_tokens": 1000}'),
+        ("/v1/chat/completions", '{"model": "scripted-model", "messages": [{"role": "user", "content": "Hi"}], '
+                                 '"max_tokens": 1000}'),
         ("/v1/completions", '{"model": "scripted-model", "prompt": "Hi", "stream": true, "max_tokens": 1000}'),
     ],
 )
@@ -86,9 +87,17 @@ def test_client_gone_while_the_stream_opens_cancels_its_generation(
 class _FakeStream:
     def __init__(self) -> None:
         self.cancelled = threading.Event()
+        self.observer: Any = None
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def cut(self, reason: str) -> None:
+        self.cancel()
+
+    def observe(self, observer: Any) -> _FakeStream:
+        self.observer = observer
+        return self
 
     async def __aiter__(self) -> AsyncIterator[ChatEvent]:
         yield ChatDelta("never read")
@@ -129,4 +138,5 @@ def test_an_open_that_completes_is_handed_over_untouched() -> None:
         return await open_stream(_request(), lambda: opened)
 
     stream = asyncio.run(run())
-    assert stream.inner is opened and not opened.cancelled.is_set()
+    assert stream is opened and not opened.cancelled.is_set()
+    assert opened.observer is not None  # the request's metrics watch it

@@ -10,8 +10,12 @@ import pytest
 
 from llm_server.conversation_engine.improvement import (
     RESULT_KEYS,
+    REVIEW_SCHEMA,
     STAGE_HEADINGS,
+    Pass,
+    advance,
     improvement_pipeline,
+    improvement_steps,
     parse_review,
 )
 from llm_server.conversation_engine.inputs import build_messages
@@ -155,6 +159,25 @@ def test_a_model_ignoring_the_format_still_gets_a_real_final_answer() -> None:
     assert result["revision1"] == result["revision2"] == result["reply"] == "The draft."
     assert streamed == "The draft."
     assert result["suggestions2"] == "blah"
+
+
+def test_the_steps_ask_for_each_pass_explicitly_and_return_the_result() -> None:
+    """The sans-IO pipeline: the first thing it needs is the draft pass (built by build_messages),
+    then the two reviews; the driver sends each pass's text back and gets the result at the end."""
+    result: dict[str, str] = {}
+    steps = improvement_steps(PROMPTS, [], "How do nets learn?", result=result, structured=True)
+    opening = advance(steps)
+    assert opening.texts == []
+    assert opening.next_pass == Pass(build_messages(PROMPTS, "How do nets learn?"), name="draft")
+    review1 = advance(steps, " A draft. ")
+    assert result["draft_answer"] == "A draft."
+    assert review1.next_pass is not None and review1.next_pass.name == "review1"
+    assert review1.next_pass.schema == REVIEW_SCHEMA and "A draft." in review1.next_pass.messages[-1]["content"]
+    review2 = advance(steps, '{"suggestions": "s", "revised_answer": "Better.", "comments": "c"}')
+    assert review2.next_pass is not None and review2.next_pass.name == "review2"
+    end = advance(steps, '{"suggestions": "s2", "revised_answer": "Best.", "comments": "c2"}')
+    assert end.next_pass is None and end.texts == ["Best."]
+    assert end.result is result and result["revision1"] == "Better." and result["reply"] == "Best."
 
 
 def test_unknown_role_is_an_error() -> None:

@@ -112,6 +112,16 @@ def test_validation_errors_are_400_not_422(shared: tuple[str, ScriptedEngine], b
     assert len(engine.requests) == submitted
 
 
+@pytest.mark.parametrize("prompt", ["", [""]])
+def test_an_empty_completion_prompt_is_400(shared: tuple[str, ScriptedEngine], prompt: Any) -> None:
+    url, engine = shared
+    submitted = len(engine.requests)
+    response = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": prompt}, headers=HEADERS)
+    assert response.status_code == 400
+    assert_openai_error(response.json(), param="prompt")
+    assert len(engine.requests) == submitted
+
+
 def test_malformed_json_is_400(serve: Serve) -> None:
     url, _ = serve()
     response = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",

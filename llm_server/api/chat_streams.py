@@ -6,16 +6,17 @@ Each chat request goes through the same steps, whatever its wire format:
    worker thread; if the request's task is cancelled while the stream is being opened, the
    stream is cancelled as soon as it exists, so no generation runs unowned.
    Refusals (bad input, too long, overloaded, unavailable) become HTTP errors here,
-   before a response starts (:func:`api_error_for`).
+   before a response starts (:func:`api_error_for`). The opened stream reports to the
+   request's metrics and is tracked for a shutdown cut.
 2. Then exactly one of:
-   - :func:`collect` runs the stream to its end for a non-streamed answer, cancelling it if
-     the client disconnects first;
-   - a :class:`ChatStreamResponse` streams a body made from :func:`events` and, however the
-     response ends (finished, client gone, error, never started), closes that body and
-     cancels the stream.
+   - :func:`collect` runs the stream to its end for a non-streamed answer, abandoning it if
+     the client disconnects first (the caller answers 499);
+   - a :class:`ChatStreamResponse` streams a body made from :func:`events`, and closes that
+     body however the response ends (finished, client gone, error, never started).
 
-So an opened stream is always either consumed or cancelled. The routes only translate
-events into their own format (spec text chunks, OpenAI JSON / SSE chunks).
+The ChatStream itself (``llm_server.serving.chat_stream``) owns cancellation: leaving its
+iteration, or cancelling it, stops the generation. Nothing here wraps it; the routes only
+translate events into their own format (spec text chunks, OpenAI JSON / SSE chunks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +44,9 @@ from llm_server.engine.types import (
     EngineUnavailable,
     InvalidRequest,
 )
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent, ChatInputError, ChatStream
-from llm_server.serving.metrics import InstrumentedChatStream, instrument
+from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatStream
+from llm_server.serving.chat_stream import ServerShuttingDown
+from llm_server.serving.metrics import RequestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +54,7 @@ logger = logging.getLogger(__name__)
 EXPECTED_ERRORS = (APIError, ChatInputError, EngineError)
 #: Seconds a client is told to wait (``Retry-After``) when the engine is not available.
 ENGINE_UNAVAILABLE_RETRY_AFTER_S = 5
-#: The status of a request whose client went away before the answer (nginx's convention).
-CLIENT_CLOSED_REQUEST = 499
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ServerShuttingDown(EngineUnavailable):
-    """A generation the server cut short because it is shutting down (503, or in-band)."""
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -96,7 +93,7 @@ ErrorMapper = Callable[[Exception], APIError]
 
 # --- 1. opening -------------------------------------------------------------------------------
 async def open_stream(request: Request, opener: Callable[[], ChatStream],
-                      to_api_error: ErrorMapper = api_error_for) -> InstrumentedChatStream:
+                      to_api_error: ErrorMapper = api_error_for) -> ChatStream:
     """Run ``opener`` (e.g. ``lambda: chat.open(messages, options)``) in a worker thread.
 
     Refusals become :class:`APIError`. If this task is cancelled while the worker runs, it
@@ -111,11 +108,11 @@ async def open_stream(request: Request, opener: Callable[[], ChatStream],
         if isinstance(exc, EXPECTED_ERRORS):
             raise to_api_error(exc) from exc
         raise
-    instrumented = instrument(stream, started_at=started_at(request))
+    stream.observe(RequestMetrics(started_at(request)))
     app = request.scope.get("app")
     if app is not None:  # cut short, with an error, if it outlives a shutdown
-        drain_state(app).track(instrumented)
-    return instrumented
+        drain_state(app).track(stream)
+    return stream
 
 
 class _Opening:
@@ -157,11 +154,12 @@ class Collected:
     done: ChatDone
 
 
-async def collect(request: Request, stream: InstrumentedChatStream,
+async def collect(request: Request, stream: ChatStream,
                   to_api_error: ErrorMapper = api_error_for) -> Collected | None:
     """Run ``stream`` to its end; None if the client disconnected first (generation cancelled).
 
-    Errors become :class:`APIError`. If this task is cancelled, the generation is too.
+    Errors become :class:`APIError` (a server-side cut: 503). If this task is cancelled, the
+    generation is too.
     """
     work = asyncio.ensure_future(_read_all(stream))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -171,28 +169,21 @@ async def collect(request: Request, stream: InstrumentedChatStream,
         gone = not work.done()
     finally:
         watcher.cancel()
-        if gone:  # the client left (or this task was cancelled): stop generating for nobody
-            stream.cancel()
+        if gone:  # the client left (or this task was cancelled): abandon the stream
+            stream.cancel()  # also when the reader has not started iterating it yet
             work.cancel()
             logger.info("client gone before the answer was complete: generation cancelled")
     if gone:
         await asyncio.gather(work, return_exceptions=True)  # let the cancelled reader finish
         return None
     try:
-        return _not_cut(stream, work.result())
+        return work.result()
     except EXPECTED_ERRORS as exc:
         logger.warning("generation failed: %s", exc)
         raise to_api_error(exc) from exc
 
 
-def _not_cut(stream: InstrumentedChatStream, collected: Collected) -> Collected:
-    """``collected``, unless the server cut it short (then a 503, never a truncated answer)."""
-    if collected.done.finish_reason == "cancelled" and stream.cut_reason:
-        raise ServerShuttingDown(stream.cut_reason)
-    return collected
-
-
-async def _read_all(stream: InstrumentedChatStream) -> Collected:
+async def _read_all(stream: ChatStream) -> Collected:
     parts: list[str] = []
     async for event in stream:
         if isinstance(event, ChatDelta):
@@ -224,23 +215,19 @@ class StreamFailure:
 StreamItem = ChatDelta | ChatDone | StreamFailure
 
 
-async def events(stream: InstrumentedChatStream) -> AsyncIterator[StreamItem]:
-    """The stream's non-empty deltas, then its ChatDone; or, instead of the ChatDone, a final
-    :class:`StreamFailure` (an error, or a stream that ended without a result).
+async def events(stream: ChatStream) -> AsyncGenerator[StreamItem, None]:
+    """The stream's deltas, then its ChatDone; or, instead of the ChatDone, a final
+    :class:`StreamFailure` (an error, a server-side cut, or a stream that ended without a result).
 
     For a response that has already started, where an error can only be reported in-band.
-    Leaving the iteration early cancels the generation.
+    Closing this iterator closes the stream's iteration (which cancels the generation).
     """
-    iterator = stream.__aiter__()
     try:
-        async for event in iterator:
-            if isinstance(event, ChatDone) and event.finish_reason == "cancelled" and stream.cut_reason:
-                yield StreamFailure(ServerShuttingDown(stream.cut_reason))  # never a silent truncation
-                return
-            if _worth_sending(event):
+        async with aclosing(stream.__aiter__()) as chat_events:
+            async for event in chat_events:
                 yield event
-            if isinstance(event, ChatDone):
-                return
+                if isinstance(event, ChatDone):
+                    return
         yield StreamFailure(_no_result())
     except EXPECTED_ERRORS as exc:
         logger.warning("generation failed after the response started: %s", type(exc).__name__)
@@ -248,24 +235,18 @@ async def events(stream: InstrumentedChatStream) -> AsyncIterator[StreamItem]:
     except Exception as exc:  # never leave a client with a silently truncated answer
         logger.exception("stream crashed after the response started")
         yield StreamFailure(exc)
-    finally:
-        stream.cancel()
-        await iterator.aclose()
-
-
-def _worth_sending(event: ChatEvent) -> bool:
-    return not isinstance(event, ChatDelta) or bool(event.text)
 
 
 class ChatStreamResponse(StreamingResponse):
     """A streamed body made from an opened ChatStream, which it owns.
 
     Starlette stops iterating when the client disconnects but leaves the body generator to
-    the garbage collector; this closes it (running its ``finally``) and cancels the stream
-    when the response ends, however it ends, so the engine frees the slot at once.
+    the garbage collector; this closes it when the response ends, however it ends, so the
+    stream's iteration ends and the engine frees the slot at once. A body that never started
+    never iterated the stream: that stream is cancelled instead.
     """
 
-    def __init__(self, body: AsyncIterator[str], stream: InstrumentedChatStream, media_type: str,
+    def __init__(self, body: AsyncIterator[str], stream: ChatStream, media_type: str,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(body, media_type=media_type, headers={**_STREAM_HEADERS, **(headers or {})})
         self.stream = stream
@@ -279,4 +260,4 @@ class ChatStreamResponse(StreamingResponse):
                 if aclose is not None:
                     await aclose()
             finally:
-                self.stream.cancel()
+                self.stream.cancel()  # a no-op once its iteration has ended

@@ -22,7 +22,8 @@ from llm_server.api.errors import APIError, error_response
 
 #: Seconds a request body may take to arrive, in all, before the server answers 408.
 BODY_READ_TIMEOUT_S = 30.0
-#: The status of a request whose client went away before the answer (nginx's convention).
+#: The status of a request whose client went away before the answer (nginx's convention; nobody
+#: reads it, it is counted and logged). The one definition: the routes answer it too.
 CLIENT_CLOSED_REQUEST = 499
 
 

@@ -34,6 +34,7 @@ from llm_server.api.chat_streams import (
     events,
     open_stream,
 )
+from llm_server.api.limits import CLIENT_CLOSED_REQUEST
 from llm_server.api.protocol_chat import (
     END_MARKER,
     ChatRequest,
@@ -45,14 +46,11 @@ from llm_server.api.protocol_chat import (
 from llm_server.api.readiness import not_ready_error, readiness, ready_chat
 from llm_server.api.request_context import request_id
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatStream
-from llm_server.serving.metrics import InstrumentedChatStream
 from llm_server.serving.structured import constrained, response_format_grammar
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
 
 STREAM_MEDIA_TYPE = "text/plain; charset=utf-8"
-#: What a blocking request whose client went away "answers" (nginx's convention; nobody reads it).
-CLIENT_CLOSED_REQUEST = 499
 
 
 def _inlined_schema() -> dict[str, Any]:
@@ -118,7 +116,7 @@ async def chat_stream_get(request: Request) -> Response:
 
 
 # --- shared -------------------------------------------------------------------------------
-async def _open(request: Request, body: ChatRequest) -> InstrumentedChatStream:
+async def _open(request: Request, body: ChatRequest) -> ChatStream:
     """Validate and submit (eagerly): input/capacity problems become HTTP errors here."""
     chat = ready_chat(request)
     options = body.options(request.app.state.settings.default_params, request_id(request))
@@ -153,7 +151,7 @@ async def _streaming(request: Request, body: ChatRequest) -> Response:
     return ChatStreamResponse(_stream_chunks(stream), stream, media_type=STREAM_MEDIA_TYPE)
 
 
-async def _stream_chunks(stream: InstrumentedChatStream) -> AsyncIterator[str]:
+async def _stream_chunks(stream: ChatStream) -> AsyncIterator[str]:
     """Text chunks, then ``[[END]]`` (or ``[[ERROR]] ...`` if generation failed midway)."""
     async with aclosing(events(stream)) as items:
         async for item in items:

@@ -37,6 +37,7 @@ from llm_server.api.chat_streams import (
     open_stream,
 )
 from llm_server.api.errors import APIError
+from llm_server.api.limits import CLIENT_CLOSED_REQUEST
 from llm_server.api.openai_structured import (
     chat_top_logprobs,
     check_combination,
@@ -56,7 +57,6 @@ from llm_server.api.readiness import ready_chat, ready_engine
 from llm_server.api.request_context import request_id
 from llm_server.engine.types import LogprobLog
 from llm_server.serving.chat import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
-from llm_server.serving.metrics import InstrumentedChatStream
 from llm_server.serving.structured import (
     LogprobFormatter,
     constrained,
@@ -73,8 +73,6 @@ _SERVER_STARTED = int(time.time())
 _SSE_MEDIA_TYPE = "text/event-stream"
 #: The serving layer's field names -> this API's.
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
-#: What a non-streamed request whose client went away "answers" (nobody reads it).
-_CLIENT_CLOSED_REQUEST = 499
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -220,7 +218,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse_events(stream: InstrumentedChatStream, reply: _Reply,
+async def _sse_events(stream: ChatStream, reply: _Reply,
                       to_api_error: Callable[[Exception], APIError]) -> AsyncIterator[str]:
     """SSE body: (chat) a role chunk, one chunk per delta, the finish chunk, usage, [DONE];
     or, after a failure, a final error event instead of the finish."""
@@ -257,7 +255,7 @@ async def _answer(request: Request, opener: Callable[[], ChatStream], reply: _Re
         return ChatStreamResponse(_sse_events(stream, reply, to_api_error), stream, media_type=_SSE_MEDIA_TYPE)
     collected = await collect(request, stream, to_api_error)
     if collected is None:  # the client left; its generation was cancelled
-        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(reply.whole(collected))
 
 
@@ -322,10 +320,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _answer(request, opener, reply, body.stream, "messages")
 
 
-
-
-
-
 def _formatter(chat: Any, log: LogprobLog | None) -> LogprobFormatter | None:
     return None if log is None else LogprobFormatter(chat.engine.tokenizer)
 
@@ -342,6 +336,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
         prompt = prompt[0]
+    if not prompt:
+        raise APIError(400, "prompt must be a non-empty string", param="prompt")
     params, log = with_logprobs(body.sampling_params(request.app.state.settings.default_params, body.max_tokens),
                                 completion_top_logprobs(body))
     options = ChatOptions(params=params, request_id=request_id(request), fit_context=body.max_tokens is None)

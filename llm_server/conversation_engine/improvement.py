@@ -1,7 +1,11 @@
 """Answer improvement: draft -> review 1 -> revision 1 -> review 2 -> revision 2 (no torch here).
 
-The pipeline only needs a ``generate`` function (full chat messages -> text chunks of one
-pass), so the in-process ``ConversationEngine`` and the batching server share it. The reviser
+The stage logic is sans-IO: :func:`improvement_steps` is a generator that yields the text the
+client sees and each :class:`Pass` it needs (messages, optional JSON schema), and is sent back
+each pass's full text. Two drivers run it: :func:`improvement_pipeline` here (synchronous, each
+pass through a ``generate`` function: full chat messages -> text chunks of one pass), used by
+the in-process ``ConversationEngine``; and the serving layer's ``ChatStream``, which runs each
+pass on the batching engine from the event loop (no thread of its own). The reviser
 writes three sections ("Suggestions:", "Revised answer:", "Comments:"); :func:`parse_review`
 reads them tolerantly, and a revision that is missing, empty or "None" falls back to the
 previous answer.
@@ -220,34 +224,137 @@ def _review_text(review: Review) -> str:
     return f"Suggestions: {review.suggestions}\n\nComments: {review.comments}"
 
 
-def _run_review(
-    generate: GenerateFn, messages: list[dict[str, str]], previous: str, heading: str | None, structured: bool
-) -> Generator[str, None, Review]:
+@dataclass(frozen=True)
+class Pass:
+    """One generation pass the pipeline asks its driver for.
+
+    ``messages`` are the pass's full chat messages (system first); ``schema``, when set, holds
+    its output to that JSON schema; ``show`` streams its text to the client as it comes;
+    ``name`` says which pass it is (``draft``, ``review1``, ``review2``; empty for a plain turn).
+    """
+
+    messages: list[dict[str, str]]
+    schema: dict[str, Any] | None = None
+    show: bool = False
+    name: str = ""
+
+
+#: A turn as a sans-IO generator: it yields text for the client and the :class:`Pass` es it
+#: needs; its driver runs each pass and ``send`` s back the pass's full text. It returns the
+#: turn's result (the spec's ``last_result`` keys).
+Steps = Generator[str | Pass, str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Advance:
+    """What a turn needs next: ``texts`` to show, then ``next_pass`` to run (None: finished)."""
+
+    texts: list[str]
+    next_pass: Pass | None
+    result: dict[str, str]
+
+
+def advance(steps: Steps, sent: str | None = None) -> Advance:
+    """Run ``steps`` (sending it the text of the pass just run, if any) up to its next pass."""
+    texts: list[str] = []
+    try:
+        step = next(steps) if sent is None else steps.send(sent)
+        while isinstance(step, str):
+            texts.append(step)
+            step = next(steps)
+    except StopIteration as stop:
+        return Advance(texts, None, stop.value)
+    return Advance(texts, step, {})
+
+
+def run_steps(steps: Steps, generate: GenerateFn) -> Generator[str, None, dict[str, str]]:
+    """The synchronous driver: each pass through ``generate``; yields the client's text."""
+    step = advance(steps)
+    while True:
+        yield from step.texts
+        if step.next_pass is None:
+            return step.result
+        text = yield from _run_pass(generate, step.next_pass)
+        step = advance(steps, text)
+
+
+def _run_pass(generate: GenerateFn, one: Pass) -> Generator[str, None, str]:
+    """Yield a pass's chunks when it is shown; return its full text."""
+    chunks = generate(one.messages) if one.schema is None else generate(one.messages, schema=one.schema)
+    parts: list[str] = []
+    for chunk in chunks:
+        if chunk:
+            parts.append(chunk)
+            if one.show:
+                yield chunk
+    return "".join(parts)
+
+
+def _stage(one: Pass, heading: str | None) -> Generator[str | Pass, str, str]:
+    """A pass under ``heading`` (when visible), followed by a blank line; returns its text."""
+    if heading is not None:
+        yield f"{heading}\n\n"
+    text = yield one
+    if heading is not None:
+        yield "\n\n"
+    return text
+
+
+def _review(
+    messages: list[dict[str, str]], previous: str, heading: str | None, structured: bool, name: str
+) -> Generator[str | Pass, str, Review]:
     """One review pass (streamed under ``heading`` when visible); returns its parsed Review."""
     if not structured:
-        text = yield from _run_stage(generate(messages), heading)
+        text = yield from _stage(Pass(messages, show=heading is not None, name=name), heading)
         return parse_review(text, previous)
-    text = yield from _run_stage(generate(structured_review_messages(messages), schema=REVIEW_SCHEMA), None)
+    text = yield Pass(structured_review_messages(messages), schema=REVIEW_SCHEMA, name=name)
     review = parse_structured_review(text, previous)
     if heading is not None:
         yield f"{heading}\n\n{_review_text(review)}\n\n"
     return review
 
 
-def _run_stage(chunks: Iterator[str], heading: str | None) -> Generator[str, None, str]:
-    """Yield a pass's chunks (under ``heading`` when visible); return the pass's full text."""
-    parts: list[str] = []
-    if heading is not None:
-        yield f"{heading}\n\n"
-    for chunk in chunks:
-        if not chunk:
-            continue
-        parts.append(chunk)
-        if heading is not None:
-            yield chunk
-    if heading is not None:
-        yield "\n\n"
-    return "".join(parts)
+def improvement_steps(
+    system_prompts: SystemPrompt,
+    history: list[dict[str, str]],
+    message: str,
+    role: str = DEFAULT_ROLE,
+    intermediate_steps: bool = False,
+    result: dict[str, str] | None = None,
+    structured: bool = False,
+    reviews: list[Review] | None = None,
+) -> Steps:
+    """Draft -> review 1 -> revision 1 -> review 2 -> revision 2, as :data:`Steps`.
+
+    Yields the chunks the client's stream carries and the three passes (``draft``,
+    ``review1``, ``review2``); fills ``result`` (cleared first) with draft_answer,
+    suggestions1, revision1, comments1, suggestions2, revision2, comments2 and reply
+    (== the final answer), stage by stage, and returns it. The draft is the first pass, with
+    messages ``build_messages(system_prompts, message, role, history)``. ``structured``
+    constrains the review passes to :data:`REVIEW_SCHEMA`; ``reviews`` (when given) receives
+    both parsed reviews (to measure parse fallbacks).
+    """
+    result = result if result is not None else {}
+    result.clear()
+    show = intermediate_steps
+    draft_pass = Pass(build_messages(system_prompts, message, role, history), show=show, name="draft")
+    draft = (yield from _stage(draft_pass, DRAFT_HEADING if show else None)).strip()
+    result["draft_answer"] = draft
+
+    review1 = yield from _review(build_review_messages(system_prompts, message, draft, history), draft,
+                                 REVIEW1_HEADING if show else None, structured, "review1")
+    result.update(suggestions1=review1.suggestions, revision1=review1.revision, comments1=review1.comments)
+    if show:
+        yield f"{REVISION1_HEADING}\n\n{review1.revision}\n\n"
+
+    review2 = yield from _review(build_review_messages(system_prompts, message, review1.revision, history),
+                                 review1.revision, REVIEW2_HEADING if show else None, structured, "review2")
+    if reviews is not None:
+        reviews.extend((review1, review2))
+    result.update(suggestions2=review2.suggestions, revision2=review2.revision, comments2=review2.comments)
+    result["reply"] = review2.revision
+    yield f"{FINAL_HEADING}\n\n{review2.revision}\n\n" if show else review2.revision
+    return result
 
 
 def improvement_pipeline(
@@ -261,41 +368,11 @@ def improvement_pipeline(
     structured: bool = False,
     reviews: list[Review] | None = None,
 ) -> Iterator[str]:
-    """Draft -> review 1 -> revision 1 -> review 2 -> revision 2.
+    """:func:`improvement_steps` driven synchronously, each pass through ``generate``.
 
-    Yields the chunks the client's stream carries and fills ``result`` (cleared first) with
-    draft_answer, suggestions1, revision1, comments1, suggestions2, revision2, comments2 and
-    reply (== the final answer), stage by stage.
-
-    The draft pass's messages are ``build_messages(system_prompts, message, role, history)``:
-    the serving layer submits that pass ahead of the pipeline and hands it to the first
-    ``generate`` call. ``structured`` constrains the review passes to :data:`REVIEW_SCHEMA`;
-    ``reviews`` (when given) receives both parsed reviews (to measure parse fallbacks).
+    Yields the chunks the client's stream carries and fills ``result`` as
+    :func:`improvement_steps` does (the Python API's ``last_result``).
     """
-    result = result if result is not None else {}
-    result.clear()
-    show = intermediate_steps
-
-    draft_text = yield from _run_stage(
-        generate(build_messages(system_prompts, message, role, history)), DRAFT_HEADING if show else None
-    )
-    draft = draft_text.strip()
-    result["draft_answer"] = draft
-
-    review1 = yield from _run_review(
-        generate, build_review_messages(system_prompts, message, draft, history), draft,
-        REVIEW1_HEADING if show else None, structured,
-    )
-    result.update(suggestions1=review1.suggestions, revision1=review1.revision, comments1=review1.comments)
-    if show:
-        yield f"{REVISION1_HEADING}\n\n{review1.revision}\n\n"
-
-    review2 = yield from _run_review(
-        generate, build_review_messages(system_prompts, message, review1.revision, history), review1.revision,
-        REVIEW2_HEADING if show else None, structured,
-    )
-    if reviews is not None:
-        reviews.extend((review1, review2))
-    result.update(suggestions2=review2.suggestions, revision2=review2.revision, comments2=review2.comments)
-    result["reply"] = review2.revision
-    yield f"{FINAL_HEADING}\n\n{review2.revision}\n\n" if show else review2.revision
+    steps = improvement_steps(system_prompts, history, message, role, intermediate_steps, result, structured,
+                              reviews)
+    yield from run_steps(steps, generate)

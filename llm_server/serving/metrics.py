@@ -1,26 +1,24 @@
-"""Prometheus metrics of generation, and the ``instrument`` wrapper that feeds them.
+"""Prometheus metrics of generation, and the per-request observer that feeds them.
 
 The metric objects live in prometheus-client's default registry (one per process, as
 Prometheus expects), so ``/metrics`` also carries the standard ``process_*`` and
 ``python_*`` series. Names follow Prometheus conventions: a ``llm_server_`` prefix, base
 units (seconds), ``_total`` on counters.
 
-Per-request latency and token counts are recorded by :func:`instrument`, a transparent
-wrapper around a :class:`~llm_server.serving.chat.ChatStream` (anything async-iterable of
-``ChatDelta``... ``ChatDone`` with a ``cancel()``). Queue gauges are set from
+Per-request latency and token counts are recorded by :class:`RequestMetrics`, a
+:class:`~llm_server.serving.chat_stream.StreamObserver` that a
+:class:`~llm_server.serving.chat_stream.ChatStream` calls as its text is delivered and once
+when it ends. Queue gauges are set from
 ``engine.stats()`` at scrape time by :func:`update_engine_gauges`. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from llm_server.engine.types import EngineStats
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent
 
 PREFIX = "llm_server"
 
@@ -58,14 +56,6 @@ REQUESTS_RUNNING = Gauge(f"{PREFIX}_requests_running", "Requests the engine is g
 ENGINE_HEALTHY = Gauge(f"{PREFIX}_engine_healthy", "1 when the engine is ready and healthy, else 0.")
 
 
-class CancellableStream(Protocol):
-    """What :func:`instrument` wraps: a ChatStream (async iterable of events, cancellable)."""
-
-    def __aiter__(self) -> AsyncIterator[ChatEvent]: ...
-
-    def cancel(self) -> None: ...
-
-
 def update_engine_gauges(stats: EngineStats | None) -> None:
     """Copy an engine snapshot into the queue gauges (called just before each scrape)."""
     if stats is None:
@@ -78,79 +68,32 @@ def update_engine_gauges(stats: EngineStats | None) -> None:
     ENGINE_HEALTHY.set(1 if stats.healthy and stats.ready else 0)
 
 
-class InstrumentedChatStream:
-    """A ChatStream that records TTFT, inter-token latency, e2e latency and token counts.
+class RequestMetrics:
+    """Records one request's TTFT, inter-token latency, e2e latency, token counts and end reason.
 
-    It yields exactly the inner stream's events. Abandoning the iteration (or ``aclose``-ing
-    it) cancels the inner stream, so a client that goes away stops the generation.
+    ``started_at`` is the request's arrival on the ``time.perf_counter()`` clock; default: now.
     """
 
-    def __init__(self, inner: CancellableStream, started_at: float | None = None) -> None:
-        self.inner = inner
+    def __init__(self, started_at: float | None = None) -> None:
         self.started_at = time.perf_counter() if started_at is None else started_at
-        self._recorded = False
         self._last_text_at: float | None = None
-        #: Why the server cut this stream short (e.g. shutdown), or None.
-        self.cut_reason: str | None = None
+        self._finished = False
 
-    def cancel(self) -> None:
-        self.inner.cancel()
-
-    def cut(self, reason: str) -> None:
-        """Cancel on the server's behalf (not the client's): readers report ``reason`` as an error."""
-        self.cut_reason = reason
-        self.inner.cancel()
-
-    def __getattr__(self, name: str) -> Any:  # anything else a ChatStream offers
-        return getattr(self.inner, name)
-
-    async def __aiter__(self) -> AsyncIterator[ChatEvent]:
-        iterator = self.inner.__aiter__()
-        outcome = "cancelled"
-        try:
-            async for event in iterator:
-                now = time.perf_counter()
-                if isinstance(event, ChatDelta) and event.text:
-                    self._record_text(now)
-                elif isinstance(event, ChatDone):
-                    outcome = event.finish_reason
-                    self._record_done(event, now)
-                yield event
-        except Exception:
-            outcome = "error"
-            raise
-        finally:
-            if outcome == "cancelled" or outcome == "error":
-                self.inner.cancel()
-                self._record_end(outcome, time.perf_counter())
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    def _record_text(self, now: float) -> None:
+    def on_text(self) -> None:
         """Time a non-empty delta: time to first token for the first, inter-token latency after."""
+        now = time.perf_counter()
         if self._last_text_at is None:
             TIME_TO_FIRST_TOKEN.observe(now - self.started_at)
         else:
             INTER_TOKEN_LATENCY.observe(now - self._last_text_at)
         self._last_text_at = now
 
-    def _record_done(self, done: ChatDone, now: float) -> None:
-        PROMPT_TOKENS.inc(max(done.prompt_tokens, 0))
-        GENERATION_TOKENS.inc(max(done.completion_tokens, 0))
-        self._record_end(done.finish_reason, now)
-
-    def _record_end(self, reason: str, now: float) -> None:
-        if self._recorded:
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """The end (counted once): stop, length, cancelled or error, with the tokens it used."""
+        if self._finished:
             return
-        self._recorded = True
-        E2E_REQUEST_LATENCY.observe(now - self.started_at)
+        self._finished = True
+        PROMPT_TOKENS.inc(max(prompt_tokens, 0))
+        GENERATION_TOKENS.inc(max(completion_tokens, 0))
+        E2E_REQUEST_LATENCY.observe(time.perf_counter() - self.started_at)
         GENERATIONS_FINISHED.labels(finish_reason=reason).inc()
-
-
-def instrument(stream: CancellableStream, started_at: float | None = None) -> InstrumentedChatStream:
-    """Wrap ``stream`` so its timings and token counts reach the metrics.
-
-    ``started_at`` is the request's arrival on the ``time.perf_counter()`` clock; default: now.
-    """
-    return InstrumentedChatStream(stream, started_at)

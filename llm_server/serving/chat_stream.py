@@ -1,0 +1,207 @@
+"""ChatStream: one chat turn's engine passes as one async stream, and the one owner of its cancellation.
+
+A turn is a sans-IO generator of :data:`~llm_server.conversation_engine.improvement.Steps`
+(a plain answer: :func:`single_pass`; improvement: ``improvement_steps``). The stream starts
+with the turn's first pass already submitted (``ChatService.open`` submits it eagerly, so
+input and capacity errors surface before a response starts), then drives the turn on the
+event loop: each later pass is submitted (tokenizing and grammar compiling run briefly in the
+loop's default executor), its engine events are read with ``async for``, and its text is sent
+back to the turn. No thread is kept per request.
+
+Like vLLM's ``AsyncLLM.generate``, the generator that consumes the engine's output owns
+cancellation: when its iteration ends early (break, ``aclose``, task cancelled, an error) it
+cancels the pass in flight, and :meth:`ChatStream.cancel` (thread-safe) does the same for a
+stream nobody iterates. Layers above only iterate, close or cancel it. Metrics watch the stream
+through a :class:`StreamObserver`; a server-side cut (:meth:`ChatStream.cut`) ends the
+iteration with :class:`ServerShuttingDown` instead of a silently truncated answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Protocol
+
+from llm_server.conversation_engine.improvement import Advance, Pass, Steps, advance
+from llm_server.engine.stream import GenerationStream
+from llm_server.engine.types import EngineUnavailable, Finished, FinishReason, TextDelta
+
+#: Submits one later pass of a turn (blocking: tokenizes, compiles a schema, submits).
+SubmitPass = Callable[[Pass], GenerationStream]
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """Text to show the client now (with intermediate steps: stage headings and stages too)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatDone:
+    """End of a turn. ``result`` holds the spec's ``last_result`` keys (``reply`` always)."""
+
+    result: dict[str, str]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+ChatEvent = ChatDelta | ChatDone
+
+
+class ServerShuttingDown(EngineUnavailable):
+    """A generation the server cut short because it is shutting down (503, or in-band)."""
+
+
+class StreamObserver(Protocol):
+    """Watches one stream (e.g. its metrics): text as it is delivered, and its end, once."""
+
+    def on_text(self) -> None:
+        """A non-empty delta is about to reach the consumer."""
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """The turn ended: stop, length, cancelled or error (token counts 0 when not known)."""
+
+
+class _NoObserver:
+    def on_text(self) -> None:
+        return None
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        return None
+
+
+def single_pass(messages: list[dict[str, str]]) -> Steps:
+    """A plain turn: one pass, streamed as it comes; its text is the reply."""
+    text = yield Pass(messages, show=True)
+    return {"reply": text}
+
+
+class ChatStream:
+    """Async iterable of ``ChatDelta``... then exactly one ``ChatDone``; errors raise.
+
+    Iterate it once. Abandoning the iteration (break, task cancelled, client gone) cancels
+    the generation, as does :meth:`cancel`.
+    """
+
+    def __init__(self, steps: Steps, opening: Advance, first: GenerationStream, submit: SubmitPass,
+                 prompt_tokens: int) -> None:
+        """``opening`` is ``advance(steps)``: texts before the first pass, and that pass, whose
+        engine stream ``first`` is already submitted; ``submit`` starts each later pass."""
+        self._steps = steps
+        self._opening = opening
+        self._submit = submit
+        self._lock = threading.Lock()
+        self._current = first
+        self._stopped = False  # cancelled: no pass may start any more
+        self._observer: StreamObserver = _NoObserver()
+        self._reported = False
+        #: Prompt tokens of the (first) pass, known before generation starts.
+        self.prompt_tokens = prompt_tokens
+        #: Why the server cut this stream short (e.g. shutdown), or None.
+        self.cut_reason: str | None = None
+
+    def observe(self, observer: StreamObserver) -> ChatStream:
+        """Report this stream's text and end to ``observer``; returns self."""
+        self._observer = observer
+        return self
+
+    def cancel(self) -> None:
+        """Stop generating (thread-safe, idempotent, harmless after the end)."""
+        with self._lock:
+            self._stopped = True
+            current = self._current
+        current.cancel()
+
+    def cut(self, reason: str) -> None:
+        """Cancel on the server's behalf (not the client's): the iteration raises ServerShuttingDown."""
+        self.cut_reason = reason
+        self.cancel()
+
+    def __aiter__(self) -> AsyncGenerator[ChatEvent, None]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncGenerator[ChatEvent, None]:
+        outcome = "cancelled"
+        try:
+            async with aclosing(self._turn()) as events:
+                async for event in events:
+                    if isinstance(event, ChatDelta):
+                        self._observer.on_text()
+                    else:
+                        outcome = event.finish_reason
+                        self._report(outcome, event.prompt_tokens, event.completion_tokens)
+                    yield event
+        except ServerShuttingDown:
+            raise  # reported as cancelled already
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if outcome in ("cancelled", "error"):
+                self.cancel()  # the one place a turn's generation is cancelled when its reader leaves
+                self._report(outcome, 0, 0)
+
+    def _report(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if not self._reported:
+            self._reported = True
+            self._observer.on_finish(reason, prompt_tokens, completion_tokens)
+
+    async def _turn(self) -> AsyncGenerator[ChatEvent, None]:
+        """The turn's events: each pass's live text and the turn's own text, then its ChatDone."""
+        step = self._opening
+        stream: GenerationStream | None = self._current
+        prompt_tokens = completion_tokens = 0
+        reason: FinishReason = "stop"
+        while True:
+            for text in step.texts:
+                if text:
+                    yield ChatDelta(text)
+            if step.next_pass is None:
+                break
+            if stream is None:
+                if self._stopped:  # cancelled between two passes: start no more
+                    yield self._cancelled("", prompt_tokens, completion_tokens)
+                    return
+                stream = await self._start(step.next_pass)
+            finished: Finished | None = None
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    if event.text and step.next_pass.show:
+                        yield ChatDelta(event.text)
+                else:
+                    finished = event
+            assert finished is not None  # a GenerationStream ends with Finished or raises
+            prompt_tokens += finished.prompt_tokens
+            completion_tokens += finished.completion_tokens
+            if finished.reason == "cancelled":
+                yield self._cancelled(finished.text, prompt_tokens, completion_tokens)
+                return
+            reason = finished.reason
+            step, stream = advance(self._steps, finished.text), None
+        yield ChatDone(step.result, reason, prompt_tokens, completion_tokens)
+
+    def _cancelled(self, text: str, prompt_tokens: int, completion_tokens: int) -> ChatDone:
+        """The turn's end when a pass was cancelled; raises if the server cut it."""
+        if self.cut_reason is not None:
+            self._report("cancelled", prompt_tokens, completion_tokens)
+            raise ServerShuttingDown(self.cut_reason)  # never a silent truncation
+        return ChatDone({"reply": text}, "cancelled", prompt_tokens, completion_tokens)
+
+    async def _start(self, next_pass: Pass) -> GenerationStream:
+        return await asyncio.get_running_loop().run_in_executor(None, self._submit_owned, next_pass)
+
+    def _submit_owned(self, next_pass: Pass) -> GenerationStream:
+        """Submit ``next_pass`` (in the executor); if the turn was cancelled meanwhile (even if its
+        reader has gone), the new pass is cancelled at once, never left running."""
+        stream = self._submit(next_pass)
+        with self._lock:
+            self._current = stream
+            stopped = self._stopped
+        if stopped:
+            stream.cancel()
+        return stream
