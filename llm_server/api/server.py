@@ -37,6 +37,7 @@ from llm_server.api.openapi_doc import install_openapi
 from llm_server.api.readiness import FailureHook, ModelLoader, readiness
 from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
+from llm_server.engine.wait_policy import apply_server_wait_policy
 from llm_server.helper_functionality.yaml_loading import ConfigError, set_config_dir
 from llm_server.serving.chat import ChatService
 
@@ -79,6 +80,7 @@ def create_app(
     :func:`build_key_store`; ``on_load_failure`` is called (from the load thread) if the
     model cannot be loaded. The app's readiness is :func:`llm_server.api.readiness.readiness`.
     """
+    apply_server_wait_policy()  # before torch loads: GOMP_SPINCOUNT=10000 unless the environment chose
     settings = settings if settings is not None else load_settings()
     log_configuration_caps(settings)
     factory = engine_factory or _configured_engine(settings)

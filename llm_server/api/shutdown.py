@@ -33,7 +33,7 @@ _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Cuttable(Protocol):
-    """An open generation the server may cut short (an InstrumentedChatStream)."""
+    """An open generation the server may cut short (a serving ChatStream)."""
 
     def cut(self, reason: str) -> None: ...
 

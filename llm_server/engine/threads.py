@@ -11,13 +11,13 @@ every torch op of its model on one thread and sizes that thread's team here:
   ``taskset``, cpusets), further capped by a cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``: a
   container's ``--cpus`` / Kubernetes CPU limit), never the host's core count.
 
-The OpenMP wait policy is left at the runtime's default (workers spin a while between parallel
-regions): with a single team that is the fastest on cores the server has to itself. On a machine
-whose cores other busy processes share, spinning workers lose their time slices and a step can be
-10x slower; there ``GOMP_SPINCOUNT=100`` exported before the server starts, or ``engine.threads: 1``,
-is much faster (docs/engine.md has the measurements). The engine's start logs the thread count and
-the wait policy in effect, and warns when the machine is already busier than the cores this
-process may use (1-minute load average) while the workers would spin.
+The OpenMP wait policy is chosen before torch loads (:mod:`llm_server.engine.wait_policy`): a
+server process spins ``GOMP_SPINCOUNT=10000`` iterations unless the environment chose a policy.
+On a machine whose cores other busy processes share, spinning workers lose their time slices and
+a step can be 10x slower; there ``GOMP_SPINCOUNT=100`` exported before the server starts, or
+``engine.threads: 1``, is much faster (docs/engine.md has the measurements). The engine's start
+logs the thread count and the wait policy in effect, and warns when the machine is already busier
+than the cores this process may use (1-minute load average) while the workers would spin.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import logging
 import os
 
 import torch
+
+from llm_server.engine.wait_policy import chosen_by_server, wait_policy
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +54,6 @@ def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
         return None
 
 
-def wait_policy() -> str:
-    """The OpenMP wait policy the environment sets (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``), in words."""
-    settings = [f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(name)]
-    return ", ".join(settings) if settings else "default spinning"
-
-
 def _load_average() -> float | None:
     """The 1-minute load average, or None where the OS does not report one."""
     try:
@@ -76,7 +72,7 @@ def configure_threads(requested: int) -> int:
     threads, cores, policy = torch.get_num_threads(), available_cores(), wait_policy()
     logger.info("engine thread: %d torch threads (%d cores available), OpenMP wait policy: %s", threads, cores, policy)
     load = _load_average()
-    if load is not None and load > cores and threads > 1 and policy == "default spinning":
+    if load is not None and load > cores and threads > 1 and (policy == "default spinning" or chosen_by_server()):
         logger.warning(
             "the 1-minute load average (%.1f) already exceeds the %d cores this process may use: with other busy "
             "processes on its cores the engine's spinning OpenMP workers can make it 10-20x slower; export "
