@@ -120,3 +120,34 @@ def test_the_kv_cache_holds_only_the_slots_and_positions_in_use() -> None:
     handles[0] = runner.open()
     step([0], [history[5][:9]])  # a newcomer after idle: a fresh small cache
     assert runner.cache_shape[0] == 1
+
+
+def test_freed_heap_goes_back_to_the_os_on_shrink_idle_and_steady_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache hands freed heap pages back (malloc_trim) when it shrinks, when it is freed, and
+    every TRIM_INTERVAL_S under steady load, not on every step."""
+    from llm_server.engine import kv_cache
+
+    trims: list[float] = []
+    now = [1000.0]
+    monkeypatch.setattr(kv_cache, "_trim_heap", lambda: trims.append(now[0]))
+    monkeypatch.setattr(kv_cache.time, "monotonic", lambda: now[0])
+    cache = kv_cache.SlotCache(2, 2, 8, max_slots=8, max_context=512, dtype=torch.float32, device=torch.device("cpu"))
+    handles = [KVHandle() for _ in range(4)]
+    for handle in handles:
+        cache.take_slot(handle)
+    cache.fit(40)
+    steady = len(trims)
+    for _ in range(50):  # steady load, 0.1 s per step: 5 s, below the interval
+        now[0] += 0.1
+        cache.fit(40)
+    assert len(trims) == steady
+    now[0] += kv_cache.TRIM_INTERVAL_S
+    cache.fit(40)
+    assert len(trims) == steady + 1
+    for handle in handles[1:]:
+        cache.release(handle)
+    cache.fit(40)  # the rows in use fall to a quarter: shrink, trim
+    assert cache.rows == 1 and len(trims) == steady + 2
+    cache.release(handles[0])
+    cache.idle()
+    assert cache.nbytes == 0 and len(trims) == steady + 3

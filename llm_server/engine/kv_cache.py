@@ -14,6 +14,11 @@ The cache grows with use, never per step:
   rows in use fall to a quarter or the capacity is far above the longest sequence, and it is
   freed when no sequence runs (the next request re-allocates a small one: cheap).
 
+Freed memory goes back to the OS: glibc keeps freed heap pages (the step's activations, an old
+cache) unless asked, so the cache calls ``malloc_trim`` when it is freed, when it shrinks, and at
+most every ``TRIM_INTERVAL_S`` seconds under steady load (a 10-minute soak at 32 concurrent
+otherwise let RSS creep from 1.5 to 1.8 GB, and it fell back only once the load stopped).
+
 Re-allocating keeps every written position; unwritten positions hold zeros (masked positions
 must be finite).
 """
@@ -21,6 +26,7 @@ must be finite).
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +36,7 @@ from llm_server.engine.runner import KVHandle
 CAPACITY_STEP = 32  # the capacity is a multiple of this, a little above the longest sequence
 _SHRINK_SLACK = 128  # shrink the capacity once it exceeds what the sequences need by this (or a quarter)
 _ROW_SHRINK_FACTOR = 4  # shrink the rows once the slots in use fit in a quarter of them
+TRIM_INTERVAL_S = 10.0  # under steady load, hand freed heap pages back at most this often
 
 
 def _round_rows(used: int, limit: int) -> int:
@@ -60,6 +67,7 @@ class SlotCache:
         self.keys, self.values = self._zeros(0, 0)
         self.rows = 0  # slots allocated: 0 .. rows - 1
         self.capacity = 0  # positions allocated per slot
+        self._trimmed_at = time.monotonic()
 
     @property
     def nbytes(self) -> int:
@@ -91,7 +99,11 @@ class SlotCache:
         if self.rows and all(o is None for o in self.owner):
             self.keys, self.values = self._zeros(0, 0)
             self.rows = self.capacity = 0
-            _trim_heap()
+            self._trim()
+
+    def _trim(self) -> None:
+        _trim_heap()
+        self._trimmed_at = time.monotonic()
 
     # --- size ---------------------------------------------------------------------------
     def fit(self, needed: int) -> None:
@@ -108,8 +120,11 @@ class SlotCache:
             capacity = max(tight, min(grown, self._max_capacity))
         elif capacity > tight + max(_SHRINK_SLACK, capacity // 4):
             capacity = tight
+        shrinking = rows < self.rows or capacity < self.capacity
         if (rows, capacity) != (self.rows, self.capacity):
             self._resize(rows, capacity)
+        if shrinking or time.monotonic() - self._trimmed_at > TRIM_INTERVAL_S:
+            self._trim()
 
     def _resize(self, rows: int, capacity: int) -> None:
         """Re-allocate as ``rows`` x ``capacity``, keeping what fits (every taken slot and written
