@@ -37,6 +37,9 @@ def fmt_ratio(ours: float | None, peer: float | None) -> str:
 def machine_info() -> dict[str, str]:
     """nproc, CPU model and flags (lscpu), OS, Python/torch/transformers versions (without importing torch)."""
     info = {"nproc": str(os.cpu_count()), "python": platform.python_version(), "os": platform.platform()}
+    omp = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+           if os.environ.get(name)]
+    info["omp_env"] = ", ".join(omp) or "none exported (ours: the server's default GOMP_SPINCOUNT=10000)"
     with contextlib.suppress(Exception):
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
             if line.startswith("Model name:"):
@@ -186,6 +189,7 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, list[Le
         f"Machine: {info.get('cpu', '?')}, nproc {info['nproc']}; {info['os']}; Python {info['python']}, "
         f"torch {info['torch']}, transformers {info['transformers']}, openai {info['openai']}.",
         f"CPU flags (lscpu): {info.get('cpu_flags', '?')}.",
+        f"OpenMP environment of every server: {info.get('omp_env', '?')}.",
         f"Weights: `{model_dir}` (embedded SmolLM2-135M-Instruct GGUF dequantized to float32, cast by ours and "
         "the peer to the dtype above; llama-server reads the GGUF itself).",
         f"Requests per level: {', '.join(map(str, counts))} (concurrency {args.concurrency}); prompts: "
