@@ -32,24 +32,11 @@ import torch  # noqa: E402
 
 from llm_server.engine.llama_runner import LlamaRunner  # noqa: E402
 from llm_server.helper_functionality.model_loading import initialize  # noqa: E402
+from servebench.client import PROMPTS as SERVING_PROMPTS  # noqa: E402
 
+# The serving benchmark's 16 open-ended prompts, plus four short tasks.
 PROMPTS: tuple[str, ...] = (
-    "Write a detailed essay about the history of the Roman Empire.",
-    "Explain in detail how a car engine works, step by step.",
-    "Write a long story about a dragon who learns to cook.",
-    "Describe the water cycle in detail for a school textbook.",
-    "Give a thorough explanation of how photosynthesis works.",
-    "Write a detailed guide to planting a vegetable garden.",
-    "Explain the causes and consequences of the French Revolution.",
-    "Write a long letter to a friend describing a trip to the mountains.",
-    "Describe in detail how computers store and process information.",
-    "Write a detailed travel guide for a week in Japan.",
-    "Explain how the human heart works, in detail.",
-    "Write a long fairy tale about a brave little mouse.",
-    "Describe the life cycle of a star in detail.",
-    "Explain the basics of economics: supply, demand and prices.",
-    "Write a detailed recipe and story for baking bread at home.",
-    "Describe the main events of the Second World War in detail.",
+    *SERVING_PROMPTS,
     "What is the capital of France? Answer in one sentence.",
     "List five prime numbers and explain why they are prime.",
     "Translate 'good morning, how are you?' into Spanish and German.",
