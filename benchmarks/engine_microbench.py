@@ -10,7 +10,8 @@ time to first token p50/p95, inter-token latency p50, and the engine's efficienc
 divided by the bare forward's tok/s on the same batch size (``LlamaRunner.forward`` alone, timed
 in a separate process whose one thread loads the model and steps it: a 60-token prompt, then
 decode steps; issue 9's target is >= 0.9), and the process's RSS once the level is over
-(``benchmarks/engine_memory.py`` reports the peaks).
+(``benchmarks/engine_memory.py`` reports the peaks). Both sides run with the server's OpenMP wait
+policy (``llm_server.engine.wait_policy``: ``GOMP_SPINCOUNT=10000`` unless one is exported).
 
 The model is loaded the way the server loads it: by the engine's own thread
 (``BatchEngine.from_loader``). ``--split-load`` loads it on the main thread instead (the
@@ -34,6 +35,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The server's OpenMP wait policy (GOMP_SPINCOUNT=10000 unless exported), set before torch loads here
+# and inherited by the bare-forward subprocess, so both sides of the efficiency run as the server does.
+from llm_server.engine.wait_policy import apply_server_wait_policy, wait_policy  # noqa: E402
+
+apply_server_wait_policy()
 
 # The same chat requests as the HTTP benchmark beside this file.
 from bench_serving import PROMPTS, SYSTEM_MESSAGE  # noqa: E402
@@ -161,7 +168,8 @@ def main() -> None:
     try:
         asyncio.run(run_level(engine, tokenizer, 1, 1, 8))  # warm-up
         print(f"engine micro-benchmark: dtype {args.dtype}, {args.max_tokens} new tokens, runner "
-              f"{engine.runner_name}, {'model loaded on the main thread' if args.split_load else 'one thread'}")
+              f"{engine.runner_name}, {'model loaded on the main thread' if args.split_load else 'one thread'}, "
+              f"OpenMP wait policy: {wait_policy()}")
         print(f"RSS after load: {rss_mb():.0f} MB")
         print("| concurrent | tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | bare step (ms) | efficiency "
               "| RSS after (MB) |")
