@@ -159,11 +159,17 @@ def refuses_new_requests(url: str) -> bool:
     return response.status_code == 503
 
 
-def test_sigterm_lets_the_running_request_finish_then_exits_0(spawn: Any) -> None:
-    server = spawn(timeout_s=30)
+def streaming_server(spawn: Any, timeout_s: float) -> tuple[Any, StreamReader]:
+    """A spawned server with a stream running on it (its first event received)."""
+    server = spawn(timeout_s=timeout_s)
     reader = StreamReader(server.url)
     reader.start()
     assert reader.first.wait(30), server.log()
+    return server, reader
+
+
+def test_sigterm_lets_the_running_request_finish_then_exits_0(spawn: Any) -> None:
+    server, reader = streaming_server(spawn, timeout_s=30)
 
     server.proc.send_signal(signal.SIGTERM)
     assert wait_until(lambda: refuses_new_requests(server.url), timeout_s=10), server.log()
@@ -177,10 +183,7 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(spawn: Any) -> Non
 
 
 def test_sigterm_cuts_requests_that_outlive_the_shutdown_timeout(spawn: Any) -> None:
-    server = spawn(timeout_s=1)
-    reader = StreamReader(server.url)
-    reader.start()
-    assert reader.first.wait(30), server.log()
+    server, reader = streaming_server(spawn, timeout_s=1)
 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=30) == 0, server.log()
@@ -194,10 +197,7 @@ def test_sigterm_cuts_requests_that_outlive_the_shutdown_timeout(spawn: Any) -> 
 def test_after_sigterm_new_connections_are_refused(spawn: Any) -> None:
     """What draining looks like from outside: the listener closes at once (a load balancer sees
     the port closed and fails over), while the running answer goes on."""
-    server = spawn(timeout_s=30)
-    reader = StreamReader(server.url)
-    reader.start()
-    assert reader.first.wait(30), server.log()
+    server, reader = streaming_server(spawn, timeout_s=30)
     server.proc.send_signal(signal.SIGTERM)
     assert wait_until(lambda: refuses_new_requests(server.url), timeout_s=10), server.log()
     with pytest.raises(httpx.ConnectError):
