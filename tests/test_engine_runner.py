@@ -130,7 +130,7 @@ def test_freed_heap_goes_back_to_the_os_on_shrink_idle_and_steady_load(monkeypat
     trims: list[float] = []
     now = [1000.0]
     monkeypatch.setattr(kv_cache, "_trim_heap", lambda: trims.append(now[0]))
-    monkeypatch.setattr(kv_cache.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(kv_cache, "_clock", lambda: now[0])
     cache = kv_cache.SlotCache(2, 2, 8, max_slots=8, max_context=512, dtype=torch.float32, device=torch.device("cpu"))
     handles = [KVHandle() for _ in range(4)]
     for handle in handles:

@@ -37,6 +37,7 @@ CAPACITY_STEP = 32  # the capacity is a multiple of this, a little above the lon
 _SHRINK_SLACK = 128  # shrink the capacity once it exceeds what the sequences need by this (or a quarter)
 _ROW_SHRINK_FACTOR = 4  # shrink the rows once the slots in use fit in a quarter of them
 TRIM_INTERVAL_S = 10.0  # under steady load, hand freed heap pages back at most this often
+_clock = time.monotonic  # the trim schedule's clock (tests replace it)
 
 
 def _round_rows(used: int, limit: int) -> int:
@@ -67,7 +68,7 @@ class SlotCache:
         self.keys, self.values = self._zeros(0, 0)
         self.rows = 0  # slots allocated: 0 .. rows - 1
         self.capacity = 0  # positions allocated per slot
-        self._trimmed_at = time.monotonic()
+        self._trimmed_at = _clock()
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +104,7 @@ class SlotCache:
 
     def _trim(self) -> None:
         _trim_heap()
-        self._trimmed_at = time.monotonic()
+        self._trimmed_at = _clock()
 
     # --- size ---------------------------------------------------------------------------
     def fit(self, needed: int) -> None:
@@ -123,7 +124,7 @@ class SlotCache:
         shrinking = rows < self.rows or capacity < self.capacity
         if (rows, capacity) != (self.rows, self.capacity):
             self._resize(rows, capacity)
-        if shrinking or time.monotonic() - self._trimmed_at > TRIM_INTERVAL_S:
+        if shrinking or _clock() - self._trimmed_at > TRIM_INTERVAL_S:
             self._trim()
 
     def _resize(self, rows: int, capacity: int) -> None:
