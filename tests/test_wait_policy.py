@@ -32,10 +32,14 @@ print(json.dumps({"torch_before": torch_before, "spincount": os.environ.get("GOM
 """
 
 
+def policy_free_env() -> dict[str, str]:
+    """This process's environment without an OpenMP wait policy."""
+    return {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+
 def run_server_start(**env: str) -> dict[str, object]:
     """Build the app in a fresh interpreter with ``env`` on top of a policy-free environment."""
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    done = subprocess.run([sys.executable, "-c", _BUILD_APP], env={**base, **env}, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _BUILD_APP], env={**policy_free_env(), **env}, capture_output=True,
                           text=True, timeout=300, check=True)
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -65,7 +69,6 @@ def test_a_wait_policy_the_user_exported_is_kept(variable: str, value: str) -> N
 def test_nothing_is_set_once_torch_is_loaded() -> None:
     code = ("import os, torch\nfrom llm_server.engine.wait_policy import apply_server_wait_policy\n"
             "print(apply_server_wait_policy(), os.environ.get('GOMP_SPINCOUNT'))")
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    done = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code], env=policy_free_env(), capture_output=True, text=True,
                           timeout=300, check=True)
     assert done.stdout.split() == ["False", "None"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
 
 #: The spin count a server process uses when the environment sets no wait policy.
 SERVER_SPINCOUNT = "10000"
@@ -25,15 +24,14 @@ _POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _applied_here = False
 
 
-def apply_server_wait_policy(environ: MutableMapping[str, str] | None = None) -> bool:
+def apply_server_wait_policy() -> bool:
     """Set ``GOMP_SPINCOUNT`` to :data:`SERVER_SPINCOUNT` when no wait policy is set and torch is
     not imported yet; return whether it was set."""
     global _applied_here
-    env = os.environ if environ is None else environ
-    if "torch" in sys.modules or any(env.get(name) for name in _POLICY_VARIABLES):
+    if "torch" in sys.modules or any(os.environ.get(name) for name in _POLICY_VARIABLES):
         return False
-    env["GOMP_SPINCOUNT"] = SERVER_SPINCOUNT
-    _applied_here = environ is None
+    os.environ["GOMP_SPINCOUNT"] = SERVER_SPINCOUNT
+    _applied_here = True
     return True
 
 
