@@ -1,6 +1,6 @@
 """A server process for the graceful-shutdown tests: ``python -m tests.shutdown_server PORT TIMEOUT``.
 
-It runs the real app through :func:`llm_server.api.shutdown.run_server` (what
+It runs the real app through :func:`llm_server.api.ops.shutdown.run_server` (what
 ``start_llm_server`` calls) around a slow ScriptedEngine, with a character-level stand-in
 tokenizer so the process starts in a second instead of loading the real one.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from llm_server.api.middleware import configure_logging
-from llm_server.api.shutdown import run_server
+from llm_server.api.plumbing.middleware import configure_logging
+from llm_server.api.ops.shutdown import run_server
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import build_app
 

@@ -29,7 +29,7 @@ def wait_for_model(app: FastAPI, timeout_s: float = 60.0) -> None:
     The server accepts requests while the model loads (they get 503); tests that need a
     model wait here. Whether the engine itself reports ready is /health's business.
     """
-    from llm_server.api.readiness import readiness
+    from llm_server.api.ops.readiness import readiness
 
     state = readiness(app)
     if not state.wait(timeout_s):

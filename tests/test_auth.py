@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from llm_server.api.auth import (
+from llm_server.api.plumbing.auth import (
     KeyStore,
     OpenAccessKeyStore,
     RedactApiKeyFilter,

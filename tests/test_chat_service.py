@@ -21,7 +21,7 @@ from llm_server.engine.types import (
     SamplingParams,
     TextDelta,
 )
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatOptions, ChatService, ChatStream
+from llm_server.serving.service import ChatDelta, ChatDone, ChatInputError, ChatOptions, ChatService, ChatStream
 from tests.fakes import ScriptedEngine
 from tests.spec_harness import wait_until
 
@@ -354,7 +354,7 @@ def _answer(stream: GenerationStream, text: str) -> None:
 def test_an_improvement_turn_holds_no_thread_and_its_stream_cancels_the_pass_in_flight(
     tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("llm_server.serving.chat.grammar_available", lambda: False)  # text reviews, streamed
+    monkeypatch.setattr("llm_server.serving.service.grammar_available", lambda: False)  # text reviews, streamed
     engine = HeldEngine(tokenizer)
     engine.start()
     service = ChatService(engine, PROMPTS, max_new_tokens_limit=100)

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from llm_server.api.chat_streams import open_stream
+from llm_server.api.plumbing.turns import open_stream
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatEvent
+from llm_server.serving.service import ChatDelta, ChatDone, ChatEvent
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import API_KEY, build_app, live_server
 from tests.spec_harness import wait_until

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from llm_server.api import limits
+from llm_server.api.plumbing import limits
 from llm_server.api.server import create_app
 from llm_server.api.settings import ServerSettings
 from llm_server.engine.types import SamplingParams
@@ -122,7 +122,7 @@ def test_control_characters_in_the_path_cannot_forge_log_lines(base_url: str) ->
 
 
 def test_server_log_format_escapes_control_characters() -> None:
-    from llm_server.api.request_context import EscapingFormatter
+    from llm_server.api.plumbing.request_context import EscapingFormatter
 
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "model %s", ("a\nFAKE CRITICAL",), None)
     assert "\n" not in EscapingFormatter("%(message)s").format(record)
@@ -246,7 +246,7 @@ def test_a_body_without_a_json_content_type_gets_a_clear_message(base_url: str) 
 def test_ping_says_loading_with_retry_after_until_the_model_is_ready(tokenizer: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from llm_server.api.readiness import readiness
+    from llm_server.api.ops.readiness import readiness
 
     app = create_app(lambda: ScriptedEngine(tokenizer), settings=make_settings())
     with TestClient(app) as client:

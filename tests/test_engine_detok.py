@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from llm_server.engine.text import IncrementalDetokenizer, byte_table
+from llm_server.engine.detokenize import IncrementalDetokenizer, byte_table
 
 
 class DecodeOnly:

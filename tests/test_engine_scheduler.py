@@ -11,7 +11,7 @@ from llm_server.engine.config import EngineConfig
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import SeqStatus, Sequence
 from llm_server.engine.stream import GenerationStream
-from llm_server.engine.text import StopMatcher
+from llm_server.engine.detokenize import StopMatcher
 from llm_server.engine.types import GenerationRequest, SamplingParams
 
 

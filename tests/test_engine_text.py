@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llm_server.engine.text import IncrementalDetokenizer, StopMatcher
+from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 
 SAMPLES = [
     "Hello world, how are you today?",

@@ -21,8 +21,8 @@ import pytest
 import requests
 import trustme
 
-from llm_server.api.auth import RefreshingKeyStore, build_key_store
-from llm_server.api.keyvault import KeyVaultError, KeyVaultKeySource
+from llm_server.api.plumbing.auth import RefreshingKeyStore, build_key_store
+from llm_server.api.plumbing.keyvault import KeyVaultError, KeyVaultKeySource
 from llm_server.api.server import create_app
 from llm_server.api.settings import ServerSettings
 from tests.fake_keyvault import TENANT, VAULT_HOST, FakeKeyVault, StaticTokenCredential, use_test_vault_host
@@ -167,7 +167,7 @@ def test_vault_down_later_keeps_the_last_good_keys(
     url, store = served
     vault.secrets[SECRET] = "kept-key"
     wait_until(lambda: status_with(url, "kept-key") == 200, what="the key to load")
-    with caplog.at_level(logging.WARNING, logger="llm_server.api.auth"):
+    with caplog.at_level(logging.WARNING, logger="llm_server.api.plumbing.auth"):
         vault.stop()
         wait_until(lambda: store.last_error is not None, what="a failed refresh")
         assert status_with(url, "kept-key") == 200

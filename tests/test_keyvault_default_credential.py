@@ -24,8 +24,8 @@ import requests
 import trustme
 
 from llm_server.api import server as server_module
-from llm_server.api.auth import RefreshingKeyStore, build_key_store
-from llm_server.api.keyvault import KeyVaultError
+from llm_server.api.plumbing.auth import RefreshingKeyStore, build_key_store
+from llm_server.api.plumbing.keyvault import KeyVaultError
 from llm_server.api.server import create_app
 from llm_server.api.settings import ServerSettings
 from tests.fake_keyvault import REFUSAL, FakeKeyVault, FakeManagedIdentityEndpoint, use_test_vault_host
@@ -146,12 +146,12 @@ def test_start_llm_server_exits_1_when_the_identity_endpoint_refuses(
     monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(config))
     monkeypatch.setenv("KEYVAULT_URL", vault.url)
     monkeypatch.setenv("API_KEY_SECRET_NAME", SECRET)
-    monkeypatch.setattr("llm_server.api.middleware.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("llm_server.api.plumbing.middleware.configure_logging", lambda *a, **k: None)
 
     def run_server(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the server must not start without its API keys")
 
-    monkeypatch.setattr("llm_server.api.shutdown.run_server", run_server)
+    monkeypatch.setattr("llm_server.api.ops.shutdown.run_server", run_server)
     identity.refuse = 400
     with pytest.raises(SystemExit) as exit_:
         server_module.main([])

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from llm_server.api.readiness import readiness
+from llm_server.api.ops.readiness import readiness
 from llm_server.api.server import create_app
 from llm_server.api.settings import ServerSettings
 from llm_server.engine.interface import Engine
@@ -129,7 +129,7 @@ def test_a_failed_load_is_503_error_everywhere(serve_app: Callable[[Any], str],
     for response in _model_endpoints(url):
         _assert_503_retry_later(response, "model_load_failed")
     assert any("weights are corrupt" in r.getMessage() or "weights are corrupt" in (r.exc_text or "")
-               for r in caplog.records if r.name == "llm_server.api.readiness"), caplog.text
+               for r in caplog.records if r.name == "llm_server.api.ops.readiness"), caplog.text
 
 
 def test_a_load_failure_calls_the_failure_hook(serve_app: Callable[[Any], str]) -> None:

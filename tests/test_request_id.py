@@ -81,7 +81,7 @@ def test_log_lines_carry_the_request_id_and_no_secrets(
     for rid in ("req-logged-1", "req-logged-2", "req-logged-3"):
         assert wait_until(partial(access_logged, rid)), rid
     ours = [r for r in caplog.records if r.name.startswith("llm_server")]
-    assert any(r.name == "llm_server.api.routes_openai" and r.request_id == "req-logged-1" for r in ours)
+    assert any(r.name == "llm_server.api.protocols.openai_routes" and r.request_id == "req-logged-1" for r in ours)
 
     server_side = [r for r in caplog.records if r.name.startswith(("llm_server", "uvicorn"))]
     every_line = "\n".join(r.getMessage() for r in server_side)
@@ -92,7 +92,7 @@ def test_log_lines_carry_the_request_id_and_no_secrets(
 
 def test_log_format_renders_request_id() -> None:
     """Every record gets ``request_id`` ("-" outside a request); the server's format shows it."""
-    from llm_server.api.request_context import LOG_FORMAT, install_log_record_factory
+    from llm_server.api.plumbing.request_context import LOG_FORMAT, install_log_record_factory
 
     install_log_record_factory()
     record = logging.getLogRecordFactory()("llm_server.test", logging.INFO, __file__, 1, "hello", None, None)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from llm_server.api import server as server_module
-from llm_server.api.auth import OpenAccessKeyStore, StaticKeyStore
+from llm_server.api.plumbing.auth import OpenAccessKeyStore, StaticKeyStore
 from llm_server.api.settings import ServerSettings
 from llm_server.helper_functionality.config_models import ModelSection
 from llm_server.helper_functionality.yaml_loading import CONFIG_DIR_ENV
@@ -59,8 +59,8 @@ def launch(monkeypatch: pytest.MonkeyPatch) -> Launch:
         seen.run = kwargs
 
     monkeypatch.setattr(server_module, "create_app", create_app)
-    monkeypatch.setattr("llm_server.api.shutdown.run_server", run_server)
-    monkeypatch.setattr("llm_server.api.middleware.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("llm_server.api.ops.shutdown.run_server", run_server)
+    monkeypatch.setattr("llm_server.api.plumbing.middleware.configure_logging", lambda *a, **k: None)
     return seen
 
 
@@ -137,7 +137,7 @@ def test_help_runs_without_loading_anything() -> None:
 
 def test_the_api_package_never_imports_torch() -> None:
     code = (
-        "import sys; import llm_server.api.server, llm_server.api.routes_chat, llm_server.serving.chat; "
+        "import sys; import llm_server.api.server, llm_server.api.protocols.spec_chat, llm_server.serving.service; "
         "app = llm_server.api.server.create_app(); print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llm_server.api.shutdown import SHUTDOWN_CUT_REASON, drain_state
+from llm_server.api.ops.shutdown import SHUTDOWN_CUT_REASON, drain_state
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import API_KEY, build_app, free_port, live_server, wait_until
 from tests.shutdown_server import WORDS

@@ -18,7 +18,7 @@ from llm_server.conversation_engine.improvement import (
     parse_structured_review,
 )
 from llm_server.engine.types import SamplingParams
-from llm_server.serving.chat import ChatDone, ChatOptions, ChatService
+from llm_server.serving.service import ChatDone, ChatOptions, ChatService
 from tests.fakes import ScriptedEngine
 
 PROMPTS = {"assistant": "You answer.", "reviser": "You revise."}

@@ -2,7 +2,7 @@
 
 ``create_app`` wires routers, error handlers, middleware and a lifespan that, at start-up,
 loads the API keys (``app.state.keys``; a failure stops the start) and then starts the model
-load in a background thread (:class:`~llm_server.api.readiness.ModelLoader`; the model loads
+load in a background thread (:class:`~llm_server.api.ops.readiness.ModelLoader`; the model loads
 there, never at import) and returns at once: the server accepts connections while the model
 loads, ``/health`` answers 503 ``loading`` and the chat endpoints 503 with ``Retry-After``
 until ``app.state.engine`` and the :class:`ChatService` (``app.state.chat``) are up.
@@ -27,19 +27,21 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from llm_server.api import routes_chat, routes_openai, routes_ops, routes_page
-from llm_server.api.auth import KeyStore, build_key_store, install_log_redaction
-from llm_server.api.errors import install_error_handlers
-from llm_server.api.limits import BodySizeLimitMiddleware
-from llm_server.api.methods import OptionsMiddleware
-from llm_server.api.middleware import install_middleware
-from llm_server.api.openapi_doc import install_openapi
-from llm_server.api.readiness import FailureHook, ModelLoader, readiness
+from llm_server.api.ops import routes as ops_routes
+from llm_server.api.page import routes as page_routes
+from llm_server.api.protocols import openai_routes, spec_chat
+from llm_server.api.plumbing.auth import KeyStore, build_key_store, install_log_redaction
+from llm_server.api.plumbing.errors import install_error_handlers
+from llm_server.api.plumbing.limits import BodySizeLimitMiddleware
+from llm_server.api.plumbing.allowed_methods import OptionsMiddleware
+from llm_server.api.plumbing.middleware import install_middleware
+from llm_server.api.plumbing.openapi_doc import install_openapi
+from llm_server.api.ops.readiness import FailureHook, ModelLoader, readiness
 from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
 from llm_server.engine.wait_policy import apply_server_wait_policy
 from llm_server.helper_functionality.yaml_loading import ConfigError, set_config_dir
-from llm_server.serving.chat import ChatService
+from llm_server.serving.service import ChatService
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def create_app(
     """Build the app. ``engine_factory`` runs in the background model load (tests pass a fake
     engine); ``settings`` default to the YAML files; ``key_store`` defaults to
     :func:`build_key_store`; ``on_load_failure`` is called (from the load thread) if the
-    model cannot be loaded. The app's readiness is :func:`llm_server.api.readiness.readiness`.
+    model cannot be loaded. The app's readiness is :func:`llm_server.api.ops.readiness.readiness`.
     """
     apply_server_wait_policy()  # before torch loads: GOMP_SPINCOUNT=10000 unless the environment chose
     settings = settings if settings is not None else load_settings()
@@ -116,7 +118,7 @@ def create_app(
     app.state.settings = settings
     readiness(app)  # "loading" from the start, so /health never sees a missing state
     install_error_handlers(app)
-    for module in (routes_ops, routes_chat, routes_openai, routes_page):
+    for module in (ops_routes, spec_chat, openai_routes, page_routes):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes)
     app.add_middleware(OptionsMiddleware, fastapi_app=app)
@@ -180,7 +182,7 @@ def _settings_for(args: argparse.Namespace) -> ServerSettings:
 
 
 def _started_key_store(settings: ServerSettings) -> KeyStore:
-    from llm_server.api.keyvault import KeyVaultError
+    from llm_server.api.plumbing.keyvault import KeyVaultError
 
     try:
         store = build_key_store(settings)
@@ -201,8 +203,8 @@ def _stop_the_process(exc: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``start_llm_server`` (flags: --host, --port, --config-dir, --open-access)."""
-    from llm_server.api.middleware import configure_logging
-    from llm_server.api.shutdown import run_server
+    from llm_server.api.plumbing.middleware import configure_logging
+    from llm_server.api.ops.shutdown import run_server
 
     args = _parse_args(argv)
     configure_logging(args.log_level.upper())

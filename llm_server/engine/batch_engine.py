@@ -40,7 +40,7 @@ from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import Sequence
 from llm_server.engine.stream import GenerationStream, WakeupBatch
-from llm_server.engine.text import IncrementalDetokenizer, StopMatcher
+from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.threads import configure_threads
 from llm_server.engine.types import (
     ContextLengthExceeded,

@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve.deployment import Application
 
-from llm_server.api.auth import announce_generated_key, generate_key
+from llm_server.api.plumbing.auth import announce_generated_key, generate_key
 from llm_server.api.server import EngineFactory
 from llm_server.api.settings import ServerSettings
 from llm_server.scale_out.config import ScaleOutConfig

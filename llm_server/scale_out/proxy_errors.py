@@ -28,7 +28,7 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_server.api.errors import APIError
+from llm_server.api.plumbing.errors import APIError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_server.api import routes_ops
-from llm_server.api.readiness import readiness
+from llm_server.api.ops import routes as ops_routes
+from llm_server.api.ops.readiness import readiness
 from llm_server.api.server import EngineFactory, create_app
 from llm_server.api.settings import ServerSettings
 from llm_server.serving.metrics import update_engine_gauges
@@ -139,14 +139,14 @@ def _install_ops_routes(app: FastAPI, app_name: str, replica: str) -> None:
     status = DeploymentStatus(app_name if replica != LOCAL else "")
 
     async def health(request: Request) -> JSONResponse:
-        own = await routes_ops.health(request)
+        own = await ops_routes.health(request)
         body = {**json.loads(bytes(own.body)), "replica": replica, "deployment": await status.get()}
         serving = own.status_code == 200 and body["deployment"].get("running_replicas", 1) >= 1
         return JSONResponse(body, status_code=200 if serving else 503)
 
     async def metrics(request: Request) -> Response:
-        await routes_ops._check_metrics_key(request)
-        update_engine_gauges(routes_ops._stats(request)[1])
+        await ops_routes._check_metrics_key(request)
+        update_engine_gauges(ops_routes._stats(request)[1])
         from llm_server.scale_out import metrics as scale_metrics
 
         texts = await _publish(app, app_name, replica, fetch=True)

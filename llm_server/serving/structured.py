@@ -4,7 +4,7 @@ settings, and recorded log-probabilities -> OpenAI's ``logprobs`` objects.
 The grammar library (and torch with it) is imported lazily, when a request first asks for
 structure, so the API package can be imported without torch. Compiling happens here, in the
 request's worker thread, never on the engine's scheduler thread; a schema the library cannot
-compile is a :class:`~llm_server.serving.chat.ChatInputError` (HTTP 400) naming the problem.
+compile is a :class:`~llm_server.serving.service.ChatInputError` (HTTP 400) naming the problem.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from llm_server.engine.types import LogprobLog, SamplingParams, TokenLogprob
-from llm_server.serving.chat import ChatInputError
+from llm_server.serving.service import ChatInputError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ POST bodies are parsed with pydantic in *strict* JSON mode (``"yes"`` is not a b
 ``"5"`` is not a number); GET query strings are parsed leniently (``improvement=true``),
 since every query value is text. Every problem becomes an :class:`APIError` whose JSON
 says which field is wrong. Engine and serving errors map to HTTP in
-:mod:`llm_server.api.chat_streams` (shared with the OpenAI routes); a failure after a stream
+:mod:`llm_server.api.plumbing.turns` (shared with the OpenAI routes); a failure after a stream
 started is written as :func:`stream_error_line`.
 """
 
@@ -25,12 +25,12 @@ from pydantic import (
     field_validator,
 )
 
-from llm_server.api.errors import APIError
+from llm_server.api.plumbing.errors import APIError
 from llm_server.conversation_engine.improvement import RESULT_KEYS
 from llm_server.conversation_engine.inputs import HISTORY_ROLES
 from llm_server.engine.types import EngineError, SamplingParams
 from llm_server.serving import sampling
-from llm_server.serving.chat import ChatInputError, ChatOptions
+from llm_server.serving.service import ChatInputError, ChatOptions
 from llm_server.serving.sampling import request_sampling
 
 END_MARKER = "[[END]]"

@@ -12,7 +12,7 @@
 The server keeps no conversation state: history comes with every request. Generation
 runs on the engine's thread; tokenizing runs in a worker thread, so the event loop (and
 ``/ping``) never waits on either. A client that disconnects cancels its generation
-(opening, collecting and streaming are :mod:`llm_server.api.chat_streams`, shared with the
+(opening, collecting and streaming are :mod:`llm_server.api.plumbing.turns`, shared with the
 OpenAI routes). While the model loads, the chat endpoints answer 503 with ``Retry-After``.
 """
 
@@ -26,16 +26,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from llm_server.api.auth import require_api_key
-from llm_server.api.chat_streams import (
+from llm_server.api.plumbing.auth import require_api_key
+from llm_server.api.plumbing.turns import (
     ChatStreamResponse,
     StreamFailure,
     collect,
     events,
     open_stream,
 )
-from llm_server.api.limits import CLIENT_CLOSED_REQUEST
-from llm_server.api.protocol_chat import (
+from llm_server.api.plumbing.limits import CLIENT_CLOSED_REQUEST
+from llm_server.api.protocols.spec_chat_wire import (
     END_MARKER,
     ChatRequest,
     blocking_body,
@@ -43,9 +43,9 @@ from llm_server.api.protocol_chat import (
     parse_query,
     stream_error_line,
 )
-from llm_server.api.readiness import not_ready_error, readiness, ready_chat
-from llm_server.api.request_context import request_id
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatStream
+from llm_server.api.ops.readiness import not_ready_error, readiness, ready_chat
+from llm_server.api.plumbing.request_context import request_id
+from llm_server.serving.service import ChatDelta, ChatDone, ChatInputError, ChatStream
 from llm_server.serving.structured import constrained, response_format_grammar
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])

@@ -5,7 +5,7 @@ tokenizes or generates on its own. ``open`` validates the chat-level inputs (mes
 the server's ``max_new_tokens`` limit), applies the chat template once and submits the turn's
 first pass to the engine *eagerly* (the engine checks token ids and the context window), so
 input and capacity errors surface before a response starts. The returned
-:class:`~llm_server.serving.chat_stream.ChatStream` is an async iterable of
+:class:`~llm_server.serving.turn_stream.ChatStream` is an async iterable of
 :class:`ChatDelta` ... then one :class:`ChatDone`, and owns the turn's cancellation.
 
 A turn is a sans-IO generator of passes: one pass for a plain answer, or, with
@@ -43,7 +43,7 @@ from llm_server.conversation_engine.inputs import (
 from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest, SamplingParams
-from llm_server.serving.chat_stream import ChatDelta, ChatDone, ChatEvent, ChatStream, single_pass
+from llm_server.serving.turn_stream import ChatDelta, ChatDone, ChatEvent, ChatStream, single_pass
 
 logger = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         message = str(exc.detail)
         if exc.status_code == 405:  # every route of the path, not only the first one's methods
-            from llm_server.api.methods import allow_header
+            from llm_server.api.plumbing.allowed_methods import allow_header
 
             headers["Allow"] = allow_header(app, request.url.path)
             message = f"method {request.method} is not allowed here; allowed: {headers['Allow']}"

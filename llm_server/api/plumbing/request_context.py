@@ -1,6 +1,6 @@
 """The request context: each HTTP request's id and arrival time, and request ids in log lines.
 
-The request-context middleware (:mod:`llm_server.api.middleware`) gives every request an id
+The request-context middleware (:mod:`llm_server.api.plumbing.middleware`) gives every request an id
 and an arrival time. Routes read them with :func:`request_id` and :func:`started_at`. While
 a request is handled its id is also in :data:`request_id_var`, from which a log-record
 factory (and :class:`RequestIdFilter`) copy it to every log record as ``%(request_id)s``

@@ -18,9 +18,9 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 
-from llm_server.api.errors import APIError
+from llm_server.api.plumbing.errors import APIError
 from llm_server.engine.interface import Engine
-from llm_server.serving.chat import ChatService
+from llm_server.serving.service import ChatService
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_server.api.chat_streams import api_error_for
-from llm_server.api.errors import APIError
-from llm_server.api.protocol_openai import ChatCompletionRequest, CompletionRequest
+from llm_server.api.plumbing.turns import api_error_for
+from llm_server.api.plumbing.errors import APIError
+from llm_server.api.protocols.openai_wire import ChatCompletionRequest, CompletionRequest
 from llm_server.conversation_engine.inputs import has_chat_template
 from llm_server.engine.types import LogprobLog
-from llm_server.serving.chat import ChatInputError
+from llm_server.serving.service import ChatInputError
 from llm_server.serving.structured import MAX_TOP_LOGPROBS
 from llm_server.serving.tools import ToolSet, parse_tools
 

@@ -4,7 +4,7 @@ Every HTTP request gets an id: the incoming ``X-Request-Id`` when it is sane (pr
 at most 128 characters), else a new one. The id is put on ``request.state.request_id``
 (with the arrival time on ``request.state.started_at``), returned in the ``X-Request-Id``
 response header, and set in the request context so it shows in every log line
-(:mod:`llm_server.api.request_context`). Each request is counted in
+(:mod:`llm_server.api.plumbing.request_context`). Each request is counted in
 ``llm_server_requests_total{endpoint, status}`` (endpoint = the route template, so ids in
 paths never explode the label set).
 
@@ -30,15 +30,15 @@ from fastapi import FastAPI
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_server.api.errors import APIError, error_response
-from llm_server.api.request_context import (
+from llm_server.api.plumbing.errors import APIError, error_response
+from llm_server.api.plumbing.request_context import (
     REQUEST_ID_HEADER,
     configure_logging,  # noqa: F401  re-exported for server.main
     escape_controls,
     install_log_record_factory,
     request_id_var,
 )
-from llm_server.api.shutdown import drain_state
+from llm_server.api.ops.shutdown import drain_state
 from llm_server.serving.metrics import PREFIX
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from llm_server.api.protocol_chat import Integer
+from llm_server.api.protocols.spec_chat_wire import Integer
 from llm_server.engine.types import SamplingParams
 from llm_server.serving import sampling
 from llm_server.serving.sampling import request_sampling

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_server.api.errors import APIError, error_response
+from llm_server.api.plumbing.errors import APIError, error_response
 
 #: Seconds a request body may take to arrive, in all, before the server answers 408.
 BODY_READ_TIMEOUT_S = 30.0

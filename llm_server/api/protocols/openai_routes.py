@@ -1,13 +1,13 @@
 """OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models.
 
-Requests are validated (:mod:`llm_server.api.protocol_openai`), turned into a
-:class:`~llm_server.serving.chat.ChatOptions`, and opened through ``app.state.chat``
+Requests are validated (:mod:`llm_server.api.protocols.openai_wire`), turned into a
+:class:`~llm_server.serving.service.ChatOptions`, and opened through ``app.state.chat``
 (the ChatService) *before* any response starts, so bad input, an unknown model, a too-long
 prompt or a full queue are proper 400/404/503 answers (503 with ``Retry-After`` while the
 model loads too). Streams are Server-Sent Events (``data: {chunk}`` ... ``data: [DONE]``);
 an error after the stream started arrives as a final ``data: {"error": {...}}`` event. A
 client that disconnects cancels its generation. Opening, collecting and streaming are
-:mod:`llm_server.api.chat_streams`, shared with the spec routes; this module only speaks
+:mod:`llm_server.api.plumbing.turns`, shared with the spec routes; this module only speaks
 OpenAI's wire format.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from llm_server.api.auth import require_api_key
-from llm_server.api.chat_streams import (
+from llm_server.api.plumbing.auth import require_api_key
+from llm_server.api.plumbing.turns import (
     ChatStreamResponse,
     Collected,
     StreamFailure,
@@ -36,16 +36,16 @@ from llm_server.api.chat_streams import (
     events,
     open_stream,
 )
-from llm_server.api.errors import APIError
-from llm_server.api.limits import CLIENT_CLOSED_REQUEST
-from llm_server.api.openai_structured import (
+from llm_server.api.plumbing.errors import APIError
+from llm_server.api.plumbing.limits import CLIENT_CLOSED_REQUEST
+from llm_server.api.protocols.openai_checks import (
     chat_top_logprobs,
     check_combination,
     completion_top_logprobs,
     request_tools,
 )
-from llm_server.api.openai_tools import assistant_calls_text, streamed_deltas, whole_message
-from llm_server.api.protocol_openai import (
+from llm_server.api.protocols.openai_tool_calls import assistant_calls_text, streamed_deltas, whole_message
+from llm_server.api.protocols.openai_wire import (
     SUPPORTED_ROLES,
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,10 +53,10 @@ from llm_server.api.protocol_openai import (
     unsupported_chat_fields,
     unsupported_completion_fields,
 )
-from llm_server.api.readiness import ready_chat, ready_engine
-from llm_server.api.request_context import request_id
+from llm_server.api.ops.readiness import ready_chat, ready_engine
+from llm_server.api.plumbing.request_context import request_id
 from llm_server.engine.types import LogprobLog
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
+from llm_server.serving.service import ChatDelta, ChatDone, ChatOptions, ChatStream, Message
 from llm_server.serving.structured import (
     LogprobFormatter,
     constrained,

@@ -1,6 +1,6 @@
 """The built-in chat page: GET / (no key needed) and GET /ui/config (roles and limits, keyed).
 
-The page is one self-contained HTML file shipped in the package (``api/static/index.html``,
+The page is one self-contained HTML file shipped in the package (``api/page/static/index.html``,
 inline CSS and JS, nothing fetched from elsewhere). It is served with a strict
 Content-Security-Policy that allows only its own inline script and style (by hash) and
 requests to this server, as a second line of defence behind the page's own rule of never
@@ -20,14 +20,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from llm_server.api.auth import require_api_key
+from llm_server.api.plumbing.auth import require_api_key
 from llm_server.api.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-_PAGE_FOLDER, _PAGE_FILE = "static", "index.html"  # in the llm_server.api package
+_PAGE_FOLDER, _PAGE_FILE = "static", "index.html"  # in the llm_server.api.page package
 _INLINE_BLOCK = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("script", "style")}
 
 
@@ -58,7 +58,7 @@ def content_security_policy(html: str) -> str:
 @lru_cache(maxsize=1)
 def _page() -> tuple[bytes, dict[str, str]]:
     """The page's bytes and response headers (read once from the installed package)."""
-    page = resources.files("llm_server.api").joinpath(_PAGE_FOLDER).joinpath(_PAGE_FILE)  # one part each: Python 3.10
+    page = resources.files("llm_server.api.page").joinpath(_PAGE_FOLDER).joinpath(_PAGE_FILE)  # one part each: Python 3.10
     html = page.read_text(encoding="utf-8")
     headers = {
         "Content-Security-Policy": content_security_policy(html),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_server.api.errors import APIError
+from llm_server.api.plumbing.errors import APIError
 from llm_server.serving.tools import ToolCall, ToolSet, call_text, parse_calls
 
 #: Roles a chat message may have once tools are supported.

@@ -14,7 +14,7 @@ Each chat request goes through the same steps, whatever its wire format:
    - a :class:`ChatStreamResponse` streams a body made from :func:`events`, and closes that
      body however the response ends (finished, client gone, error, never started).
 
-The ChatStream itself (``llm_server.serving.chat_stream``) owns cancellation: leaving its
+The ChatStream itself (``llm_server.serving.turn_stream``) owns cancellation: leaving its
 iteration, or cancelling it, stops the generation. Nothing here wraps it; the routes only
 translate events into their own format (spec text chunks, OpenAI JSON / SSE chunks).
 """
@@ -34,9 +34,9 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llm_server.api.errors import APIError
-from llm_server.api.request_context import started_at
-from llm_server.api.shutdown import drain_state
+from llm_server.api.plumbing.errors import APIError
+from llm_server.api.plumbing.request_context import started_at
+from llm_server.api.ops.shutdown import drain_state
 from llm_server.engine.types import (
     ContextLengthExceeded,
     EngineError,
@@ -44,8 +44,8 @@ from llm_server.engine.types import (
     EngineUnavailable,
     InvalidRequest,
 )
-from llm_server.serving.chat import ChatDelta, ChatDone, ChatInputError, ChatStream
-from llm_server.serving.chat_stream import ServerShuttingDown
+from llm_server.serving.service import ChatDelta, ChatDone, ChatInputError, ChatStream
+from llm_server.serving.turn_stream import ServerShuttingDown
 from llm_server.serving.metrics import RequestMetrics
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import Request
 
-from llm_server.api.errors import APIError
+from llm_server.api.plumbing.errors import APIError
 from llm_server.api.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def build_key_store(settings: ServerSettings, *, credential: Any | None = None) 
         logger.warning("open access: API keys are NOT checked (open_access / --open-access)")
         return OpenAccessKeyStore()
     if settings.uses_key_vault:
-        from llm_server.api.keyvault import KeyVaultKeySource
+        from llm_server.api.plumbing.keyvault import KeyVaultKeySource
 
         assert settings.key_vault_url and settings.key_vault_secret_name
         source = KeyVaultKeySource(settings.key_vault_url, settings.key_vault_secret_name, credential)

@@ -1,0 +1,2 @@
+"""Operations: ``/health`` and ``/metrics`` routes, the model's readiness (background load), and
+graceful shutdown (drain on SIGTERM)."""
