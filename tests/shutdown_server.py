@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from llm_server.api.plumbing.middleware import configure_logging
 from llm_server.api.ops.shutdown import run_server
+from llm_server.api.plumbing.middleware import configure_logging
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import build_app
 

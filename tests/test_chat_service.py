@@ -21,7 +21,9 @@ from llm_server.engine.types import (
     SamplingParams,
     TextDelta,
 )
-from llm_server.serving.service import ChatDelta, ChatDone, ChatInputError, ChatOptions, ChatService, ChatStream
+from llm_server.serving.request import ChatInputError, Message, Sampling, TurnRequest
+from llm_server.serving.service import ChatService
+from llm_server.serving.turn_stream import Cancel, ChatDelta, ChatDone, TurnStream
 from tests.fakes import ScriptedEngine
 from tests.spec_harness import wait_until
 
@@ -40,7 +42,7 @@ def service(engine: ScriptedEngine) -> ChatService:
     return ChatService(engine, PROMPTS, max_new_tokens_limit=100)
 
 
-def collect(stream: ChatStream) -> tuple[str, ChatDone]:
+def collect(stream: TurnStream) -> tuple[str, ChatDone]:
     async def run() -> tuple[str, ChatDone]:
         text: list[str] = []
         done: ChatDone | None = None
@@ -55,8 +57,11 @@ def collect(stream: ChatStream) -> tuple[str, ChatDone]:
     return asyncio.run(run())
 
 
-def options(**kw: Any) -> ChatOptions:
-    return ChatOptions(params=SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 50)), **kw)
+def turn(messages: list[Message], max_new_tokens: int | None = 50, temperature: float | None = None,
+         top_p: float | None = None, **kw: Any) -> TurnRequest:
+    """A turn of ``messages`` as they are (no system prompt added), 50 new tokens unless told."""
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    return TurnRequest(messages=tuple(messages), sampling=sampling, **kw)
 
 
 # --- messages and template -----------------------------------------------------------------
@@ -88,7 +93,7 @@ def test_spec_messages_rejects(service: ChatService, prompt: str, history: list[
 
 def test_open_applies_the_chat_template_once(service: ChatService, engine: ScriptedEngine, tokenizer: Any) -> None:
     messages = service.spec_messages("What is 2+2?", [], "assistant")
-    text, done = collect(service.open(messages, options()))
+    text, done = collect(service.open(turn(messages)))
     assert text == "A fine answer." and done.result == {"reply": "A fine answer."}
     assert done.finish_reason == "stop" and done.completion_tokens == 3
     prompt = tokenizer.decode(engine.requests[-1].prompt_ids)
@@ -99,7 +104,7 @@ def test_open_applies_the_chat_template_once(service: ChatService, engine: Scrip
 
 def test_sampling_params_are_passed_through(service: ChatService, engine: ScriptedEngine) -> None:
     params = SamplingParams(max_new_tokens=2, temperature=0.3, top_p=0.8)
-    text, done = collect(service.open(service.spec_messages("q", [], "assistant"), ChatOptions(params=params)))
+    text, done = collect(service.open(turn(service.spec_messages("q", [], "assistant"), 2, 0.3, 0.8)))
     assert engine.requests[-1].params == params
     assert text == "A fine" and done.finish_reason == "length"
 
@@ -107,7 +112,7 @@ def test_sampling_params_are_passed_through(service: ChatService, engine: Script
 # --- limits (raised eagerly, before any event) ---------------------------------------------------
 def test_max_new_tokens_limit(service: ChatService, engine: ScriptedEngine) -> None:
     with pytest.raises(ChatInputError) as info:
-        service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=101))
+        service.open(turn(service.spec_messages("q", [], "assistant"), max_new_tokens=101))
     assert info.value.param == "max_new_tokens"
     assert engine.requests == []
 
@@ -118,17 +123,17 @@ def test_context_limit(tokenizer: Any) -> None:
     service = ChatService(small, PROMPTS, max_new_tokens_limit=100)
     long_history = [{"role": "user", "content": "blah " * 100}]
     with pytest.raises(ContextLengthExceeded):
-        service.open(service.spec_messages("q", long_history, "assistant"), options(max_new_tokens=10))
+        service.open(turn(service.spec_messages("q", long_history, "assistant"), max_new_tokens=10))
     with pytest.raises(ContextLengthExceeded):  # prompt fits, prompt + max_new_tokens does not
-        service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=60))
+        service.open(turn(service.spec_messages("q", [], "assistant"), max_new_tokens=60))
     assert small.requests == []
 
 
 def test_fit_context_shrinks_a_default_budget(tokenizer: Any) -> None:
     small = ScriptedEngine(tokenizer, max_context=64)
     small.start()
-    service = ChatService(small, PROMPTS, max_new_tokens_limit=100)
-    collect(service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=60, fit_context=True)))
+    service = ChatService(small, PROMPTS, max_new_tokens_limit=100, defaults=SamplingParams(max_new_tokens=60))
+    collect(service.open(turn(service.spec_messages("q", [], "assistant"), max_new_tokens=None)))
     request = small.requests[-1]
     assert len(request.prompt_ids) + request.params.max_new_tokens == 64
 
@@ -139,7 +144,7 @@ def test_overload_is_raised_by_open(tokenizer: Any) -> None:
     service = ChatService(full, PROMPTS, max_new_tokens_limit=100)
     for improvement in (False, True):
         with pytest.raises(EngineOverloaded):
-            service.open(service.spec_messages("q", [], "assistant"), options(improvement=improvement))
+            service.open(turn(service.spec_messages("q", [], "assistant"), improvement=improvement))
 
 
 # --- improvement ---------------------------------------------------------------------------
@@ -152,8 +157,8 @@ def _reviser_reply(prompt: str) -> str:
 def test_improvement_runs_every_pass_through_the_engine(service: ChatService, engine: ScriptedEngine,
                                                          tokenizer: Any) -> None:
     engine.reply = _reviser_reply
-    text, done = collect(service.open(service.spec_messages("Explain", [], "assistant"),
-                                      options(improvement=True, intermediate_steps=True)))
+    text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True,
+                                           intermediate_steps=True)))
     assert len(engine.requests) == 3  # draft, review 1, review 2
     first = tokenizer.decode(engine.requests[0].prompt_ids)
     assert "You are the assistant." in first
@@ -171,27 +176,27 @@ def test_improvement_runs_every_pass_through_the_engine(service: ChatService, en
 def test_engine_request_ids_name_the_pass(service: ChatService, engine: ScriptedEngine) -> None:
     """Logs show which pass of which request ran: the request id, plus the stage when improving."""
     engine.reply = _reviser_reply
-    collect(service.open(service.spec_messages("Explain", [], "assistant"), options(request_id="req7")))
+    collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), request_id="req7")))
     messages = service.spec_messages("Explain", [], "assistant")
-    collect(service.open(messages, options(request_id="req8", improvement=True)))
+    collect(service.open(turn(messages, request_id="req8", improvement=True)))
     assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-review2"]
 
 
 def test_improvement_without_steps_streams_only_the_answer(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = _reviser_reply
-    text, done = collect(service.open(service.spec_messages("Explain", [], "assistant"), options(improvement=True)))
+    text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True)))
     assert "###" not in text
     assert text == done.result["reply"]
 
 
 def test_improvement_pass_error_is_raised_from_iteration(service: ChatService, engine: ScriptedEngine) -> None:
-    stream = service.open(service.spec_messages("Explain", [], "assistant"), options(improvement=True))
+    stream = service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True))
     engine.fail_with = EngineError("pass failed")  # affects the passes not yet running
     with pytest.raises(EngineError, match="pass failed"):
         collect(stream)
 
 
-def _consume_then_abandon(stream: ChatStream, n: int, after: Callable[[], None] | None = None) -> list[str]:
+def _consume_then_abandon(stream: TurnStream, n: int, after: Callable[[], None] | None = None) -> list[str]:
     async def run() -> list[str]:
         seen: list[str] = []
         async for event in stream:
@@ -209,7 +214,7 @@ def _consume_then_abandon(stream: ChatStream, n: int, after: Callable[[], None] 
 def test_abandoning_a_plain_stream_cancels_it(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = " ".join(["w"] * 5000)
     engine.delay_s = 0.02
-    stream = service.open(service.spec_messages("q", [], "assistant"), options(max_new_tokens=100))
+    stream = service.open(turn(service.spec_messages("q", [], "assistant"), max_new_tokens=100))
     seen = _consume_then_abandon(stream, 2)
     assert seen == ["w", " w"]
     wait_until(lambda: engine.stats().running == 0, what="cancellation")
@@ -218,8 +223,8 @@ def test_abandoning_a_plain_stream_cancels_it(service: ChatService, engine: Scri
 def test_abandoning_an_improvement_stream_stops_the_pipeline(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = " ".join(["w"] * 5000)
     engine.delay_s = 0.02
-    stream = service.open(service.spec_messages("q", [], "assistant"),
-                          options(improvement=True, intermediate_steps=True, max_new_tokens=100))
+    stream = service.open(turn(service.spec_messages("q", [], "assistant"), improvement=True,
+                               intermediate_steps=True, max_new_tokens=100))
     seen = _consume_then_abandon(stream, 3)
     assert seen[0].startswith("### Draft answer")
     wait_until(lambda: engine.stats().running == 0, what="the draft pass to be cancelled")
@@ -229,8 +234,8 @@ def test_abandoning_an_improvement_stream_stops_the_pipeline(service: ChatServic
 def test_cancel_before_iterating(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = " ".join(["w"] * 5000)
     engine.delay_s = 0.02
-    stream = service.open(service.spec_messages("q", [], "assistant"), options(improvement=True, max_new_tokens=100))
-    stream.cancel()
+    stream = service.open(turn(service.spec_messages("q", [], "assistant"), improvement=True, max_new_tokens=100))
+    stream.cancel(Cancel.CLIENT_GONE)
     wait_until(lambda: engine.stats().running == 0, what="cancellation")
     assert len(engine.requests) == 1
 
@@ -242,14 +247,14 @@ def test_template_errors_are_input_errors(service: ChatService, engine: Scripted
 
     monkeypatch.setattr(engine.tokenizer, "apply_chat_template", strict_template)
     with pytest.raises(ChatInputError, match="alternate") as info:
-        service.open(service.spec_messages("q", [], "assistant"), options())
+        service.open(turn(service.spec_messages("q", [], "assistant")))
     assert info.value.param == "messages"
 
 
 def test_improvement_needs_a_final_user_message(service: ChatService, engine: ScriptedEngine) -> None:
     messages = [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]
     with pytest.raises(ChatInputError):
-        service.open(messages, options(improvement=True))
+        service.open(turn(messages, improvement=True))
     assert engine.requests == []
 
 
@@ -265,7 +270,7 @@ def test_the_eager_first_pass_is_the_pipelines_draft(service: ChatService, engin
                                                      tokenizer: Any, messages: list[dict[str, str]]) -> None:
     """open() submits the draft pass the pipeline then uses: three passes, none thrown away."""
     engine.reply = _reviser_reply
-    text, done = collect(service.open(messages, options(improvement=True)))
+    text, done = collect(service.open(turn(messages, improvement=True)))
     assert len(engine.requests) == 3  # draft, review 1, review 2: no resubmitted draft
     assert done.result["draft_answer"] == "A first draft."
     system = messages[0]["content"] if messages[0]["role"] == "system" else PROMPTS["assistant"]
@@ -288,7 +293,7 @@ def test_a_model_without_a_chat_template_gets_the_plain_transcript(tokenizer: An
     base.start()
     service = ChatService(base, PROMPTS, max_new_tokens_limit=100)
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    text, done = collect(service.open(service.spec_messages("q", history, "assistant"), options()))
+    text, done = collect(service.open(turn(service.spec_messages("q", history, "assistant"))))
     assert text == "Plain answer." and done.finish_reason == "stop"
     prompt_ids = base.requests[-1].prompt_ids
     assert plain.decode(prompt_ids, skip_special_tokens=True).endswith(
@@ -302,7 +307,7 @@ def test_a_model_without_a_chat_template_gets_the_plain_transcript(tokenizer: An
 def test_templated_prompt_has_no_doubled_bos(service: ChatService, engine: ScriptedEngine, tokenizer: Any) -> None:
     from llm_server.conversation_engine.inputs import prepare_inputs
 
-    collect(service.open(service.spec_messages("q", [], "assistant"), options()))
+    collect(service.open(turn(service.spec_messages("q", [], "assistant"))))
     python_api = prepare_inputs(tokenizer, None, PROMPTS, "q")["input_ids"][0].tolist()
     assert engine.requests[-1].prompt_ids == python_api
     assert python_api[:2].count(tokenizer.bos_token_id) <= 1
@@ -361,8 +366,9 @@ def test_an_improvement_turn_holds_no_thread_and_its_stream_cancels_the_pass_in_
 
     async def run() -> None:
         threads = threading.active_count()
-        opts = options(improvement=True, intermediate_steps=True, request_id="r1")
-        stream = service.open([{"role": "user", "content": "Explain"}], opts)
+        opts = turn([{"role": "user", "content": "Explain"}], improvement=True, intermediate_steps=True,
+                    request_id="r1")
+        stream = service.open(opts)
         events = stream.__aiter__()
         assert await anext(events) == ChatDelta("### Draft answer\n\n")
         assert threading.active_count() == threads  # the turn waits on the event loop, in no thread

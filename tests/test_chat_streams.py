@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from llm_server.api.plumbing.turns import open_stream
+from llm_server.api.ops.readiness import readiness
+from llm_server.api.protocols.turns import open_turn
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest
-from llm_server.serving.service import ChatDelta, ChatDone, ChatEvent
+from llm_server.serving.request import TurnRequest
+from llm_server.serving.turn_stream import ChatDelta, ChatDone, ChatEvent
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import API_KEY, build_app, live_server
 from tests.spec_harness import wait_until
@@ -89,11 +91,8 @@ class _FakeStream:
         self.cancelled = threading.Event()
         self.observer: Any = None
 
-    def cancel(self) -> None:
+    def cancel(self, reason: Any) -> None:
         self.cancelled.set()
-
-    def cut(self, reason: str) -> None:
-        self.cancel()
 
     def observe(self, observer: Any) -> _FakeStream:
         self.observer = observer
@@ -104,10 +103,24 @@ class _FakeStream:
         yield ChatDone({"reply": "never read"}, "stop", 1, 1)
 
 
-def _request() -> Any:
+class _Service:
+    """A ChatService stand-in whose ``open`` runs the test's opener."""
+
+    def __init__(self, opener: Any) -> None:
+        self.opener = opener
+
+    def open(self, turn: TurnRequest) -> Any:
+        return self.opener()
+
+
+def _request(opener: Any) -> Any:
+    from fastapi import FastAPI
     from starlette.requests import Request
 
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "state": {}})
+    app = FastAPI()
+    readiness(app).mark_ready()
+    app.state.chat = _Service(opener)
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "state": {}, "app": app})
 
 
 def test_cancelling_the_request_while_opening_cancels_the_opened_stream() -> None:
@@ -120,7 +133,7 @@ def test_cancelling_the_request_while_opening_cancels_the_opened_stream() -> Non
         return opened
 
     async def run() -> None:
-        task = asyncio.ensure_future(open_stream(_request(), opener))
+        task = asyncio.ensure_future(open_turn(_request(opener), TurnRequest()))
         assert await asyncio.to_thread(entered.wait, 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -135,8 +148,8 @@ def test_an_open_that_completes_is_handed_over_untouched() -> None:
     opened = _FakeStream()
 
     async def run() -> Any:
-        return await open_stream(_request(), lambda: opened)
+        return await open_turn(_request(lambda: opened), TurnRequest())
 
-    stream = asyncio.run(run())
+    stream = asyncio.run(run()).stream
     assert stream is opened and not opened.cancelled.is_set()
     assert opened.observer is not None  # the request's metrics watch it

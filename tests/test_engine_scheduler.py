@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from llm_server.engine.config import EngineConfig
+from llm_server.engine.detokenize import StopMatcher
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import SeqStatus, Sequence
 from llm_server.engine.stream import GenerationStream
-from llm_server.engine.detokenize import StopMatcher
 from llm_server.engine.types import GenerationRequest, SamplingParams
 
 

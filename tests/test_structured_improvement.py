@@ -17,8 +17,9 @@ from llm_server.conversation_engine.improvement import (
     improvement_pipeline,
     parse_structured_review,
 )
-from llm_server.engine.types import SamplingParams
-from llm_server.serving.service import ChatDone, ChatOptions, ChatService
+from llm_server.serving.request import Sampling, TurnRequest
+from llm_server.serving.service import ChatService
+from llm_server.serving.turn_stream import ChatDone
 from tests.fakes import ScriptedEngine
 
 PROMPTS = {"assistant": "You answer.", "reviser": "You revise."}
@@ -69,8 +70,9 @@ def test_server_review_passes_are_constrained(tokenizer: Any) -> None:
     engine = ScriptedEngine(tokenizer, reply="A fine answer.")
     engine.start()
     service = ChatService(engine, PROMPTS, max_new_tokens_limit=100)
-    options = ChatOptions(improvement=True, params=SamplingParams(max_new_tokens=50), request_id="imp")
-    stream = service.open([{"role": "user", "content": "Capital of France?"}], options)
+    options = TurnRequest(messages=({"role": "user", "content": "Capital of France?"},), improvement=True,
+                          sampling=Sampling(max_new_tokens=50), request_id="imp")
+    stream = service.open(options)
 
     async def drain() -> ChatDone:
         async for event in stream:

@@ -23,20 +23,21 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 
 from llm_server.api.ops import routes as ops_routes
+from llm_server.api.ops.readiness import FailureHook, ModelLoader, readiness
 from llm_server.api.page import routes as page_routes
-from llm_server.api.protocols import openai_routes, spec_chat
+from llm_server.api.plumbing.allowed_methods import OptionsMiddleware, allow_header
 from llm_server.api.plumbing.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.plumbing.errors import install_error_handlers
 from llm_server.api.plumbing.limits import BodySizeLimitMiddleware
-from llm_server.api.plumbing.allowed_methods import OptionsMiddleware
 from llm_server.api.plumbing.middleware import install_middleware
 from llm_server.api.plumbing.openapi_doc import install_openapi
-from llm_server.api.ops.readiness import FailureHook, ModelLoader, readiness
+from llm_server.api.protocols import openai_routes, spec_chat
 from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
 from llm_server.engine.wait_policy import apply_server_wait_policy
@@ -97,7 +98,7 @@ def create_app(
         return engine
 
     def make_chat(engine: Engine) -> ChatService:
-        return ChatService(engine, settings.system_prompts, settings.max_new_tokens_limit)
+        return ChatService(engine, settings.system_prompts, settings.max_new_tokens_limit, settings.default_params)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,7 +118,7 @@ def create_app(
     app = FastAPI(title="llm_server", lifespan=lifespan)
     app.state.settings = settings
     readiness(app)  # "loading" from the start, so /health never sees a missing state
-    install_error_handlers(app)
+    install_error_handlers(app, partial(allow_header, app))
     for module in (ops_routes, spec_chat, openai_routes, page_routes):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes)
@@ -203,8 +204,8 @@ def _stop_the_process(exc: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``start_llm_server`` (flags: --host, --port, --config-dir, --open-access)."""
-    from llm_server.api.plumbing.middleware import configure_logging
     from llm_server.api.ops.shutdown import run_server
+    from llm_server.api.plumbing.middleware import configure_logging
 
     args = _parse_args(argv)
     configure_logging(args.log_level.upper())

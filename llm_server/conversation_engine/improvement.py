@@ -4,7 +4,7 @@ The stage logic is sans-IO: :func:`improvement_steps` is a generator that yields
 client sees and each :class:`Pass` it needs (messages, optional JSON schema), and is sent back
 each pass's full text. Two drivers run it: :func:`improvement_pipeline` here (synchronous, each
 pass through a ``generate`` function: full chat messages -> text chunks of one pass), used by
-the in-process ``ConversationEngine``; and the serving layer's ``ChatStream``, which runs each
+the in-process ``ConversationEngine``; and the serving layer's ``TurnStream``, which runs each
 pass on the batching engine from the event loop (no thread of its own). The reviser
 writes three sections ("Suggestions:", "Revised answer:", "Comments:"); :func:`parse_review`
 reads them tolerantly, and a revision that is missing, empty or "None" falls back to the

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from llm_server.engine.config import EngineConfig
+from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
 from llm_server.engine.model_setup import default_max_context, default_top_k, eos_ids, make_runner
 from llm_server.engine.runner import ModelRunner
@@ -40,7 +41,6 @@ from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import Sequence
 from llm_server.engine.stream import GenerationStream, WakeupBatch
-from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.threads import configure_threads
 from llm_server.engine.types import (
     ContextLengthExceeded,

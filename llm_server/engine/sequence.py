@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.runner import KVHandle
 from llm_server.engine.sampler import SamplerState
 from llm_server.engine.stream import GenerationStream
-from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.types import GenerationRequest
 
 

@@ -119,6 +119,8 @@ class Finished:
     #: When the request entered each status it went through (``waiting``, ``prefilling``,
     #: ``decoding``, ``finished``), in ``time.monotonic()`` seconds; empty when not tracked.
     timeline: dict[str, float] = field(default_factory=dict, compare=False)
+    #: Prompt tokens whose KV came from the prefix cache instead of a prefill.
+    cached_tokens: int = 0
 
 
 StreamEvent = TextDelta | Finished

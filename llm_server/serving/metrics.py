@@ -7,7 +7,7 @@ units (seconds), ``_total`` on counters.
 
 Per-request latency and token counts are recorded by :class:`RequestMetrics`, a
 :class:`~llm_server.serving.turn_stream.StreamObserver` that a
-:class:`~llm_server.serving.turn_stream.ChatStream` calls as its text is delivered and once
+:class:`~llm_server.serving.turn_stream.TurnStream` calls as its text is delivered and once
 when it ends. Queue gauges are set from
 ``engine.stats()`` at scrape time by :func:`update_engine_gauges`. Nothing here knows HTTP.
 """

@@ -1,19 +1,28 @@
-"""ChatService: the one place where a chat turn becomes engine work.
+"""ChatService: the one place where a :class:`~llm_server.serving.request.TurnRequest` becomes engine work.
 
-Routes (spec endpoints, OpenAI endpoints, the chat page) all call this; none of them
-tokenizes or generates on its own. ``open`` validates the chat-level inputs (messages, role,
-the server's ``max_new_tokens`` limit), applies the chat template once and submits the turn's
-first pass to the engine *eagerly* (the engine checks token ids and the context window), so
-input and capacity errors surface before a response starts. The returned
-:class:`~llm_server.serving.turn_stream.ChatStream` is an async iterable of
+Every protocol adapter (spec ``/chat``, OpenAI Chat Completions and Completions, the chat page)
+builds one ``TurnRequest`` and calls :meth:`ChatService.open`; none of them tokenizes, compiles a
+grammar or generates on its own. ``open`` resolves the request once, in this order:
+
+1. combinations that cannot work (improvement with ``response_format``, logprobs or tools);
+2. sampling: the server's defaults (``model_config.yaml`` ``parameters``, one place:
+   :class:`~llm_server.helper_functionality.config_models.ModelParameters`) overridden where
+   the client said (:func:`~llm_server.serving.sampling.request_sampling`), the server's
+   ``max_new_tokens`` limit;
+3. the messages: the role's system prompt (by the request's rule), tools described in the prompt;
+4. the constraint: a required tool call or ``response_format`` compiled to one grammar;
+5. logprobs, then the chat template applied once and the turn's first pass submitted *eagerly*
+   (the engine checks token ids and the context window), so input and capacity errors surface
+   before a response starts.
+
+The returned :class:`~llm_server.serving.turn_stream.TurnStream` is an async iterable of
 :class:`ChatDelta` ... then one :class:`ChatDone`, and owns the turn's cancellation.
 
 A turn is a sans-IO generator of passes: one pass for a plain answer, or, with
-``options.improvement``, the spec's answer-improvement pipeline
-(``conversation_engine.improvement.improvement_steps``). ``open`` takes the turn's first pass
-from that generator and submits it; the ChatStream runs the later passes on the same engine (so
-they are batched with everything else), from the event loop. Engine request ids are
-``<request id>`` for a single pass and ``<request id>-draft`` / ``-review1`` / ``-review2`` for
+``improvement``, the spec's answer-improvement pipeline
+(``conversation_engine.improvement.improvement_steps``). The stream runs the later passes on
+the same engine (so they are batched with everything else), from the event loop. Engine request
+ids are ``<request id>`` for a single pass and ``<request id>-draft`` / ``-review1`` / ... for
 the improvement passes.
 """
 
@@ -22,8 +31,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from llm_server.conversation_engine.improvement import (
     Advance,
@@ -34,60 +44,140 @@ from llm_server.conversation_engine.improvement import (
     improvement_steps,
 )
 from llm_server.conversation_engine.inputs import (
+    DEFAULT_ROLE,
     ChatTemplateError,
     HistoryError,
     UnknownRoleError,
     build_messages,
     chat_token_ids,
+    has_chat_template,
 )
 from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest, SamplingParams
-from llm_server.serving.turn_stream import ChatDelta, ChatDone, ChatEvent, ChatStream, single_pass
+from llm_server.serving.request import ChatInputError, Message, TurnRequest
+from llm_server.serving.sampling import request_sampling
+from llm_server.serving.structured import LogprobReader, compile_schema, response_format_grammar, with_logprobs
+from llm_server.serving.tools import ToolSet, call_grammar, parse_tools, with_tools_prompt
+from llm_server.serving.turn_stream import ChatDelta, ChatDone, ChatEvent, TurnStream, single_pass
 
 logger = logging.getLogger(__name__)
 
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 #: Improvement passes after the first may shrink max_new_tokens to fit the context, down to this.
 MIN_PASS_TOKENS = 16
 
 
-class ChatInputError(ValueError):
-    """A request the client must fix (HTTP 400). ``param`` names the offending field."""
+@dataclass(frozen=True)
+class _Resolved:
+    """A request after :meth:`ChatService.open` resolved it: what the turn runs with."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-@dataclass
-class ChatOptions:
-    """How to answer one turn."""
-
-    role: str = "assistant"  # system-prompt name from system_prompt_config.yaml
-    improvement: bool = False
-    intermediate_steps: bool = False
-    params: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = ""
-    #: The client did not ask for a number of new tokens: shrink the default to fit the context.
-    fit_context: bool = False
+    params: SamplingParams
+    tools: ToolSet | None
+    logprobs: LogprobReader | None
+    request_id: str
 
 
 class ChatService:
-    """Turns chat requests into engine requests (template, limits, improvement passes)."""
+    """Turns :class:`TurnRequest` s into engine requests (defaults, template, tools, grammar, passes)."""
 
-    def __init__(self, engine: Engine, system_prompts: Mapping[str, str], max_new_tokens_limit: int) -> None:
+    def __init__(self, engine: Engine, system_prompts: Mapping[str, str], max_new_tokens_limit: int,
+                 defaults: SamplingParams | None = None) -> None:
         self.engine = engine
         self.system_prompts = dict(system_prompts)
         self.max_new_tokens_limit = max_new_tokens_limit
+        #: Generation settings of a request that names none (model_config.yaml ``parameters``).
+        self.defaults = defaults if defaults is not None else SamplingParams()
 
-    # --- building prompts -----------------------------------------------------------------
+    # --- opening a turn ---------------------------------------------------------------------
+    def open(self, request: TurnRequest) -> TurnStream:
+        """Resolve ``request`` and submit its first pass now (see the module docstring); raises
+        ChatInputError / ContextLengthExceeded / EngineError before any event."""
+        _check_combinations(request)
+        tools = self._tools(request)
+        params = self._sampling(request)
+        if request.prompt is not None:  # a raw prompt: no chat template, no system prompt
+            prompt_ids = list(self.engine.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+            steps: Steps = single_pass([])
+        else:
+            messages = self._messages(request, tools)
+            steps = self._improvement(messages, request) if request.improvement else single_pass(messages)
+        grammar = self._grammar(request, tools)
+        params = params if grammar is None else replace(params, constraint=grammar)
+        params, log = with_logprobs(params, request.logprobs)
+        reader = LogprobReader(self.engine.tokenizer, log) if log is not None else None
+        opening = advance(steps)
+        if request.prompt is None:
+            first = opening.next_pass
+            prompt_ids = self.prompt_ids(first.messages if first is not None else [])
+        resolved = _Resolved(self._fitted(params, request, len(prompt_ids)), tools, reader,
+                             request.request_id or uuid.uuid4().hex)
+        return self._start(steps, opening, prompt_ids, resolved)
+
+    def _start(self, steps: Steps, opening: Advance, prompt_ids: list[int], turn: _Resolved) -> TurnStream:
+        """Submit the opening pass (``prompt_ids``) now; the stream runs the rest of ``steps``."""
+        first = opening.next_pass
+        assert first is not None  # every turn starts with a pass
+        stream = self.engine.submit(GenerationRequest(_pass_id(turn.request_id, first), prompt_ids, turn.params))
+        later = partial(self._submit_later, turn.params, turn.request_id)
+        return TurnStream(steps, opening, stream, later, len(prompt_ids), tools=turn.tools, logprobs=turn.logprobs)
+
+    # --- resolving --------------------------------------------------------------------------
+    def _sampling(self, request: TurnRequest) -> SamplingParams:
+        """The server's defaults overridden by the request; the server's max_new_tokens limit."""
+        asked = request.sampling
+        params = request_sampling(self.defaults, max_new_tokens=asked.max_new_tokens, temperature=asked.temperature,
+                                  top_p=asked.top_p, repetition_penalty=asked.repetition_penalty, seed=asked.seed,
+                                  stop=asked.stop)
+        if asked.max_new_tokens is None:
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_new_tokens_limit))
+        elif params.max_new_tokens > self.max_new_tokens_limit:
+            raise ChatInputError(
+                f"max_new_tokens is {params.max_new_tokens}, above this server's limit of "
+                f"{self.max_new_tokens_limit}",
+                param="max_new_tokens",
+            )
+        return params
+
+    def _messages(self, request: TurnRequest, tools: ToolSet | None) -> list[Message]:
+        """The conversation with the role's system prompt (by the request's rule) and the tools."""
+        messages = list(request.messages)
+        if not messages:
+            raise ChatInputError("messages must not be empty", param="messages")
+        if request.system_prompt_rule == "spec":
+            *history, prompt = messages
+            messages = self.spec_messages(prompt["content"], history, request.role or DEFAULT_ROLE)
+        else:
+            messages = self.openai_messages(messages, request.role)
+        return with_tools_prompt(messages, tools) if tools is not None else messages
+
+    def _tools(self, request: TurnRequest) -> ToolSet | None:
+        """The request's tools (None when no call may be made); ChatInputError for what cannot work."""
+        if request.tools is None:
+            return None
+        tools = parse_tools(request.tools.tools, request.tools.choice, request.tools.parallel)
+        if tools is None:
+            return None
+        if not has_chat_template(self.engine.tokenizer):
+            raise ChatInputError("this model has no chat template, so it cannot be given tools", param="tools",
+                                 code="unsupported_parameter")
+        if request.improvement:
+            raise ChatInputError("tools cannot be combined with improvement", param="tools", code="unsupported_value")
+        if tools.constrained and _structured_format(request.response_format):
+            raise ChatInputError("response_format cannot be combined with a required tool call",
+                                 param="response_format", code="unsupported_value")
+        return tools
+
+    def _grammar(self, request: TurnRequest, tools: ToolSet | None) -> Any:
+        """The one grammar of the turn: a required tool call's, else ``response_format``'s (None: free)."""
+        if tools is not None and tools.constrained:
+            return call_grammar(self.engine.tokenizer, tools)
+        return response_format_grammar(self.engine.tokenizer, request.response_format)
+
     def spec_messages(self, prompt: str, history: list[Message], role: str) -> list[Message]:
         """System prompt of ``role`` + history + the user's prompt, built and validated by the
         Python API's :func:`~llm_server.conversation_engine.inputs.build_messages` (the improvement
         pipeline's draft pass uses it too); its errors become :class:`ChatInputError`. (A blank
-        prompt is the wire format's to refuse: ``api.protocol_chat``.)"""
+        prompt is the wire format's to refuse: ``api.protocols.spec_chat_wire``.)"""
         try:
             return build_messages(self.system_prompts, prompt, role, history)
         except UnknownRoleError as exc:
@@ -119,78 +209,49 @@ class ChatService:
         except ChatTemplateError as exc:  # e.g. a template that demands alternating user/assistant turns
             raise ChatInputError(str(exc), param="messages", code="invalid_messages") from exc
 
-    # --- opening streams ------------------------------------------------------------------
-    def open(self, messages: list[Message], options: ChatOptions) -> ChatStream:
-        """Validate and submit the turn's first pass now; raises ChatInputError /
-        ContextLengthExceeded / EngineError.
-
-        ``messages`` is ``[system?, *history, user]``. The first pass is the answer itself or,
-        with ``options.improvement``, the pipeline's draft: taken from the turn's own steps, so
-        the pass submitted here is the one the pipeline asked for.
-        """
-        self._check_params(options.params)
-        if not messages:
-            raise ChatInputError("messages must not be empty", param="messages")
-        steps = self._improvement(messages, options) if options.improvement else single_pass(messages)
-        opening = advance(steps)
-        messages = opening.next_pass.messages if opening.next_pass is not None else []
-        return self._start(steps, opening, self.prompt_ids(messages), options)
-
-    def open_completion(self, prompt: str, options: ChatOptions) -> ChatStream:
-        """A raw prompt (no chat template, no system prompt): for /v1/completions."""
-        self._check_params(options.params)
-        prompt_ids = list(self.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        steps = single_pass([])  # no messages: the raw prompt's ids are the pass's prompt
-        return self._start(steps, advance(steps), prompt_ids, options)
-
-    def _start(self, steps: Steps, opening: Advance, prompt_ids: list[int], options: ChatOptions) -> ChatStream:
-        """Submit the opening pass (``prompt_ids``) now; the stream runs the rest of ``steps``."""
-        first = opening.next_pass
-        assert first is not None  # every turn starts with a pass
-        options = self._fitted(options, len(prompt_ids))
-        request_id = options.request_id or uuid.uuid4().hex
-        stream = self.engine.submit(GenerationRequest(_pass_id(request_id, first), prompt_ids, options.params))
-        later = partial(self._submit_later, options.params, request_id)
-        return ChatStream(steps, opening, stream, later, len(prompt_ids))
-
-    def _improvement(self, messages: list[Message], options: ChatOptions) -> Steps:
+    def _improvement(self, messages: list[Message], request: TurnRequest) -> Steps:
         """The improvement pipeline's steps for ``[system?, *history, user]``: the system prompts
         are the service's, with the role's entry replaced by the turn's own system message."""
+        role = request.role or DEFAULT_ROLE
         system, history, message = _split_messages(messages)
         prompts = dict(self.system_prompts)
-        prompts[options.role] = system if system is not None else prompts.get(options.role, "")
-        return improvement_steps(prompts, history, message, options.role, options.intermediate_steps,
+        prompts[role] = system if system is not None else prompts.get(role, "")
+        return improvement_steps(prompts, history, message, role, request.intermediate_steps,
                                  structured=grammar_available())
 
     def _submit_later(self, params: SamplingParams, request_id: str, later: Pass) -> GenerationStream:
         """A pass after the first (a review): constrained to its schema, and its max_new_tokens
         shrunk to the room its prompt leaves (down to :data:`MIN_PASS_TOKENS`)."""
         if later.schema is not None:  # a structured review: compiled here, off the event loop
-            from llm_server.serving.structured import compile_schema, constrained
-
-            params = constrained(params, compile_schema(self.engine.tokenizer, later.schema, "review"))
+            params = replace(params, constraint=compile_schema(self.engine.tokenizer, later.schema, "review"))
         prompt_ids = self.prompt_ids(later.messages)
         room = self.engine.max_context - len(prompt_ids)
         if room < params.max_new_tokens:  # too little room is the engine's to refuse
             params = replace(params, max_new_tokens=max(room, min(params.max_new_tokens, MIN_PASS_TOKENS)))
         return self.engine.submit(GenerationRequest(_pass_id(request_id, later), prompt_ids, params))
 
-    # --- checks -----------------------------------------------------------------------------
-    def _check_params(self, params: SamplingParams) -> None:
-        """The server's limit (the wire formats refuse a max_new_tokens below 1)."""
-        if params.max_new_tokens > self.max_new_tokens_limit:
-            raise ChatInputError(
-                f"max_new_tokens is {params.max_new_tokens}, above this server's limit of "
-                f"{self.max_new_tokens_limit}",
-                param="max_new_tokens",
-            )
-
-    def _fitted(self, options: ChatOptions, prompt_tokens: int) -> ChatOptions:
-        """With ``fit_context``, a default max_new_tokens shrinks to the room the prompt leaves."""
+    def _fitted(self, params: SamplingParams, request: TurnRequest, prompt_tokens: int) -> SamplingParams:
+        """A default max_new_tokens (the client named none) shrinks to the room the prompt leaves."""
         room = self.engine.max_context - prompt_tokens
-        if options.fit_context and 0 < room < options.params.max_new_tokens:
-            return replace(options, params=replace(options.params, max_new_tokens=room))
-        return options
+        if request.fit_context and 0 < room < params.max_new_tokens:
+            return replace(params, max_new_tokens=room)
+        return params
+
+
+def _structured_format(response_format: Any) -> bool:
+    return isinstance(response_format, dict) and response_format.get("type", "text") != "text"
+
+
+def _check_combinations(request: TurnRequest) -> None:
+    """What the improvement pipeline cannot honour (its passes are free text and reviews)."""
+    if not request.improvement:
+        return
+    if _structured_format(request.response_format):
+        raise ChatInputError("response_format cannot be combined with improvement", param="response_format",
+                             code="unsupported_value")
+    if request.logprobs is not None:
+        raise ChatInputError("logprobs cannot be combined with improvement", param="logprobs",
+                             code="unsupported_value")
 
 
 def _pass_id(request_id: str, one: Pass) -> str:
@@ -214,5 +275,5 @@ def _split_messages(messages: list[Message]) -> tuple[str | None, list[Message],
     return system, body[:-1], body[-1].get("content", "")
 
 
-__all__ = ["ChatDelta", "ChatDone", "ChatEvent", "ChatInputError", "ChatOptions", "ChatService", "ChatStream",
-           "Message"]
+__all__ = ["ChatDelta", "ChatDone", "ChatEvent", "ChatInputError", "ChatService", "Message", "TurnRequest",
+           "TurnStream"]

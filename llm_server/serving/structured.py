@@ -1,20 +1,21 @@
 """Structured output for the serving layer: ``response_format`` -> a grammar on the sampling
-settings, and recorded log-probabilities -> OpenAI's ``logprobs`` objects.
+settings, and recorded log-probabilities -> :class:`TokenText` (token text and alternatives), which
+each protocol adapter writes in its own shape.
 
 The grammar library (and torch with it) is imported lazily, when a request first asks for
 structure, so the API package can be imported without torch. Compiling happens here, in the
 request's worker thread, never on the engine's scheduler thread; a schema the library cannot
-compile is a :class:`~llm_server.serving.service.ChatInputError` (HTTP 400) naming the problem.
+compile is a :class:`~llm_server.serving.request.ChatInputError` (HTTP 400) naming the problem.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llm_server.engine.types import LogprobLog, SamplingParams, TokenLogprob
-from llm_server.serving.service import ChatInputError
+from llm_server.serving.request import ChatInputError
 
 logger = logging.getLogger(__name__)
 
@@ -73,39 +74,30 @@ def with_logprobs(params: SamplingParams, top: int | None) -> tuple[SamplingPara
     return replace(params, logprobs=top, logprob_sink=log), log
 
 
-class LogprobFormatter:
-    """Turns recorded :class:`TokenLogprob` into OpenAI's chat and completion shapes."""
+@dataclass(frozen=True)
+class TokenText:
+    """One generated token's text and log-probability, with its likeliest alternatives."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+class LogprobReader:
+    """Reads a turn's recorded :class:`TokenLogprob` as :class:`TokenText` (special tokens left out)."""
+
+    def __init__(self, tokenizer: Any, log: LogprobLog) -> None:
         self._tokenizer = tokenizer
+        self._log = log
         self._special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
 
     def _text(self, token_id: int) -> str:
         return str(self._tokenizer.decode([token_id]))
 
-    def _kept(self, items: list[TokenLogprob]) -> list[TokenLogprob]:
-        return [item for item in items if item.token_id not in self._special]
+    def take(self) -> list[TokenText]:
+        """What was recorded since the last call."""
+        return [self._item(item) for item in self._log.drain() if item.token_id not in self._special]
 
-    def chat(self, items: list[TokenLogprob]) -> dict[str, Any]:
-        """``{"content": [{token, logprob, bytes, top_logprobs}, ...]}`` (chat completions)."""
-        return {"content": [self._chat_entry(item) for item in self._kept(items)], "refusal": None}
-
-    def _chat_entry(self, item: TokenLogprob) -> dict[str, Any]:
-        token = self._text(item.token_id)
-        top = [{"token": (t := self._text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in item.top]
-        return {"token": token, "logprob": item.logprob, "bytes": list(token.encode()), "top_logprobs": top}
-
-    def completion(self, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-        """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (legacy completions)."""
-        kept = self._kept(items)
-        tokens = [self._text(item.token_id) for item in kept]
-        offsets: list[int] = []
-        for token in tokens:
-            offsets.append(offset)
-            offset += len(token)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [item.logprob for item in kept],
-            "top_logprobs": [{self._text(i): lp for i, lp in item.top} for item in kept],
-            "text_offset": offsets,
-        }
+    def _item(self, item: TokenLogprob) -> TokenText:
+        top = tuple((self._text(i), lp) for i, lp in item.top)
+        return TokenText(self._text(item.token_id), item.logprob, top)

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from llm_server.serving.service import ChatInputError, Message
+from llm_server.serving.request import ChatInputError, Message
 
 #: The most calls one constrained reply may hold with ``parallel_tool_calls``.
 MAX_PARALLEL_CALLS = 4

@@ -1,4 +1,5 @@
-"""ChatStream: one chat turn's engine passes as one async stream, and the one owner of its cancellation.
+"""TurnStream: one chat turn's engine passes as one async stream of typed events, and the one owner of its
+cancellation.
 
 A turn is a sans-IO generator of :data:`~llm_server.conversation_engine.improvement.Steps`
 (a plain answer: :func:`single_pass`; improvement: ``improvement_steps``). The stream starts
@@ -10,10 +11,16 @@ back to the turn. No thread is kept per request.
 
 Like vLLM's ``AsyncLLM.generate``, the generator that consumes the engine's output owns
 cancellation: when its iteration ends early (break, ``aclose``, task cancelled, an error) it
-cancels the pass in flight, and :meth:`ChatStream.cancel` (thread-safe) does the same for a
-stream nobody iterates. Layers above only iterate, close or cancel it. Metrics watch the stream
-through a :class:`StreamObserver`; a server-side cut (:meth:`ChatStream.cut`) ends the
-iteration with :class:`ServerShuttingDown` instead of a silently truncated answer.
+cancels the pass in flight, and :meth:`TurnStream.cancel` (thread-safe) does the same for a
+stream nobody iterates. Every reason to stop goes through that one method, named by a
+:class:`Cancel` reason: the client went away or cancelled, a deadline passed, the server shuts
+down (the iteration then raises :class:`ServerShuttingDown` instead of ending in a silently
+truncated answer). Layers above only iterate, close or cancel it. Metrics watch the stream
+through a :class:`StreamObserver`.
+
+A turn that may call tools (``tools``) holds its text back (a call is only known once it
+parses) and reports it, with the calls read out of it, in its :class:`ChatDone`. A turn that
+records log-probabilities hands them out with :meth:`TurnStream.take_logprobs`.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ import threading
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from llm_server.conversation_engine.improvement import Advance, Pass, Steps, advance
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import EngineUnavailable, Finished, FinishReason, TextDelta
+from llm_server.serving.structured import LogprobReader, TokenText
+from llm_server.serving.tools import ToolCall, ToolSet, parse_calls
 
 #: Submits one later pass of a turn (blocking: tokenizes, compiles a schema, submits).
 SubmitPass = Callable[[Pass], GenerationStream]
@@ -48,9 +58,29 @@ class ChatDone:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    #: Prompt tokens served from the engine's prefix cache (0 when nothing was reused).
+    cached_tokens: int = 0
+    #: A turn that could call tools: the calls read out of its text ...
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: ... and the text that was held back instead of streamed (without the calls; None when
+    #: nothing was held, "" when the reply was only calls).
+    held_text: str | None = None
 
 
 ChatEvent = ChatDelta | ChatDone
+
+
+class Cancel(Enum):
+    """Why a turn stops before its end: the one argument of :meth:`TurnStream.cancel`."""
+
+    READER_LEFT = "reader_left"  # its iteration ended early (break, aclose, task cancelled, error)
+    CLIENT_GONE = "client_gone"  # the HTTP client disconnected (or never saw the stream open)
+    DEADLINE = "deadline"  # a time limit passed
+    SHUTDOWN = "shutdown"  # the server is shutting down: the iteration raises ServerShuttingDown
+
+
+#: What a client is told when the server's shutdown cuts its answer short.
+SHUTDOWN_MESSAGE = "the server is shutting down and cut this answer short; retry on another instance"
 
 
 class ServerShuttingDown(EngineUnavailable):
@@ -81,7 +111,7 @@ def single_pass(messages: list[dict[str, str]]) -> Steps:
     return {"reply": text}
 
 
-class ChatStream:
+class TurnStream:
     """Async iterable of ``ChatDelta``... then exactly one ``ChatDone``; errors raise.
 
     Iterate it once. Abandoning the iteration (break, task cancelled, client gone) cancels
@@ -89,9 +119,10 @@ class ChatStream:
     """
 
     def __init__(self, steps: Steps, opening: Advance, first: GenerationStream, submit: SubmitPass,
-                 prompt_tokens: int) -> None:
+                 prompt_tokens: int, tools: ToolSet | None = None, logprobs: LogprobReader | None = None) -> None:
         """``opening`` is ``advance(steps)``: texts before the first pass, and that pass, whose
-        engine stream ``first`` is already submitted; ``submit`` starts each later pass."""
+        engine stream ``first`` is already submitted; ``submit`` starts each later pass.
+        ``tools``: the reply may hold calls (text held back); ``logprobs``: recorded per token."""
         self._steps = steps
         self._opening = opening
         self._submit = submit
@@ -102,25 +133,34 @@ class ChatStream:
         self._reported = False
         #: Prompt tokens of the (first) pass, known before generation starts.
         self.prompt_tokens = prompt_tokens
-        #: Why the server cut this stream short (e.g. shutdown), or None.
-        self.cut_reason: str | None = None
+        self._tools = tools
+        self._logprobs = logprobs
+        #: Why the turn was cancelled, or None.
+        self.cancelled_by: Cancel | None = None
 
-    def observe(self, observer: StreamObserver) -> ChatStream:
+    @property
+    def holds_text(self) -> bool:
+        """Whether text is held back to the end (the reply may hold tool calls)."""
+        return self._tools is not None
+
+    def take_logprobs(self) -> list[TokenText] | None:
+        """The log-probabilities recorded since the last call (None when not requested)."""
+        return None if self._logprobs is None else self._logprobs.take()
+
+    def observe(self, observer: StreamObserver) -> TurnStream:
         """Report this stream's text and end to ``observer``; returns self."""
         self._observer = observer
         return self
 
-    def cancel(self) -> None:
-        """Stop generating (thread-safe, idempotent, harmless after the end)."""
+    def cancel(self, reason: Cancel) -> None:
+        """Stop generating, for ``reason`` (thread-safe, idempotent, harmless after the end). The
+        only way a turn's generation is cancelled; the first reason given is the one kept."""
         with self._lock:
             self._stopped = True
+            if self.cancelled_by is None:
+                self.cancelled_by = reason
             current = self._current
         current.cancel()
-
-    def cut(self, reason: str) -> None:
-        """Cancel on the server's behalf (not the client's): the iteration raises ServerShuttingDown."""
-        self.cut_reason = reason
-        self.cancel()
 
     def __aiter__(self) -> AsyncGenerator[ChatEvent, None]:
         return self._iterate()
@@ -143,7 +183,7 @@ class ChatStream:
             raise
         finally:
             if outcome in ("cancelled", "error"):
-                self.cancel()  # the one place a turn's generation is cancelled when its reader leaves
+                self.cancel(Cancel.READER_LEFT)
                 self._report(outcome, 0, 0)
 
     def _report(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -155,7 +195,7 @@ class ChatStream:
         """The turn's events: each pass's live text and the turn's own text, then its ChatDone."""
         step = self._opening
         stream: GenerationStream | None = self._current
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached = 0
         reason: FinishReason = "stop"
         while True:
             for text in step.texts:
@@ -171,7 +211,7 @@ class ChatStream:
             finished: Finished | None = None
             async for event in stream:
                 if isinstance(event, TextDelta):
-                    if event.text and step.next_pass.show:
+                    if event.text and step.next_pass.show and self._tools is None:
                         yield ChatDelta(event.text)
                 else:
                     finished = event
@@ -182,14 +222,23 @@ class ChatStream:
                 yield self._cancelled(finished.text, prompt_tokens, completion_tokens)
                 return
             reason = finished.reason
+            cached += finished.cached_tokens
             step, stream = advance(self._steps, finished.text), None
-        yield ChatDone(step.result, reason, prompt_tokens, completion_tokens)
+        yield self._done(step.result, reason, (prompt_tokens, completion_tokens, cached))
+
+    def _done(self, result: dict[str, str], reason: FinishReason, usage: tuple[int, int, int]) -> ChatDone:
+        """The turn's ChatDone; with tools, the held text split into content and calls."""
+        if self._tools is None:
+            return ChatDone(result, reason, *usage)
+        text = result.get("reply", "")
+        content, calls = parse_calls(text, self._tools)
+        return ChatDone(result, reason, *usage, tool_calls=tuple(calls), held_text=content or "")
 
     def _cancelled(self, text: str, prompt_tokens: int, completion_tokens: int) -> ChatDone:
-        """The turn's end when a pass was cancelled; raises if the server cut it."""
-        if self.cut_reason is not None:
+        """The turn's end when a pass was cancelled; raises if the server is shutting down."""
+        if self.cancelled_by is Cancel.SHUTDOWN:
             self._report("cancelled", prompt_tokens, completion_tokens)
-            raise ServerShuttingDown(self.cut_reason)  # never a silent truncation
+            raise ServerShuttingDown(SHUTDOWN_MESSAGE)  # never a silent truncation
         return ChatDone({"reply": text}, "cancelled", prompt_tokens, completion_tokens)
 
     async def _start(self, next_pass: Pass) -> GenerationStream:

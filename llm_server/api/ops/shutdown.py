@@ -27,19 +27,21 @@ from typing import Any, Protocol
 import uvicorn
 from fastapi import FastAPI
 
+from llm_server.serving.turn_stream import SHUTDOWN_MESSAGE, Cancel
+
 logger = logging.getLogger(__name__)
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Cuttable(Protocol):
-    """An open generation the server may cut short (a serving ChatStream)."""
+    """An open generation the server may cut short (an HTTP request's turn)."""
 
-    def cut(self, reason: str) -> None: ...
+    def stop(self, reason: Cancel) -> None: ...
 
 
 #: What a client whose answer was cut short by the shutdown deadline reads in-band.
-SHUTDOWN_CUT_REASON = "the server is shutting down and cut this answer short; retry on another instance"
+SHUTDOWN_CUT_REASON = SHUTDOWN_MESSAGE
 
 
 class DrainState:
@@ -76,7 +78,7 @@ class DrainState:
             streams = list(self._open)
             self._open.clear()
         for stream in streams:
-            stream.cut(SHUTDOWN_CUT_REASON)
+            stream.stop(Cancel.SHUTDOWN)
         if streams:
             logger.warning("shutdown timeout: cutting %d running request(s) short", len(streams))
         return len(streams)

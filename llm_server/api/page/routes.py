@@ -58,7 +58,8 @@ def content_security_policy(html: str) -> str:
 @lru_cache(maxsize=1)
 def _page() -> tuple[bytes, dict[str, str]]:
     """The page's bytes and response headers (read once from the installed package)."""
-    page = resources.files("llm_server.api.page").joinpath(_PAGE_FOLDER).joinpath(_PAGE_FILE)  # one part each: Python 3.10
+    # one part per joinpath: Python 3.10
+    page = resources.files("llm_server.api.page").joinpath(_PAGE_FOLDER).joinpath(_PAGE_FILE)
     html = page.read_text(encoding="utf-8")
     headers = {
         "Content-Security-Policy": content_security_policy(html),

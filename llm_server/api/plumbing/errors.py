@@ -6,6 +6,7 @@ Validation errors are 400 (not FastAPI's default 422), so OpenAI clients and pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,8 +78,11 @@ def validation_error(request: Request, exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, allow_header: Callable[[str], str]) -> None:
     """Map APIError, validation errors and HTTP errors to OpenAI-shaped JSON.
+
+    ``allow_header(path)`` is the ``Allow`` header of a 405: every method some route serves at
+    ``path`` (:func:`llm_server.api.plumbing.allowed_methods.allow_header`).
 
     (Crashes are answered by the request-context middleware, which adds the request id.)
     """
@@ -96,8 +100,6 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         message = str(exc.detail)
         if exc.status_code == 405:  # every route of the path, not only the first one's methods
-            from llm_server.api.plumbing.allowed_methods import allow_header
-
-            headers["Allow"] = allow_header(app, request.url.path)
+            headers["Allow"] = allow_header(request.url.path)
             message = f"method {request.method} is not allowed here; allowed: {headers['Allow']}"
         return error_response(APIError(exc.status_code, message, headers=headers))

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llm_server.api.ops.shutdown import drain_state
 from llm_server.api.plumbing.errors import APIError, error_response
 from llm_server.api.plumbing.request_context import (
     REQUEST_ID_HEADER,
@@ -38,7 +39,6 @@ from llm_server.api.plumbing.request_context import (
     install_log_record_factory,
     request_id_var,
 )
-from llm_server.api.ops.shutdown import drain_state
 from llm_server.serving.metrics import PREFIX
 
 logger = logging.getLogger(__name__)

@@ -3,5 +3,5 @@ Completions) parsed into the serving layer's one request model, and its events w
 
 An adapter owns its routes, its request models and its response shapes, and nothing else:
 resolving a request (defaults, tools, grammar) is ``llm_server.serving``'s, and running it over
-HTTP (open, collect, stream, cancel) is ``llm_server.api.plumbing.turns``'.
+HTTP (open, collect, stream, cancel) is ``llm_server.api.protocols.turns``'.
 """

@@ -1,4 +1,6 @@
-"""Request models of the OpenAI-compatible API, and the checks that refuse what we cannot honour.
+"""Request side of the OpenAI-compatible API: its request models, the checks that refuse what we
+cannot honour, and the translation of a request into the serving layer's one
+:class:`~llm_server.serving.request.TurnRequest` (:func:`chat_turn`, :func:`completion_turn`).
 
 Requests are parsed leniently by pydantic (unknown keys are kept in ``model_extra``), then
 :func:`unsupported_chat_fields` / :func:`unsupported_completion_fields` list every field
@@ -19,10 +21,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from llm_server.api.plumbing.errors import APIError
 from llm_server.api.protocols.spec_chat_wire import Integer
-from llm_server.engine.types import SamplingParams
 from llm_server.serving import sampling
-from llm_server.serving.sampling import request_sampling
+from llm_server.serving.request import Message, Sampling, ToolRequest, TurnRequest
+from llm_server.serving.structured import MAX_TOP_LOGPROBS
+from llm_server.serving.tools import call_text
 
 #: Message roles a chat request may use ("developer" is the newer name of "system").
 SUPPORTED_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -98,12 +102,10 @@ class SamplingFields(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return tuple(s for s in stops if s)
 
-    def sampling_params(self, defaults: SamplingParams, max_tokens: int | None) -> SamplingParams:
-        """The server's ``defaults``, overridden where the request says otherwise (the one rule
-        both APIs share: :func:`llm_server.serving.sampling.request_sampling`)."""
-        return request_sampling(defaults, max_new_tokens=max_tokens, temperature=self.temperature,
-                                top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
-                                stop=self.stop_sequences())
+    def sampling(self, max_tokens: int | None) -> Sampling:
+        """What the client asked for; what it left out is the server's default (serving applies it)."""
+        return Sampling(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                        repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop_sequences())
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -186,3 +188,118 @@ def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
     if req.best_of not in (None, 1):
         bad.append("best_of")
     return bad + _unknown(req)
+
+
+# --- request -> TurnRequest ------------------------------------------------------------------
+def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
+    """A chat completion request in the serving layer's terms (400 for what it cannot say)."""
+    tools = None
+    if body.tools is not None or body.tool_choice is not None:
+        tools = ToolRequest(body.tools, body.tool_choice, (body.model_extra or {}).get("parallel_tool_calls"))
+    return TurnRequest(
+        request_id=request_id,
+        messages=tuple(_chat_messages(body)),
+        role=body.role or ("assistant" if body.improvement else None),  # the pipeline uses roles anyway
+        sampling=body.sampling(body.requested_max_tokens()),
+        response_format=body.response_format,
+        tools=tools,
+        logprobs=chat_top_logprobs(body),
+        improvement=body.improvement,
+        intermediate_steps=body.intermediate_steps,
+    )
+
+
+def completion_turn(body: CompletionRequest, request_id: str) -> TurnRequest:
+    """A (legacy) completion request in the serving layer's terms: one raw prompt."""
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, "only one prompt per request is supported", param="prompt",
+                           code="unsupported_value")
+        prompt = prompt[0]
+    if not prompt:
+        raise APIError(400, "prompt must be a non-empty string", param="prompt")
+    return TurnRequest(request_id=request_id, prompt=prompt, sampling=body.sampling(body.max_tokens),
+                       response_format=body.response_format, logprobs=completion_top_logprobs(body))
+
+
+def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """None: no logprobs; else how many alternatives per token (``top_logprobs``)."""
+    if body.logprobs not in (None, False, True):
+        raise APIError(400, "logprobs must be a boolean", param="logprobs", code="invalid_value")
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs",
+                       code="invalid_value")
+    if not body.logprobs:
+        if top:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
+                           code="invalid_value")
+        return None
+    return top or 0
+
+
+def completion_top_logprobs(body: CompletionRequest) -> int | None:
+    value = body.logprobs
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}", param="logprobs",
+                       code="invalid_value")
+    return value
+
+
+def _message_text(index: int, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        if part.type != "text":
+            raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
+                           param=f"messages.{index}.content", code="unsupported_content")
+        if part.text is None:
+            where = f"messages.{index}.content.{j}.text"
+            raise APIError(400, f"{where} is required: a text part needs its text", param=where,
+                           code="missing_field")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _chat_messages(body: ChatCompletionRequest) -> list[Message]:
+    messages: list[Message] = []
+    for i, msg in enumerate(body.messages):
+        if msg.role not in SUPPORTED_ROLES:
+            raise APIError(400, f"message role {msg.role!r} is not supported ({', '.join(sorted(SUPPORTED_ROLES))})",
+                           param=f"messages.{i}.role", code="unsupported_role")
+        extra = msg.model_extra or {}
+        calls = extra.get("tool_calls") or extra.get("function_call")
+        if ("tool_calls" in extra or "function_call" in extra) and msg.role != "assistant":
+            raise APIError(400, "only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls",
+                           code="invalid_value")
+        if msg.content is None and msg.role != "assistant":
+            raise APIError(400, "message content is required", param=f"messages.{i}.content")
+        role = "system" if msg.role == "developer" else msg.role
+        text = _message_text(i, msg.content)
+        if calls:
+            text = "\n".join(t for t in (text, _assistant_calls_text(i, extra)) if t)
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def _assistant_calls_text(index: int, extra: dict[str, Any]) -> str:
+    """An assistant message's ``tool_calls`` rendered as the model writes calls."""
+    calls = extra.get("tool_calls")
+    if extra.get("function_call"):
+        calls = [{"type": "function", "function": extra["function_call"]}]
+    if not isinstance(calls, list):
+        raise APIError(400, "tool_calls must be a list", param=f"messages.{index}.tool_calls", code="invalid_value")
+    texts: list[str] = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, "each tool call needs function.name", param=f"messages.{index}.tool_calls.{j}",
+                           code="invalid_value")
+        texts.append(call_text(function["name"], function.get("arguments", "{}")))
+    return "\n".join(texts)

@@ -12,29 +12,24 @@
 The server keeps no conversation state: history comes with every request. Generation
 runs on the engine's thread; tokenizing runs in a worker thread, so the event loop (and
 ``/ping``) never waits on either. A client that disconnects cancels its generation
-(opening, collecting and streaming are :mod:`llm_server.api.plumbing.turns`, shared with the
+(opening, collecting and streaming are :mod:`llm_server.api.protocols.turns`, shared with the
 OpenAI routes). While the model loads, the chat endpoints answer 503 with ``Retry-After``.
+The request becomes one :class:`~llm_server.serving.request.TurnRequest` (``ChatRequest.turn``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from llm_server.api.ops.readiness import not_ready_error, readiness
 from llm_server.api.plumbing.auth import require_api_key
-from llm_server.api.plumbing.turns import (
-    ChatStreamResponse,
-    StreamFailure,
-    collect,
-    events,
-    open_stream,
-)
 from llm_server.api.plumbing.limits import CLIENT_CLOSED_REQUEST
+from llm_server.api.plumbing.request_context import request_id
 from llm_server.api.protocols.spec_chat_wire import (
     END_MARKER,
     ChatRequest,
@@ -43,10 +38,8 @@ from llm_server.api.protocols.spec_chat_wire import (
     parse_query,
     stream_error_line,
 )
-from llm_server.api.ops.readiness import not_ready_error, readiness, ready_chat
-from llm_server.api.plumbing.request_context import request_id
-from llm_server.serving.service import ChatDelta, ChatDone, ChatInputError, ChatStream
-from llm_server.serving.structured import constrained, response_format_grammar
+from llm_server.api.protocols.turns import StreamFailure, Turn, TurnResponse, collect, events, open_turn
+from llm_server.serving.turn_stream import ChatDelta, ChatDone
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
 
@@ -116,27 +109,9 @@ async def chat_stream_get(request: Request) -> Response:
 
 
 # --- shared -------------------------------------------------------------------------------
-async def _open(request: Request, body: ChatRequest) -> ChatStream:
+async def _open(request: Request, body: ChatRequest) -> Turn:
     """Validate and submit (eagerly): input/capacity problems become HTTP errors here."""
-    chat = ready_chat(request)
-    options = body.options(request.app.state.settings.default_params, request_id(request))
-    history = body.history_dicts()
-
-    def opener() -> ChatStream:  # runs in a worker thread: a response_format is compiled there
-        structured = replace(options, params=constrained(options.params, spec_response_format(chat, body)))
-        return chat.open(chat.spec_messages(body.prompt, history, body.role), structured)
-
-    return await open_stream(request, opener)
-
-
-def spec_response_format(chat: Any, body: ChatRequest) -> Any:
-    """The grammar of the request's ``response_format`` (None for text); ChatInputError (400)
-    for an invalid one, or one combined with improvement."""
-    grammar = response_format_grammar(chat.engine.tokenizer, body.response_format)
-    if grammar is not None and body.improvement:
-        raise ChatInputError("response_format cannot be combined with improvement", param="response_format",
-                             code="unsupported_value")
-    return grammar
+    return await open_turn(request, body.turn(request_id(request)))
 
 
 async def _blocking(request: Request, body: ChatRequest) -> Response:
@@ -147,13 +122,13 @@ async def _blocking(request: Request, body: ChatRequest) -> Response:
 
 
 async def _streaming(request: Request, body: ChatRequest) -> Response:
-    stream = await _open(request, body)
-    return ChatStreamResponse(_stream_chunks(stream), stream, media_type=STREAM_MEDIA_TYPE)
+    turn = await _open(request, body)
+    return TurnResponse(_stream_chunks(turn), turn, media_type=STREAM_MEDIA_TYPE)
 
 
-async def _stream_chunks(stream: ChatStream) -> AsyncIterator[str]:
+async def _stream_chunks(turn: Turn) -> AsyncIterator[str]:
     """Text chunks, then ``[[END]]`` (or ``[[ERROR]] ...`` if generation failed midway)."""
-    async with aclosing(events(stream)) as items:
+    async with aclosing(events(turn)) as items:
         async for item in items:
             if isinstance(item, ChatDelta):
                 yield item.text

@@ -4,7 +4,7 @@ POST bodies are parsed with pydantic in *strict* JSON mode (``"yes"`` is not a b
 ``"5"`` is not a number); GET query strings are parsed leniently (``improvement=true``),
 since every query value is text. Every problem becomes an :class:`APIError` whose JSON
 says which field is wrong. Engine and serving errors map to HTTP in
-:mod:`llm_server.api.plumbing.turns` (shared with the OpenAI routes); a failure after a stream
+:mod:`llm_server.api.protocols.turns` (shared with the OpenAI routes); a failure after a stream
 started is written as :func:`stream_error_line`.
 """
 
@@ -28,10 +28,9 @@ from pydantic import (
 from llm_server.api.plumbing.errors import APIError
 from llm_server.conversation_engine.improvement import RESULT_KEYS
 from llm_server.conversation_engine.inputs import HISTORY_ROLES
-from llm_server.engine.types import EngineError, SamplingParams
+from llm_server.engine.types import EngineError
 from llm_server.serving import sampling
-from llm_server.serving.service import ChatInputError, ChatOptions
-from llm_server.serving.sampling import request_sampling
+from llm_server.serving.request import ChatInputError, Sampling, TurnRequest
 
 END_MARKER = "[[END]]"
 ERROR_MARKER = "[[ERROR]]"
@@ -87,21 +86,19 @@ class ChatRequest(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    def history_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.content} for m in self.history]
-
-    def options(self, defaults: SamplingParams, request_id: str) -> ChatOptions:
-        """ChatOptions for this request: the server's defaults, overridden where the client said
-        (the same rule as the OpenAI API: :func:`llm_server.serving.sampling.request_sampling`)."""
-        params = request_sampling(defaults, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                  top_p=self.top_p)
-        return ChatOptions(
+    def turn(self, request_id: str) -> TurnRequest:
+        """This request in the serving layer's terms: the history then the prompt, under the
+        role's system prompt (the spec's rule); sampling the client left out is the server's."""
+        history = tuple({"role": m.role, "content": m.content} for m in self.history)
+        return TurnRequest(
+            request_id=request_id,
+            messages=(*history, {"role": "user", "content": self.prompt}),
             role=self.role,
+            system_prompt_rule="spec",
+            sampling=Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p),
+            response_format=self.response_format,
             improvement=self.improvement,
             intermediate_steps=self.intermediate_steps,
-            params=params,
-            request_id=request_id,
-            fit_context=self.max_new_tokens is None,
         )
 
 

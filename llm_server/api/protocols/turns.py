@@ -1,22 +1,24 @@
-"""A ChatStream over HTTP: the part the spec routes and the OpenAI routes share.
+"""A serving turn over HTTP: the engine client every protocol adapter shares.
 
 Each chat request goes through the same steps, whatever its wire format:
 
-1. :func:`open_stream` opens the ChatStream (validation, chat template, eager submit) in a
-   worker thread; if the request's task is cancelled while the stream is being opened, the
-   stream is cancelled as soon as it exists, so no generation runs unowned.
-   Refusals (bad input, too long, overloaded, unavailable) become HTTP errors here,
-   before a response starts (:func:`api_error_for`). The opened stream reports to the
-   request's metrics and is tracked for a shutdown cut.
+1. :func:`open_turn` hands the adapter's :class:`~llm_server.serving.request.TurnRequest` to
+   the ChatService (``app.state.chat``) in a worker thread (validation, grammar, chat template,
+   eager submit); if the request's task is cancelled while the turn is being opened, the turn is
+   stopped as soon as it exists, so no generation runs unowned. Refusals (bad input, too long,
+   overloaded, unavailable) become HTTP errors here, before a response starts
+   (:func:`api_error_for`). The opened :class:`Turn` reports to the request's metrics and is
+   tracked for a shutdown cut.
 2. Then exactly one of:
-   - :func:`collect` runs the stream to its end for a non-streamed answer, abandoning it if
+   - :func:`collect` runs the turn to its end for a non-streamed answer, abandoning it if
      the client disconnects first (the caller answers 499);
-   - a :class:`ChatStreamResponse` streams a body made from :func:`events`, and closes that
+   - a :class:`TurnResponse` streams a body made from :func:`events`, and closes that
      body however the response ends (finished, client gone, error, never started).
 
-The ChatStream itself (``llm_server.serving.turn_stream``) owns cancellation: leaving its
-iteration, or cancelling it, stops the generation. Nothing here wraps it; the routes only
-translate events into their own format (spec text chunks, OpenAI JSON / SSE chunks).
+Cancellation has one owner: the TurnStream (``llm_server.serving.turn_stream``) cancels its
+own generation when its iteration ends early, and :meth:`Turn.stop` is the one place the HTTP
+layer asks it to stop (client gone, shutdown), always with a :class:`Cancel` reason. The
+adapters only translate events into their own format (spec text chunks, OpenAI JSON / SSE).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from llm_server.api.ops.readiness import ready_chat
+from llm_server.api.ops.shutdown import drain_state
 from llm_server.api.plumbing.errors import APIError
 from llm_server.api.plumbing.request_context import started_at
-from llm_server.api.ops.shutdown import drain_state
 from llm_server.engine.types import (
     ContextLengthExceeded,
     EngineError,
@@ -44,9 +47,9 @@ from llm_server.engine.types import (
     EngineUnavailable,
     InvalidRequest,
 )
-from llm_server.serving.service import ChatDelta, ChatDone, ChatInputError, ChatStream
-from llm_server.serving.turn_stream import ServerShuttingDown
 from llm_server.serving.metrics import RequestMetrics
+from llm_server.serving.request import ChatInputError, TurnRequest
+from llm_server.serving.turn_stream import Cancel, ChatDelta, ChatDone, ServerShuttingDown, TurnStream
 
 logger = logging.getLogger(__name__)
 
@@ -92,57 +95,68 @@ ErrorMapper = Callable[[Exception], APIError]
 
 
 # --- 1. opening -------------------------------------------------------------------------------
-async def open_stream(request: Request, opener: Callable[[], ChatStream],
-                      to_api_error: ErrorMapper = api_error_for) -> ChatStream:
-    """Run ``opener`` (e.g. ``lambda: chat.open(messages, options)``) in a worker thread.
+class Turn:
+    """One HTTP request's opened TurnStream, and the one place the HTTP layer stops it."""
+
+    def __init__(self, stream: TurnStream) -> None:
+        self.stream = stream
+
+    def stop(self, reason: Cancel) -> None:
+        """Stop the turn's generation (thread-safe, idempotent, a no-op once it has ended)."""
+        self.stream.cancel(reason)
+
+
+async def open_turn(request: Request, turn: TurnRequest, to_api_error: ErrorMapper = api_error_for) -> Turn:
+    """Open ``turn`` on the app's ChatService in a worker thread (grammars compile there).
 
     Refusals become :class:`APIError`. If this task is cancelled while the worker runs, it
     gives up at once; the worker still finishes (threads cannot be interrupted) and the
-    stream it opened is cancelled right away instead of generating for nobody.
+    turn it opened is stopped right away instead of generating for nobody.
     """
-    opening = _Opening(opener)
+    chat = ready_chat(request)
+    opening = _Opening(lambda: Turn(chat.open(turn)))
     try:
-        stream = await anyio.to_thread.run_sync(opening.run, abandon_on_cancel=True)
+        opened = await anyio.to_thread.run_sync(opening.run, abandon_on_cancel=True)
     except BaseException as exc:
-        opening.abandon()  # cancelled (or worse): whatever the worker opens is cancelled
+        opening.abandon()  # cancelled (or worse): whatever the worker opens is stopped
         if isinstance(exc, EXPECTED_ERRORS):
             raise to_api_error(exc) from exc
         raise
-    stream.observe(RequestMetrics(started_at(request)))
+    opened.stream.observe(RequestMetrics(started_at(request)))
     app = request.scope.get("app")
     if app is not None:  # cut short, with an error, if it outlives a shutdown
-        drain_state(app).track(stream)
-    return stream
+        drain_state(app).track(opened)
+    return opened
 
 
 class _Opening:
     """One ``opener`` call in a worker thread, and who owns its result (thread-safe).
 
-    Whichever comes second, the stream or :meth:`abandon`, cancels the stream.
+    Whichever comes second, the turn or :meth:`abandon`, stops the turn.
     """
 
-    def __init__(self, opener: Callable[[], ChatStream]) -> None:
+    def __init__(self, opener: Callable[[], Turn]) -> None:
         self._opener = opener
         self._lock = threading.Lock()
-        self._stream: ChatStream | None = None
+        self._turn: Turn | None = None
         self._abandoned = False
 
-    def run(self) -> ChatStream:
-        stream = self._opener()
+    def run(self) -> Turn:
+        turn = self._opener()
         with self._lock:
-            self._stream = stream
+            self._turn = turn
             abandoned = self._abandoned
         if abandoned:
-            stream.cancel()
-            logger.info("request gone while its stream was opening: generation cancelled")
-        return stream
+            turn.stop(Cancel.CLIENT_GONE)
+            logger.info("request gone while its turn was opening: generation cancelled")
+        return turn
 
     def abandon(self) -> None:
         with self._lock:
             self._abandoned = True
-            stream = self._stream
-        if stream is not None:
-            stream.cancel()
+            turn = self._turn
+        if turn is not None:
+            turn.stop(Cancel.CLIENT_GONE)
 
 
 # --- 2a. a non-streamed answer ----------------------------------------------------------------
@@ -154,14 +168,14 @@ class Collected:
     done: ChatDone
 
 
-async def collect(request: Request, stream: ChatStream,
+async def collect(request: Request, turn: Turn,
                   to_api_error: ErrorMapper = api_error_for) -> Collected | None:
-    """Run ``stream`` to its end; None if the client disconnected first (generation cancelled).
+    """Run ``turn`` to its end; None if the client disconnected first (generation cancelled).
 
     Errors become :class:`APIError` (a server-side cut: 503). If this task is cancelled, the
     generation is too.
     """
-    work = asyncio.ensure_future(_read_all(stream))
+    work = asyncio.ensure_future(_read_all(turn.stream))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     gone = True
     try:
@@ -170,7 +184,7 @@ async def collect(request: Request, stream: ChatStream,
     finally:
         watcher.cancel()
         if gone:  # the client left (or this task was cancelled): abandon the stream
-            stream.cancel()  # also when the reader has not started iterating it yet
+            turn.stop(Cancel.CLIENT_GONE)  # also when the reader has not started iterating it yet
             work.cancel()
             logger.info("client gone before the answer was complete: generation cancelled")
     if gone:
@@ -183,13 +197,13 @@ async def collect(request: Request, stream: ChatStream,
         raise to_api_error(exc) from exc
 
 
-async def _read_all(stream: ChatStream) -> Collected:
+async def _read_all(stream: TurnStream) -> Collected:
     parts: list[str] = []
     async for event in stream:
         if isinstance(event, ChatDelta):
             parts.append(event.text)
         elif isinstance(event, ChatDone):
-            return Collected("".join(parts), event)
+            return Collected("".join(parts) + (event.held_text or ""), event)
     raise _no_result()
 
 
@@ -215,7 +229,7 @@ class StreamFailure:
 StreamItem = ChatDelta | ChatDone | StreamFailure
 
 
-async def events(stream: ChatStream) -> AsyncGenerator[StreamItem, None]:
+async def events(turn: Turn) -> AsyncGenerator[StreamItem, None]:
     """The stream's deltas, then its ChatDone; or, instead of the ChatDone, a final
     :class:`StreamFailure` (an error, a server-side cut, or a stream that ended without a result).
 
@@ -223,7 +237,7 @@ async def events(stream: ChatStream) -> AsyncGenerator[StreamItem, None]:
     Closing this iterator closes the stream's iteration (which cancels the generation).
     """
     try:
-        async with aclosing(stream.__aiter__()) as chat_events:
+        async with aclosing(turn.stream.__aiter__()) as chat_events:
             async for event in chat_events:
                 yield event
                 if isinstance(event, ChatDone):
@@ -237,19 +251,19 @@ async def events(stream: ChatStream) -> AsyncGenerator[StreamItem, None]:
         yield StreamFailure(exc)
 
 
-class ChatStreamResponse(StreamingResponse):
-    """A streamed body made from an opened ChatStream, which it owns.
+class TurnResponse(StreamingResponse):
+    """A streamed body made from an opened :class:`Turn`, which it owns.
 
     Starlette stops iterating when the client disconnects but leaves the body generator to
     the garbage collector; this closes it when the response ends, however it ends, so the
     stream's iteration ends and the engine frees the slot at once. A body that never started
-    never iterated the stream: that stream is cancelled instead.
+    never iterated the stream: that turn is stopped instead.
     """
 
-    def __init__(self, body: AsyncIterator[str], stream: ChatStream, media_type: str,
+    def __init__(self, body: AsyncIterator[str], turn: Turn, media_type: str,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(body, media_type=media_type, headers={**_STREAM_HEADERS, **(headers or {})})
-        self.stream = stream
+        self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -260,4 +274,4 @@ class ChatStreamResponse(StreamingResponse):
                 if aclose is not None:
                     await aclose()
             finally:
-                self.stream.cancel()  # a no-op once its iteration has ended
+                self.turn.stop(Cancel.CLIENT_GONE)  # a no-op once its iteration has ended
