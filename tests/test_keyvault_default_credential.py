@@ -146,12 +146,12 @@ def test_start_llm_server_exits_1_when_the_identity_endpoint_refuses(
     monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(config))
     monkeypatch.setenv("KEYVAULT_URL", vault.url)
     monkeypatch.setenv("API_KEY_SECRET_NAME", SECRET)
-    monkeypatch.setattr("llm_server.api.plumbing.middleware.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(server_module, "configure_logging", lambda *a, **k: None)
 
     def run_server(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the server must not start without its API keys")
 
-    monkeypatch.setattr("llm_server.api.ops.shutdown.run_server", run_server)
+    monkeypatch.setattr(server_module, "run_server", run_server)
     identity.refuse = 400
     with pytest.raises(SystemExit) as exit_:
         server_module.main([])

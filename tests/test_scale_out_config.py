@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_server.api import server as server_module
+from llm_server import cli
 from llm_server.engine.config import EngineConfig
 from llm_server.helper_functionality import yaml_loading
 from llm_server.helper_functionality.yaml_loading import ConfigError
@@ -71,7 +71,7 @@ def test_bad_values_name_their_key(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_cli_refuses_zero_replicas(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        server_module.main(["--replicas", "0", "--open-access"])
+        cli.main(["--replicas", "0", "--open-access"])
     assert exited.value.code == 2
     assert "--replicas must be at least 1" in capsys.readouterr().err
 
@@ -80,14 +80,14 @@ def test_cli_names_the_bad_scale_out_key(tmp_path: Path, capsys: pytest.CaptureF
     pytest.importorskip("ray")
     folder = _config_dir(tmp_path, "scale_out:\n  num_gpus: -1\n")
     with pytest.raises(SystemExit) as exited:
-        server_module.main(["--replicas", "2", "--open-access", "--config-dir", str(folder)])
+        cli.main(["--replicas", "2", "--open-access", "--config-dir", str(folder)])
     assert exited.value.code == 2
     assert "scale_out.num_gpus" in capsys.readouterr().err
 
 
 def test_without_ray_replicas_fail_naming_the_extra() -> None:
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from llm_server.api.server import main\n"
+            "from llm_server.cli import main\n"
             "main(['--replicas', '2', '--open-access'])\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -59,8 +59,8 @@ def launch(monkeypatch: pytest.MonkeyPatch) -> Launch:
         seen.run = kwargs
 
     monkeypatch.setattr(server_module, "create_app", create_app)
-    monkeypatch.setattr("llm_server.api.ops.shutdown.run_server", run_server)
-    monkeypatch.setattr("llm_server.api.plumbing.middleware.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(server_module, "run_server", run_server)
+    monkeypatch.setattr(server_module, "configure_logging", lambda *a, **k: None)
     return seen
 
 

@@ -77,10 +77,13 @@ def test_model_section_is_typed_and_defaults_reach_requests(config_dir: Path) ->
 
 def test_defaults_without_any_file_match_the_models() -> None:
     """ServerSettings() built in code and the config models agree on every shared default."""
-    from llm_server.helper_functionality.config_models import ServerLimits, ServerSection
+    from llm_server.api.settings import engine_config
+    from llm_server.helper_functionality.config_models import GENERATION_DEFAULTS, ServerLimits, ServerSection
+    from llm_server.serving.sampling import sampling_defaults
 
     settings, section = ServerSettings(), ServerSection()
-    assert settings.engine == section.engine
+    assert settings.engine == engine_config(section.engine)
+    assert settings.default_params == sampling_defaults(GENERATION_DEFAULTS, ServerLimits().max_new_tokens)
     assert (settings.port, settings.allow_query_api_key, settings.open_access) == (
         section.port, section.allow_query_api_key, section.open_access)
     assert (settings.metrics_require_key, settings.key_refresh_interval_s, settings.shutdown_timeout_s) == (

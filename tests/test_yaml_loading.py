@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_server.api.settings import config_table, load_settings
 from llm_server.engine.config import EngineConfig
 from llm_server.helper_functionality import config_models, yaml_loading
 from llm_server.helper_functionality.yaml_loading import (
@@ -65,8 +66,9 @@ def test_server_config_has_the_contract_keys() -> None:
     assert server["port"] == 8000
     assert server["allow_query_api_key"] is True and server["open_access"] is False
     assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576}
-    assert set(server["engine"]) == set(EngineConfig.model_fields)  # the engine's own keys, one copy
-    assert server["engine"]["top_k"] is None  # optional keys present, unset
+    assert set(server["engine"]) <= set(EngineConfig.model_fields)  # the engine's own keys, one copy
+    engine = load_settings().engine  # validated by the engine's own model
+    assert isinstance(engine, EngineConfig) and engine.top_k is None  # optional keys present, unset
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -264,17 +266,17 @@ def test_engine_section_accepts_optional_keys_and_rejects_unknown(tmp_path, monk
     (tmp_path / "server_config.yaml").write_text(
         "server:\n  port: 8000\n  engine:\n    max_running: 4\n    top_k: 0\n    seed: 7\n    pack_weights: false\n"
     )
-    engine = yaml_loading.load_chat_server_config()["engine"]
-    assert engine["max_running"] == 4 and engine["top_k"] == 0 and engine["seed"] == 7
-    assert engine["pack_weights"] is False and engine["prefill_chunk_tokens"] == 1024
+    engine = load_settings().engine
+    assert engine.max_running == 4 and engine.top_k == 0 and engine.seed == 7
+    assert engine.pack_weights is False and engine.prefill_chunk_tokens == 1024
 
     (tmp_path / "server_config.yaml").write_text("server:\n  engine:\n    max_runing: 4\n")
     with pytest.raises(yaml_loading.ConfigError, match="server.engine.max_runing"):
-        yaml_loading.load_chat_server_config()
+        load_settings()
 
     (tmp_path / "server_config.yaml").write_text("server:\n  engine:\n    top_k: -1\n")
     with pytest.raises(yaml_loading.ConfigError, match="server.engine.top_k"):
-        yaml_loading.load_chat_server_config()
+        load_settings()
 
 
 @pytest.mark.parametrize(
@@ -338,6 +340,8 @@ def test_typed_errors_name_key_and_value(tmp_path, monkeypatch, file: str, text:
     write(tmp_path, file, text)
     loader = {"model_config.yaml": load_model_config, "server_config.yaml": load_chat_server_config,
               "azure_config.yaml": load_azure_config}[file]
+    if key.startswith("server.engine."):  # the engine's section: validated by its own model, with the settings
+        loader = load_settings
     with pytest.raises(ConfigError) as caught:
         loader()
     assert caught.value.key == key and caught.value.file.endswith(file)
@@ -348,7 +352,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LLM_SERVER_CONFIG_DIR", str(tmp_path))
     write(tmp_path, "server_config.yaml", "server:\n  engine:\n    max_runing: 4\n")
     with pytest.raises(ConfigError) as caught:
-        load_chat_server_config()
+        load_settings()
     for known in EngineConfig.model_fields:
         assert known in caught.value.problem
 
@@ -358,7 +362,7 @@ def test_null_means_the_default(tmp_path, monkeypatch) -> None:
     write(tmp_path, "server_config.yaml", "server:\n  port: null\n  limits:\n  engine:\n    max_running: null\n")
     server = load_chat_server_config()
     assert server["port"] == 8000 and server["limits"]["max_new_tokens"] == 1024
-    assert server["engine"]["max_running"] == EngineConfig().max_running
+    assert load_settings().engine.max_running == EngineConfig().max_running
 
 
 def test_parameters_pass_other_generate_keywords_through(tmp_path, monkeypatch) -> None:
@@ -370,7 +374,7 @@ def test_parameters_pass_other_generate_keywords_through(tmp_path, monkeypatch) 
 def test_shipped_server_file_restates_the_model_defaults() -> None:
     """The shipped server_config.yaml is documentation: every value there is the model's default."""
     raw = load_yaml(yaml_loading.PACKAGE_CONFIG_DIR / "server_config.yaml", expand_env=False)["server"]
-    defaults = config_models.ServerSection().model_dump()
+    defaults = {**config_models.ServerSection().model_dump(), "engine": EngineConfig().model_dump()}
     for key, value in raw.items():
         if key in ("host", "api_key"):  # placeholders: the variable names
             continue
@@ -382,13 +386,12 @@ def test_shipped_server_file_restates_the_model_defaults() -> None:
 
 def test_readme_config_table_matches_the_models() -> None:
     """README's reference table is generated from the models: regenerate it when a key changes
-    (``python -m llm_server.helper_functionality.config_models``)."""
+    (``python -m llm_server.api.settings``)."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     start, end = "<!-- config-table:start -->\n", "\n<!-- config-table:end -->"
     assert start in readme and end in readme
     table = readme[readme.index(start) + len(start) : readme.index(end)]
-    assert table == config_models.markdown_table(), (
-        "README's config table is stale: python -m llm_server.helper_functionality.config_models")
+    assert table == config_table(), "README's config table is stale: python -m llm_server.api.settings"
 
 
 def test_read_section_validates_any_declared_section(tmp_path, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""App factory and the ``start_llm_server`` entry point.
+"""App factory, and the spec's entry point ``main`` for one server.
 
 ``create_app`` wires routers, error handlers, middleware and a lifespan that, at start-up,
 loads the API keys (``app.state.keys``; a failure stops the start) and then starts the model
@@ -7,10 +7,12 @@ there, never at import) and returns at once: the server accepts connections whil
 loads, ``/health`` answers 503 ``loading`` and the chat endpoints 503 with ``Retry-After``
 until ``app.state.engine`` and the :class:`ChatService` (``app.state.chat``) are up.
 
-``main`` reads the YAML configuration (``--config-dir``), checks the API keys *before* the
-slow model load (an unreachable Key Vault exits non-zero at once), and runs uvicorn with
-graceful shutdown. If the model then fails to load, the server stops and the process exits
-with status 1 (a crash-looping process an operator notices, not a server that never gets ready).
+``main`` (the spec's ``from llm_server.api.server import main; main()``) reads the YAML
+configuration (``--config-dir``), checks the API keys *before* the slow model load (an
+unreachable Key Vault exits non-zero at once), and runs uvicorn with graceful shutdown
+(:func:`serve`). If the model then fails to load, the server stops and the process exits with
+status 1 (a crash-looping process an operator notices, not a server that never gets ready).
+The ``start_llm_server`` command (:mod:`llm_server.cli`) adds the choice of Ray Serve on top.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from fastapi import FastAPI
 
 from llm_server.api.ops import routes as ops_routes
 from llm_server.api.ops.readiness import FailureHook, ModelLoader, readiness
+from llm_server.api.ops.shutdown import run_server
 from llm_server.api.page import routes as page_routes
 from llm_server.api.plumbing.allowed_methods import OptionsMiddleware, allow_header
 from llm_server.api.plumbing.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.plumbing.errors import install_error_handlers
+from llm_server.api.plumbing.keyvault import KeyVaultError
 from llm_server.api.plumbing.limits import BodySizeLimitMiddleware
-from llm_server.api.plumbing.middleware import install_middleware
+from llm_server.api.plumbing.middleware import configure_logging, install_middleware
 from llm_server.api.plumbing.openapi_doc import install_openapi
 from llm_server.api.protocols import openai_routes, spec_chat
 from llm_server.api.settings import ServerSettings, load_settings
@@ -130,7 +134,8 @@ def create_app(
 
 
 # --- command line -------------------------------------------------------------------------
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of one server (``llm_server.cli`` adds the scale-out ones)."""
     parser = argparse.ArgumentParser(
         prog="start_llm_server",
         description="Serve the configured chat model over HTTP (spec API, OpenAI API, chat page).",
@@ -142,10 +147,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: $LLM_SERVER_CONFIG_DIR, else the package's)")
     parser.add_argument("--open-access", action="store_true", help="serve WITHOUT any API key (explicit opt-out)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--replicas", type=int, help="serve N engine replicas behind one endpoint on Ray Serve "
-                        "(needs the extra: pip install 'llm_server[ray]'; see docs/scale_out.md)")
-    parser.add_argument("--ray-address", help="join this Ray cluster ('auto': the local node's) and serve on Ray Serve")
-    return parser.parse_args(_command_line() if argv is None else argv)
+    return parser
+
+
+#: Modules whose ``python -m`` runs the server (``__main__``'s spec name then).
+_PROGRAM_MODULES = ("llm_server.api.server", "llm_server.cli", "llm_server.__main__")
+
+
+def command_line(argv: Sequence[str] | None = None) -> list[str]:
+    """``argv`` when given, else the process's arguments when we are the program (see :func:`_command_line`)."""
+    return list(argv) if argv is not None else _command_line()
 
 
 def _command_line() -> list[str]:
@@ -156,7 +167,7 @@ def _command_line() -> list[str]:
     """
     program = os.path.basename(sys.argv[0]) if sys.argv else ""
     main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
-    as_module = main_module is not None and main_module.name == "llm_server.api.server"  # not __name__: "__main__" then
+    as_module = main_module is not None and main_module.name in _PROGRAM_MODULES  # not __name__: "__main__" then
     return sys.argv[1:] if program.startswith("start_llm_server") or as_module else []
 
 
@@ -165,7 +176,8 @@ def _fail(message: str, status: int) -> None:
     raise SystemExit(status)
 
 
-def _settings_for(args: argparse.Namespace) -> ServerSettings:
+def settings_for(args: argparse.Namespace) -> ServerSettings:
+    """The YAML configuration (``--config-dir``) with the command line's overrides; exits 2 when bad."""
     try:
         if args.config_dir:
             set_config_dir(args.config_dir)
@@ -182,9 +194,8 @@ def _settings_for(args: argparse.Namespace) -> ServerSettings:
     return settings.with_overrides(**changes)
 
 
-def _started_key_store(settings: ServerSettings) -> KeyStore:
-    from llm_server.api.plumbing.keyvault import KeyVaultError
-
+def started_key_store(settings: ServerSettings) -> KeyStore:
+    """The API keys, loaded now (exits 1 when Key Vault cannot be read)."""
     try:
         store = build_key_store(settings)
         store.start()
@@ -203,19 +214,15 @@ def _stop_the_process(exc: BaseException) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``start_llm_server`` (flags: --host, --port, --config-dir, --open-access)."""
-    from llm_server.api.ops.shutdown import run_server
-    from llm_server.api.plumbing.middleware import configure_logging
-
-    args = _parse_args(argv)
+    """The spec's entry point: one server (flags: --host, --port, --config-dir, --open-access)."""
+    args = build_parser().parse_args(command_line(argv))
     configure_logging(args.log_level.upper())
-    settings = _settings_for(args)
-    if args.replicas is not None or args.ray_address:
-        from llm_server.scale_out.cli import run_scaled_out
+    serve(args, settings_for(args))
 
-        run_scaled_out(settings, args.replicas, args.ray_address, check_keys=_started_key_store)
-        return
-    store = _started_key_store(settings)
+
+def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
+    """Run one server until SIGTERM/Ctrl+C; exits 1 if the model cannot be loaded."""
+    store = started_key_store(settings)
     app = create_app(settings=settings, key_store=store, on_load_failure=_stop_the_process)
     run_server(app, host=settings.host, port=settings.port,
                shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level)

@@ -1,9 +1,12 @@
 """Server settings: ``server_config.yaml`` + ``azure_config.yaml`` + model defaults, resolved once.
 
 ``ServerSettings`` is the one object the HTTP layer reads (``app.state.settings``). It is
-built from the YAML files by :func:`load_settings` (through ``helper_functionality.yaml_loading``,
-which validates them and resolves the spec's environment placeholders such as
-``CHAT_SERVER_API_KEY``) or directly in tests.
+built by :func:`load_settings` from the typed sections ``helper_functionality.yaml_loading``
+validates (the spec's environment placeholders such as ``CHAT_SERVER_API_KEY`` resolved), with
+the ``server.engine`` mapping validated here by the engine's own
+:class:`~llm_server.engine.config.EngineConfig` (errors name ``server.engine.<key>``), or
+directly in tests. The validated objects (``ModelSection``, ``EngineConfig``) are passed down as
+they are. ``python -m llm_server.api.settings`` prints the README's configuration table.
 """
 
 from __future__ import annotations
@@ -15,8 +18,20 @@ from typing import Any
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.types import SamplingParams
 from llm_server.helper_functionality import yaml_loading
-from llm_server.helper_functionality.config_models import ModelParameters, ModelSection, ServerSection
-from llm_server.helper_functionality.yaml_loading import DEFAULT_HOST
+from llm_server.helper_functionality.config_models import (
+    GENERATION_DEFAULTS,
+    AzureSection,
+    ModelParameters,
+    ModelSection,
+    ServerSection,
+    markdown_table,
+    validate_section,
+)
+from llm_server.helper_functionality.yaml_loading import DEFAULT_HOST, SERVER_CONFIG_FILE, resolve_placeholder
+from llm_server.serving.sampling import sampling_defaults
+
+#: The sections a layer above the YAML loaders validates: (dotted section, its model).
+NESTED_SECTIONS = (("server.engine", EngineConfig),)
 
 
 def split_keys(raw: str | None) -> tuple[str, ...]:
@@ -56,7 +71,8 @@ class ServerSettings:
     #: Role name -> system prompt (system_prompt_config.yaml).
     system_prompts: Mapping[str, str] = field(default_factory=lambda: {"assistant": "You are a helpful assistant."})
     #: Generation defaults for requests that do not say (model_config parameters, capped by the limit).
-    default_params: SamplingParams = field(default_factory=SamplingParams)
+    default_params: SamplingParams = field(
+        default_factory=lambda: sampling_defaults(GENERATION_DEFAULTS, _DEFAULT.limits.max_new_tokens))
 
     def __post_init__(self) -> None:
         if self.default_params.max_new_tokens > self.max_new_tokens_limit:
@@ -76,24 +92,6 @@ class ServerSettings:
         return replace(self, **changes)
 
 
-def default_sampling(parameters: ModelParameters, max_new_tokens_limit: int) -> SamplingParams:
-    """model_config ``parameters`` -> SamplingParams, with max_new_tokens capped by the server limit."""
-    base = SamplingParams()
-    wanted = parameters.max_new_tokens if parameters.max_new_tokens is not None else base.max_new_tokens
-    return replace(
-        base,
-        max_new_tokens=max(1, min(wanted, max_new_tokens_limit)),
-        temperature=_given(parameters.temperature, base.temperature),
-        top_p=_given(parameters.top_p, base.top_p),
-        do_sample=_given(parameters.do_sample, base.do_sample),
-        repetition_penalty=_given(parameters.repetition_penalty, base.repetition_penalty),
-    )
-
-
-def _given(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 def engine_options(engine: EngineConfig, parameters: ModelParameters) -> EngineConfig:
     """server_config ``engine:``, with model_config ``parameters.top_k`` as the engine's top_k.
 
@@ -105,45 +103,65 @@ def engine_options(engine: EngineConfig, parameters: ModelParameters) -> EngineC
     return engine
 
 
+def engine_config(raw: Mapping[str, Any] | EngineConfig) -> EngineConfig:
+    """The ``server.engine`` mapping validated by the engine's EngineConfig (ConfigError naming the key)."""
+    if isinstance(raw, EngineConfig):
+        return raw
+    return validate_section(EngineConfig, raw, yaml_loading.config_dir() / SERVER_CONFIG_FILE, "server.engine")
+
+
 def settings_from_config(
-    server: Mapping[str, Any],
-    azure: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | ServerSection,
+    azure: Mapping[str, Any] | AzureSection | None = None,
     model: Mapping[str, Any] | ModelSection | None = None,
     system_prompts: Mapping[str, str] | None = None,
 ) -> ServerSettings:
-    """Build settings from the sections ``yaml_loading`` returns (validated, defaults filled in,
-    placeholders resolved): ``load_chat_server_config()``, ``load_azure_config()``,
-    ``load_model_config()`` (or ``read_model_section()``) and ``load_system_prompt()``."""
-    azure = azure or {}
+    """Build settings from the config sections: typed, as written (``read_server_section()`` ...:
+    placeholders resolve here) or the spec's loaders' mappings (``load_chat_server_config()`` ...:
+    already resolved)."""
+    resolve = resolve_placeholder if isinstance(server, ServerSection) else _as_given
+    server = server if isinstance(server, ServerSection) else ServerSection.model_validate(server)
+    azure = azure if isinstance(azure, AzureSection) else AzureSection.model_validate(azure or {})
     section = model if isinstance(model, ModelSection) else ModelSection.model_validate(model or {})
-    engine = server["engine"]
-    engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine)
-    limit = server["limits"]["max_new_tokens"]
+    limit = server.limits.max_new_tokens
     return ServerSettings(
-        host=server["host"],
-        port=server["port"],
-        api_keys=split_keys(server["api_key"]),
-        allow_query_api_key=server["allow_query_api_key"],
-        open_access=server["open_access"],
-        metrics_require_key=server["metrics_require_key"],
-        key_refresh_interval_s=float(server["key_refresh_interval_s"]),
-        shutdown_timeout_s=float(server["shutdown_timeout_s"]),
+        host=resolve(server.host, DEFAULT_HOST) or DEFAULT_HOST,
+        port=server.port,
+        api_keys=split_keys(resolve(server.api_key, None)),
+        allow_query_api_key=server.allow_query_api_key,
+        open_access=server.open_access,
+        metrics_require_key=server.metrics_require_key,
+        key_refresh_interval_s=float(server.key_refresh_interval_s),
+        shutdown_timeout_s=float(server.shutdown_timeout_s),
         max_new_tokens_limit=limit,
-        max_body_bytes=server["limits"]["max_body_bytes"],
-        engine=engine_options(engine, section.parameters),
-        key_vault_url=azure.get("key_vault_url"),
-        key_vault_secret_name=azure.get("api_key_secret_name"),
+        max_body_bytes=server.limits.max_body_bytes,
+        engine=engine_options(engine_config(server.engine), section.parameters),
+        key_vault_url=resolve(azure.key_vault_url, None),
+        key_vault_secret_name=resolve(azure.api_key_secret_name, None),
         model=section,
         system_prompts=dict(system_prompts) if system_prompts else ServerSettings().system_prompts,
-        default_params=default_sampling(section.parameters, limit),
+        default_params=sampling_defaults(section.parameters, limit),
     )
+
+
+def _as_given(value: str | None, default: str | None) -> str | None:
+    return value if value else default
 
 
 def load_settings() -> ServerSettings:
     """Read the four YAML files (from the configured folder) into ServerSettings."""
     return settings_from_config(
-        yaml_loading.load_chat_server_config(),
-        yaml_loading.load_azure_config(),
+        yaml_loading.read_server_section(),
+        yaml_loading.read_azure_section(),
         yaml_loading.read_model_section(),
         yaml_loading.load_system_prompt(),
     )
+
+
+def config_table() -> str:
+    """The README's configuration reference: every key of every file, the engine's included."""
+    return markdown_table(NESTED_SECTIONS)
+
+
+if __name__ == "__main__":  # python -m llm_server.api.settings > the README's table
+    print(config_table())

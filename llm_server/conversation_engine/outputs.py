@@ -5,8 +5,10 @@ An exception inside generation is re-raised to the consumer (nothing hangs), and
 stops iterating (``close()``, ``break`` + garbage collection) stops the generation at its next
 step through a StoppingCriteria.
 
-Generation parameters default to ``model_config.yaml``'s ``parameters`` (every key is passed
-to ``model.generate``); keyword arguments override them per call. Each function also accepts
+Generation parameters default to ``model_config.yaml``'s ``parameters``, the package's
+generation defaults filling what the file leaves out (every key is passed to ``model.generate``;
+the defaults are defined once, in ``helper_functionality.config_models.ModelParameters``);
+keyword arguments override them per call. Each function also accepts
 ``config_parameters=``: the ``parameters`` mapping to start from, so a caller that read the file
 once (ConversationEngine) does not re-read it on every pass; without it the file is read per call.
 """
@@ -23,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from llm_server.conversation_engine.improvement import GenerateFn, grammar_available, improvement_pipeline
 from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, encode_messages, prepare_inputs
-from llm_server.helper_functionality.yaml_loading import load_model_config
+from llm_server.helper_functionality.yaml_loading import read_model_section
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ _STOP_JOIN_TIMEOUT_S = 30.0
 
 
 def configured_parameters() -> dict[str, Any]:
-    """model_config.yaml's ``parameters``: the defaults of every generation."""
-    return dict(load_model_config()["parameters"])
+    """model_config.yaml's ``parameters`` with the generation defaults: those of every generation."""
+    return read_model_section().generation_parameters()
 
 
 def generation_parameters(*, config_parameters: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:

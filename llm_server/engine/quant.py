@@ -22,11 +22,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from llm_server.helper_functionality.config_models import QUANTIZATION_ATTR as QUANTIZATION_ATTR  # the runner reads it
+from llm_server.helper_functionality.config_models import RUNNER_QUANTIZATIONS
+
 logger = logging.getLogger(__name__)
 
-QUANT_MODES = ("int8", "int4")
-#: Attribute ``initialize()`` sets on a model loaded with ``quantization: int8 | int4``: the runner reads it.
-QUANTIZATION_ATTR = "llm_server_weight_quantization"
+QUANT_MODES = RUNNER_QUANTIZATIONS  # ``quantization: int8 | int4`` (model_config.yaml)
 #: Attribute the server's engine loader sets: only the engine runs this model (its weights may be re-laid).
 ENGINE_OWNED_ATTR = "llm_server_engine_owned"
 #: The LM head's quantization for each mode. The head is int8 even in int4 mode: in int4 (groups of

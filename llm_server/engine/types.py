@@ -6,6 +6,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llm_server.helper_functionality.config_models import GENERATION_DEFAULTS
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -44,12 +46,18 @@ class InvalidRequest(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings. ``temperature == 0`` or ``do_sample=False`` is greedy."""
+    """Per-request generation settings. ``temperature == 0`` or ``do_sample=False`` is greedy.
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7
+    ``max_new_tokens``, ``temperature`` and ``do_sample`` default to the generation defaults
+    (:data:`~llm_server.helper_functionality.config_models.GENERATION_DEFAULTS`, defined once);
+    ``top_p`` and ``repetition_penalty`` default to 1.0, which turns them off: the serving layer
+    fills a request's unset fields with the configured defaults before it reaches the engine.
+    """
+
+    max_new_tokens: int = GENERATION_DEFAULTS.max_new_tokens
+    temperature: float = GENERATION_DEFAULTS.temperature
     top_p: float = 1.0
-    do_sample: bool = True
+    do_sample: bool = GENERATION_DEFAULTS.do_sample
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -1,9 +1,11 @@
 """Config models: one pydantic model per YAML section, the single source of its keys, types and defaults.
 
 ``model_config.yaml``'s ``model`` (+ ``parameters``, ``optimizations``), ``server_config.yaml``'s
-``server`` (+ ``limits``, ``engine`` = :class:`~llm_server.engine.config.EngineConfig`) and
-``azure_config.yaml``'s ``azure``. Every model forbids unknown keys (a typo must not be silently
-ignored) and uses strict types (``true`` is not a number, ``"8000"`` is not a port).
+``server`` (+ ``limits``; its ``engine`` mapping is the engine's own section, validated by the
+engine's :class:`~llm_server.engine.config.EngineConfig` where the server's settings are built,
+since this bottom layer knows no engine) and ``azure_config.yaml``'s ``azure``. Every model
+forbids unknown keys (a typo must not be silently ignored) and uses strict types (``true`` is not
+a number, ``"8000"`` is not a port).
 
 :func:`validate_section` turns pydantic's errors into :class:`ConfigError` naming the file and the
 dotted key, as the loaders always have. Adding a section is one model here plus one entry in
@@ -13,7 +15,7 @@ dotted key, as the loaders always have. Adding a section is one model here plus 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -21,32 +23,39 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from llm_server.engine.config import EngineConfig
-
 #: model.generate keywords the Python API sets itself on each call: not allowed in ``parameters``.
 PARAMETERS_SET_PER_CALL = ("inputs", "input_ids", "attention_mask", "streamer", "stopping_criteria")
 
 #: The quantization modes ``model.optimizations.quantization`` accepts (None: full-precision weights).
 Quantization = Literal["4bit", "int8", "int4"]
+#: The weight-only quantizations the server's engine applies itself (CPU); ``initialize()`` marks
+#: a model loaded with one of them with :data:`QUANTIZATION_ATTR`, which the engine reads.
+RUNNER_QUANTIZATIONS = ("int8", "int4")
+QUANTIZATION_ATTR = "llm_server_weight_quantization"
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class ModelParameters(BaseModel):
-    """``model.parameters``: generation defaults; unset keys are left to the model / the engine.
+    """``model.parameters``: the generation defaults, defined here once.
 
-    Any other ``model.generate`` keyword (e.g. ``no_repeat_ngram_size``) is passed through to the
-    Python API; the keywords it sets itself on each call are an error.
+    Every API reads them from this model: the shipped ``model_config.yaml`` restates them (a test
+    checks it), the server's ``/chat`` and OpenAI APIs use them for what a request leaves out
+    (``serving.sampling.sampling_defaults``), the engine's ``SamplingParams`` takes its defaults
+    from :data:`GENERATION_DEFAULTS`, and the Python API passes them to ``model.generate``.
+    ``top_k`` left unset is the engine's / the model's. Any other ``model.generate`` keyword
+    (e.g. ``no_repeat_ngram_size``) is passed through to the Python API; the keywords it sets
+    itself on each call are an error.
     """
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
-    max_new_tokens: int | None = Field(None, ge=1, description="new tokens per reply (server: capped by limits)")
-    temperature: float | None = Field(None, ge=0, description="sampling temperature")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(512, ge=1, description="new tokens per reply (server: capped by limits)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
     top_k: int | None = Field(None, ge=0, description="top-k sampling (server: unless server.engine.top_k)")
-    do_sample: bool | None = Field(None, description="false: greedy decoding, sampling settings ignored")
-    repetition_penalty: float | None = Field(None, gt=0, description="1.0 = off")
+    do_sample: bool = Field(True, description="false: greedy decoding, sampling settings ignored")
+    repetition_penalty: float = Field(1.1, gt=0, description="1.0 = off")
     use_cache: bool | None = Field(None, description="KV cache in model.generate (Python API)")
     return_dict_in_generate: bool | None = Field(None, description="kept from the spec's example (Python API)")
 
@@ -58,6 +67,10 @@ class ModelParameters(BaseModel):
                     "set_per_call", "is set by the Python API on each call; remove it", {"key": key}
                 )
         return self
+
+
+#: The generation defaults (what a request, or the Python API, gets when it says nothing).
+GENERATION_DEFAULTS = ModelParameters()
 
 
 class ModelOptimizations(BaseModel):
@@ -96,10 +109,15 @@ class ModelSection(BaseModel):
         return self.served_name or self.id or "model"
 
     def as_dict(self) -> dict[str, Any]:
-        """The plain mapping the spec's ``load_model_config()`` returns (``parameters``: set keys only)."""
+        """The plain mapping the spec's ``load_model_config()`` returns (``parameters``: the keys the
+        file sets; :meth:`generation_parameters` adds the defaults)."""
         data = self.model_dump(exclude={"parameters"})
         data["parameters"] = self.parameters.model_dump(exclude_unset=True, exclude_none=True)
         return data
+
+    def generation_parameters(self) -> dict[str, Any]:
+        """Every generation setting of this section: the file's, and the defaults for the rest."""
+        return self.parameters.model_dump(exclude_none=True)
 
 
 class ServerLimits(BaseModel):
@@ -125,7 +143,9 @@ class ServerSection(BaseModel):
     key_refresh_interval_s: float = Field(300, gt=0, description="Key Vault re-read interval")
     shutdown_timeout_s: float = Field(30, ge=0, description="grace period for running requests on shutdown")
     limits: ServerLimits = Field(default_factory=ServerLimits, description="request bounds")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="continuous-batching engine")
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="continuous-batching engine: the server.engine keys below"
+    )
 
 
 class AzureSection(BaseModel):
@@ -267,14 +287,19 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
-def markdown_table() -> str:
-    """The README's config reference: every key of every section, its type, default and meaning."""
+def markdown_table(nested: Sequence[tuple[str, type[BaseModel]]] = ()) -> str:
+    """The README's config reference: every key of every section, its type, default and meaning.
+
+    ``nested``: (dotted section, model) of sections a higher layer validates, e.g. the engine's
+    ``server.engine`` (rows follow their file's own).
+    """
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for file, section, model in SECTIONS:
         lines.append(f"| **{file}** `{section}:` | | | |")
         lines.extend(_rows(model, section))
+        for prefix, inner in nested:
+            if prefix.split(".")[0] == section:
+                lines.extend(_rows(inner, prefix))
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m llm_server.helper_functionality.config_models > table
-    print(markdown_table())

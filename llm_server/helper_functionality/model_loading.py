@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from llm_server.engine.quant import QUANT_MODES, QUANTIZATION_ATTR
+from llm_server.helper_functionality.config_models import QUANTIZATION_ATTR, RUNNER_QUANTIZATIONS
 from llm_server.helper_functionality.yaml_loading import load_model_config
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _ATTENTION = ("sdpa", "eager", "flash_attention_2")
 _MATMUL_PRECISIONS = ("highest", "high", "medium")
-#: Weight-only quantizations the server engine's Llama runner applies (CPU).
-RUNNER_QUANTIZATIONS = QUANT_MODES
 
 
 class ModelLoadError(RuntimeError):

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from llm_server.engine.types import SamplingParams
+from llm_server.helper_functionality.config_models import ModelParameters
 
 #: Temperatures below this decode greedily (vLLM's sampling epsilon): dividing logits by less overflows.
 MIN_TEMPERATURE = 1e-5
@@ -32,6 +33,19 @@ MAX_REPETITION_PENALTY = 100.0
 #: Seeds are signed 64-bit integers (what the engine's random generator takes, and OpenAI's ``int64``).
 MIN_SEED = -(2**63)
 MAX_SEED = 2**63 - 1
+
+
+def sampling_defaults(parameters: ModelParameters, max_new_tokens_limit: int) -> SamplingParams:
+    """The generation defaults of ``model_config.yaml`` (``parameters``; unset keys: the package's,
+    defined once in :class:`ModelParameters`) as the engine's settings, ``max_new_tokens`` capped
+    by the server's limit."""
+    return SamplingParams(
+        max_new_tokens=max(1, min(parameters.max_new_tokens, max_new_tokens_limit)),
+        temperature=parameters.temperature,
+        top_p=parameters.top_p,
+        do_sample=parameters.do_sample,
+        repetition_penalty=parameters.repetition_penalty,
+    )
 
 
 def request_sampling(
