@@ -10,14 +10,22 @@ Sequence, driven by :func:`run_server` (what ``start_llm_server`` calls):
    then are cancelled (their generations are cancelled with them).
 3. The app's lifespan shutdown runs (the engine stops), and the process exits with status 0.
 
-A second Ctrl+C forces an immediate exit (uvicorn's behaviour).
+A second SIGTERM or SIGINT during the drain forces an immediate exit (as uvicorn's second
+Ctrl+C): open generations are cut with the in-band error first, given a moment to reach
+their clients, and the process exits.
+
+The signal handler only records the request to stop (plain assignments: no lock, no thread,
+no logging), so a signal arriving while another is being handled can never deadlock; the
+drain itself starts in :meth:`GracefulServer.shutdown`, on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import weakref
 from collections.abc import Generator
@@ -62,9 +70,9 @@ class DrainState:
         with self._lock:
             if cut_after_s is None or self._timer is not None:
                 return
-            self._timer = threading.Timer(cut_after_s, self.cut_open_streams)
-            self._timer.daemon = True
-            self._timer.start()
+            timer = self._timer = threading.Timer(cut_after_s, self.cut_open_streams)
+        timer.daemon = True
+        timer.start()  # outside the lock: nothing slow is done while holding it
 
     def track(self, stream: Cuttable) -> None:
         with self._lock:
@@ -80,6 +88,10 @@ class DrainState:
         if streams:
             logger.warning("shutdown timeout: cutting %d running request(s) short", len(streams))
         return len(streams)
+
+
+#: On a forced exit (second signal), how long the cut generations get to send their in-band error.
+FORCED_EXIT_FLUSH_S = 1.0
 
 
 def cut_deadline_s(shutdown_timeout_s: float) -> float:
@@ -106,11 +118,35 @@ class GracefulServer(uvicorn.Server):
         self.fastapi_app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            logger.info("received %s: draining (running requests get up to %ss)",
-                        signal.Signals(sig).name, self.config.timeout_graceful_shutdown)
+        """Only record the request (a signal handler must not lock, log or start threads):
+        the first signal asks for a drain, any later one for an immediate exit."""
+        self._captured_signals.append(sig)
+        if self.should_exit:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Drain (see the module docstring), outside the signal handler; a forced exit still
+        ends the open generations with their in-band error before the process goes."""
+        first = self._captured_signals[:1]
+        name = signal.Signals(first[0]).name if first else "a stop request"
+        logger.info("received %s: draining (running requests get up to %ss)", name,
+                    self.config.timeout_graceful_shutdown)
         drain_state(self.fastapi_app).begin(cut_deadline_s(self.config.timeout_graceful_shutdown or 0))
-        super().handle_exit(sig, frame)
+        await super().shutdown(sockets)
+        if self.force_exit:
+            logger.warning("second stop signal: exiting now")
+            await self._cut_and_flush(FORCED_EXIT_FLUSH_S)
+
+    async def _cut_and_flush(self, flush_s: float) -> None:
+        drain_state(self.fastapi_app).cut_open_streams()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_s
+        while self.server_state.tasks and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self.server_state.tasks:
+            task.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
