@@ -7,7 +7,8 @@ half-sent or trickled body never holds a connection open for ever). A client tha
 mid-body is a client abort: counted as 499 with one log line, and the app never runs.
 Accepted bodies are replayed unchanged to the app, and later ``receive()`` calls
 (disconnect detection) pass straight through. All of this happens before the key check,
-so it holds without a key too.
+so it holds without a key too. The buffered body and the query string are checked by
+:mod:`llm_server.api.text_guard` (lone surrogates, nesting depth, query size): 400 naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response
+from llm_server.api.text_guard import body_problem, query_problem
 
 #: Seconds a request body may take to arrive, in all, before the server answers 408.
 BODY_READ_TIMEOUT_S = 30.0
@@ -45,6 +47,10 @@ class BodySizeLimitMiddleware:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = query_problem(scope.get("query_string", b"")) if scope["type"] == "http" else None
+        if problem is not None:
+            await error_response(problem)(scope, receive, send)
+            return
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
@@ -74,6 +80,9 @@ class BodySizeLimitMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        if (problem := body_problem(b"".join(chunks))) is not None:  # lone surrogates, deep nesting
+            await error_response(problem)(scope, receive, send)
+            return
         await self.app(scope, _replay(chunks, None, receive), send)
 
     @staticmethod

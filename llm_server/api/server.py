@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     configure_logging(args.log_level.upper())
     settings = _settings_for(args)
+    configure_logging(args.log_level.upper(), settings.log_format)  # the configured format, from here on
     if args.replicas is not None or args.ray_address:
         from llm_server.scale_out.cli import run_scaled_out
 
