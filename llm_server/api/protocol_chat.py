@@ -134,7 +134,7 @@ def query_bool(text: str, field: str) -> bool:
     """A boolean query value: only true/false/1/0 (any case); ``yes``, ``on``... are 400s."""
     value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
     if value is None:
-        raise APIError(400, f"{field} must be true or false (or 1 or 0)", param=field, code="invalid_value")
+        raise APIError(400, f"{field} must be a boolean: true or false (or 1 or 0)", param=field, code="invalid_value")
     return value
 
 

@@ -44,6 +44,7 @@ from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest, SamplingParams
 from llm_server.serving.chat_stream import ChatDelta, ChatDone, ChatEvent, ChatStream, single_pass
+from llm_server.serving.schema_check import check_instance
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,11 @@ class ChatService:
         request_id = options.request_id or uuid.uuid4().hex
         stream = self.engine.submit(GenerationRequest(_pass_id(request_id, first), prompt_ids, options.params))
         later = partial(self._submit_later, options.params, request_id)
-        return ChatStream(steps, opening, stream, later, len(prompt_ids))
+        chat_stream = ChatStream(steps, opening, stream, later, len(prompt_ids))
+        schema = getattr(options.params.constraint, "schema", None)
+        if schema is not None and not options.improvement:  # the answer itself is the schema's instance
+            chat_stream.final_check = partial(check_instance, schema=schema)
+        return chat_stream
 
     def _improvement(self, messages: list[Message], options: ChatOptions) -> Steps:
         """The improvement pipeline's steps for ``[system?, *history, user]``: the system prompts

@@ -104,6 +104,8 @@ class ChatStream:
         self.prompt_tokens = prompt_tokens
         #: Why the server cut this stream short (e.g. shutdown), or None.
         self.cut_reason: str | None = None
+        #: Checks the text of a pass that ended "stop" (a schema's instance check); raises to end in error.
+        self.final_check: Callable[[str], None] | None = None
 
     def observe(self, observer: StreamObserver) -> ChatStream:
         """Report this stream's text and end to ``observer``; returns self."""
@@ -176,6 +178,8 @@ class ChatStream:
                 else:
                     finished = event
             assert finished is not None  # a GenerationStream ends with Finished or raises
+            if finished.reason == "stop" and self.final_check is not None:
+                self.final_check(finished.text)  # never a "stop" that is not what was asked for
             prompt_tokens += finished.prompt_tokens
             completion_tokens += finished.completion_tokens
             if finished.reason == "cancelled":
