@@ -118,7 +118,8 @@ def create_app(
     install_error_handlers(app)
     for module in (routes_ops, routes_chat, routes_openai, routes_page):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
+                       timeout_s=lambda: app.state.settings.request_body_timeout_s)
     app.add_middleware(OptionsMiddleware, fastapi_app=app)
     install_openapi(app)
     install_middleware(app)  # request ids, access log, drain gate: outermost
@@ -216,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     store = _started_key_store(settings)
     app = create_app(settings=settings, key_store=store, on_load_failure=_stop_the_process)
     run_server(app, host=settings.host, port=settings.port,
-               shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level)
+               shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level,
+               head_timeout_s=settings.request_head_timeout_s)
     state = readiness(app)
     if state.failed:
         _fail(f"the model could not be loaded ({state.error}); see the log above", 1)

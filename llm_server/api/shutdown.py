@@ -35,6 +35,8 @@ from typing import Any, Protocol
 import uvicorn
 from fastapi import FastAPI
 
+from llm_server.api.slow_clients import http_protocol
+
 logger = logging.getLogger(__name__)
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -169,14 +171,17 @@ def run_server(
     port: int,
     shutdown_timeout_s: float = 30.0,
     log_level: str = "info",
+    head_timeout_s: float = 30.0,
     **uvicorn_options: Any,
 ) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then drain as described in the module docstring.
 
     uvicorn's own access log is off: it would log query strings (``?x_api_key=...``); the
-    request-context middleware logs requests without them. Extra keyword arguments go to
-    ``uvicorn.Config`` (e.g. ``ssl_keyfile``/``ssl_certfile``).
+    request-context middleware logs requests without them. A request head (line and headers)
+    must arrive within ``head_timeout_s`` (:mod:`llm_server.api.slow_clients`). Extra keyword
+    arguments go to ``uvicorn.Config`` (e.g. ``ssl_keyfile``/``ssl_certfile``).
     """
+    uvicorn_options.setdefault("http", http_protocol(head_timeout_s))
     if "log_config" not in uvicorn_options and logging.getLogger().handlers:
         uvicorn_options["log_config"] = None  # uvicorn's records go through the root handler's format
     config = uvicorn.Config(
