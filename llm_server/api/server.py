@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from llm_server.api import routes_chat, routes_openai, routes_ops, routes_page
 from llm_server.api.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.errors import install_error_handlers
+from llm_server.api.head import HeadAsGetMiddleware
 from llm_server.api.limits import BodySizeLimitMiddleware
 from llm_server.api.methods import OptionsMiddleware
 from llm_server.api.middleware import install_middleware
@@ -121,6 +122,7 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
                        timeout_s=lambda: app.state.settings.request_body_timeout_s)
     app.add_middleware(OptionsMiddleware, fastapi_app=app)
+    app.add_middleware(HeadAsGetMiddleware)  # HEAD on every GET route
     install_openapi(app)
     install_middleware(app)  # request ids, access log, drain gate: outermost
     install_log_redaction()
