@@ -8,13 +8,13 @@ response header, and set in the request context so it shows in every log line
 ``llm_server_requests_total{endpoint, status}`` (endpoint = the route template, so ids in
 paths never explode the label set).
 
-A client that leaves before its response ended (streamed or not) is logged and counted as
-499 (:mod:`llm_server.api.response_end`). The access log line holds method, path, status and duration — never the query string
-(it may carry ``x_api_key``) nor bodies (prompts); successful ``/health`` and ``/metrics``
-hits log at DEBUG so probes do not flood the log. Control characters in the path are
-escaped (a ``%0D%0A`` in a URL cannot forge a log line). A crash is answered here with an
-OpenAI-shaped 500 that still carries the request id. While the server drains
-(SIGTERM) every request except ``/health`` and ``/metrics`` is refused with 503.
+A client that leaves before its response ended (streamed or not) is logged and counted as 499
+(:mod:`llm_server.api.response_end`). The access log line holds method, path, status and
+duration — never the query string (it may carry ``x_api_key``) nor bodies (prompts); successful
+``/health`` and ``/metrics`` hits log at DEBUG so probes do not flood the log. Control
+characters in the path are escaped (a ``%0D%0A`` in a URL cannot forge a log line). A crash is
+answered here with an OpenAI-shaped 500 that still carries the request id. While the server
+drains (SIGTERM) every request except ``/health`` and ``/metrics`` is refused with 503.
 
 It is a plain ASGI middleware (not ``BaseHTTPMiddleware``) so streamed responses and
 client disconnects pass through untouched.
@@ -32,7 +32,6 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_server.api.errors import APIError, error_response
-from llm_server.api.response_end import ResponseEnd
 from llm_server.api.request_context import (
     REQUEST_ID_HEADER,
     configure_logging,  # noqa: F401  re-exported for server.main
@@ -40,6 +39,7 @@ from llm_server.api.request_context import (
     install_log_record_factory,
     request_id_var,
 )
+from llm_server.api.response_end import ResponseEnd
 from llm_server.api.shutdown import drain_state
 from llm_server.serving.metrics import PREFIX
 
