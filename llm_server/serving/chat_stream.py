@@ -66,9 +66,15 @@ class StreamObserver(Protocol):
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         """The turn ended: stop, length, cancelled or error (token counts 0 when not known)."""
 
+    def on_queued(self, seconds: float) -> None:
+        """A pass of the turn waited ``seconds`` in the engine's queue before it started."""
+
 
 class _NoObserver:
     def on_text(self) -> None:
+        return None
+
+    def on_queued(self, seconds: float) -> None:
         return None
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -178,6 +184,8 @@ class ChatStream:
                 else:
                     finished = event
             assert finished is not None  # a GenerationStream ends with Finished or raises
+            if "waiting" in finished.timeline and "prefilling" in finished.timeline:
+                self._observer.on_queued(finished.timeline["prefilling"] - finished.timeline["waiting"])
             if finished.reason == "stop" and self.final_check is not None:
                 self.final_check(finished.text)  # never a "stop" that is not what was asked for
             prompt_tokens += finished.prompt_tokens

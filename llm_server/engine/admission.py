@@ -1,0 +1,102 @@
+"""Admission by expected wait: queue what the engine can start within a bound, refuse the rest.
+
+A fixed queue length (``max_waiting``) refuses a burst that would drain in seconds, and admits
+a queue of long requests that would wait for minutes. Instead, :meth:`Admission.check` (called
+by ``BatchEngine.submit`` under the engine lock) estimates how long a new request would wait
+before it starts, and refuses it (:class:`EngineOverloaded`, HTTP 503 with ``Retry-After`` set
+from the estimate) only when that is over ``max_queue_wait_s`` (default 30 s).
+
+The estimate replays the FIFO on the batch's slots. The number of slots is ``max_running``,
+lowered by the KV budget (``max_total_tokens`` / the longest reservation). Each running request
+holds its slot for the tokens it still may generate, each waiting one for its prompt's prefill
+chunks and all of its ``max_new_tokens``. The new request starts when the slot it needs frees,
+after that many decode steps, times the measured seconds per step (a moving average of the
+scheduler's working iterations, :meth:`Admission.record_step`). Using ``max_new_tokens`` makes it
+an upper bound (answers often stop sooner), so a refusal means the server really is busy. Until a
+step has been measured nothing is refused on time; ``max_waiting`` remains a hard cap on the
+queue's length (memory), whatever the estimate.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+from collections.abc import Iterable
+from typing import Protocol
+
+from llm_server.engine.config import EngineConfig
+from llm_server.engine.types import EngineOverloaded
+
+#: Weight of the newest step in the moving average of seconds per step.
+_SMOOTHING = 0.2
+
+
+class Queued(Protocol):
+    """What the estimate needs of a sequence (``engine.sequence.Sequence`` has it)."""
+
+    reserved: int
+    prefilled: int
+
+    @property
+    def prompt_len(self) -> int: ...
+
+    @property
+    def generated(self) -> list[int]: ...
+
+
+def _new_tokens(seq: Queued) -> int:
+    return max(1, seq.reserved - seq.prompt_len)
+
+
+class Admission:
+    """Expected-wait admission for one engine (thread-safe: submit threads and the scheduler)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._step_s: float | None = None  # measured seconds per working scheduler iteration
+
+    @property
+    def step_s(self) -> float | None:
+        return self._step_s
+
+    def record_step(self, seconds: float) -> None:
+        """One working scheduler iteration (prefill and/or decode) took ``seconds``."""
+        with self._lock:
+            previous = self._step_s
+            self._step_s = seconds if previous is None else (1 - _SMOOTHING) * previous + _SMOOTHING * seconds
+
+    def wait_steps(self, running: Iterable[Queued], waiting: Iterable[Queued], new_reserved: int) -> int:
+        """Scheduler steps before a new request (``new_reserved`` = prompt + max_new_tokens) would start."""
+        running, waiting = list(running), list(waiting)
+        longest = max([new_reserved, *(s.reserved for s in running), *(s.reserved for s in waiting)])
+        slots = max(1, min(self.config.max_running, self.config.max_total_tokens // max(1, longest)))
+        chunk = max(1, self.config.prefill_chunk_tokens)
+        frees = [max(0, _new_tokens(s) - len(s.generated)) + math.ceil(max(0, s.prompt_len - s.prefilled) / chunk)
+                 for s in running]
+        heap = sorted(frees)[-slots:] if len(frees) > slots else frees + [0] * (slots - len(frees))
+        heapq.heapify(heap)
+        for seq in waiting:
+            start = heapq.heappop(heap)
+            heapq.heappush(heap, start + math.ceil(seq.prompt_len / chunk) + _new_tokens(seq))
+        return heapq.heappop(heap)
+
+    def expected_wait_s(self, running: Iterable[Queued], waiting: Iterable[Queued], new_reserved: int) -> float:
+        """Seconds a new request would wait (0 until a step has been measured)."""
+        step_s = self._step_s
+        if step_s is None:
+            return 0.0
+        return self.wait_steps(running, waiting, new_reserved) * step_s
+
+    def check(self, running: Iterable[Queued], waiting: list[Queued], new_reserved: int) -> None:
+        """Raise :class:`EngineOverloaded` if a new request would wait too long (or the queue is full)."""
+        if len(waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(f"server is overloaded: {len(waiting)} requests are queued (the most)",
+                                   retry_after_s=self.config.retry_after_s)
+        wait_s = self.expected_wait_s(running, waiting, new_reserved)
+        bound = self.config.max_queue_wait_s
+        if wait_s > bound:
+            retry = max(self.config.retry_after_s, math.ceil(wait_s - bound))
+            raise EngineOverloaded(f"server is overloaded: a new request would wait about {wait_s:.0f} s to start "
+                                   f"(the limit is {bound:g} s)", retry_after_s=retry)
