@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llm_server.engine.admission import Admission
+from llm_server.engine.admission import Admission, StepTimeModel
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.types import EngineOverloaded, SamplingParams
 from tests.openai_harness import wait_until
@@ -30,10 +30,22 @@ class Seq:
 
 
 def admission(step_s: float | None = 0.1, **config: Any) -> Admission:
+    """An Admission that measured full-batch steps of ``step_s`` (None: nothing measured)."""
     gate = Admission(EngineConfig(**{"max_running": 4, "max_total_tokens": 100_000, **config}))
     if step_s is not None:
-        gate.record_step(step_s)
+        gate.record_step(step_s, gate.config.max_running)
     return gate
+
+
+def test_the_step_time_model_fits_a_line_and_is_pessimistic_with_one_batch_size() -> None:
+    model = StepTimeModel()
+    for rows in (1, 8, 16, 32, 64) * 4:
+        model.add(0.02 + 0.001 * rows, rows)
+    assert model.predict(64) == pytest.approx(0.084, rel=1e-6)
+    assert model.predict(1) == pytest.approx(0.021, rel=1e-6)
+    single = StepTimeModel()
+    single.add(0.05, 4)
+    assert single.predict(2) == pytest.approx(0.05) and single.predict(16) == pytest.approx(0.2)
 
 
 def test_free_slots_mean_no_wait() -> None:

@@ -11,7 +11,8 @@ lowered by the KV budget (``max_total_tokens`` / the longest reservation). Each 
 holds its slot for the tokens it still may generate, each waiting one for its prompt's prefill
 chunks and all of its ``max_new_tokens``. The new request starts when the slot it needs frees,
 after that many decode steps, times the measured seconds per step (a moving average of the
-scheduler's working iterations, :meth:`Admission.record_step`). Using ``max_new_tokens`` makes it
+scheduler's working iterations, :meth:`Admission.record_step`, fitted as a function of the batch
+size by :class:`StepTimeModel`, and taken at the batch size the queue will keep). Using ``max_new_tokens`` makes it
 an upper bound (answers often stop sooner), so a refusal means the server really is busy. Until a
 step has been measured nothing is refused on time; ``max_waiting`` remains a hard cap on the
 queue's length (memory), whatever the estimate.
@@ -28,7 +29,7 @@ from typing import Protocol
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.types import EngineOverloaded
 
-#: Weight of the newest step in the moving average of seconds per step.
+#: Weight of the newest step in the moving averages of step times.
 _SMOOTHING = 0.2
 
 
@@ -49,23 +50,50 @@ def _new_tokens(seq: Queued) -> int:
     return max(1, seq.reserved - seq.prompt_len)
 
 
+class StepTimeModel:
+    """Seconds per scheduler step as a function of the sequences in it: ``t = a + b * rows``, a
+    least-squares fit with exponential forgetting (recent steps count most). While only one batch
+    size has been seen, the slope is unknown and is assumed proportional (pessimistic)."""
+
+    def __init__(self, decay: float = 1 - _SMOOTHING / 4) -> None:
+        self._decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    @property
+    def measured(self) -> bool:
+        return self._w > 0
+
+    def add(self, seconds: float, rows: int) -> None:
+        d, x = self._decay, float(max(1, rows))
+        self._w, self._x, self._y = d * self._w + 1, d * self._x + x, d * self._y + seconds
+        self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * seconds
+
+    def predict(self, rows: int) -> float:
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mean_x * mean_x
+        if var < 0.25:  # one batch size so far: grow in proportion above it
+            return mean_y * max(1.0, rows / mean_x)
+        slope = max(0.0, (self._xy / self._w - mean_x * mean_y) / var)
+        return max(1e-6, mean_y + slope * (rows - mean_x))
+
+
 class Admission:
     """Expected-wait admission for one engine (thread-safe: submit threads and the scheduler)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._step_s: float | None = None  # measured seconds per working scheduler iteration
+        self._steps = StepTimeModel()
 
-    @property
-    def step_s(self) -> float | None:
-        return self._step_s
-
-    def record_step(self, seconds: float) -> None:
-        """One working scheduler iteration (prefill and/or decode) took ``seconds``."""
+    def record_step(self, seconds: float, rows: int = 1) -> None:
+        """One working scheduler iteration over ``rows`` sequences (prefilling and decoding) took ``seconds``."""
         with self._lock:
-            previous = self._step_s
-            self._step_s = seconds if previous is None else (1 - _SMOOTHING) * previous + _SMOOTHING * seconds
+            self._steps.add(seconds, rows)
+
+    def step_s(self, rows: int) -> float | None:
+        """Expected seconds of a step over ``rows`` sequences (None before any step was measured)."""
+        with self._lock:
+            return self._steps.predict(rows) if self._steps.measured else None
 
     def wait_steps(self, running: Iterable[Queued], waiting: Iterable[Queued], new_reserved: int) -> int:
         """Scheduler steps before a new request (``new_reserved`` = prompt + max_new_tokens) would start."""
@@ -83,8 +111,13 @@ class Admission:
         return heapq.heappop(heap)
 
     def expected_wait_s(self, running: Iterable[Queued], waiting: Iterable[Queued], new_reserved: int) -> float:
-        """Seconds a new request would wait (0 until a step has been measured)."""
-        step_s = self._step_s
+        """Seconds a new request would wait (0 until a step has been measured): the steps before
+        it starts, each as long as a step over the batch the queue keeps full."""
+        running, waiting = list(running), list(waiting)
+        longest = max([new_reserved, *(s.reserved for s in running), *(s.reserved for s in waiting)])
+        busy = min(len(running) + len(waiting) + 1, self.config.max_running,
+                   max(1, self.config.max_total_tokens // max(1, longest)))
+        step_s = self.step_s(busy)
         if step_s is None:
             return 0.0
         return self.wait_steps(running, waiting, new_reserved) * step_s

@@ -253,7 +253,7 @@ class BatchEngine(Engine):
             self._apply(batch, logits)
         self._wakeups.flush()
         if group or batch:
-            self._admission.record_step(time.monotonic() - started)
+            self._admission.record_step(time.monotonic() - started, max(len(group), len(batch)))
         return True
 
     def _open(self, seq: Sequence) -> None:
