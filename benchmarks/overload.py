@@ -138,23 +138,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--timeout-s", type=float, default=600)
     parser.add_argument("--url", help="a running server (its key: the KEY of this script)")
+    parser.add_argument("--rounds", type=int, default=2, help="bursts on the same server (the first is cold: "
+                        "no step measured yet, so admission queues it all)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overload.md")
     args = parser.parse_args(argv)
     proc = None
     url = args.url
     if url is None:
         proc, url = start_server(Path("/tmp") / "overload_server.log")
+    texts, results = [], []
     try:
-        started = time.perf_counter()
-        results = asyncio.run(run(url, args.streams, args.max_tokens, args.timeout_s))
-        text = report(results, args, time.perf_counter() - started, _queue_time(url))
+        for burst in range(1, args.rounds + 1):
+            started = time.perf_counter()
+            round_results = asyncio.run(run(url, args.streams, args.max_tokens, args.timeout_s))
+            text = report(round_results, args, time.perf_counter() - started, _queue_time(url))
+            texts.append(f"{text}\n\nBurst {burst} of {args.rounds} on this server "
+                         f"({'cold: no step measured before it' if burst == 1 else 'warm'}); queue time is cumulative.")
+            print(texts[-1], flush=True)
+            results += round_results
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    print(text)
     with args.out.open("a", encoding="utf-8") as out:
-        out.write(text + "\n\n")
+        out.write("\n\n".join(texts) + "\n\n")
     print(json.dumps({"hung": sum(r.outcome == "hung" for r in results)}))
     return 0 if all(r.outcome in ("answered", "refused") for r in results) else 1
 
