@@ -9,7 +9,7 @@ PORT        ?= 8000
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test browser benchmark lint fuzz soak clean
+.PHONY: install serve test browser benchmark lint fuzz probe soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ FUZZ_MAX_S ?= 1800
 fuzz: install
 	$(PY) -m tests.fuzz_api --real -n $(FUZZ_EXAMPLES) --max-time $(FUZZ_MAX_S)
 
+# A hand-made matrix of 300+ bad inputs (tests/probe_cases.py) against the embedded model: a table of
+# input, status and whether the log stayed clean (README, "Bad inputs"); fails on any 5xx or forged log line.
+probe: install
+	$(PY) -m tests.probe --real --out benchmarks/results/probe.md
+
 # 32 concurrent clients on the embedded model for SOAK_S seconds; a markdown table per minute.
 SOAK_S ?= 600
 soak: install
@@ -50,6 +55,7 @@ soak: install
 lint: install
 	$(VENV)/bin/ruff check llm_server tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

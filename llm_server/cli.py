@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(command_line(argv))
     configure_logging(args.log_level.upper())
     settings = settings_for(args)
+    configure_logging(args.log_level.upper(), settings.log_format)  # the configured format, from here on
     if args.replicas is not None or args.ray_address:
         run_scaled_out(settings, args.replicas, args.ray_address, check_keys=started_key_store)
         return

@@ -3,8 +3,9 @@
 Serves the app on a real uvicorn on loopback (the scripted engine of :mod:`tests.fakes`, or with
 ``--real`` the embedded model, as ``make fuzz`` does), then runs the ``schemathesis`` command line
 (``--checks all``, every phase, a fixed seed, with the key) against ``/openapi.json`` and exits
-with its status: 0 means no failure. ``tests/test_openapi.py`` runs it with few examples in
-``make test``.
+with its status: 0 means no failure. Then it sends the fixed corpus of bad inputs of
+``make probe`` (:mod:`tests.probe_cases`), where any 5xx is a failure. ``tests/test_openapi.py``
+runs it with few examples in ``make test``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-time", type=int, help="time budget of the whole run in seconds")
     args = parser.parse_args(argv)
     with served(args.real) as url:  # schemathesis reports as it goes, on this terminal
-        return run_schemathesis(url, args.examples, capture=False, max_time_s=args.max_time).returncode
+        status = run_schemathesis(url, args.examples, capture=False, max_time_s=args.max_time).returncode
+        return status or run_corpus(url)
+
+
+def run_corpus(url: str) -> int:
+    """The fixed corpus of bad inputs (``make probe``'s cases, issue 24): 1 if any gets a 5xx."""
+    import httpx
+
+    from tests.probe_cases import CASES
+
+    bad = []
+    with httpx.Client(timeout=120) as client:
+        for case in CASES:
+            headers = {"X-API-Key": API_KEY, "Content-Type": "application/json", **case.headers}
+            try:
+                status: int | str = client.request(case.method, f"{url}{case.path}", content=case.body,
+                                                   headers=headers).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            if not isinstance(status, int) or status >= 500:
+                bad.append(f"{case.name}: {status}")
+    print(f"fixed corpus: {len(CASES)} bad inputs, {len(bad)} x 5xx or no answer", *bad, sep="\n")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

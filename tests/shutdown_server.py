@@ -1,4 +1,7 @@
-"""A server process for the graceful-shutdown tests: ``python -m tests.shutdown_server PORT TIMEOUT``.
+"""A server process for the graceful-shutdown tests: ``python -m tests.shutdown_server PORT TIMEOUT [resignal]``.
+
+With ``resignal``, the first stop signal sends the process a second one from inside its own
+handler, so the second signal is always handled while the first one is (the race of issue 24).
 
 It runs the real app through :func:`llm_server.api.ops.shutdown.run_server` (what
 ``start_llm_server`` calls) around a slow ScriptedEngine, with a character-level stand-in
@@ -7,10 +10,13 @@ tokenizer so the process starts in a second instead of loading the real one.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
-from llm_server.api.ops.shutdown import run_server
+from llm_server.api.ops.shutdown import GracefulServer, run_server
 from llm_server.api.plumbing.middleware import configure_logging
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import build_app
@@ -37,8 +43,24 @@ class CharTokenizer:
         return 0x110000
 
 
+def resignal_inside_the_handler() -> None:
+    """Make the first stop signal raise a second one while its handler runs."""
+    handle_exit = GracefulServer.handle_exit
+    sent: list[int] = []
+
+    def handle_twice(self: GracefulServer, sig: int, frame: FrameType | None) -> None:
+        if not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), signal.SIGTERM)  # pending now; Python runs it inside this call
+        handle_exit(self, sig, frame)
+
+    GracefulServer.handle_exit = handle_twice  # type: ignore[method-assign]
+
+
 def main() -> None:
     port, timeout_s = int(sys.argv[1]), float(sys.argv[2])
+    if sys.argv[3:] == ["resignal"]:
+        resignal_inside_the_handler()
     configure_logging("INFO")
     reply = " ".join(f"word{i}" for i in range(WORDS))
     engine = ScriptedEngine(CharTokenizer(), reply=reply, delay_s=DELAY_S)

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from llm_server.api.plumbing import limits
 from llm_server.api.server import create_app
 from llm_server.api.settings import ServerSettings
 from llm_server.engine.types import SamplingParams
@@ -138,9 +137,16 @@ def _half_sent(base_url: str, path: str, key: bool) -> socket.socket:
     return sock
 
 
+@pytest.fixture(scope="module")
+def quick_body_url(engine: ScriptedEngine) -> Iterator[str]:
+    """A server whose bodies must arrive within 0.5 s (server.limits.request_body_timeout_s)."""
+    with serving(create_app(lambda: engine, settings=make_settings(request_body_timeout_s=0.5))) as url:
+        yield url
+
+
 @pytest.mark.parametrize("key", [True, False])
-def test_half_sent_body_times_out_with_408(base_url: str, monkeypatch: pytest.MonkeyPatch, key: bool) -> None:
-    monkeypatch.setattr(limits, "BODY_READ_TIMEOUT_S", 0.5)
+def test_half_sent_body_times_out_with_408(quick_body_url: str, key: bool) -> None:
+    base_url = quick_body_url
     sock = _half_sent(base_url, "/chat/blocking", key)
     with sock:
         answer = sock.recv(65536).decode()

@@ -85,14 +85,14 @@ def test_operation_ids_are_distinct(doc: dict[str, Any]) -> None:
 def test_options_lists_every_method_of_the_path(client: TestClient) -> None:
     response = client.options("/chat/blocking")
     assert response.status_code == 204
-    assert response.headers["allow"] == "GET, POST, OPTIONS"
+    assert response.headers["allow"] == "GET, HEAD, POST, OPTIONS"  # HEAD: api/head.py
     assert client.options("/nowhere").status_code == 404
 
 
 def test_405_lists_every_method_and_is_an_invalid_request(client: TestClient) -> None:
     response = client.delete("/chat/blocking", headers={"X-API-Key": KEY})
     assert response.status_code == 405
-    assert response.headers["allow"] == "GET, POST, OPTIONS"
+    assert response.headers["allow"] == "GET, HEAD, POST, OPTIONS"  # HEAD: api/head.py
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llm_server.api.ops.shutdown import SHUTDOWN_CUT_REASON, drain_state
+from llm_server.api.plumbing.drain import SHUTDOWN_CUT_REASON, drain_state
 from tests.fakes import ScriptedEngine
 from tests.openai_harness import API_KEY, build_app, free_port, live_server, wait_until
 from tests.shutdown_server import WORDS
@@ -73,13 +73,13 @@ def test_answers_cut_at_the_shutdown_deadline_end_with_an_error(tokenizer: Any, 
 
 # --- a real process and a real SIGTERM ------------------------------------------------------
 class ServerProcess:
-    def __init__(self, timeout_s: float, log_path: Path) -> None:
+    def __init__(self, timeout_s: float, log_path: Path, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.shutdown_server", str(self.port), str(timeout_s)],
+            [sys.executable, "-m", "tests.shutdown_server", str(self.port), str(timeout_s), *extra],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -108,8 +108,8 @@ class ServerProcess:
 def spawn(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
-    def start(timeout_s: float) -> ServerProcess:
-        server = ServerProcess(timeout_s, tmp_path / f"server{len(started)}.log")
+    def start(timeout_s: float, *extra: str) -> ServerProcess:
+        server = ServerProcess(timeout_s, tmp_path / f"server{len(started)}.log", *extra)
         started.append(server)
         server.wait_ready()
         return server
@@ -159,9 +159,9 @@ def refuses_new_requests(url: str) -> bool:
     return response.status_code == 503
 
 
-def streaming_server(spawn: Any, timeout_s: float) -> tuple[Any, StreamReader]:
+def streaming_server(spawn: Any, timeout_s: float, *extra: str) -> tuple[Any, StreamReader]:
     """A spawned server with a stream running on it (its first event received)."""
-    server = spawn(timeout_s=timeout_s)
+    server = spawn(timeout_s, *extra)
     reader = StreamReader(server.url)
     reader.start()
     assert reader.first.wait(30), server.log()
@@ -251,3 +251,59 @@ def test_start_llm_server_drains_on_sigterm(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait(timeout=10)
     assert "draining" in log_path.read_text()
+
+
+# --- issue 24 (D9): a second signal during the drain never deadlocks, it exits at once -----------
+def test_the_signal_handler_takes_no_lock(tokenizer: Any) -> None:
+    """A signal may arrive while the main thread holds the drain lock (that was the deadlock):
+    the handler must not wait for it."""
+    import uvicorn
+
+    from llm_server.api.ops.shutdown import GracefulServer
+
+    app = build_app(ScriptedEngine(tokenizer, reply="fine"))
+    server = GracefulServer(uvicorn.Config(app), app)
+    state = drain_state(app)
+    with state._lock:  # held, as by a begin() that the signal interrupted
+        handler = threading.Thread(target=lambda: [server.handle_exit(signal.SIGTERM, None) for _ in range(2)],
+                                   daemon=True)
+        handler.start()
+        handler.join(timeout=10)
+        assert not handler.is_alive(), "the signal handler blocked on the drain lock"
+    assert server.should_exit and server.force_exit
+
+
+def assert_forced_exit_cut_the_stream(server: Any, reader: StreamReader) -> None:
+    assert server.proc.wait(timeout=20) == 0, server.log()  # the stream alone would run 4 s more
+    reader.join(timeout=30)
+    assert "[DONE]" not in reader.events, server.log()
+    last = json.loads(reader.events[-1])  # cut, and told so in-band
+    assert last["error"]["code"] == "server_shutting_down", (reader.events, server.log())
+    assert "second stop signal: exiting now" in server.log()
+
+
+def test_a_second_signal_inside_the_first_handler_exits_at_once(spawn: Any) -> None:
+    server, reader = streaming_server(spawn, 30, "resignal")
+    server.proc.send_signal(signal.SIGTERM)  # its handler raises a second SIGTERM inside itself
+    assert_forced_exit_cut_the_stream(server, reader)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_during_the_drain_exits_at_once(spawn: Any, sig: signal.Signals) -> None:
+    """A double Ctrl+C, or ``kill -- -PGID; kill PID`` seen after the drain began."""
+    server, reader = streaming_server(spawn, 30)
+    server.proc.send_signal(sig)
+    assert wait_until(lambda: "draining" in server.log(), timeout_s=10), server.log()
+    server.proc.send_signal(sig)
+    assert_forced_exit_cut_the_stream(server, reader)
+
+
+def test_a_burst_of_sigterms_exits(spawn: Any) -> None:
+    """40 SIGTERMs back to back (the kernel may merge some): the process exits, and the running
+    answer either completed or ended with the in-band error, never silently."""
+    server, reader = streaming_server(spawn, 30)
+    for _ in range(40):
+        server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0, server.log()
+    reader.join(timeout=30)
+    assert reader.events[-1] == "[DONE]" or json.loads(reader.events[-1])["error"]["code"] == "server_shutting_down"

@@ -65,7 +65,8 @@ def test_server_config_has_the_contract_keys() -> None:
     server = load_chat_server_config()
     assert server["port"] == 8000
     assert server["allow_query_api_key"] is True and server["open_access"] is False
-    assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576}
+    assert server["limits"] == {"max_new_tokens": 1024, "max_body_bytes": 1048576,
+                                "request_head_timeout_s": 30, "request_body_timeout_s": 30}
     assert set(server["engine"]) <= set(EngineConfig.model_fields)  # the engine's own keys, one copy
     engine = load_settings().engine  # validated by the engine's own model
     assert isinstance(engine, EngineConfig) and engine.top_k is None  # optional keys present, unset

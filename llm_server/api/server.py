@@ -37,6 +37,7 @@ from llm_server.api.page import routes as page_routes
 from llm_server.api.plumbing.allowed_methods import OptionsMiddleware, allow_header
 from llm_server.api.plumbing.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.plumbing.errors import install_error_handlers
+from llm_server.api.plumbing.head import HeadAsGetMiddleware
 from llm_server.api.plumbing.keyvault import KeyVaultError
 from llm_server.api.plumbing.limits import BodySizeLimitMiddleware
 from llm_server.api.plumbing.middleware import configure_logging, install_middleware
@@ -125,8 +126,10 @@ def create_app(
     install_error_handlers(app, partial(allow_header, app))
     for module in (ops_routes, spec_chat, openai_routes, page_routes):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
+                       timeout_s=lambda: app.state.settings.request_body_timeout_s)
     app.add_middleware(OptionsMiddleware, fastapi_app=app)
+    app.add_middleware(HeadAsGetMiddleware)  # HEAD on every GET route
     install_openapi(app)
     install_middleware(app)  # request ids, access log, drain gate: outermost
     install_log_redaction()
@@ -217,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The spec's entry point: one server (flags: --host, --port, --config-dir, --open-access)."""
     args = build_parser().parse_args(command_line(argv))
     configure_logging(args.log_level.upper())
-    serve(args, settings_for(args))
+    settings = settings_for(args)
+    configure_logging(args.log_level.upper(), settings.log_format)  # the configured format, from here on
+    serve(args, settings)
 
 
 def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
@@ -225,7 +230,8 @@ def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     store = started_key_store(settings)
     app = create_app(settings=settings, key_store=store, on_load_failure=_stop_the_process)
     run_server(app, host=settings.host, port=settings.port,
-               shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level)
+               shutdown_timeout_s=settings.shutdown_timeout_s, log_level=args.log_level,
+               head_timeout_s=settings.request_head_timeout_s)
     state = readiness(app)
     if state.failed:
         _fail(f"the model could not be loaded ({state.error}); see the log above", 1)

@@ -62,6 +62,9 @@ class ServerSettings:
     #: Upper bound on any request's max_new_tokens / max_tokens.
     max_new_tokens_limit: int = _DEFAULT.limits.max_new_tokens
     max_body_bytes: int = _DEFAULT.limits.max_body_bytes
+    request_head_timeout_s: float = _DEFAULT.limits.request_head_timeout_s
+    request_body_timeout_s: float = _DEFAULT.limits.request_body_timeout_s
+    log_format: str = _DEFAULT.log_format
     #: server_config.yaml ``engine:`` section (model_config's ``parameters.top_k`` folded in).
     engine: EngineConfig = field(default_factory=EngineConfig)
     key_vault_url: str | None = None
@@ -135,6 +138,9 @@ def settings_from_config(
         shutdown_timeout_s=float(server.shutdown_timeout_s),
         max_new_tokens_limit=limit,
         max_body_bytes=server.limits.max_body_bytes,
+        request_head_timeout_s=float(server.limits.request_head_timeout_s),
+        request_body_timeout_s=float(server.limits.request_body_timeout_s),
+        log_format=server.log_format,
         engine=engine_options(engine_config(server.engine), section.parameters),
         key_vault_url=resolve(azure.key_vault_url, None),
         key_vault_secret_name=resolve(azure.api_key_secret_name, None),

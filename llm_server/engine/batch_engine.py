@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from llm_server.engine.admission import Admission
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
@@ -45,7 +47,6 @@ from llm_server.engine.threads import configure_threads
 from llm_server.engine.types import (
     ContextLengthExceeded,
     EngineError,
-    EngineOverloaded,
     EngineStats,
     EngineUnavailable,
     Finished,
@@ -82,6 +83,7 @@ class BatchEngine(Engine):
         self._sampler: Sampler | None = None
         self._vocab_size = 0
         self._sched = Scheduler(self.config)
+        self._admission = Admission(self.config)  # expected-wait admission (engine/admission.py)
         self._wakeups = WakeupBatch()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -126,8 +128,7 @@ class BatchEngine(Engine):
                        matcher=matcher)
         with self._lock:
             self._check_accepting()
-            if len(self._sched.waiting) >= self.config.max_waiting:
-                raise EngineOverloaded(retry_after_s=self.config.retry_after_s)
+            self._admission.check(self._running(), list(self._sched.waiting), seq.reserved)
             self._sched.add(seq)
             self._lock.notify()
         logger.debug("request %s queued (%d prompt tokens)", request.request_id, len(request.prompt_ids))
@@ -152,8 +153,13 @@ class BatchEngine(Engine):
             raise EngineUnavailable("the engine is not accepting requests")
 
     def stats(self) -> EngineStats:
+        with self._lock:
+            wait_s = self._admission.expected_wait_s(self._running(), list(self._sched.waiting), 1)
         return EngineStats(waiting=len(self._sched.waiting), running=self._sched.running, healthy=self._healthy,
-                           ready=self._ready and self._healthy and not self._draining)
+                           ready=self._ready and self._healthy and not self._draining, expected_wait_s=wait_s)
+
+    def _running(self) -> list[Sequence]:
+        return [*self._sched.prefilling, *self._sched.decoding]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         with self._lock:
@@ -234,6 +240,7 @@ class BatchEngine(Engine):
             for seq in self._sched.cancelled():
                 self._finish(seq, "cancelled", flush=False)
             admitted = self._sched.admit()
+        started = time.monotonic()
         for seq in admitted:
             self._open(seq)
         group = self._sched.schedule_prefill()
@@ -245,6 +252,8 @@ class BatchEngine(Engine):
             logits = self._runner.forward([s.kv for s in batch], [[s.generated[-1]] for s in batch])  # type: ignore[misc]
             self._apply(batch, logits)
         self._wakeups.flush()
+        if group or batch:
+            self._admission.record_step(time.monotonic() - started, max(len(group), len(batch)))
         return True
 
     def _open(self, seq: Sequence) -> None:

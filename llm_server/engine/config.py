@@ -17,7 +17,10 @@ class EngineConfig(BaseModel):
 
     max_running: int = Field(64, ge=1, description="sequences decoded together")
     max_waiting: int = Field(
-        64, ge=1, description="queued requests; beyond this, 503 + Retry-After (EngineOverloaded)"
+        1024, ge=1, description="hard cap on queued requests (memory); admission is by max_queue_wait_s"
+    )
+    max_queue_wait_s: float = Field(
+        30, gt=0, description="queue a request only if it is expected to start within this; else 503 + Retry-After"
     )
     max_total_tokens: int = Field(32768, ge=1, description="KV-cache budget in tokens across running sequences")
     max_context: int | None = Field(

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import llguidance
@@ -42,6 +42,7 @@ class Grammar:
     tokenizer: Any  # llguidance.LLTokenizer
     text: str
     description: str
+    schema: Any = None  # the JSON schema it was compiled from (json_schema / json_object), for the final check
 
     def matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self)
@@ -109,7 +110,7 @@ class GrammarCompiler:
             text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=cast(Any, _JSON_OPTIONS))
         except (ValueError, TypeError, RuntimeError) as exc:
             raise GrammarError(f"invalid JSON schema: {exc}") from exc
-        return self._checked(text, "json_schema")
+        return replace(self._checked(text, "json_schema"), schema=schema)
 
     def json_object(self) -> Grammar:
         """A grammar for a JSON object of bounded size (see :data:`BOUNDED_OBJECT_SCHEMA`)."""

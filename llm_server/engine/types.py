@@ -142,3 +142,5 @@ class EngineStats:
     running: int
     healthy: bool
     ready: bool
+    #: Seconds a new request is expected to wait before it starts (engine/admission.py; 0: unknown).
+    expected_wait_s: float = 0.0

@@ -127,6 +127,10 @@ class ServerLimits(BaseModel):
 
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on any request's max_new_tokens / max_tokens")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest accepted request body")
+    request_head_timeout_s: float = Field(
+        30, gt=0, description="seconds a client has to send the request line and headers; then the connection closes")
+    request_body_timeout_s: float = Field(
+        30, gt=0, description="seconds a client has to send the whole request body; then 408 and close")
 
 
 class ServerSection(BaseModel):
@@ -143,6 +147,8 @@ class ServerSection(BaseModel):
     key_refresh_interval_s: float = Field(300, gt=0, description="Key Vault re-read interval")
     shutdown_timeout_s: float = Field(30, ge=0, description="grace period for running requests on shutdown")
     limits: ServerLimits = Field(default_factory=ServerLimits, description="request bounds")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="server log: one escaped line a record (text) or one JSON object a line (json)")
     engine: dict[str, Any] = Field(
         default_factory=dict, description="continuous-batching engine: the server.engine keys below"
     )

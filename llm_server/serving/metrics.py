@@ -51,6 +51,13 @@ GENERATIONS_FINISHED = Counter(
     "Generations that ended, by reason: stop, length, cancelled (client gone) or error.",
     ["finish_reason"],
 )
+QUEUE_TIME = Histogram(
+    f"{PREFIX}_request_queue_time_seconds",
+    "Time a generation pass waited in the engine's queue before it started.",
+    buckets=_TTFT_BUCKETS,
+)
+EXPECTED_QUEUE_WAIT = Gauge(f"{PREFIX}_expected_queue_wait_seconds",
+                            "Seconds a new request is expected to wait before it starts (admission's estimate).")
 REQUESTS_WAITING = Gauge(f"{PREFIX}_requests_waiting", "Requests queued in the engine, not yet running.")
 REQUESTS_RUNNING = Gauge(f"{PREFIX}_requests_running", "Requests the engine is generating for now.")
 ENGINE_HEALTHY = Gauge(f"{PREFIX}_engine_healthy", "1 when the engine is ready and healthy, else 0.")
@@ -61,10 +68,12 @@ def update_engine_gauges(stats: EngineStats | None) -> None:
     if stats is None:
         REQUESTS_WAITING.set(0)
         REQUESTS_RUNNING.set(0)
+        EXPECTED_QUEUE_WAIT.set(0)
         ENGINE_HEALTHY.set(0)
         return
     REQUESTS_WAITING.set(stats.waiting)
     REQUESTS_RUNNING.set(stats.running)
+    EXPECTED_QUEUE_WAIT.set(stats.expected_wait_s)
     ENGINE_HEALTHY.set(1 if stats.healthy and stats.ready else 0)
 
 
@@ -87,6 +96,10 @@ class RequestMetrics:
         else:
             INTER_TOKEN_LATENCY.observe(now - self._last_text_at)
         self._last_text_at = now
+
+    def on_queued(self, seconds: float) -> None:
+        """A pass waited ``seconds`` in the engine's queue before it started."""
+        QUEUE_TIME.observe(max(0.0, seconds))
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         """The end (counted once): stop, length, cancelled or error, with the tokens it used."""

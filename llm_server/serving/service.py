@@ -57,6 +57,7 @@ from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest, SamplingParams
 from llm_server.serving.request import ChatInputError, Message, TurnRequest
 from llm_server.serving.sampling import request_sampling
+from llm_server.serving.schema_check import check_instance
 from llm_server.serving.structured import LogprobReader, compile_schema, response_format_grammar, with_logprobs
 from llm_server.serving.tools import ToolSet, call_grammar, parse_tools, with_tools_prompt
 from llm_server.serving.turn_stream import ChatDelta, ChatDone, ChatEvent, TurnStream, single_pass
@@ -75,6 +76,7 @@ class _Resolved:
     tools: ToolSet | None
     logprobs: LogprobReader | None
     request_id: str
+    improvement: bool
 
 
 class ChatService:
@@ -110,7 +112,7 @@ class ChatService:
             first = opening.next_pass
             prompt_ids = self.prompt_ids(first.messages if first is not None else [])
         resolved = _Resolved(self._fitted(params, request, len(prompt_ids)), tools, reader,
-                             request.request_id or uuid.uuid4().hex)
+                             request.request_id or uuid.uuid4().hex, request.improvement)
         return self._start(steps, opening, prompt_ids, resolved)
 
     def _start(self, steps: Steps, opening: Advance, prompt_ids: list[int], turn: _Resolved) -> TurnStream:
@@ -119,7 +121,10 @@ class ChatService:
         assert first is not None  # every turn starts with a pass
         stream = self.engine.submit(GenerationRequest(_pass_id(turn.request_id, first), prompt_ids, turn.params))
         later = partial(self._submit_later, turn.params, turn.request_id)
-        return TurnStream(steps, opening, stream, later, len(prompt_ids), tools=turn.tools, logprobs=turn.logprobs)
+        schema = getattr(turn.params.constraint, "schema", None)
+        final_check = partial(check_instance, schema=schema) if schema is not None and not turn.improvement else None
+        return TurnStream(steps, opening, stream, later, len(prompt_ids), tools=turn.tools, logprobs=turn.logprobs,
+                          final_check=final_check)
 
     # --- resolving --------------------------------------------------------------------------
     def _sampling(self, request: TurnRequest) -> SamplingParams:

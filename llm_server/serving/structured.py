@@ -5,7 +5,8 @@ each protocol adapter writes in its own shape.
 The grammar library (and torch with it) is imported lazily, when a request first asks for
 structure, so the API package can be imported without torch. Compiling happens here, in the
 request's worker thread, never on the engine's scheduler thread; a schema the library cannot
-compile is a :class:`~llm_server.serving.request.ChatInputError` (HTTP 400) naming the problem.
+compile, or one no finite document satisfies (:mod:`llm_server.serving.schema_check`), is a
+:class:`~llm_server.serving.request.ChatInputError` (HTTP 400) naming the problem.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from llm_server.engine.types import LogprobLog, SamplingParams, TokenLogprob
 from llm_server.serving.request import ChatInputError
+from llm_server.serving.schema_check import uninhabited_reason
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def compile_schema(tokenizer: Any, schema: Any, param: str) -> Any:
     except ImportError as exc:  # the optional extra is not installed
         raise ChatInputError(f"{param}: structured output needs the grammar extra "
                              "(pip install 'llm_server[grammar]')", param=param, code="unsupported_value") from exc
+    if schema is not None and (reason := uninhabited_reason(schema)) is not None:
+        raise ChatInputError(f"{param}: {reason}", param=param, code="invalid_schema")
     try:
         compiler = compiler_for(tokenizer)
         return compiler.json_object() if schema is None else compiler.json_schema(schema)

@@ -96,9 +96,15 @@ class StreamObserver(Protocol):
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         """The turn ended: stop, length, cancelled or error (token counts 0 when not known)."""
 
+    def on_queued(self, seconds: float) -> None:
+        """A pass of the turn waited ``seconds`` in the engine's queue before it started."""
+
 
 class _NoObserver:
     def on_text(self) -> None:
+        return None
+
+    def on_queued(self, seconds: float) -> None:
         return None
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -119,7 +125,8 @@ class TurnStream:
     """
 
     def __init__(self, steps: Steps, opening: Advance, first: GenerationStream, submit: SubmitPass,
-                 prompt_tokens: int, tools: ToolSet | None = None, logprobs: LogprobReader | None = None) -> None:
+                 prompt_tokens: int, tools: ToolSet | None = None, logprobs: LogprobReader | None = None,
+                 final_check: Callable[[str], None] | None = None) -> None:
         """``opening`` is ``advance(steps)``: texts before the first pass, and that pass, whose
         engine stream ``first`` is already submitted; ``submit`` starts each later pass.
         ``tools``: the reply may hold calls (text held back); ``logprobs``: recorded per token."""
@@ -137,6 +144,8 @@ class TurnStream:
         self._logprobs = logprobs
         #: Why the turn was cancelled, or None.
         self.cancelled_by: Cancel | None = None
+        #: Checks the text of a pass that ended "stop" (a schema's instance check); raises to end in error.
+        self.final_check = final_check
 
     @property
     def holds_text(self) -> bool:
@@ -216,6 +225,10 @@ class TurnStream:
                 else:
                     finished = event
             assert finished is not None  # a GenerationStream ends with Finished or raises
+            if "waiting" in finished.timeline and "prefilling" in finished.timeline:
+                self._observer.on_queued(finished.timeline["prefilling"] - finished.timeline["waiting"])
+            if finished.reason == "stop" and self.final_check is not None:
+                self.final_check(finished.text)  # never a "stop" that is not what was asked for
             prompt_tokens += finished.prompt_tokens
             completion_tokens += finished.completion_tokens
             if finished.reason == "cancelled":

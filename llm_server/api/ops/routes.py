@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from llm_server.api.ops.readiness import readiness
-from llm_server.api.ops.shutdown import drain_state
 from llm_server.api.plumbing.auth import require_api_key
+from llm_server.api.plumbing.drain import drain_state
 from llm_server.engine.types import EngineStats
 from llm_server.serving.metrics import update_engine_gauges
 

@@ -10,94 +10,40 @@ Sequence, driven by :func:`run_server` (what ``start_llm_server`` calls):
    then are cancelled (their generations are cancelled with them).
 3. The app's lifespan shutdown runs (the engine stops), and the process exits with status 0.
 
-A second Ctrl+C forces an immediate exit (uvicorn's behaviour).
+A second SIGTERM or SIGINT during the drain forces an immediate exit (as uvicorn's second
+Ctrl+C): open generations are cut with the in-band error first, given a moment to reach
+their clients, and the process exits.
+
+The signal handler only records the request to stop (plain assignments: no lock, no thread,
+no logging), so a signal arriving while another is being handled can never deadlock; the
+drain itself starts in :meth:`GracefulServer.shutdown`, on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
-import weakref
 from collections.abc import Generator
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
-from llm_server.serving.turn_stream import SHUTDOWN_MESSAGE, Cancel
+from llm_server.api.plumbing.drain import cut_deadline_s, drain_state
+from llm_server.api.plumbing.slow_clients import http_protocol
 
 logger = logging.getLogger(__name__)
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Cuttable(Protocol):
-    """An open generation the server may cut short (an HTTP request's turn)."""
-
-    def stop(self, reason: Cancel) -> None: ...
-
-
-#: What a client whose answer was cut short by the shutdown deadline reads in-band.
-SHUTDOWN_CUT_REASON = SHUTDOWN_MESSAGE
-
-
-class DrainState:
-    """Whether the server is shutting down (thread-safe; set once, never cleared), and the
-    open generations, so those that outlive the shutdown timeout end with an error, not silently."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._open: weakref.WeakSet[Cuttable] = weakref.WeakSet()
-        self._timer: threading.Timer | None = None
-
-    @property
-    def draining(self) -> bool:
-        return self._event.is_set()
-
-    def begin(self, cut_after_s: float | None = None) -> None:
-        """Start draining; with ``cut_after_s``, cut the generations still open after that long."""
-        self._event.set()
-        with self._lock:
-            if cut_after_s is None or self._timer is not None:
-                return
-            self._timer = threading.Timer(cut_after_s, self.cut_open_streams)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def track(self, stream: Cuttable) -> None:
-        with self._lock:
-            self._open.add(stream)
-
-    def cut_open_streams(self) -> int:
-        """Cut every open generation short (its client gets an in-band error); how many."""
-        with self._lock:
-            streams = list(self._open)
-            self._open.clear()
-        for stream in streams:
-            stream.stop(Cancel.SHUTDOWN)
-        if streams:
-            logger.warning("shutdown timeout: cutting %d running request(s) short", len(streams))
-        return len(streams)
-
-
-def cut_deadline_s(shutdown_timeout_s: float) -> float:
-    """When to cut open generations: a little before uvicorn cancels the requests, so the
-    in-band error still reaches the clients."""
-    margin = min(2.0, max(0.25, 0.2 * shutdown_timeout_s))
-    return max(0.0, shutdown_timeout_s - margin)
-
-
-def drain_state(app: FastAPI) -> DrainState:
-    """The app's drain state (created on first use, kept on ``app.state.drain``)."""
-    state = getattr(app.state, "drain", None)
-    if not isinstance(state, DrainState):
-        state = DrainState()
-        app.state.drain = state
-    return state
+#: On a forced exit (second signal), how long the cut generations get to send their in-band error.
+FORCED_EXIT_FLUSH_S = 1.0
 
 
 class GracefulServer(uvicorn.Server):
@@ -108,11 +54,35 @@ class GracefulServer(uvicorn.Server):
         self.fastapi_app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            logger.info("received %s: draining (running requests get up to %ss)",
-                        signal.Signals(sig).name, self.config.timeout_graceful_shutdown)
+        """Only record the request (a signal handler must not lock, log or start threads):
+        the first signal asks for a drain, any later one for an immediate exit."""
+        self._captured_signals.append(sig)
+        if self.should_exit:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Drain (see the module docstring), outside the signal handler; a forced exit still
+        ends the open generations with their in-band error before the process goes."""
+        first = self._captured_signals[:1]
+        name = signal.Signals(first[0]).name if first else "a stop request"
+        logger.info("received %s: draining (running requests get up to %ss)", name,
+                    self.config.timeout_graceful_shutdown)
         drain_state(self.fastapi_app).begin(cut_deadline_s(self.config.timeout_graceful_shutdown or 0))
-        super().handle_exit(sig, frame)
+        await super().shutdown(sockets)
+        if self.force_exit:
+            logger.warning("second stop signal: exiting now")
+            await self._cut_and_flush(FORCED_EXIT_FLUSH_S)
+
+    async def _cut_and_flush(self, flush_s: float) -> None:
+        drain_state(self.fastapi_app).cut_open_streams()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_s
+        while self.server_state.tasks and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self.server_state.tasks:
+            task.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -135,14 +105,17 @@ def run_server(
     port: int,
     shutdown_timeout_s: float = 30.0,
     log_level: str = "info",
+    head_timeout_s: float = 30.0,
     **uvicorn_options: Any,
 ) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then drain as described in the module docstring.
 
     uvicorn's own access log is off: it would log query strings (``?x_api_key=...``); the
-    request-context middleware logs requests without them. Extra keyword arguments go to
-    ``uvicorn.Config`` (e.g. ``ssl_keyfile``/``ssl_certfile``).
+    request-context middleware logs requests without them. A request head (line and headers)
+    must arrive within ``head_timeout_s`` (:mod:`llm_server.api.plumbing.slow_clients`). Extra keyword
+    arguments go to ``uvicorn.Config`` (e.g. ``ssl_keyfile``/``ssl_certfile``).
     """
+    uvicorn_options.setdefault("http", http_protocol(head_timeout_s))
     if "log_config" not in uvicorn_options and logging.getLogger().handlers:
         uvicorn_options["log_config"] = None  # uvicorn's records go through the root handler's format
     config = uvicorn.Config(

@@ -26,6 +26,8 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     empty when no route matches the path. Asks each route itself (Starlette's own matching), so
     included routers and mounts count too."""
     methods = [m for m in _ORDER[:-1] if any(_full_match(route, path, m) for route in app.router.routes)]
+    if "GET" in methods and "HEAD" not in methods:  # answered by llm_server.api.plumbing.head
+        methods.insert(methods.index("GET") + 1, "HEAD")
     return [*methods, "OPTIONS"] if methods else []
 
 

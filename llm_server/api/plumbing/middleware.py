@@ -8,12 +8,13 @@ response header, and set in the request context so it shows in every log line
 ``llm_server_requests_total{endpoint, status}`` (endpoint = the route template, so ids in
 paths never explode the label set).
 
-The access log line holds method, path, status and duration — never the query string
-(it may carry ``x_api_key``) nor bodies (prompts); successful ``/health`` and ``/metrics``
-hits log at DEBUG so probes do not flood the log. Control characters in the path are
-escaped (a ``%0D%0A`` in a URL cannot forge a log line). A crash is answered here with an
-OpenAI-shaped 500 that still carries the request id. While the server drains
-(SIGTERM) every request except ``/health`` and ``/metrics`` is refused with 503.
+A client that leaves before its response ended (streamed or not) is logged and counted as 499
+(:mod:`llm_server.api.plumbing.response_end`). The access log line holds method, path, status and
+duration — never the query string (it may carry ``x_api_key``) nor bodies (prompts); successful
+``/health`` and ``/metrics`` hits log at DEBUG so probes do not flood the log. Control
+characters in the path are escaped (a ``%0D%0A`` in a URL cannot forge a log line). A crash is
+answered here with an OpenAI-shaped 500 that still carries the request id. While the server
+drains (SIGTERM) every request except ``/health`` and ``/metrics`` is refused with 503.
 
 It is a plain ASGI middleware (not ``BaseHTTPMiddleware``) so streamed responses and
 client disconnects pass through untouched.
@@ -30,7 +31,7 @@ from fastapi import FastAPI
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_server.api.ops.shutdown import drain_state
+from llm_server.api.plumbing.drain import drain_state
 from llm_server.api.plumbing.errors import APIError, error_response
 from llm_server.api.plumbing.request_context import (
     REQUEST_ID_HEADER,
@@ -39,6 +40,7 @@ from llm_server.api.plumbing.request_context import (
     install_log_record_factory,
     request_id_var,
 )
+from llm_server.api.plumbing.response_end import ResponseEnd
 from llm_server.serving.metrics import PREFIX
 
 logger = logging.getLogger(__name__)
@@ -92,18 +94,26 @@ class RequestContextMiddleware:
         status: int | None = None
         header = (_HEADER_NAME, request_id.encode("latin-1"))
 
+        ending = ResponseEnd()
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), header]}
+            ending.sent(message)
             await send(message)
+
+        async def receive_watched() -> Message:
+            message = await receive()
+            ending.received(message)
+            return message
 
         try:
             if drain_state(self.fastapi_app).draining and scope["path"] not in _PROBE_PATHS:
                 await self._refuse_draining(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive_watched, send_with_id)
         except Exception:
             if status is not None:  # the response already started: nothing left to answer
                 raise
@@ -114,7 +124,7 @@ class RequestContextMiddleware:
             crash = APIError(500, "internal server error", type="server_error")
             await error_response(crash)(scope, receive, send_with_id)
         finally:
-            self._account(scope, status if status is not None else 500, time.perf_counter() - started)
+            self._account(scope, ending.status(status), time.perf_counter() - started)
             request_id_var.reset(token)
 
     @staticmethod

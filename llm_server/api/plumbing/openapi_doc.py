@@ -50,6 +50,9 @@ _ERROR_WORDS = {
     500: "Generation failed",
     503: "Model loading, server overloaded or shutting down: retry after `Retry-After` seconds",
 }
+#: The one request rule of the OpenAI extension that JSON Schema cannot express (no "last item" keyword).
+IMPROVEMENT_RULE = ("With `improvement: true` the last message (after any system message) must be the user's: "
+                    "otherwise the answer is 400 with `param: messages`.")
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 _HEALTH: Schema = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": ["ok", "loading", "draining", "error"]},
@@ -141,6 +144,8 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
         for field in ("tool_choice", "function_call"):
             if field in props:
                 props[field] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
+        if name == "ChatCompletionRequest" and "improvement" in props:  # a rule JSON Schema cannot say
+            props["improvement"] = {**props["improvement"], "description": IMPROVEMENT_RULE}
         if name == "ChatCompletionRequest" and "role" in props:  # extension: a system-prompt name
             props["role"] = _nullable({"type": "string", "enum": sorted(settings.system_prompts)})
         if name == "CompletionRequest":
@@ -193,6 +198,8 @@ def _errors(method: str, path: str, keyed: bool) -> dict[str, Schema]:
     generates = path.startswith(("/chat/", "/v1/chat", "/v1/completions"))
     if generates or path.startswith("/v1/models/"):
         out["400"] = _error(400)
+    if path == "/v1/chat/completions":
+        out["400"] = {**out["400"], "description": f"{_ERROR_WORDS[400]}. {IMPROVEMENT_RULE}"}
     if keyed:
         out["401"] = _error(401)
     if path.startswith("/v1/models/") or path in ("/v1/chat/completions", "/v1/completions"):

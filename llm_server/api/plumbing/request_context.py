@@ -9,13 +9,16 @@ factory (and :class:`RequestIdFilter`) copy it to every log record as ``%(reques
 Log forging: values taken from a request (path, headers, model names, error messages) may
 hold control characters (``%0D%0A`` in a path decodes to CR LF). :func:`escape_controls`
 writes them as ``\\r``, ``\\n``, ``\\x1b``...; the access log applies it to what it logs, and
-the server's :class:`EscapingFormatter` applies it to every message, so no request can
-write a line of its own into the log (tracebacks keep their line breaks).
+the server's :class:`EscapingFormatter` applies it to every formatted record, tracebacks
+included (their line breaks become ``\n``), so no request can write a line of its own into
+the log: one record, one line. :class:`JsonLinesFormatter` writes one JSON object a line
+instead (``server.log_format: json``).
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import uuid
@@ -31,7 +34,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def escape_controls(text: str) -> str:
@@ -42,9 +45,22 @@ def escape_controls(text: str) -> str:
 class EscapingFormatter(logging.Formatter):
     """A Formatter whose messages never contain control characters (see :func:`escape_controls`)."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802  (logging's name)
-        record.message = escape_controls(record.message)
-        return super().formatMessage(record)
+    def format(self, record: logging.LogRecord) -> str:
+        """The whole line escaped: message, traceback and stack (a traceback quotes client text)."""
+        return escape_controls(super().format(record))
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per record (ASCII-only, so control characters and surrogates are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True)
 
 
 # --- readers for routes -----------------------------------------------------------------------
@@ -83,11 +99,12 @@ def install_log_record_factory() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def configure_logging(level: int | str = logging.INFO) -> None:
-    """Root logging for the server process: one stderr handler with request ids in lines."""
+def configure_logging(level: int | str = logging.INFO, log_format: str = "text") -> None:
+    """Root logging for the server process: one stderr handler with request ids in lines
+    (``log_format``: "text", one escaped line a record, or "json", one JSON object a line)."""
     install_log_record_factory()
     handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else EscapingFormatter(LOG_FORMAT))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from llm_server.api.plumbing.errors import APIError
 from llm_server.api.protocols.spec_chat_wire import Integer
@@ -96,6 +96,13 @@ class SamplingFields(BaseModel):
     min_p: float | None = None
     user: str | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _at_most_max_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed; got {len(value)}")
+        return value
+
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -154,8 +161,6 @@ def _common_unsupported(req: SamplingFields) -> list[str]:
         bad.append("top_k")
     if req.min_p not in (None, 0.0):
         bad.append("min_p")
-    if req.stop is not None and len(req.stop_sequences()) > MAX_STOP_SEQUENCES:
-        bad.append("stop")
     return bad
 
 

@@ -2,7 +2,7 @@
 
 POST bodies are parsed with pydantic in *strict* JSON mode (``"yes"`` is not a boolean,
 ``"5"`` is not a number); GET query strings are parsed leniently (``improvement=true``),
-since every query value is text. Every problem becomes an :class:`APIError` whose JSON
+since every query value is text (booleans: only true/false/1/0). Every problem becomes an :class:`APIError` whose JSON
 says which field is wrong. Engine and serving errors map to HTTP in
 :mod:`llm_server.api.protocols.turns` (shared with the OpenAI routes); a failure after a stream
 started is written as :func:`stream_error_line`.
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from llm_server.api.plumbing.errors import APIError
+from llm_server.api.plumbing.text_guard import loads_query_json
 from llm_server.conversation_engine.improvement import RESULT_KEYS
 from llm_server.conversation_engine.inputs import HISTORY_ROLES
 from llm_server.engine.types import EngineError
@@ -126,17 +127,28 @@ def parse_body(raw: bytes) -> ChatRequest:
         raise _validation_error(exc) from None
 
 
+def query_bool(text: str, field: str) -> bool:
+    """A boolean query value: only true/false/1/0 (any case); ``yes``, ``on``... are 400s."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise APIError(400, f"{field} must be a boolean: true or false (or 1 or 0)", param=field, code="invalid_value")
+    return value
+
+
 def parse_query(params: Mapping[str, str]) -> ChatRequest:
     """Parse GET query parameters (text): booleans/numbers converted, history as JSON text."""
     data: dict[str, Any] = {k: v for k, v in params.items() if k in ChatRequest.model_fields}
+    for name in ("improvement", "intermediate_steps"):
+        if name in data:
+            data[name] = query_bool(data[name], name)
     if "history" in data:
         try:
-            data["history"] = json.loads(data["history"]) if data["history"].strip() else []
+            data["history"] = loads_query_json(data["history"], "history") if data["history"].strip() else []
         except json.JSONDecodeError:
             raise APIError(400, "history must be a JSON list of {role, content}", param="history") from None
     if "response_format" in data:
         try:
-            data["response_format"] = json.loads(data["response_format"])
+            data["response_format"] = loads_query_json(data["response_format"], "response_format")
         except json.JSONDecodeError:
             raise APIError(400, "response_format must be a JSON object", param="response_format") from None
     try:

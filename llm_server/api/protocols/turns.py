@@ -37,7 +37,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llm_server.api.ops.readiness import ready_chat
-from llm_server.api.ops.shutdown import drain_state
+from llm_server.api.plumbing.drain import drain_state
 from llm_server.api.plumbing.errors import APIError
 from llm_server.api.plumbing.request_context import started_at
 from llm_server.engine.types import (
