@@ -260,7 +260,8 @@ def report(engine: str, image: str, build_s: float | None, ready_s: float, stop_
     print("\n== image test passed")
     print(f"image {image}: {size / 1e9:.2f} GB uncompressed ({size:,} bytes)")
     print("  " + ", ".join(f"{name} {value / 1e6:.0f} MB" for name, value in groups.items()))
-    print(f"build: {'%.0f s' % build_s if build_s is not None else 'n/a'}; run to ready: {ready_s:.1f} s; "
+    built = f"{build_s:.0f} s" if build_s is not None else "n/a"
+    print(f"build: {built}; run to ready: {ready_s:.1f} s; "
           f"SIGTERM to exit 0: {stop_s:.1f} s")
     out = ROOT / "build" / "image-test-result.json"
     out.parent.mkdir(exist_ok=True)

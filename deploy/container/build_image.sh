@@ -97,9 +97,10 @@ fi
 ARGS+=(--build-arg "TORCH_INDEX=$TORCH_INDEX")
 
 TAGS=("$IMAGE:$VERSION$SUFFIX" "$IMAGE:latest$SUFFIX")
-echo "== $ENGINE build: base $BASE, $TORCH_SPEC ${TORCH_INDEX:-(pip's configuration)}, extras '${EXTRAS}'"
+echo "== $ENGINE build: base $BASE, $TORCH_SPEC ${TORCH_INDEX:-(from the find-links folder)}, extras '${EXTRAS}'"
 started=$(date +%s.%N)
 $ENGINE build -f Containerfile "${ARGS[@]}" -t "${TAGS[0]}" -t "${TAGS[1]}" .
 seconds=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
 echo "== built ${TAGS[*]} in ${seconds} s"
 echo "$seconds" > "${IMAGE_BUILD_SECONDS_FILE:-/dev/null}"
+
