@@ -228,18 +228,24 @@ def check_sigterm_drain(box: Container, key: str) -> float:
     return stop_s
 
 
+def history(engine: str, image: str) -> list[tuple[int, str]]:
+    """(bytes, created by) per layer, oldest first (podman: a JSON list; docker: a JSON object a line)."""
+    if engine == "podman":
+        rows = json.loads(run(engine, "history", "--no-trunc", "--format", "json", image).stdout)
+    else:
+        text = run(engine, "history", "--no-trunc", "--human=false", "--format", "{{json .}}", image).stdout
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [(int(row.get("size", row.get("Size", 0)) or 0), row.get("CreatedBy", "")) for row in rows][::-1]
+
+
 def layer_groups(engine: str, image: str) -> dict[str, int]:
     """Bytes per layer group: base, torch, the rest of the venv, the model, other (user, entrypoint)."""
     base = run(engine, "image", "inspect", "--format",
                '{{index .Config.Labels "org.opencontainers.image.base.name"}}', image).stdout.strip()
-    rows = run(engine, "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}",
-               image).stdout.strip().splitlines()[::-1]  # oldest first
-    base_count = len(run(engine, "history", "-q", base).stdout.split()) if base else 0
+    base_count = len(history(engine, base)) if base else 0
     groups = {"base": 0, "torch": 0, "venv": 0, "model": 0, "other": 0}
     venv_copies = 0
-    for index, row in enumerate(rows):
-        size_text, _, created_by = row.partition("\t")
-        size = int(float(size_text or 0))
+    for index, (size, created_by) in enumerate(history(engine, image)):
         if index < base_count:
             groups["base"] += size
         elif "COPY" in created_by and "/opt/venv/" in created_by:
