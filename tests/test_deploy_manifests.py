@@ -5,12 +5,14 @@ own schemas (``kubernetes-validate``, strict: unknown fields fail); every manife
 is loaded; each names the image ``make image`` tags (``llm-server:<version>``, ``-ray`` for KubeRay);
 the ports and probe paths are ones the server really serves (the app's routes, server_config's port);
 the grace periods outlast the drain deadline; the RayService's serve config is ``deploy/serve_config.yaml``.
-The container itself is checked by ``make image-test`` (deploy/image_test.py).
+The image's entry point (a POSIX sh script: the key from a secret file, stderr to stdout) is run here
+with a stand-in server. The container itself is checked by ``make image-test`` (deploy/image_test.py).
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,54 @@ def test_the_containerfile_serves_what_the_manifests_expect() -> None:
     assert re.search(r"^USER 10001:10001$", text, re.MULTILINE)
     makefile_torch = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert makefile_torch and f"ARG TORCH_SPEC={makefile_torch.group(1)}\n" in text
+
+
+# ---------------------------------------------------------------- the image's entry point (sh only)
+
+ENTRYPOINT = DEPLOY / "container" / "entrypoint.sh"
+
+
+@pytest.fixture
+def entrypoint(tmp_path: Path) -> Any:
+    """Runs the image's entry point with a stand-in start_llm_server that prints what it got."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "start_llm_server"
+    fake.write_text('#!/bin/sh\necho "key=[$CHAT_SERVER_API_KEY] file=[${CHAT_SERVER_API_KEY_FILE:-}] args=[$*]"\n'
+                    'echo "a log line" >&2\n')
+    fake.chmod(0o755)
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        environment = {"PATH": f"{bin_dir}:/usr/bin:/bin", **env}
+        return subprocess.run(["sh", str(ENTRYPOINT), *args], env=environment, capture_output=True, text=True,
+                              timeout=30)
+
+    return run
+
+
+def test_entrypoint_reads_the_keys_from_the_secret_file(entrypoint: Any, tmp_path: Path) -> None:
+    keys = tmp_path / "api_key"
+    keys.write_text("key-one\r\nkey-two\n\n")
+    result = entrypoint("--open-access", CHAT_SERVER_API_KEY_FILE=str(keys))
+    assert result.returncode == 0, result.stderr
+    assert "key=[key-one,key-two] file=[] args=[--open-access]" in result.stdout
+    assert "a log line" in result.stdout and result.stderr == ""  # the server's stderr log goes to stdout
+
+
+@pytest.mark.parametrize(("content", "extra", "message"), [
+    ("", {}, "is empty"),
+    (None, {}, "cannot read"),
+    ("k", {"CHAT_SERVER_API_KEY": "other"}, "not both"),
+])
+def test_entrypoint_refuses_a_bad_key_file(entrypoint: Any, tmp_path: Path, content: str | None,
+                                           extra: dict[str, str], message: str) -> None:
+    keys = tmp_path / "api_key"
+    if content is not None:
+        keys.write_text(content)
+    result = entrypoint(CHAT_SERVER_API_KEY_FILE=str(keys), **extra)
+    assert result.returncode == 2 and message in result.stderr and "key=" not in result.stdout
+
+
+def test_entrypoint_runs_another_command_when_given_one(entrypoint: Any) -> None:
+    result = entrypoint("echo", "hello")
+    assert result.returncode == 0 and result.stdout == "hello\n"
