@@ -25,7 +25,7 @@ seconds_to_ready() {  # $1: port, $2: start time; waits at most 300 s
 
 for i in $(seq "${RUNS:-2}"); do
     started=$(date +%s.%N)
-    $ENGINE run -d --name "$NAME" -p 127.0.0.1:18125:8000 -e CHAT_SERVER_API_KEY=start-time "$IMAGE" >/dev/null
+    $ENGINE run -d --name "$NAME" -p 127.0.0.1:18125:8000 -e CHAT_SERVER_API_KEY=start-time "$IMAGE" >/dev/null 2>&1
     echo "container, run $i: $(seconds_to_ready 18125 "$started") (load $(cut -d' ' -f1 /proc/loadavg))"
     $ENGINE rm -f "$NAME" >/dev/null 2>&1
     started=$(date +%s.%N)
