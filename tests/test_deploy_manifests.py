@@ -11,6 +11,8 @@ with a stand-in server. The container itself is checked by ``make image-test`` (
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -39,9 +41,16 @@ def by_kind(relative: str, kind: str) -> dict[str, Any]:
     return found
 
 
-def served_paths() -> set[str]:
-    """The paths the app serves, from its OpenAPI document (no model is loaded)."""
-    return set(create_app().openapi()["paths"])
+@functools.cache
+def served_paths() -> frozenset[str]:
+    """The paths the app serves, from its OpenAPI document (no model is loaded). create_app() sets the
+    server's OpenMP wait policy in os.environ when torch is not imported yet: undone for later tests."""
+    saved = dict(os.environ)
+    try:
+        return frozenset(create_app().openapi()["paths"])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def pod_containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
