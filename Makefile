@@ -9,7 +9,7 @@ PORT        ?= 8000
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test browser benchmark lint fuzz probe soak clean
+.PHONY: install serve test browser benchmark lint fuzz probe soak clean image image-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,22 @@ lint: install
 	$(VENV)/bin/ruff check llm_server tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The container image (Containerfile; docs/deploy.md): llm-server:<version> and :latest, with docker or
+# podman. EXTRAS=ray: the KubeRay variant (llm-server:<version>-ray). BASE: another base image (default
+# python:3.11-slim; where it cannot be pulled, a Debian bookworm base is built with debootstrap).
+IMAGE  ?= llm-server
+EXTRAS ?=
+BASE   ?=
+image:
+	IMAGE='$(IMAGE)' EXTRAS='$(EXTRAS)' BASE='$(BASE)' TORCH_SPEC='$(TORCH_SPEC)' TORCH_INDEX='$(TORCH_INDEX)' \
+	  deploy/container/build_image.sh
+
+# Builds the image, then starts, checks and stops it from outside (deploy/image_test.py). Needs docker
+# or podman (installed with apt-get where missing, as root); IMAGE_TEST=skip skips it.
+image-test:
+	IMAGE='$(IMAGE)' BASE='$(BASE)' TORCH_SPEC='$(TORCH_SPEC)' TORCH_INDEX='$(TORCH_INDEX)' \
+	  deploy/container/image_test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
