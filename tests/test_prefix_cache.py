@@ -125,7 +125,7 @@ def test_admission_evicts_cached_blocks_so_reservations_and_cache_stay_within_th
     assert prefix.tokens == 288
     scheduler = Scheduler(EngineConfig(max_total_tokens=budget, max_running=8), prefix)
     for i in range(4):
-        scheduler.add(sequence(f"r{i}", list(range(3000, 3050)) if i == 0 else [5] * 50, 50))
+        scheduler.add(sequence(f"r{i}", list(range(3000, 3050)) if i == 0 else [5 + i] * 50, 50))
     admitted = scheduler.admit()
     # r0 holds its 3 matched blocks until they are copied: 4 x 100 + 48 > 400, so r3 waits
     assert [len(s.prefix_chain) for s in admitted] == [3, 0, 0]
@@ -161,6 +161,28 @@ def test_admission_waits_while_referenced_blocks_leave_no_room() -> None:
     prefix.release(first[0].prefix_chain)
     assert [s.request_id for s in scheduler.admit()] == ["other"]
     assert scheduler.reserved_tokens() + prefix.tokens <= budget
+
+
+def test_a_request_waits_for_a_prefilling_one_that_shares_most_of_its_prompt_but_not_for_a_short_header() -> None:
+    prefix = PrefixCache(max_tokens=1000)
+    scheduler = Scheduler(EngineConfig(max_total_tokens=1000), prefix)
+    system = list(range(700, 764))  # 4 blocks
+    scheduler.add(sequence("first", system + [1, 2, 3], 10))
+    scheduler.add(sequence("second", system + [4, 5, 6, 7], 10))
+    scheduler.add(sequence("third", system[:16] + list(range(900, 960)), 10))  # shares one block of 76 tokens
+    assert [s.request_id for s in scheduler.admit()] == ["first"]
+    first = scheduler.prefilling[0]
+    assert scheduler.prefilled(first, first.prompt_len)  # now decoding
+    cache = slot_cache()
+    prefix.save(cache, filled(cache, first.request.prompt_ids), first.request.prompt_ids, room=1000)
+    admitted = scheduler.admit()
+    assert [(s.request_id, len(s.prefix_chain)) for s in admitted] == [("second", 4), ("third", 1)]
+    for seq in admitted:
+        prefix.release(seq.prefix_chain)
+    header = Scheduler(EngineConfig(max_total_tokens=1000), PrefixCache(max_tokens=1000))
+    header.add(sequence("first", system + [1, 2, 3], 10))
+    header.add(sequence("third", system[:16] + list(range(900, 960)), 10))
+    assert [s.request_id for s in header.admit()] == ["first", "third"]  # one shared block: no wait
 
 
 def test_a_block_size_below_one_is_refused() -> None:

@@ -93,10 +93,11 @@ def test_two_concurrent_requests_with_the_same_prefix(tokenizer: Any, model: Any
         return [(await consume(s))[1] for s in streams]
 
     with running_engine(tokenizer, model) as engine:
-        cold = asyncio.run(main(engine))  # nothing cached: admitted together, each computes its own
+        cold = asyncio.run(main(engine))  # nothing cached yet
         results = asyncio.run(main(engine))
     references = [expected(tokenizer, model, ids) for ids in prompts]
     assert [f.text for f in cold] == [f.text for f in results] == references
+    assert [f.cached_tokens for f in cold] == [0, 64, 64]  # the later ones waited for the first's prefill
     assert [f.cached_tokens for f in results] == [64, 64, 64]
 
 

@@ -10,7 +10,9 @@ queue that holds it) and answers two questions per iteration:
   budget: admission first takes a reference on the blocks the request's prompt matches
   (:meth:`~.prefix_cache.PrefixCache.acquire`), then evicts unreferenced blocks, least recently
   used first, until reservations + cached tokens fit (a request alone always runs: then the cache
-  gives up everything it must);
+  gives up everything it must). A request waits while one still prefilling shares at least half
+  of its prompt beyond what is cached (its blocks are cached once that prefill ends: sixteen users
+  arriving together with one system prompt compute it once, not sixteen times);
 - :meth:`Scheduler.schedule_prefill` / :meth:`Scheduler.schedule_decode`: what the step's two
   forwards run: one prefill group (several short prompts together, or one chunk of a long
   prompt), then every decoding sequence (those whose prefill just completed included).
@@ -76,6 +78,9 @@ class Scheduler:
         if self.prefix is None:
             return []
         chain = self.prefix.acquire(seq.request.prompt_ids)
+        if self._sharer_prefilling(seq, len(chain) * self.prefix.block_size):
+            self.prefix.release(chain)
+            return None
         over = need + self.prefix.tokens - self.config.max_total_tokens
         if over > 0 and self.prefix.evict(over) < over:
             self.prefix.release(chain)
@@ -84,6 +89,21 @@ class Scheduler:
             self.prefix.evict(self.prefix.tokens)  # alone: it runs, from scratch if need be
             return []
         return chain
+
+    def _sharer_prefilling(self, seq: Sequence, cached: int) -> bool:
+        """Whether a request still prefilling shares at least half of ``seq``'s prompt (whole blocks)
+        beyond the ``cached`` tokens: then ``seq`` is better off waiting for its blocks."""
+        assert self.prefix is not None
+        size, ids = self.prefix.block_size, seq.request.prompt_ids
+        usable = (len(ids) - 1) // size * size
+        for other in self.prefilling:
+            theirs, common = other.request.prompt_ids, 0
+            while common < usable and ids[common : common + size] == theirs[common : common + size]:
+                common += size
+            gain = common - cached
+            if gain >= size and 2 * gain >= len(ids):
+                return True
+        return False
 
     def reserved_tokens(self) -> int:
         """The KV budget the running sequences hold: running x longest reservation."""
