@@ -38,9 +38,10 @@ Result = tuple[float, str, int, int]  # TTFT s, text, prompt tokens, cached toke
 
 
 async def ask(engine: BatchEngine, messages: list[dict[str, str]], max_tokens: int, rid: str) -> Result:
-    ids = list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    if isinstance(ids[0], list):  # some tokenizers return a batch
-        ids = ids[0]
+    rendered: Any = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(rendered, list):  # transformers 5 returns a BatchEncoding
+        rendered = rendered["input_ids"]
+    ids = list(rendered[0] if rendered and isinstance(rendered[0], list) else rendered)
     sent, first = time.perf_counter(), None
     stream = engine.submit(GenerationRequest(rid, ids, SamplingParams(max_new_tokens=max_tokens, do_sample=False)))
     async for event in stream:
