@@ -127,10 +127,25 @@ def write_our_config(config_dir: Path, model_id: str, dtype: str, port: int, max
     (config_dir / "server_config.yaml").write_text(yaml.safe_dump(server_cfg, sort_keys=False))
 
 
+# ``start_llm_server``'s function, imported from the llm_server that comes first on the path (the
+# checkout the benchmark runs from, with PYTHONPATH=$PWD), not from wherever the venv's console script
+# was installed from; the entry point moved in issue 18 (api.server -> cli), so both are tried.
+_ENTRY_CODE = """import sys
+try:
+    from llm_server.cli import main
+except ImportError:
+    from llm_server.api.server import main
+sys.exit(main(sys.argv[1:]))"""
+
+
+def _our_entry_point() -> list[str]:
+    return [sys.executable, "-c", _ENTRY_CODE]
+
+
 def ours_spec(config_dir: Path, port: int) -> ServerSpec:
     """``start_llm_server`` on the loopback with a benchmark config dir and a random API key."""
     key = secrets.token_urlsafe(24)
-    command = [venv_script("start_llm_server"), "--host", "127.0.0.1", "--port", str(port),
+    command = [*_our_entry_point(), "--host", "127.0.0.1", "--port", str(port),
                "--config-dir", str(config_dir)]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     env = server_env({API_KEY_ENV: key})

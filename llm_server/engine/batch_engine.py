@@ -38,6 +38,7 @@ from llm_server.engine.config import EngineConfig
 from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
 from llm_server.engine.model_setup import default_max_context, default_top_k, eos_ids, make_runner
+from llm_server.engine.prefix_cache import PrefixCache
 from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
@@ -110,8 +111,10 @@ class BatchEngine(Engine):
         self._booted.wait()
         if self._boot_error is not None:
             raise self._boot_error
-        logger.info("engine started: model=%s runner=%s max_context=%d", self.model_id, self.runner_name,
-                    self.max_context)
+        prefix = self._sched.prefix
+        logger.info("engine started: model=%s runner=%s max_context=%d kv_budget=%d tokens prefix_cache=%s",
+                    self.model_id, self.runner_name, self.max_context, self.config.max_total_tokens,
+                    f"{prefix.max_blocks * prefix.block_size} tokens" if prefix else "off")
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         self._check_accepting()
@@ -155,8 +158,12 @@ class BatchEngine(Engine):
     def stats(self) -> EngineStats:
         with self._lock:
             wait_s = self._admission.expected_wait_s(self._running(), list(self._sched.waiting), 1)
+        prefix = self._sched.prefix
         return EngineStats(waiting=len(self._sched.waiting), running=self._sched.running, healthy=self._healthy,
-                           ready=self._ready and self._healthy and not self._draining, expected_wait_s=wait_s)
+                           ready=self._ready and self._healthy and not self._draining, expected_wait_s=wait_s,
+                           prefix_cache_queries=prefix.queries if prefix else 0,
+                           prefix_cache_hits=prefix.hits if prefix else 0,
+                           prefix_cache_tokens=prefix.tokens if prefix else 0)
 
     def _running(self) -> list[Sequence]:
         return [*self._sched.prefilling, *self._sched.decoding]
@@ -200,6 +207,9 @@ class BatchEngine(Engine):
         self._sampler = Sampler(runner.device, self.config.seed, default_top_k(model, self.config.top_k))
         self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
         self._warm_up(runner)
+        if self.config.prefix_caching and runner.slot_cache is not None:
+            size = self.config.prefix_cache_tokens
+            self._sched.prefix = PrefixCache(min(budget // 2 if size is None else size, budget))
         self._ready = True
 
     @staticmethod
@@ -261,6 +271,7 @@ class BatchEngine(Engine):
         assert self._runner is not None
         try:
             seq.kv = self._runner.open()
+            self._restore_prefix(seq)
             params = seq.request.params  # its grammar matcher was built by submit()
             seq.sampler = SamplerState.create(replace(params, constraint=None), seq.request.prompt_ids,
                                               self._vocab_size, self._runner.device)
@@ -268,7 +279,19 @@ class BatchEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - this request's settings are at fault
             self._fail(seq, exc)
             return
-        logger.debug("request %s admitted", seq.request_id)
+        logger.debug("request %s admitted (%d prompt tokens cached)", seq.request_id, seq.cached_tokens)
+
+    def _restore_prefix(self, seq: Sequence) -> None:
+        """Copy the prefix blocks admission matched into ``seq``'s slot: its prefill starts after them."""
+        if self._sched.prefix is not None and self._runner is not None:
+            seq.cached_tokens = seq.prefilled = self._sched.prefix.restore_into(self._runner.slot_cache, seq)
+
+    def _save_prefix(self, seq: Sequence, keep: bool = True) -> None:
+        """Keep the KV of ``seq``'s full blocks in the prefix cache, in the room running requests leave
+        (``keep=False``, a failed request: only drop what it holds)."""
+        if self._sched.prefix is not None and self._runner is not None:
+            room = self.config.max_total_tokens - self._sched.reserved_tokens() if keep else 0
+            self._sched.prefix.save_from(self._runner.slot_cache, seq, room)
 
     # --- running a step and applying its output -----------------------------------------
     def _prefill(self, group: list[tuple[Sequence, list[int]]]) -> None:
@@ -282,12 +305,14 @@ class BatchEngine(Engine):
             logger.warning("batched prefill failed (%s); retrying its requests one by one", exc)
             for seq, _ in group:
                 self._runner.release(seq.kv)  # type: ignore[arg-type]
-                seq.prefilled = 0
+                seq.prefilled = seq.cached_tokens = 0
             for seq, _ in group:
                 ids = list(seq.request.prompt_ids[: self.config.prefill_chunk_tokens])
                 self._prefill([(seq, ids)])
             return
         done = [(seq, row) for row, (seq, ids) in enumerate(group) if self._sched.prefilled(seq, len(ids))]
+        for seq, _ in done:
+            self._save_prefix(seq)  # a running request's prompt serves later ones at once
         if done:
             picked = logits if len(done) == len(group) else logits[[row for _, row in done]]
             self._apply([seq for seq, _ in done], picked)
@@ -335,11 +360,12 @@ class BatchEngine(Engine):
             seq.stream.push(TextDelta(text))
 
     # --- leaving ------------------------------------------------------------------------
-    def _close(self, seq: Sequence) -> bool:
-        """Take ``seq`` out of the batch and free its cache; False when it had already finished."""
+    def _close(self, seq: Sequence, keep: bool = True) -> bool:
+        """Take ``seq`` out of the batch, keep its prefix (``keep``), free its cache; False if already finished."""
         self._sched.remove(seq)
         if not seq.close():
             return False
+        self._save_prefix(seq, keep)
         if seq.kv is not None and self._runner is not None:
             self._runner.release(seq.kv)
         return True
@@ -355,11 +381,12 @@ class BatchEngine(Engine):
             tail, stopped = seq.stops.feed(seq.detok.flush())
             self._emit(seq, tail if stopped else tail + seq.stops.flush())
         timeline = {status.value: at for status, at in seq.times.items()}
-        seq.stream.push(Finished(reason, seq.prompt_len, len(seq.generated), "".join(seq.text), timeline))
+        seq.stream.push(Finished(reason, seq.prompt_len, len(seq.generated), "".join(seq.text), timeline,
+                                 seq.cached_tokens))
         logger.debug("request %s finished: %s after %d tokens", seq.request_id, reason, len(seq.generated))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        if not self._close(seq):
+        if not self._close(seq, keep=False):
             return
         logger.error("request %s failed: %s", seq.request_id, exc, exc_info=exc)
         seq.stream.push(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))

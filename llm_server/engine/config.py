@@ -3,6 +3,13 @@
 It is also the schema of ``server_config.yaml``'s ``server.engine`` section: the YAML loader
 validates that section with this model (unknown keys, wrong types and out-of-range values are
 errors naming the key), so a default written here is the default everywhere.
+
+Prefix caching (``prefix_caching``, on by default): the KV of a finished or running request's
+full 16-token blocks is kept, and a later request whose prompt starts with the same tokens copies
+it into its slot and prefills only the rest (:mod:`.prefix_cache`). The cached tokens count
+against ``max_total_tokens`` together with the running requests' reservations; the cache holds at
+most ``prefix_cache_tokens`` (default half the budget) and gives way, least recently used first,
+whenever an admission needs the room.
 """
 
 from __future__ import annotations
@@ -35,6 +42,13 @@ class EngineConfig(BaseModel):
         None, ge=0, description="sampled requests: default the model's generation_config.top_k, else 50; 0 = off"
     )
     pack_weights: bool = Field(True, description="CPU: run linears on oneDNN pre-packed weights (faster)")
+    prefix_caching: bool = Field(
+        True, description="reuse the KV of earlier requests' shared prompt prefixes (chat history, system prompts)"
+    )
+    prefix_cache_tokens: int | None = Field(
+        None, ge=0, description="most tokens the prefix cache keeps, within max_total_tokens (running requests "
+        "evict it); default: half of max_total_tokens"
+    )
     threads: int = Field(
         0, ge=0, description="torch threads of the engine thread; 0 = OMP_NUM_THREADS if set, else the cores "
         "in this process's affinity mask"

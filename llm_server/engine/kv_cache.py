@@ -136,6 +136,19 @@ class SlotCache:
         values[:, :kept_rows, :, :kept] = self.values[:, :kept_rows, :, :kept]
         self.keys, self.values, self.rows, self.capacity = keys, values, rows, capacity
 
+    # --- copying positions in and out (the prefix cache) -----------------------------------
+    def read(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of positions ``start..stop`` of ``slot``: keys ``[layers, kv_heads, head_dim, n]``,
+        values ``[layers, kv_heads, n, head_dim]`` (clone them to keep them past the next step)."""
+        return self.keys[:, slot, ..., start:stop], self.values[:, slot, :, start:stop]
+
+    def write(self, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy ``keys`` / ``values`` (as :meth:`read` returns them) into ``slot`` from position ``start``
+        (the capacity must already fit them: :meth:`fit`)."""
+        stop = start + keys.shape[-1]
+        self.keys[:, slot, ..., start:stop] = keys
+        self.values[:, slot, :, start:stop] = values
+
     # --- placement ----------------------------------------------------------------------
     def make_contiguous(self, batch: Sequence[KVHandle]) -> int:
         """Rearrange slots so ``batch`` occupies consecutive slots; return the first one."""

@@ -163,6 +163,10 @@ class LlamaRunner(ModelRunner):
         self._cache.idle()
 
     @property
+    def slot_cache(self) -> SlotCache:
+        return self._cache
+
+    @property
     def cache_shape(self) -> tuple[int, int]:
         """(slots, positions) the KV cache holds now."""
         return self._cache.rows, self._cache.capacity

@@ -12,9 +12,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # kv_cache imports this module
+    from llm_server.engine.kv_cache import SlotCache
 
 
 @dataclass(eq=False)
@@ -44,6 +47,12 @@ class ModelRunner(ABC):
     @abstractmethod
     def release(self, handle: KVHandle) -> None:
         """Free a sequence's cache (idempotent)."""
+
+    @property
+    def slot_cache(self) -> SlotCache | None:
+        """The runner's :class:`~.kv_cache.SlotCache` when it keeps its KV there (the engine's prefix
+        cache then copies prefixes in and out of it); None: no prefix caching (0 cached tokens)."""
+        return None
 
     def idle(self) -> None:  # noqa: B027 - an optional hook: the default does nothing
         """Called when no sequence is running (a chance to give memory back)."""

@@ -6,7 +6,13 @@ queue that holds it) and answers two questions per iteration:
 - :meth:`Scheduler.admit`: which waiting requests join the batch. Admission is FIFO and bounded
   by the KV-cache budget (``running x longest reservation <= max_total_tokens``, a reservation
   being prompt + max_new_tokens) and by ``max_running``, the batch size past which a bigger
-  step stops paying (see docs/engine.md);
+  step stops paying (see docs/engine.md). With a prefix cache, its cached tokens share that
+  budget: admission first takes a reference on the blocks the request's prompt matches
+  (:meth:`~.prefix_cache.PrefixCache.acquire`), then evicts unreferenced blocks, least recently
+  used first, until reservations + cached tokens fit (a request alone always runs: then the cache
+  gives up everything it must). A request waits while one still prefilling shares at least half
+  of its prompt beyond what is cached (its blocks are cached once that prefill ends: sixteen users
+  arriving together with one system prompt compute it once, not sixteen times);
 - :meth:`Scheduler.schedule_prefill` / :meth:`Scheduler.schedule_decode`: what the step's two
   forwards run: one prefill group (several short prompts together, or one chunk of a long
   prompt), then every decoding sequence (those whose prefill just completed included).
@@ -18,16 +24,21 @@ Applying a step's output (sampling, text, finishing) is the engine's job
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.sequence import SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from llm_server.engine.prefix_cache import Block, PrefixCache
 
 
 class Scheduler:
     """The engine's queues and its admission / batching policy (no torch, no threads)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, prefix: PrefixCache | None = None) -> None:
         self.config = config
+        self.prefix = prefix  # set by the engine once its runner is known (None: no prefix caching)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
@@ -43,23 +54,61 @@ class Scheduler:
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
-        """Move waiting requests into the batch (FIFO) while slots and the KV budget allow."""
+        """Move waiting requests into the batch (FIFO) while slots and the KV budget allow; each
+        admitted one holds its matched prefix blocks in ``prefix_chain``."""
         admitted: list[Sequence] = []
-        while self.waiting and self._fits(self.waiting[0]):
-            seq = self.waiting.popleft()
+        while self.waiting and self.running < self.config.max_running:
+            seq = self.waiting[0]
+            need = (self.running + 1) * max([seq.reserved, *(s.reserved for s in (*self.prefilling, *self.decoding))])
+            if self.running and need > self.config.max_total_tokens:
+                break
+            chain = self._make_room(seq, need)
+            if chain is None:
+                break
+            self.waiting.popleft()
+            seq.prefix_chain = chain
             seq.advance(SeqStatus.PREFILLING)
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
 
-    def _fits(self, seq: Sequence) -> bool:
-        running = self.running
-        if running >= self.config.max_running:
-            return False
-        if running == 0:
-            return True  # one request alone always runs (submit checked it fits max_context)
-        longest = max(seq.reserved, *(s.reserved for s in self.prefilling), *(s.reserved for s in self.decoding))
-        return (running + 1) * longest <= self.config.max_total_tokens
+    def _make_room(self, seq: Sequence, need: int) -> list[Block] | None:
+        """Evict cached blocks until ``need`` reserved tokens fit beside the cache; the blocks
+        ``seq`` reuses, or None when referenced blocks leave too little room (wait a step)."""
+        if self.prefix is None:
+            return []
+        chain = self.prefix.acquire(seq.request.prompt_ids)
+        if self._sharer_prefilling(seq, len(chain) * self.prefix.block_size):
+            self.prefix.release(chain)
+            return None
+        over = need + self.prefix.tokens - self.config.max_total_tokens
+        if over > 0 and self.prefix.evict(over) < over:
+            self.prefix.release(chain)
+            if self.running:
+                return None
+            self.prefix.evict(self.prefix.tokens)  # alone: it runs, from scratch if need be
+            return []
+        return chain
+
+    def _sharer_prefilling(self, seq: Sequence, cached: int) -> bool:
+        """Whether a request still prefilling shares at least half of ``seq``'s prompt (whole blocks)
+        beyond the ``cached`` tokens: then ``seq`` is better off waiting for its blocks."""
+        assert self.prefix is not None
+        size, ids = self.prefix.block_size, seq.request.prompt_ids
+        usable = (len(ids) - 1) // size * size
+        for other in self.prefilling:
+            theirs, common = other.request.prompt_ids, 0
+            while common < usable and ids[common : common + size] == theirs[common : common + size]:
+                common += size
+            gain = common - cached
+            if gain >= size and 2 * gain >= len(ids):
+                return True
+        return False
+
+    def reserved_tokens(self) -> int:
+        """The KV budget the running sequences hold: running x longest reservation."""
+        running = (*self.prefilling, *self.decoding)
+        return len(running) * max((s.reserved for s in running), default=0)
 
     def cancelled(self) -> list[Sequence]:
         """Every queued or running sequence whose consumer has gone (still in its queue)."""

@@ -52,6 +52,8 @@ class Sequence:
     sampler: SamplerState | None = None  # set at admission (scheduler thread: it may hold tensors)
     matcher: Any = None  # a constrained request's grammar matcher (built in submit, the caller's thread)
     prefilled: int = 0  # prompt tokens already in the KV cache
+    cached_tokens: int = 0  # of those, copied from the prefix cache
+    prefix_chain: list[Any] = field(default_factory=list)  # matched prefix blocks, held from admission to copy
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
 

@@ -127,7 +127,8 @@ class Finished:
     #: When the request entered each status it went through (``waiting``, ``prefilling``,
     #: ``decoding``, ``finished``), in ``time.monotonic()`` seconds; empty when not tracked.
     timeline: dict[str, float] = field(default_factory=dict, compare=False)
-    #: Prompt tokens whose KV came from the prefix cache instead of a prefill.
+    #: Prompt tokens whose KV came from the prefix cache (not prefilled): OpenAI's
+    #: ``usage.prompt_tokens_details.cached_tokens``.
     cached_tokens: int = 0
 
 
@@ -144,3 +145,9 @@ class EngineStats:
     ready: bool
     #: Seconds a new request is expected to wait before it starts (engine/admission.py; 0: unknown).
     expected_wait_s: float = 0.0
+    #: Prefix cache, cumulative since start, in prompt tokens (vLLM's counter names): tokens
+    #: looked up, and tokens served from the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    #: Tokens the prefix cache holds now.
+    prefix_cache_tokens: int = 0
