@@ -214,3 +214,47 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, qua
     except (RuntimeError, AttributeError) as exc:  # a torch without the CPU int4 op (AttributeError), another layout
         logger.warning("int4 quantization unavailable (%s); keeping %s weights", exc, weight.dtype)
         return FloatLinear(weight, bias, pack)
+
+
+class EngineLinear(torch.nn.Module):
+    """An ``nn.Linear`` replaced by one of the engine's linears (the model's own forward calls it)."""
+
+    def __init__(self, linear: Linear, in_features: int, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = in_features, linear.out_features
+        self.weight = weight  # the original (tied heads, code reading ``.weight.dtype``); None once freed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def _is_router(name: str, module: torch.nn.Linear, experts: int | None) -> bool:
+    """A mixture-of-experts router: kept in float (its top-k choice is sensitive to rounding)."""
+    last = name.rsplit(".", 1)[-1]
+    return "router" in last or last == "gate" or (experts is not None and module.out_features == experts)
+
+
+def replace_linears(
+    model: torch.nn.Module, pack: bool, quantization: str | None, head_quantization: str | None, free: bool
+) -> int:
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`EngineLinear` (packed float, int8 or
+    int4, see :func:`make_linear`), whatever the architecture; the LM head gets ``head_quantization``
+    and routers stay float. ``free``: drop the module's own weight once re-laid (the model is the
+    engine's alone). Weights that are not ``nn.Linear`` (fused MoE expert tensors, embeddings) stay as
+    they are. Returns the bytes of the weights the replaced linears read."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    total = 0
+    for name, module in targets:
+        mode = head_quantization if module is head else (None if _is_router(name, module, experts) else quantization)
+        weight = module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        linear = make_linear(weight, bias, pack, mode)
+        total += linear.weight_bytes
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, EngineLinear(linear, module.in_features, None if free else weight))
+    return total
