@@ -77,6 +77,7 @@ class BatchEngine(Engine):
         self.max_context = 0
         self.eos_ids: frozenset[int] = frozenset()
         self.runner_name = ""  # the runner class serving the model, known once started
+        self.runner_reason = ""  # why that runner (batched or not), known once started
         self._load: Loader = loader if loader is not None else (lambda: (tokenizer, model))
         self._runner: ModelRunner | None = None
         self._sampler: Sampler | None = None
@@ -108,8 +109,8 @@ class BatchEngine(Engine):
         self._booted.wait()
         if self._boot_error is not None:
             raise self._boot_error
-        logger.info("engine started: model=%s runner=%s max_context=%d", self.model_id, self.runner_name,
-                    self.max_context)
+        logger.info("engine started: model=%s runner=%s (%s) max_context=%d", self.model_id, self.runner_name,
+                    self.runner_reason, self.max_context)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         self._check_accepting()
@@ -193,6 +194,7 @@ class BatchEngine(Engine):
         runner = make_runner(model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights)
         self._sampler = Sampler(runner.device, self.config.seed, default_top_k(model, self.config.top_k))
         self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
+        self.runner_reason = runner.reason
         self._warm_up(runner)
         self._ready = True
 

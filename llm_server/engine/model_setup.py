@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from llm_server.engine.generic_runner import GenericRunner
 from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
 from llm_server.engine.runner import ModelRunner
@@ -40,13 +41,28 @@ def default_max_context(model: Any, budget: int) -> int:
 
 
 def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> ModelRunner:
-    """The fastest runner that supports ``model``: the compact batched one for Llama-family models,
-    else the model's own forward, one sequence at a time."""
-    reason = unsupported_reason(model)
-    if reason is None:
-        return LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
-    logger.warning("using the slow one-sequence-at-a-time path: %s", reason)
-    return HFRunner(model)
+    """The fastest runner that supports ``model``; its ``reason`` says which and why (logged here).
+
+    The compact Llama forward for the layouts it knows (faster on CPU, docs/engine.md), else the
+    generic batched runner over the model's own modules, else the model's own forward, one sequence
+    at a time (encoder-decoder, state-space layers, no attention-interface support).
+    """
+    compact = unsupported_reason(model)
+    if compact is None:
+        runner: ModelRunner = LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
+        runner.reason = f"compact batched Llama forward (model type {model.config.model_type!r})"
+        logger.info("runner: LlamaRunner, %s", runner.reason)
+        return runner
+    try:
+        runner = GenericRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
+    except ValueError as exc:
+        runner = HFRunner(model)
+        runner.reason = f"one sequence at a time: {exc} (and the compact forward: {compact})"
+        logger.warning("runner: HFRunner, the slow path, %s", runner.reason)
+        return runner
+    runner.reason = f"batched through transformers' attention interface ({compact} for the compact forward)"
+    logger.info("runner: GenericRunner, %s", runner.reason)
+    return runner
 
 
 __all__ = ["default_max_context", "default_top_k", "eos_ids", "make_runner"]
