@@ -49,7 +49,7 @@ def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool
     """
     compact = unsupported_reason(model)
     if compact is None:
-        runner: ModelRunner = LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
+        runner: ModelRunner = LlamaRunner(model, max_slots, max_context, pack_weights=pack_weights)
         runner.reason = f"compact batched Llama forward (model type {model.config.model_type!r})"
         logger.info("runner: LlamaRunner, %s", runner.reason)
         return runner

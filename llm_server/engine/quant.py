@@ -243,7 +243,8 @@ def replace_linears(
     and routers stay float. ``free``: drop the module's own weight once re-laid (the model is the
     engine's alone). Weights that are not ``nn.Linear`` (fused MoE expert tensors, embeddings) stay as
     they are. Returns the bytes of the weights the replaced linears read."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     config = getattr(model, "config", None)
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
