@@ -47,7 +47,7 @@ def generic_unsupported_reason(model: Any) -> str | None:
         return "encoder-decoder models are not supported"
     if not getattr(model, "_supports_attention_backend", False):
         return f"{type(model).__name__} does not support transformers' attention interface"
-    other = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
+    other = sorted(set(getattr(_text_config(config), "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
     if other:
         return f"layers of type {', '.join(map(str, other))} keep state outside the attention cache"
     if any(name in type(model).__name__.lower() for name in ("mamba", "rwkv", "jamba", "zamba")):
@@ -61,6 +61,12 @@ def generic_unsupported_reason(model: Any) -> str | None:
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return "the model has no language-model head"
     return None
+
+
+def _text_config(config: Any) -> Any:
+    """The decoder's config (a multimodal model's text part; the config itself otherwise)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
 
 
 def _kv_shape(config: Any) -> tuple[int, int]:
@@ -92,7 +98,9 @@ class GenericRunner(ModelRunner):
         if reason is not None:
             raise ValueError(reason)
         self._model = model
-        self._config = model.config
+        self._config = _text_config(model.config)
+        # the configs whose attention implementation the forward switches (a multimodal model's and its text part's)
+        self._configs = list({id(c): c for c in (model.config, self._config)}.values())
         self.device = next(model.parameters()).device
         self.dtype = model.get_output_embeddings().weight.dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -178,15 +186,16 @@ class GenericRunner(ModelRunner):
     def _call_model(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        config = self._config
-        saved = config._attn_implementation
+        saved = [config._attn_implementation for config in self._configs]
         token = CURRENT_STEP.set(ctx)
-        config._attn_implementation = ATTENTION_NAME
+        for config in self._configs:
+            config._attn_implementation = ATTENTION_NAME
         try:
             with torch.no_grad():
                 out = self._model(input_ids=input_ids, position_ids=positions, use_cache=False, **kwargs)
         finally:
-            config._attn_implementation = saved
+            for config, name in zip(self._configs, saved, strict=True):
+                config._attn_implementation = name
             CURRENT_STEP.reset(token)
         return out.logits
 

@@ -67,7 +67,7 @@ def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool
         if choice == "hf":
             raise ValueError("runner 'hf' was asked for")
         runner = GenericRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to build the batched path leaves the slow one
         runner = HFRunner(model)
         runner.reason = f"one sequence at a time: {exc} (compact forward: {compact})"
         logger.warning("runner: HFRunner, the slow path, %s", runner.reason)
