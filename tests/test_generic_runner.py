@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import tiny_models  # noqa: E402
 
 from llm_server.engine.generic_runner import GenericRunner, generic_unsupported_reason  # noqa: E402
+from llm_server.engine.hf_linears import EngineLinear, replace_linears  # noqa: E402
 from llm_server.engine.hf_runner import HFRunner  # noqa: E402
 from llm_server.engine.llama_runner import LlamaRunner  # noqa: E402
 from llm_server.engine.model_setup import make_runner  # noqa: E402
-from llm_server.engine.quant import EngineLinear  # noqa: E402
 from llm_server.engine.runner import KVHandle, ModelRunner  # noqa: E402
 
 EOS = 2
@@ -141,24 +141,40 @@ def test_quantization_applies_to_any_family(mode: str) -> None:
     with torch.no_grad():
         expected = model(torch.tensor([PROMPTS[0]])).logits[0, -1]
     runner = GenericRunner(model, max_slots=2, max_context=256, quantization=mode, pack_weights=False)
-    kinds = {name: type(m.linear).__name__ for name, m in model.named_modules() if isinstance(m, EngineLinear)}
+    kinds = {name: type(m.kernel).__name__ for name, m in model.named_modules() if isinstance(m, EngineLinear)}
     assert kinds["lm_head"] == "Int8Linear"  # the head is int8 in both modes
     quantized = "Int8Linear" if mode == "int8" else "Int4Linear"
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         assert kinds[f"model.layers.1.{name}"] == quantized
-    # int4 needs 64 output rows: the 32-wide k/v projections of this tiny model stay float
-    assert kinds["model.layers.1.self_attn.k_proj"] == ("Int8Linear" if mode == "int8" else "FloatLinear")
+    assert kinds["model.layers.1.self_attn.k_proj"] == quantized  # fused with q and v
     got = runner.forward([runner.open()], [PROMPTS[0]])[0]
     error = float((got - expected).norm() / expected.norm())
     assert 0 < error < (0.05 if mode == "int8" else 0.35)  # a broken linear: ~1
 
 
-def test_moe_router_stays_float_under_quantization() -> None:
-    model = tiny("mixtral")
-    GenericRunner(model, max_slots=2, max_context=256, quantization="int8")
-    gate = model.model.layers[0].mlp.gate
-    router = getattr(gate, "linear", None)
-    assert router is None or type(router).__name__ == "FloatLinear"
+def test_replace_linears_fuses_siblings_keeps_routers_float_and_recomputes_for_a_new_input() -> None:
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    for name, width in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32), ("gate", 4)):
+        setattr(block, name, torch.nn.Linear(64, width))
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        want = {(n, i): getattr(block, n)(t) for n in ("q_proj", "k_proj", "v_proj") for i, t in enumerate((x, y))}
+    replace_linears(block, pack=False, quantization="int8", head_quantization=None, free=False)
+    modules = {n: getattr(block, n) for n in ("q_proj", "k_proj", "v_proj", "gate")}
+    assert all(isinstance(m, EngineLinear) for m in modules.values())
+    assert modules["q_proj"].kernel is modules["v_proj"].kernel  # one fused int8 matmul
+    assert type(modules["q_proj"].kernel).__name__ == "Int8Linear"
+    assert type(modules["gate"].kernel).__name__ == "FloatLinear"  # a router stays float
+    with torch.no_grad():
+        q = block.q_proj(x)
+        k_other = block.k_proj(y)  # another input: computed for y, not the cached result for x
+        x.mul_(2.0)  # modified in place after q: v must see the new values
+        v = block.v_proj(x)
+    assert torch.allclose(q, want["q_proj", 0], atol=0.05)
+    assert torch.allclose(k_other, want["k_proj", 1], atol=0.05)
+    v_bias = block.v_proj.kernel.bias[-32:]
+    assert torch.allclose(v, 2.0 * (want["v_proj", 0] - v_bias) + v_bias, atol=0.1)
 
 
 def test_models_that_cannot_run_batched_keep_the_fallback_and_say_why() -> None:

@@ -23,6 +23,7 @@ import torch
 
 from llm_server.engine import batched_attention
 from llm_server.engine.batched_attention import ATTENTION_NAME, CURRENT_STEP, StepContext
+from llm_server.engine.hf_linears import replace_linears
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import release_memory
 from llm_server.engine.quant import (
@@ -30,7 +31,6 @@ from llm_server.engine.quant import (
     HEAD_QUANTIZATION,
     QUANT_MODES,
     QUANTIZATION_ATTR,
-    replace_linears,
 )
 from llm_server.engine.runner import KVHandle, ModelRunner
 
