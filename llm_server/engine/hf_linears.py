@@ -5,8 +5,9 @@ one of :mod:`.quant`'s linears (oneDNN-packed float, or weight-only int8 / int4)
 own forward runs the engine's kernels. Sibling projections that read the same input (``q_proj``,
 ``k_proj``, ``v_proj``; ``gate_proj``, ``up_proj``) are fused into one matmul, as ``LlamaRunner``
 does: the first sibling called computes all of them, the others take their slice. The cached
-result is used only for the very tensor it was computed from, unmodified (same object, same
-version counter), so a model calling them in another order or on other inputs stays correct.
+result is used only for the very tensor it was computed from (same object, and the same version
+counter where torch keeps one: not for inference-mode tensors), so a model calling them in another
+order or on other inputs stays correct; it is dropped once the last sibling has read it.
 
 The LM head gets its own quantization (int8 in both int modes); mixture-of-experts routers stay in
 float; weights that are not ``nn.Linear`` (fused 3-D expert tensors, embeddings) stay as they are.
@@ -23,6 +24,11 @@ from llm_server.engine.quant import Linear, make_linear
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def _version(x: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (inference tensors have none: -2)."""
+    return -2 if x.is_inference() else int(x._version)
+
+
 class _SharedInput:
     """One fused linear for sibling projections called on the same input."""
 
@@ -34,9 +40,10 @@ class _SharedInput:
         self._outputs: tuple[torch.Tensor, ...] = ()
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is not self._input or x._version != self._version:
+        version = _version(x)
+        if x is not self._input or version != self._version:
             self._outputs = tuple(o.contiguous() for o in self.linear(x).split(self.widths, dim=-1))
-            self._input, self._version = x, x._version
+            self._input, self._version = x, version
         out = self._outputs[index]
         if index == len(self.widths) - 1:  # the usual last caller: let the input go
             self._input, self._outputs = None, ()
