@@ -9,7 +9,7 @@ PORT        ?= 8000
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test browser benchmark lint fuzz probe soak clean image image-test
+.PHONY: install serve test browser benchmark benchmark-models lint fuzz probe soak clean image image-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install browser lint
 
 benchmark: install
 	$(PY) benchmarks/bench_serving.py
+
+# Models scenario (issue 22): tiny random models of several families + the embedded model, per runner,
+# and ours vs `transformers serve --continuous-batching` over HTTP.
+benchmark-models: install
+	$(PY) benchmarks/bench_models.py --http
 
 # Schemathesis (--checks all, every phase, fixed seed, with a key) against the real embedded model.
 FUZZ_EXAMPLES ?= 60

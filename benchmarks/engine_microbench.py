@@ -7,7 +7,7 @@ greedy chat request (the same system message and prompts as ``bench_serving.py``
 stream to the end, and submit the next one. End-of-sequence is ignored so every request
 generates exactly ``--max-tokens`` tokens. Printed per level: aggregate output tokens/s,
 time to first token p50/p95, inter-token latency p50, and the engine's efficiency: served tok/s
-divided by the bare forward's tok/s on the same batch size (``LlamaRunner.forward`` alone, timed
+divided by the bare forward's tok/s on the same batch size (the runner's ``forward`` alone, timed
 in a separate process whose one thread loads the model and steps it: a 60-token prompt, then
 decode steps; issue 9's target is >= 0.9), and the process's RSS once the level is over
 (``benchmarks/engine_memory.py`` reports the peaks). Both sides run with the server's OpenMP wait
@@ -19,6 +19,7 @@ arrangement issue 9 measured as 2x slower on 2 cores), for comparison.
 
     .venv/bin/python benchmarks/engine_microbench.py                  # bfloat16, 1/16/32/48/64
     .venv/bin/python benchmarks/engine_microbench.py --dtype float32 --levels 1,16
+    .venv/bin/python benchmarks/engine_microbench.py --runner generic --levels 1,16,32  # GenericRunner
 """
 
 from __future__ import annotations
@@ -112,17 +113,20 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def bare_forward_ms(dtype: str, model_id: str | None, batches: list[int], threads: int) -> dict[int, float]:
-    """ms per decode step of ``LlamaRunner.forward`` alone, per batch size (this thread only)."""
+def bare_forward_ms(
+    dtype: str, model_id: str | None, batches: list[int], threads: int, runner_choice: str = "auto"
+) -> dict[int, float]:
+    """ms per decode step of the runner's ``forward`` alone, per batch size (this thread only)."""
     import torch
 
-    from llm_server.engine.llama_runner import LlamaRunner
+    from llm_server.engine.model_setup import RUNNER_ATTR, make_runner
     from llm_server.helper_functionality.model_loading import initialize
 
     if threads:
         torch.set_num_threads(threads)
     _, model = initialize(device="cpu", model_id=model_id, dtype=dtype, compile=False)
-    runner = LlamaRunner(model, max_slots=max(batches), max_context=2048)
+    setattr(model, RUNNER_ATTR, runner_choice)
+    runner = make_runner(model, max_slots=max(batches), max_context=2048)
     result: dict[int, float] = {}
     with torch.inference_mode():
         for n in batches:
@@ -142,7 +146,8 @@ def bare_forward_ms(dtype: str, model_id: str | None, batches: list[int], thread
 def bare_in_subprocess(args: argparse.Namespace) -> dict[int, float]:
     """:func:`bare_forward_ms` in a fresh process (its torch threads never meet the engine's)."""
     command = [sys.executable, __file__, "--bare", "--dtype", args.dtype, "--levels", args.levels,
-               "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+               "--threads", str(args.threads), "--runner", args.runner]
+    command += ["--model", args.model] if args.model else []
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -157,11 +162,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's choice)")
     parser.add_argument("--split-load", action="store_true", help="load the model on the main thread (slow)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-forward reference")
+    parser.add_argument("--runner", default="auto", choices=["auto", "llama", "generic", "hf"],
+                        help="the engine's runner (model_setup.RUNNER_ATTR; auto: the engine's choice)")
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # the subprocess's job
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     if args.bare:
-        print(json.dumps(bare_forward_ms(args.dtype, args.model, levels, args.threads)))
+        print(json.dumps(bare_forward_ms(args.dtype, args.model, levels, args.threads, args.runner)))
         return
     bare = {} if args.no_bare else bare_in_subprocess(args)
     engine, tokenizer = start_engine(args, levels)
@@ -189,6 +196,7 @@ def start_engine(args: argparse.Namespace, levels: list[int]) -> tuple[Any, Any]
     """A started engine for the benchmark, and its tokenizer."""
     from llm_server.engine.batch_engine import BatchEngine, EngineConfig
     from llm_server.engine.llama_weights import mark_engine_owned
+    from llm_server.engine.model_setup import RUNNER_ATTR
     from llm_server.helper_functionality.model_loading import initialize
 
     config = EngineConfig(max_running=max(levels), threads=args.threads)
@@ -196,6 +204,7 @@ def start_engine(args: argparse.Namespace, levels: list[int]) -> tuple[Any, Any]
     def load() -> tuple[Any, Any]:
         tokenizer, model = initialize(device="cpu", model_id=args.model, dtype=args.dtype, compile=False)
         mark_engine_owned(model)  # as the server's loader does: the runner keeps one copy of the weights
+        setattr(model, RUNNER_ATTR, args.runner)
         return tokenizer, model
 
     if args.split_load:

@@ -37,7 +37,7 @@ from llm_server.engine.admission import Admission
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
-from llm_server.engine.model_setup import default_max_context, default_top_k, eos_ids, make_runner
+from llm_server.engine.model_setup import default_max_context, default_top_k, eos_ids, make_runner, warm_up
 from llm_server.engine.prefix_cache import PrefixCache
 from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
@@ -79,6 +79,7 @@ class BatchEngine(Engine):
         self.max_context = 0
         self.eos_ids: frozenset[int] = frozenset()
         self.runner_name = ""  # the runner class serving the model, known once started
+        self.runner_reason = ""  # why that runner (batched or not), known once started
         self._load: Loader = loader if loader is not None else (lambda: (tokenizer, model))
         self._runner: ModelRunner | None = None
         self._sampler: Sampler | None = None
@@ -112,9 +113,10 @@ class BatchEngine(Engine):
         if self._boot_error is not None:
             raise self._boot_error
         prefix = self._sched.prefix
-        logger.info("engine started: model=%s runner=%s max_context=%d kv_budget=%d tokens prefix_cache=%s",
-                    self.model_id, self.runner_name, self.max_context, self.config.max_total_tokens,
-                    f"{prefix.max_blocks * prefix.block_size} tokens" if prefix else "off")
+        cached = f"{prefix.max_blocks * prefix.block_size} tokens" if prefix else "off"
+        logger.info("engine started: model=%s runner=%s (%s) max_context=%d kv_budget=%d tokens prefix_cache=%s",
+                    self.model_id, self.runner_name, self.runner_reason, self.max_context,
+                    self.config.max_total_tokens, cached)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         self._check_accepting()
@@ -206,23 +208,12 @@ class BatchEngine(Engine):
         runner = make_runner(model, self.config.max_running, self.max_context, pack_weights=self.config.pack_weights)
         self._sampler = Sampler(runner.device, self.config.seed, default_top_k(model, self.config.top_k))
         self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
-        self._warm_up(runner)
+        self.runner_reason = runner.reason
+        warm_up(runner)
         if self.config.prefix_caching and runner.slot_cache is not None:
             size = self.config.prefix_cache_tokens
             self._sched.prefix = PrefixCache(min(budget // 2 if size is None else size, budget))
         self._ready = True
-
-    @staticmethod
-    def _warm_up(runner: ModelRunner) -> None:
-        """One tiny forward so the first request does not pay for kernel initialisation."""
-        with torch.inference_mode():
-            handle = runner.open()
-            try:
-                runner.forward([handle], [[0, 0]])
-                runner.forward([handle], [[0]])
-            finally:
-                runner.release(handle)
-                runner.idle()
 
     # --- scheduler thread: the loop -----------------------------------------------------
     def _loop(self) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
+from llm_server.engine.generic_runner import GenericRunner
 from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
 from llm_server.engine.runner import ModelRunner
@@ -39,14 +42,53 @@ def default_max_context(model: Any, budget: int) -> int:
     return min(int(positions), budget)
 
 
+#: Attribute a loader may set on the model to choose the runner: "auto" (default), "llama", "generic", "hf".
+RUNNER_ATTR = "llm_server_runner"
+RUNNER_CHOICES = ("auto", "llama", "generic", "hf")
+
+
 def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool = True) -> ModelRunner:
-    """The fastest runner that supports ``model``: the compact batched one for Llama-family models,
-    else the model's own forward, one sequence at a time."""
-    reason = unsupported_reason(model)
-    if reason is None:
-        return LlamaRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
-    logger.warning("using the slow one-sequence-at-a-time path: %s", reason)
-    return HFRunner(model)
+    """The fastest runner that supports ``model``; its ``reason`` says which and why (logged here).
+
+    The compact Llama forward for the layouts it knows (faster on CPU, docs/engine.md), else the
+    generic batched runner over the model's own modules, else the model's own forward, one sequence
+    at a time (encoder-decoder, state-space layers, no attention-interface support). The model's
+    :data:`RUNNER_ATTR` (when set) narrows the choice; a runner it names that cannot serve the model
+    falls through to the next one, as in "auto".
+    """
+    choice = getattr(model, RUNNER_ATTR, "auto")
+    if choice not in RUNNER_CHOICES:
+        raise ValueError(f"unknown runner {choice!r}; use one of {', '.join(RUNNER_CHOICES)}")
+    compact = unsupported_reason(model) if choice in ("auto", "llama") else f"runner {choice!r} was asked for"
+    if compact is None:
+        runner: ModelRunner = LlamaRunner(model, max_slots, max_context, pack_weights=pack_weights)
+        runner.reason = f"compact batched Llama forward (model type {model.config.model_type!r})"
+        logger.info("runner: LlamaRunner, %s", runner.reason)
+        return runner
+    try:
+        if choice == "hf":
+            raise ValueError("runner 'hf' was asked for")
+        runner = GenericRunner(model, max_slots=max_slots, max_context=max_context, pack_weights=pack_weights)
+    except Exception as exc:  # noqa: BLE001 - any failure to build the batched path leaves the slow one
+        runner = HFRunner(model)
+        runner.reason = f"one sequence at a time: {exc} (compact forward: {compact})"
+        logger.warning("runner: HFRunner, the slow path, %s", runner.reason)
+        return runner
+    runner.reason = f"batched through transformers' attention interface (compact forward: {compact})"
+    logger.info("runner: GenericRunner, %s", runner.reason)
+    return runner
 
 
-__all__ = ["default_max_context", "default_top_k", "eos_ids", "make_runner"]
+__all__ = ["RUNNER_ATTR", "RUNNER_CHOICES", "default_max_context", "default_top_k", "eos_ids", "make_runner"]
+
+
+def warm_up(runner: ModelRunner) -> None:
+    """One tiny forward so the first request does not pay for kernel initialisation."""
+    with torch.inference_mode():
+        handle = runner.open()
+        try:
+            runner.forward([handle], [[0, 0]])
+            runner.forward([handle], [[0]])
+        finally:
+            runner.release(handle)
+            runner.idle()

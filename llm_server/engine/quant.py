@@ -215,3 +215,4 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, qua
     except (RuntimeError, AttributeError) as exc:  # a torch without the CPU int4 op (AttributeError), another layout
         logger.warning("int4 quantization unavailable (%s); keeping %s weights", exc, weight.dtype)
         return FloatLinear(weight, bias, pack)
+

@@ -3,8 +3,9 @@
 The scheduler talks to a :class:`ModelRunner`: ``open`` a cache handle per request,
 ``forward`` new tokens of several sequences at once (getting the next-token logits of each),
 ``release`` the handle when the request leaves. Implementations: :class:`~.llama_runner.LlamaRunner`
-(compact batched forward for Llama-family models) and :class:`~.hf_runner.HFRunner` (any causal
-LM, one sequence at a time); ``model_setup.make_runner`` picks one.
+(compact batched forward for Llama-family models), :class:`~.generic_runner.GenericRunner` (any
+decoder-only transformers model, batched through its own modules) and :class:`~.hf_runner.HFRunner`
+(any causal LM, one sequence at a time); ``model_setup.make_runner`` picks one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ModelRunner(ABC):
 
     device: torch.device
     vocab_size: int
+    reason: str = ""  # which runner serves the model and why (``model_setup.make_runner`` sets it)
 
     def open(self) -> KVHandle:
         """A new, empty cache for one sequence."""
