@@ -61,6 +61,22 @@ EXPECTED_QUEUE_WAIT = Gauge(f"{PREFIX}_expected_queue_wait_seconds",
 REQUESTS_WAITING = Gauge(f"{PREFIX}_requests_waiting", "Requests queued in the engine, not yet running.")
 REQUESTS_RUNNING = Gauge(f"{PREFIX}_requests_running", "Requests the engine is generating for now.")
 ENGINE_HEALTHY = Gauge(f"{PREFIX}_engine_healthy", "1 when the engine is ready and healthy, else 0.")
+PREFIX_CACHE_QUERIES = Counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+PREFIX_CACHE_HITS = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+PREFIX_CACHE_TOKENS = Gauge(f"{PREFIX}_prefix_cache_tokens", "Tokens of KV the prefix cache holds now.")
+_counted = {"queries": 0, "hits": 0}  # the engine's cumulative values already added to the counters
+
+
+def _count_prefix_cache(stats: EngineStats) -> None:
+    """Advance the prefix-cache counters to the engine's cumulative values (a new engine restarts them)."""
+    for key, counter, total in (("queries", PREFIX_CACHE_QUERIES, stats.prefix_cache_queries),
+                                ("hits", PREFIX_CACHE_HITS, stats.prefix_cache_hits)):
+        if total < _counted[key]:
+            _counted[key] = 0
+        if total > _counted[key]:
+            counter.inc(total - _counted[key])
+            _counted[key] = total
+    PREFIX_CACHE_TOKENS.set(stats.prefix_cache_tokens)
 
 
 def update_engine_gauges(stats: EngineStats | None) -> None:
@@ -75,6 +91,7 @@ def update_engine_gauges(stats: EngineStats | None) -> None:
     REQUESTS_RUNNING.set(stats.running)
     EXPECTED_QUEUE_WAIT.set(stats.expected_wait_s)
     ENGINE_HEALTHY.set(1 if stats.healthy and stats.ready else 0)
+    _count_prefix_cache(stats)
 
 
 class RequestMetrics:

@@ -69,6 +69,8 @@ def _health(request: Request) -> JSONResponse:
         "model": getattr(engine, "model_id", None),
         "running": stats.running if stats else 0,
         "waiting": stats.waiting if stats else 0,
+        "runner": getattr(engine, "runner_name", None),  # which forward serves the model (batched or not) ...
+        "runner_reason": getattr(engine, "runner_reason", None),  # ... and why
     }
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 

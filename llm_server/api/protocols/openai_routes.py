@@ -108,6 +108,9 @@ def _model_card(request: Request) -> dict[str, Any]:
     max_context = getattr(engine, "max_context", None)
     if isinstance(max_context, int):
         card["max_model_len"] = max_context
+    runner = getattr(engine, "runner_name", None)
+    if isinstance(runner, str) and runner:
+        card["runner"] = runner  # GenericRunner / LlamaRunner batch; HFRunner runs one sequence at a time
     return card
 
 
