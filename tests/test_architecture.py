@@ -67,3 +67,12 @@ def test_every_module_opens_with_a_docstring() -> None:
     missing = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
                if ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) is None]
     assert missing == []
+
+
+def test_the_readme_layout_names_every_library_file() -> None:
+    """The README's layout lists every module (docs/architecture.md explains them)."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):readme.index("## HTTP API in brief")]
+    missing = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+               if path.name != "__init__.py" and path.name not in layout]
+    assert missing == []

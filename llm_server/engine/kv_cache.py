@@ -28,16 +28,25 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from llm_server.engine.runner import KVHandle
 
 CAPACITY_STEP = 32  # the capacity is a multiple of this, a little above the longest sequence
 _SHRINK_SLACK = 128  # shrink the capacity once it exceeds what the sequences need by this (or a quarter)
 _ROW_SHRINK_FACTOR = 4  # shrink the rows once the slots in use fit in a quarter of them
 TRIM_INTERVAL_S = 10.0  # under steady load, hand freed heap pages back at most this often
 _clock = time.monotonic  # the trim schedule's clock (tests replace it)
+
+
+@dataclass(eq=False)
+class KVHandle:
+    """One sequence's place in a runner's KV cache."""
+
+    length: int = 0  # tokens already in the cache
+    slot: int = -1  # batched runner: row of the cache tensors
+    state: Any = None  # fallback runner: the model's own cache object
 
 
 def _round_rows(used: int, limit: int) -> int:

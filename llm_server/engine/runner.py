@@ -12,22 +12,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:  # kv_cache imports this module
-    from llm_server.engine.kv_cache import SlotCache
-
-
-@dataclass(eq=False)
-class KVHandle:
-    """One sequence's place in a runner's KV cache."""
-
-    length: int = 0  # tokens already in the cache
-    slot: int = -1  # batched runner: row of the cache tensors
-    state: Any = None  # fallback runner: the model's own cache object
+from llm_server.engine.kv_cache import KVHandle as KVHandle  # re-exported: the runners' handle type
+from llm_server.engine.kv_cache import SlotCache
 
 
 class ModelRunner(ABC):
