@@ -123,9 +123,10 @@ def start_server(port: int) -> tuple[subprocess.Popen[bytes], str]:
     config["model"]["optimizations"].update(dtype="float32", quantization=None)
     folder = Path(tempfile.mkdtemp(prefix="improvement-bench-"))
     (folder / "model_config.yaml").write_text(yaml.safe_dump(config))
-    exe = Path(sys.executable).with_name("start_llm_server")
-    process = subprocess.Popen([str(exe), "--port", str(port), "--open-access", "--config-dir", str(folder),
-                                "--log-level", "warning"], env={**os.environ})
+    # the worktree's own server (python -m): the installed console script may point at another checkout
+    command = [sys.executable, "-m", "llm_server.api.server", "--port", str(port), "--open-access",
+               "--config-dir", str(folder), "--log-level", "warning"]
+    process = subprocess.Popen(command, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     import requests
 

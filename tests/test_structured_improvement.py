@@ -101,3 +101,19 @@ def test_python_api_generate_honours_a_schema(tokenizer: Any, tiny_model: Any) -
         text = "".join(generate([{"role": "user", "content": "Reply in JSON."}], schema=schema))
         value = json.loads(text)
         assert isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+
+
+def test_python_api_generate_honours_pass_options(tokenizer: Any, tiny_model: Any) -> None:
+    """The Python API honours a pass's max_new_tokens and do_sample, and prompt-lookup decoding for a
+    pass with a prediction leaves greedy output unchanged."""
+    from llm_server.conversation_engine.outputs import make_generate_fn
+
+    generate = make_generate_fn(tokenizer, tiny_model, max_new_tokens=40, do_sample=False)
+    messages = [{"role": "user", "content": "Repeat: the quick brown fox jumps over the lazy dog."}]
+    full = "".join(generate(messages))
+    short = "".join(generate(messages, max_new_tokens=3))
+    assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 4 < len(full)
+    assert "".join(generate(messages, prediction="the quick brown fox jumps over the lazy dog")) == full
+    sampled = make_generate_fn(tokenizer, tiny_model, max_new_tokens=12, do_sample=True, temperature=1.5)
+    assert "".join(sampled(messages, do_sample=False, max_new_tokens=12)) == "".join(generate(messages,
+                                                                                              max_new_tokens=12))
