@@ -61,8 +61,9 @@ def load_prompts(subset: int | None) -> list[dict[str, Any]]:
     data = json.loads(DATA.read_text())
     checkable = [{**p, "kind": "checkable"} for p in data["checkable"]]
     open_ = [{**p, "kind": "open", "accept": []} for p in data["open"]]
-    if subset is not None:
-        checkable, open_ = checkable[:subset], open_[: max(1, subset // 2)]
+    if subset is not None:  # spread over the set: every kind of question (capitals, arithmetic, ... authors)
+        checkable = checkable[:: max(1, len(checkable) // subset)][:subset]
+        open_ = open_[:: max(1, len(open_) // max(1, subset // 2))][: max(1, subset // 2)]
     return checkable + open_
 
 
@@ -134,7 +135,7 @@ def start_server(port: int) -> tuple[subprocess.Popen[bytes], str]:
         try:
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
                 return process, url
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy loading to answer
             pass
         if process.poll() is not None:
             raise RuntimeError("the server exited")
@@ -238,7 +239,7 @@ def markdown(tables: dict[str, dict[str, Any]], args: argparse.Namespace) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api", choices=["python", "http", "both"], default="both")
-    parser.add_argument("--subset", type=int, help="only the first N checkable and N/2 open prompts")
+    parser.add_argument("--subset", type=int, help="only N checkable and N/2 open prompts, spread over the set")
     parser.add_argument("--http-subset", type=int, help="--subset for the HTTP API only")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--url", help="use this running server instead of starting one")
