@@ -138,10 +138,12 @@ def parse_suggestions(text: str, structured: bool) -> str:
 _LEAD_IN = re.compile(r"^[ \t]*(here is|here's|below is)\b[^\n]*:[ \t]*\n", re.IGNORECASE)
 
 
-#: A paragraph about the changes rather than the answer ("Removed ...", "This response meets ...").
+#: A paragraph about the changes rather than the answer ("Removed ...", "This response was rewritten ...").
 _CHANGE_NOTE = re.compile(
     r"^\W*(removed|added|changed|corrected|improved|revised|rewrote|updated|no (additional |other |further )?changes"
-    r"|this (response|revision|revised answer|answer) (meets|now|has|is)|i (have |)(made|added|removed|changed)|note:)",
+    r"|this (response|revision|revised (answer|version)|version|rewrite)\b|i (have |)(made|added|removed|changed)"
+    r"|note:)"
+    r"|\b(original|previous|draft) answer\b|\bsuggested (edits|changes|improvements)\b|\bthe suggestions\b",
     re.IGNORECASE,
 )
 
@@ -152,6 +154,6 @@ def parse_revision(text: str) -> str:
     changes, wrapping quotes or placeholders."""
     body = _LEAD_IN.sub("", (split_sections(text).get("revision") or text).strip(), count=1)
     paragraphs = re.split(r"\n\s*\n", body)
-    while len(paragraphs) > 1 and _CHANGE_NOTE.match(paragraphs[-1]):
+    while len(paragraphs) > 1 and _CHANGE_NOTE.search(paragraphs[-1]):
         paragraphs.pop()
     return _clean_revision("\n\n".join(paragraphs))
