@@ -32,7 +32,7 @@ def degenerate(final: str, draft: str) -> bool:
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_no_degenerate_final_on_the_embedded_model(embedded: tuple[Any, Any], prompt: str) -> None:
     tokenizer, model = embedded
-    generate = make_generate_fn(tokenizer, model, max_new_tokens=48, do_sample=False, repetition_penalty=1.1)
+    generate = make_generate_fn(tokenizer, model, max_new_tokens=32, do_sample=False, repetition_penalty=1.1)
     result: dict[str, str] = {}
     decisions: list[GateDecision] = []
     streamed = "".join(improvement_pipeline(generate, load_system_prompt(), [], prompt, intermediate_steps=True,
