@@ -159,7 +159,9 @@ def test_improvement_runs_every_pass_through_the_engine(service: ChatService, en
     engine.reply = _reviser_reply
     text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True,
                                            intermediate_steps=True)))
-    assert len(engine.requests) == 3  # draft, review 1, review 2
+    # draft, then review + revision twice (the scripted reviser's revision fails the gate's checks: no judge)
+    assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == ["draft", "review1", "revision1", "review2",
+                                                                         "revision2"]
     first = tokenizer.decode(engine.requests[0].prompt_ids)
     assert "You are the assistant." in first
     assert all("You are the reviser." in tokenizer.decode(r.prompt_ids) for r in engine.requests[1:])
@@ -179,7 +181,8 @@ def test_engine_request_ids_name_the_pass(service: ChatService, engine: Scripted
     collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), request_id="req7")))
     messages = service.spec_messages("Explain", [], "assistant")
     collect(service.open(turn(messages, request_id="req8", improvement=True)))
-    assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-review2"]
+    assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-revision1",
+                                                       "req8-review2", "req8-revision2"]
 
 
 def test_improvement_without_steps_streams_only_the_answer(service: ChatService, engine: ScriptedEngine) -> None:
@@ -268,10 +271,10 @@ def test_improvement_needs_a_final_user_message(service: ChatService, engine: Sc
 )
 def test_the_eager_first_pass_is_the_pipelines_draft(service: ChatService, engine: ScriptedEngine,
                                                      tokenizer: Any, messages: list[dict[str, str]]) -> None:
-    """open() submits the draft pass the pipeline then uses: three passes, none thrown away."""
+    """open() submits the draft pass the pipeline then uses: five passes, none thrown away."""
     engine.reply = _reviser_reply
     text, done = collect(service.open(turn(messages, improvement=True)))
-    assert len(engine.requests) == 3  # draft, review 1, review 2: no resubmitted draft
+    assert len(engine.requests) == 5  # draft, review + revision twice: no resubmitted draft
     assert done.result["draft_answer"] == "A first draft."
     system = messages[0]["content"] if messages[0]["role"] == "system" else PROMPTS["assistant"]
     draft = [{"role": "system", "content": system}] if system else []

@@ -1,4 +1,4 @@
-"""Answer improvement: reviewer-output parsing and the draft/review/revision pipeline (no model)."""
+"""Answer improvement: reviewer-output parsing and the draft/review/revision/gate pipeline (no model)."""
 
 from __future__ import annotations
 
@@ -115,69 +115,95 @@ def test_words_inside_sentences_are_not_headers() -> None:
 # --------------------------------------------------------------------------- pipeline
 
 
+DRAFT = "Draft text about learning."
+REVIEW1 = "Suggestions:\n1. Mention gradient descent."
+REVISION1 = "Networks learn by gradient descent. They adjust weights to reduce a loss."
+REVIEW2 = "Suggestions:\n1. Mention backprop."
+REVISION2 = "Networks learn by backprop and gradient descent, adjusting weights to reduce a loss."
+#: Each revision wins the judgement in both orders (revision shown second: "B", then first: "A").
+ADOPTING = (DRAFT, REVIEW1, REVISION1, "B", "A", REVIEW2, REVISION2, "B", "A")
+
+
 def test_pipeline_fills_every_result_key_and_streams_only_the_final_answer() -> None:
-    generate = ScriptedGenerate("Draft text.", WELL_FORMED, WELL_FORMED.replace("gradient descent", "backprop"))
+    generate = ScriptedGenerate(*ADOPTING)
     result = {"stale": "from an earlier turn"}
     streamed = run(generate, steps=False, result=result)
-    assert set(result) == set(RESULT_KEYS)
-    assert result["draft_answer"] == "Draft text."
-    assert result["revision1"] == "Networks learn by gradient descent.\nThey adjust weights to reduce a loss."
-    assert result["revision2"] == "Networks learn by backprop.\nThey adjust weights to reduce a loss."
-    assert result["reply"] == result["revision2"]
-    assert result["suggestions2"] == "1. Mention backprop.\n2. Give an example."
-    assert streamed == result["revision2"]
+    assert tuple(result) == RESULT_KEYS
+    assert result["draft_answer"] == DRAFT
+    assert result["revision1"] == REVISION1 and result["comments1"].startswith("Adopted the revision")
+    assert result["revision2"] == result["reply"] == REVISION2
+    assert result["suggestions1"] == "1. Mention gradient descent."
+    assert result["suggestions2"] == "1. Mention backprop."
+    assert streamed == REVISION2
     assert not any(heading in streamed for heading in STAGE_HEADINGS)
 
 
 def test_pipeline_messages_use_role_history_and_previous_answers() -> None:
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    generate = ScriptedGenerate("Draft text.", WELL_FORMED, "garbage")
+    generate = ScriptedGenerate(*ADOPTING)
     list(improvement_pipeline(generate, PROMPTS, history, "Q?", role="poet"))
-    draft_call, review1_call, review2_call = generate.calls
-    assert draft_call == [{"role": "system", "content": "POET PROMPT"}, *history, {"role": "user", "content": "Q?"}]
-    assert review1_call[0] == {"role": "system", "content": "REVISER PROMPT"}
-    assert review1_call[1:3] == history
-    assert "Q?" in review1_call[-1]["content"] and "Draft text." in review1_call[-1]["content"]
-    assert "Networks learn by gradient descent." in review2_call[-1]["content"]  # reviews revision 1
+    draft, review1, revision1, judge_a, judge_b, review2, revision2, *_ = generate.calls
+    assert draft == [{"role": "system", "content": "POET PROMPT"}, *history, {"role": "user", "content": "Q?"}]
+    for call in (review1, revision1, review2, revision2):
+        assert call[0] == {"role": "system", "content": "REVISER PROMPT"} and call[1:3] == history
+    assert "Q?" in review1[-1]["content"] and DRAFT in review1[-1]["content"]
+    assert DRAFT in revision1[-1]["content"] and "1. Mention gradient descent." in revision1[-1]["content"]
+    assert REVISION1 in judge_a[-1]["content"] and DRAFT in judge_b[-1]["content"]
+    assert REVISION1 in review2[-1]["content"]  # review 2 reviews the adopted revision 1
+    assert REVISION1 in revision2[-1]["content"] and "1. Mention backprop." in revision2[-1]["content"]
 
 
 def test_intermediate_steps_stream_each_stage_under_its_heading() -> None:
-    review2 = "Suggestions:\n1. b\nRevised answer:\nFinal words.\nComments:\nc"
-    streamed = run(ScriptedGenerate("Draft text.", WELL_FORMED, review2), steps=True)
+    result: dict[str, str] = {}
+    streamed = run(ScriptedGenerate(*ADOPTING), steps=True, result=result)
     positions = [streamed.index(heading + "\n\n") for heading in STAGE_HEADINGS]
     assert positions == sorted(positions) and positions[0] == 0
     assert streamed.count("### ") == len(STAGE_HEADINGS)
-    assert "### Draft answer\n\nDraft text.\n\n### Review 1\n\n" in streamed
-    assert f"### Review 1\n\n{WELL_FORMED}\n\n### Revision 1\n\n" in streamed
-    assert "### Revision 1\n\nNetworks learn by gradient descent.\nThey adjust weights" in streamed
-    assert streamed.endswith("### Final answer\n\nFinal words.\n\n")
+    assert f"### Draft answer\n\n{DRAFT}\n\n### Review 1\n\n{REVIEW1}\n\nComments: {result['comments1']}" in streamed
+    assert f"### Revision 1\n\n{REVISION1}\n\n### Review 2\n\n{REVIEW2}" in streamed
+    assert streamed.endswith(f"### Final answer\n\n{REVISION2}\n\n")
 
 
 def test_a_model_ignoring_the_format_still_gets_a_real_final_answer() -> None:
     result: dict[str, str] = {}
-    streamed = run(ScriptedGenerate("  The draft.  ", "Revised answer: None", "blah"), steps=False, result=result)
-    assert result["revision1"] == result["revision2"] == result["reply"] == "The draft."
-    assert streamed == "The draft."
+    draft = "  The draft is a full sentence.  "
+    streamed = run(ScriptedGenerate(draft, "Revised answer: None", "blah", "blah", "None"), steps=False,
+                   result=result)
+    assert result["revision1"] == result["revision2"] == result["reply"] == "The draft is a full sentence."
+    assert streamed == "The draft is a full sentence."
     assert result["suggestions2"] == "blah"
+    assert "fragment" in result["comments1"] and "empty" in result["comments2"]
 
 
 def test_the_steps_ask_for_each_pass_explicitly_and_return_the_result() -> None:
     """The sans-IO pipeline: the first thing it needs is the draft pass (built by build_messages),
-    then the two reviews; the driver sends each pass's text back and gets the result at the end."""
+    then per stage a review, a revision and (for a plausible revision) the judgement; the driver
+    sends each pass's text back and gets the result at the end."""
     result: dict[str, str] = {}
     steps = improvement_steps(PROMPTS, [], "How do nets learn?", result=result, structured=True)
     opening = advance(steps)
     assert opening.texts == []
     assert opening.next_pass == Pass(build_messages(PROMPTS, "How do nets learn?"), name="draft")
-    review1 = advance(steps, " A draft. ")
-    assert result["draft_answer"] == "A draft."
+    review1 = advance(steps, " A short draft answer. ")
+    assert result["draft_answer"] == "A short draft answer."
     assert review1.next_pass is not None and review1.next_pass.name == "review1"
-    assert review1.next_pass.schema == REVIEW_SCHEMA and "A draft." in review1.next_pass.messages[-1]["content"]
-    review2 = advance(steps, '{"suggestions": "s", "revised_answer": "Better.", "comments": "c"}')
+    assert review1.next_pass.schema == REVIEW_SCHEMA
+    assert "A short draft answer." in review1.next_pass.messages[-1]["content"]
+    revision1 = advance(steps, '{"suggestions": ["Say how."]}')
+    assert revision1.next_pass is not None and revision1.next_pass.name == "revision1"
+    assert revision1.next_pass.prediction == "A short draft answer." and revision1.next_pass.schema is None
+    judge = advance(steps, "A better, longer answer.")
+    assert judge.next_pass is not None and judge.next_pass.name == "judge1a"
+    second = advance(steps, '{"better": "B"}')
+    assert second.next_pass is not None and second.next_pass.name == "judge1b"
+    review2 = advance(steps, '{"better": "A"}')
     assert review2.next_pass is not None and review2.next_pass.name == "review2"
-    end = advance(steps, '{"suggestions": "s2", "revised_answer": "Best.", "comments": "c2"}')
-    assert end.next_pass is None and end.texts == ["Best."]
-    assert end.result is result and result["revision1"] == "Better." and result["reply"] == "Best."
+    revision2 = advance(steps, '{"suggestions": ["Add more."]}')
+    assert revision2.next_pass is not None and revision2.next_pass.name == "revision2"
+    end = advance(steps, "6.5")
+    assert end.next_pass is None and end.texts == ["A better, longer answer."]
+    assert end.result is result and result["revision1"] == "A better, longer answer." == result["reply"]
+    assert "bare number" in result["comments2"]
 
 
 def test_unknown_role_is_an_error() -> None:

@@ -201,7 +201,7 @@ def test_improvement_with_intermediate_steps_streams_every_stage(serve: Serve) -
     headings = ["### Draft answer", "### Review 1", "### Revision 1", "### Review 2", "### Final answer"]
     positions = [text.index(h) for h in headings]
     assert positions == sorted(positions)
-    assert len(engine.requests) == 3  # draft, review 1, review 2 (each review carries its revision)
+    assert len(engine.requests) == 5  # draft, then review + revision twice (a repeated answer needs no judge)
     usage = chunks[-1].usage
     assert usage is not None
     assert usage.prompt_tokens == sum(len(r.prompt_ids) for r in engine.requests)
@@ -213,7 +213,7 @@ def test_improvement_without_intermediate_steps_returns_only_the_answer(serve: S
     content = result.choices[0].message.content or ""
     assert "###" not in content
     assert content.strip()
-    assert len(engine.requests) == 3  # no pass wasted: the eager first pass is the draft
+    assert len(engine.requests) == 5  # no pass wasted: the eager first pass is the draft
 
 
 def test_max_tokens_above_the_server_limit_is_400(serve: Serve) -> None:

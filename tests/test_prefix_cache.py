@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from llm_server.engine.config import EngineConfig
+from llm_server.engine.detokenize import StopMatcher
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.prefix_cache import PrefixCache
 from llm_server.engine.runner import KVHandle
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import Sequence
 from llm_server.engine.stream import GenerationStream
-from llm_server.engine.detokenize import StopMatcher
 from llm_server.engine.types import GenerationRequest, SamplingParams
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 4

@@ -225,7 +225,7 @@ def test_make_serve_and_the_spec_examples_on_the_embedded_model(tmp_path: Path) 
             result = response.json()
             assert isinstance(result["reply"], str) and result["reply"].strip()
 
-            # Streaming Responses (improvement + intermediate steps: three passes of 12 tokens)
+            # Streaming Responses (improvement + intermediate steps: five to nine short passes)
             payload = {"prompt": "Write a Python function to calculate fibonacci numbers", "improvement": True,
                        "intermediate_steps": True}
             response = requests.post(f"{url}/chat/stream", json=payload, headers=headers, stream=True)

@@ -8,66 +8,65 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from llm_server.conversation_engine.improvement import (
     RESULT_KEYS,
     REVIEW_SCHEMA,
-    Review,
     improvement_pipeline,
-    parse_structured_review,
 )
+from llm_server.conversation_engine.improvement_gate import VERDICT_SCHEMA, GateDecision
 from llm_server.serving.request import Sampling, TurnRequest
 from llm_server.serving.service import ChatService
 from llm_server.serving.turn_stream import ChatDone
 from tests.fakes import ScriptedEngine
 
 PROMPTS = {"assistant": "You answer.", "reviser": "You revise."}
-REVIEW = {"suggestions": "Add the river.", "revised_answer": "Paris, on the Seine.", "comments": "Added a fact."}
+REVIEW = {"suggestions": ["Add the river."]}
+REVISED = "Paris is the capital of France, on the Seine."
+
+
+def scripted(messages: list[dict[str, str]], schema: dict[str, Any] | None = None, **options: Any) -> Iterator[str]:
+    """Draft "The capital is Paris.", a JSON review, a revision adding the river, a judge preferring it."""
+    if schema == VERDICT_SCHEMA:
+        answer_b = messages[-1]["content"].split("Answer B:")[1]
+        yield json.dumps({"better": "B" if answer_b.lstrip().startswith(REVISED) else "A"})
+    elif schema is not None:
+        yield json.dumps(REVIEW)
+    elif "Previous answer:" in messages[-1]["content"]:
+        yield REVISED
+    else:
+        yield "The capital is Paris."
 
 
 def test_structured_review_json_is_read_into_the_spec_keys() -> None:
     seen: list[dict[str, Any]] = []
 
-    def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None) -> Iterator[str]:
+    def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None, **options: Any) -> Iterator[str]:
         seen.append({"schema": schema, "last": messages[-1]["content"]})
-        yield json.dumps(REVIEW) if schema is not None else "Paris."
+        yield from scripted(messages, schema, **options)
 
     result: dict[str, str] = {}
-    reviews: list[Review] = []
+    decisions: list[GateDecision] = []
     chunks = list(improvement_pipeline(generate, PROMPTS, [], "Capital of France?", result=result,
-                                       structured=True, reviews=reviews))
-    assert [s["schema"] for s in seen] == [None, REVIEW_SCHEMA, REVIEW_SCHEMA]  # the draft stays free text
-    assert "JSON" in seen[1]["last"] and "JSON" not in seen[0]["last"]
+                                       structured=True, decisions=decisions))
+    # draft, review 1, revision 1, judge (both orders), review 2, revision 2 (repeats: no judge)
+    assert [s["schema"] for s in seen] == [None, REVIEW_SCHEMA, None, VERDICT_SCHEMA, VERDICT_SCHEMA,
+                                          REVIEW_SCHEMA, None]
+    assert "JSON" in seen[1]["last"] and "JSON" not in seen[0]["last"] and "JSON" not in seen[2]["last"]
     assert tuple(result) == RESULT_KEYS
-    assert result["suggestions1"] == "Add the river." and result["revision1"] == "Paris, on the Seine."
-    assert result["comments2"] == "Added a fact." and result["reply"] == "Paris, on the Seine." == "".join(chunks)
-    assert all(r.revision_found for r in reviews)
+    assert result["suggestions1"] == "1. Add the river." and result["revision1"] == REVISED
+    assert result["comments1"].startswith("Adopted") and "repeats" in result["comments2"]
+    assert result["reply"] == REVISED == "".join(chunks)
+    assert [d.adopted for d in decisions] == [True, False]
 
 
 def test_structured_intermediate_steps_show_sections_not_json() -> None:
-    def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None) -> Iterator[str]:
-        yield json.dumps(REVIEW) if schema is not None else "Paris."
-
-    text = "".join(improvement_pipeline(generate, PROMPTS, [], "Capital?", intermediate_steps=True, structured=True))
-    assert "### Review 1\n\nSuggestions: Add the river.\n\nComments: Added a fact." in text
-    assert '"revised_answer"' not in text
-
-
-@pytest.mark.parametrize("text, revision, found", [
-    (json.dumps(REVIEW), "Paris, on the Seine.", True),
-    (json.dumps({**REVIEW, "revised_answer": "None"}), "previous", False),
-    ('{"suggestions": "cut off', "previous", False),  # cut by max_new_tokens before the revision
-    ('{"suggestions": "More.", "revised_answer": "Paris \\"FR\\".", "comm', 'Paris "FR".', True),  # after it
-    ("Suggestions: x\nRevised answer: Better.\nComments: y", "Better.", True),
-])
-def test_parse_structured_review(text: str, revision: str, found: bool) -> None:
-    review = parse_structured_review(text, "previous")
-    assert review.revision == revision and review.revision_found is found
+    text = "".join(improvement_pipeline(scripted, PROMPTS, [], "Capital?", intermediate_steps=True, structured=True))
+    assert "### Review 1\n\nSuggestions:\n1. Add the river.\n\nComments: Adopted the revision" in text
+    assert '"suggestions"' not in text and '"better"' not in text
 
 
 def test_server_review_passes_are_constrained(tokenizer: Any) -> None:
-    engine = ScriptedEngine(tokenizer, reply="A fine answer.")
+    engine = ScriptedEngine(tokenizer, reply="A fine answer about the capital of France, Paris.")
     engine.start()
     service = ChatService(engine, PROMPTS, max_new_tokens_limit=100)
     options = TurnRequest(messages=({"role": "user", "content": "Capital of France?"},), improvement=True,
@@ -85,8 +84,12 @@ def test_server_review_passes_are_constrained(tokenizer: Any) -> None:
     done = asyncio.run(drain())
     assert tuple(done.result) == RESULT_KEYS
     constraints = [r.params.constraint for r in engine.requests]
-    assert [r.request_id for r in engine.requests] == ["imp-draft", "imp-review1", "imp-review2"]
-    assert constraints[0] is None and constraints[1] is not None and constraints[2] is not None
+    # the scripted engine always says the same: the revision is rejected by the checks, no judgement runs
+    assert [r.request_id for r in engine.requests] == ["imp-draft", "imp-review1", "imp-revision1", "imp-review2",
+                                                       "imp-revision2"]
+    assert [c is not None for c in constraints] == [False, True, False, True, False]
+    assert done.result["comments1"].startswith("Kept the previous answer")
+    assert done.result["reply"] == done.result["draft_answer"]
 
 
 def test_python_api_generate_honours_a_schema(tokenizer: Any, tiny_model: Any) -> None:
@@ -100,3 +103,19 @@ def test_python_api_generate_honours_a_schema(tokenizer: Any, tiny_model: Any) -
         text = "".join(generate([{"role": "user", "content": "Reply in JSON."}], schema=schema))
         value = json.loads(text)
         assert isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+
+
+def test_python_api_generate_honours_pass_options(tokenizer: Any, tiny_model: Any) -> None:
+    """The Python API honours a pass's max_new_tokens and do_sample, and prompt-lookup decoding for a
+    pass with a prediction leaves greedy output unchanged."""
+    from llm_server.conversation_engine.outputs import make_generate_fn
+
+    generate = make_generate_fn(tokenizer, tiny_model, max_new_tokens=40, do_sample=False)
+    messages = [{"role": "user", "content": "Repeat: the quick brown fox jumps over the lazy dog."}]
+    full = "".join(generate(messages))
+    short = "".join(generate(messages, max_new_tokens=3))
+    assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 4 < len(full)
+    assert "".join(generate(messages, prediction="the quick brown fox jumps over the lazy dog")) == full
+    sampled = make_generate_fn(tokenizer, tiny_model, max_new_tokens=12, do_sample=True, temperature=1.5)
+    assert "".join(sampled(messages, do_sample=False, max_new_tokens=12)) == "".join(generate(messages,
+                                                                                              max_new_tokens=12))

@@ -1,61 +1,95 @@
 """Answer improvement: draft -> review 1 -> revision 1 -> review 2 -> revision 2 (no torch here).
 
 The stage logic is sans-IO: :func:`improvement_steps` is a generator that yields the text the
-client sees and each :class:`Pass` it needs (messages, optional JSON schema), and is sent back
-each pass's full text. Two drivers run it: :func:`improvement_pipeline` here (synchronous, each
-pass through a ``generate`` function: full chat messages -> text chunks of one pass), used by
-the in-process ``ConversationEngine``; and the serving layer's ``TurnStream``, which runs each
-pass on the batching engine from the event loop (no thread of its own). The reviser
-writes three sections ("Suggestions:", "Revised answer:", "Comments:"); :func:`parse_review`
-reads them tolerantly, and a revision that is missing, empty or "None" falls back to the
-previous answer.
+client sees and each :class:`Pass` it needs, and is sent back each pass's full text. Two
+drivers run it: :func:`improvement_pipeline` here (synchronous, each pass through a ``generate``
+function: full chat messages -> text chunks of one pass), used by the in-process
+``ConversationEngine``; and the serving layer's ``TurnStream``, which runs each pass on the
+batching engine from the event loop (no thread of its own).
+
+Each stage is the spec's review then revision:
+
+- a **review** pass (``review1`` / ``review2``, the ``reviser`` prompt) analyses the current answer
+  and lists numbered suggestions; with ``structured=True`` (the grammar library is installed)
+  it is constrained to :data:`REVIEW_SCHEMA`, so even a 135M model's output parses;
+- a **revision** pass (``revision1`` / ``revision2``) writes the complete answer again from the
+  question, the current answer and the suggestions: free text with the draft's token budget,
+  its ``prediction`` the current answer (a revision mostly repeats it);
+- the **acceptance gate** (:mod:`~llm_server.conversation_engine.improvement_gate`) keeps the
+  current answer unless the revision is better: cheap checks, then (policy ``"judge"``) the
+  model's own verdict in two short greedy passes (``judge1a`` / ``judge1b``, both orders,
+  constrained to "A"/"B"). ``comments1`` / ``comments2`` say what was decided and why.
+
+``revision1`` / ``revision2`` hold the answer in force after each stage (the revision when
+adopted, else the previous answer), so ``revision2 == reply`` and the final answer is never worse
+by the gate's measures than the draft.
 
 Streaming: without intermediate steps only the final answer is yielded. With intermediate steps
 each stage is preceded by one of :data:`STAGE_HEADINGS` and a blank line, and followed by a
-blank line; draft and reviews stream live, revisions are yielded once parsed.
-
-Structured reviews (``structured=True``, used when the grammar library is installed and the
-``generate`` function accepts ``schema=``): each review pass is constrained to
-:data:`REVIEW_SCHEMA` (suggestions, revised answer, comments as JSON), so even a 135M model's
-output always parses; the intermediate-steps stream then shows the parsed sections rather
-than raw JSON. A review cut short by max_new_tokens falls back to the text parser.
+blank line; the draft streams live; a review section ("Suggestions:" then "Comments:", the
+gate's decision) is yielded once its revision is decided (a text review streams live, its
+"Comments:" line follows), then the revision in force.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import re
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from llm_server.conversation_engine.improvement_gate import (
+    DEFAULT_GATE,
+    GATE_POLICIES,
+    JUDGE_MAX_NEW_TOKENS,
+    VERDICT_SCHEMA,
+    GateDecision,
+    candidate_problem,
+    decide,
+    judge_messages,
+    read_verdict,
+    same_answer,
+)
+from llm_server.conversation_engine.improvement_parsing import (
+    Review,
+    parse_review,
+    parse_revision,
+    parse_suggestions,
+    split_sections,
+)
 from llm_server.conversation_engine.inputs import (
     DEFAULT_ROLE,
+    FALLBACK_REVISER_PROMPT,
+    REVISER_ROLE,
     SystemPrompt,
     build_messages,
-    build_review_messages,
 )
 
-#: Full messages (system first) -> the text chunks of ONE generation pass. With structured
-#: reviews it is also called as ``generate(messages, schema=...)``: the pass must then produce
-#: JSON valid against that schema.
+#: Full messages (system first) -> the text chunks of ONE generation pass. A pass's options come
+#: as keyword arguments (:func:`pass_options`: ``schema``, ``max_new_tokens``, ``do_sample``,
+#: ``prediction``); a function that does not name one (and takes no ``**kwargs``) is not sent it.
+#: With ``schema`` the pass must produce JSON valid against that schema.
 GenerateFn = Callable[..., Iterator[str]]
 
-#: The JSON a structured review pass is constrained to (lengths bound a small model's loops).
+#: The JSON a structured review pass is constrained to: one to three numbered suggestions
+#: (lengths bound a small model's loops). The review analyses; the revision is its own pass.
 REVIEW_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "suggestions": {"type": "string", "maxLength": 300},
-        "revised_answer": {"type": "string", "minLength": 1, "maxLength": 1000},
-        "comments": {"type": "string", "maxLength": 200},
+        "suggestions": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 200},
+            "minItems": 1,
+            "maxItems": 3,
+        },
     },
-    "required": ["suggestions", "revised_answer", "comments"],
+    "required": ["suggestions"],
     "additionalProperties": False,
 }
 _JSON_INSTRUCTION = (
-    "\n\nReply with only a JSON object with three string fields: \"suggestions\" (the improvements), "
-    "\"revised_answer\" (the complete improved answer) and \"comments\" (one sentence on what changed)."
+    '\n\nReply with only a JSON object whose "suggestions" field is a list of one to three improvements '
+    "to this answer, each a short sentence about this question."
 )
 
 DRAFT_HEADING = "### Draft answer"
@@ -77,151 +111,48 @@ RESULT_KEYS = (
     "reply",
 )
 
-_SECTION_NAMES = {
-    "suggested improvements": "suggestions",
-    "improvement suggestions": "suggestions",
-    "suggestions": "suggestions",
-    "suggestion": "suggestions",
-    "improvements": "suggestions",
-    "feedback": "suggestions",
-    "revised answer": "revision",
-    "revised response": "revision",
-    "revised draft": "revision",
-    "improved answer": "revision",
-    "improved response": "revision",
-    "improved version": "revision",
-    "revised version": "revision",
-    "improved draft": "revision",
-    "rewritten answer": "revision",
-    "rewritten version": "revision",
-    "refined answer": "revision",
-    "refined response": "revision",
-    "refined version": "revision",
-    "updated answer": "revision",
-    "final answer": "revision",
-    "revision": "revision",
-    "comments": "comments",
-    "comment": "comments",
-    "notes": "comments",
-    "changes made": "comments",
-}
-_NAMES_PATTERN = "|".join(re.escape(name) for name in sorted(_SECTION_NAMES, key=len, reverse=True))
-_HEADER = re.compile(
-    r"^[ \t]*(?P<hashes>#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(?P<name>" + _NAMES_PATTERN + r")"
-    r"[ \t]*(?:\*\*|__)?[ \t]*(?P<colon>:)?[ \t]*(?:\*\*|__)?[ \t]*(?P<rest>.*)$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_NO_REVISION = re.compile(
-    r"^\W*(none|null|n/?a|nothing|no changes?( needed| required)?|same as (the )?draft)\W*$", re.IGNORECASE
-)
-#: A line that only echoes a template placeholder, e.g. "<the complete improved answer>" or "[improved version]".
-_PLACEHOLDER_LINE = re.compile(r"^[ \t]*(<[^<>\n]*>|\[[^\[\]\n]*\])[ \t]*$\n?", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class Review:
-    """One parsed reviser output. ``revision_found`` is False when the fallback was used."""
-
-    suggestions: str
-    revision: str
-    comments: str
-    revision_found: bool
-
-
-def _is_header(match: re.Match[str]) -> bool:
-    """A section name counts as a header with a colon, a markdown '#', or alone on its line."""
-    return bool(match.group("colon") or match.group("hashes") or not match.group("rest").strip())
-
-
-def split_sections(text: str) -> dict[str, str]:
-    """Section kind ("suggestions" / "revision" / "comments") -> its text (first non-empty one)."""
-    headers = [m for m in _HEADER.finditer(text) if _is_header(m)]
-    sections: dict[str, str] = {}
-    for index, match in enumerate(headers):
-        end = headers[index + 1].start() if index + 1 < len(headers) else len(text)
-        body = (match.group("rest") + text[match.end() : end]).strip()
-        kind = _SECTION_NAMES[match.group("name").lower()]
-        if body and not sections.get(kind):
-            sections[kind] = body
-    return sections
-
-
-def _clean_revision(text: str) -> str:
-    """Strip whitespace, wrapping quotes and placeholder lines; '' when no real answer is left."""
-    revision = _PLACEHOLDER_LINE.sub("", text).strip()
-    if len(revision) >= 2 and revision[0] == revision[-1] and revision[0] in "\"'":
-        revision = revision[1:-1].strip()
-    if _NO_REVISION.match(revision):
-        return ""
-    return revision
-
-
-def parse_review(text: str, previous_answer: str) -> Review:
-    """Read the reviser's output; a missing/empty/"None" revision falls back to ``previous_answer``.
-
-    Output that follows no recognisable format is kept whole as the suggestions.
-    """
-    sections = split_sections(text)
-    if not sections:
-        return Review(text.strip(), previous_answer, "", revision_found=False)
-    revision = _clean_revision(sections.get("revision", ""))
-    return Review(
-        suggestions=sections.get("suggestions", ""),
-        revision=revision or previous_answer,
-        comments=sections.get("comments", ""),
-        revision_found=bool(revision),
-    )
-
 
 def grammar_available() -> bool:
     """Whether structured reviews can run (the optional grammar library is installed)."""
     return importlib.util.find_spec("llguidance") is not None
 
 
-def structured_review_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Review messages asking for :data:`REVIEW_SCHEMA`'s JSON instead of text sections."""
-    last = messages[-1]
-    return [*messages[:-1], {**last, "content": last["content"] + _JSON_INSTRUCTION}]
+# --------------------------------------------------------------------------- review and revision prompts
 
 
-_FIELD_START = re.compile(r'"(suggestions|revised_answer|comments)": ?(?=")')
+def _reviser(system_prompts: SystemPrompt) -> str:
+    """The reviser's system prompt (a fallback when the prompts have no ``reviser`` entry)."""
+    if isinstance(system_prompts, Mapping):
+        return system_prompts.get(REVISER_ROLE) or FALLBACK_REVISER_PROMPT
+    return FALLBACK_REVISER_PROMPT
 
 
-def _complete_fields(text: str) -> dict[str, str]:
-    """The string fields of a JSON object cut short (by max_new_tokens) that were completed."""
-    fields: dict[str, str] = {}
-    decoder = json.JSONDecoder()
-    for match in _FIELD_START.finditer(text):
-        try:
-            value, _ = decoder.raw_decode(text, match.end())
-        except ValueError:
-            continue
-        if isinstance(value, str):
-            fields[match.group(1)] = value
-    return fields
-
-
-def parse_structured_review(text: str, previous_answer: str) -> Review:
-    """A structured review's JSON -> Review. A document cut short by max_new_tokens keeps the
-    fields it completed; text that is not that JSON at all goes to :func:`parse_review`."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = _complete_fields(text) if text.lstrip().startswith("{") else None
-    if not isinstance(value, dict) or not value:
-        return parse_review(text, previous_answer)
-    revision = _clean_revision(str(value.get("revised_answer") or ""))
-    return Review(
-        suggestions=str(value.get("suggestions") or "").strip(),
-        revision=revision or previous_answer,
-        comments=str(value.get("comments") or "").strip(),
-        revision_found=bool(revision),
+def review_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer: str,
+                    structured: bool) -> list[dict[str, str]]:
+    """A review pass: the reviser analyses ``answer`` and lists numbered suggestions (only)."""
+    prompt = (
+        f"Question:\n{question.strip()}\n\nAnswer:\n{answer.strip()}\n\n"
+        "Review the answer. List up to three concrete improvements (correct errors, add missing facts, "
+        'make it clearer), as a numbered list after "Suggestions:". Do not rewrite the answer.'
     )
+    if structured:
+        prompt += _JSON_INSTRUCTION
+    return [{"role": "system", "content": _reviser(system_prompts)}, *history, {"role": "user", "content": prompt}]
 
 
-def _review_text(review: Review) -> str:
-    """A structured review as the intermediate-steps stream shows it."""
-    return f"Suggestions: {review.suggestions}\n\nComments: {review.comments}"
+def revision_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer: str,
+                      suggestions: str) -> list[dict[str, str]]:
+    """A revision pass: the complete answer to ``question``, ``answer`` improved by ``suggestions``."""
+    prompt = (
+        f"Question:\n{question.strip()}\n\nPrevious answer:\n{answer.strip()}\n\n"
+        f"Suggestions:\n{suggestions.strip()}\n\n"
+        "Rewrite the previous answer, applying the suggestions that are correct. Write only the complete "
+        "improved answer to the question, as you would give it to the user: no headings, no notes on the changes."
+    )
+    return [{"role": "system", "content": _reviser(system_prompts)}, *history, {"role": "user", "content": prompt}]
+
+
+# --------------------------------------------------------------------------- passes and drivers
 
 
 @dataclass(frozen=True)
@@ -230,13 +161,19 @@ class Pass:
 
     ``messages`` are the pass's full chat messages (system first); ``schema``, when set, holds
     its output to that JSON schema; ``show`` streams its text to the client as it comes;
-    ``name`` says which pass it is (``draft``, ``review1``, ``review2``; empty for a plain turn).
+    ``name`` says which pass it is (``draft``, ``review1``, ``revision1``, ``judge1a``, ...;
+    empty for a plain turn). ``max_new_tokens`` (None: the request's budget) caps a short pass;
+    ``greedy`` asks for greedy decoding (a verdict is not sampled); ``prediction`` is the text the
+    pass will likely repeat (a revision's previous answer), for prompt-lookup speculation.
     """
 
     messages: list[dict[str, str]]
     schema: dict[str, Any] | None = None
     show: bool = False
     name: str = ""
+    max_new_tokens: int | None = None
+    greedy: bool = False
+    prediction: str | None = None
 
 
 #: A turn as a sans-IO generator: it yields text for the client and the :class:`Pass` es it
@@ -278,11 +215,35 @@ def run_steps(steps: Steps, generate: GenerateFn) -> Generator[str, None, dict[s
         step = advance(steps, text)
 
 
+def pass_options(one: Pass) -> dict[str, Any]:
+    """The keyword arguments a ``GenerateFn`` gets for ``one`` (only those that are set)."""
+    options: dict[str, Any] = {}
+    if one.schema is not None:
+        options["schema"] = one.schema
+    if one.max_new_tokens is not None:
+        options["max_new_tokens"] = one.max_new_tokens
+    if one.greedy:
+        options["do_sample"] = False
+    if one.prediction:
+        options["prediction"] = one.prediction
+    return options
+
+
+def _accepted(generate: GenerateFn, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` less those ``generate`` does not name (unless it takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(generate).parameters
+    except (TypeError, ValueError):
+        return options
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return options
+    return {key: value for key, value in options.items() if key in parameters}
+
+
 def _run_pass(generate: GenerateFn, one: Pass) -> Generator[str, None, str]:
     """Yield a pass's chunks when it is shown; return its full text."""
-    chunks = generate(one.messages) if one.schema is None else generate(one.messages, schema=one.schema)
     parts: list[str] = []
-    for chunk in chunks:
+    for chunk in generate(one.messages, **_accepted(generate, pass_options(one))):
         if chunk:
             parts.append(chunk)
             if one.show:
@@ -290,28 +251,63 @@ def _run_pass(generate: GenerateFn, one: Pass) -> Generator[str, None, str]:
     return "".join(parts)
 
 
-def _stage(one: Pass, heading: str | None) -> Generator[str | Pass, str, str]:
-    """A pass under ``heading`` (when visible), followed by a blank line; returns its text."""
-    if heading is not None:
+# --------------------------------------------------------------------------- the turn
+
+
+@dataclass
+class _Turn:
+    """What every stage of one improvement turn needs."""
+
+    system_prompts: SystemPrompt
+    history: list[dict[str, str]]
+    message: str
+    show: bool
+    structured: bool
+    gate: str
+    draft: str = ""
+    decisions: list[GateDecision] = field(default_factory=list)
+
+
+Votes = tuple[bool | None, ...]
+
+
+def _judge(turn: _Turn, stage: int, previous: str, candidate: str) -> Generator[str | Pass, str, Votes]:
+    """The model's verdict in both orders (the second only when the revision won the first):
+    per order, whether it preferred the revision (None: unreadable)."""
+    votes: list[bool | None] = []
+    for suffix, (a, b), revision_letter in (("a", (previous, candidate), "B"), ("b", (candidate, previous), "A")):
+        text = yield Pass(judge_messages(turn.system_prompts, turn.message, a, b),
+                          schema=VERDICT_SCHEMA if turn.structured else None, name=f"judge{stage}{suffix}",
+                          max_new_tokens=JUDGE_MAX_NEW_TOKENS, greedy=True)
+        verdict = read_verdict(text)
+        votes.append(None if verdict is None else verdict == revision_letter)
+        if not votes[-1]:
+            break
+    return tuple(votes)
+
+
+def _improve(turn: _Turn, stage: int, previous: str, heading: str) -> Generator[str | Pass, str, tuple[str, str, str]]:
+    """One review -> revision -> gate stage; returns (suggestions, answer in force, comments)."""
+    live_review = turn.show and not turn.structured
+    if live_review:
         yield f"{heading}\n\n"
-    text = yield one
-    if heading is not None:
-        yield "\n\n"
-    return text
-
-
-def _review(
-    messages: list[dict[str, str]], previous: str, heading: str | None, structured: bool, name: str
-) -> Generator[str | Pass, str, Review]:
-    """One review pass (streamed under ``heading`` when visible); returns its parsed Review."""
-    if not structured:
-        text = yield from _stage(Pass(messages, show=heading is not None, name=name), heading)
-        return parse_review(text, previous)
-    text = yield Pass(structured_review_messages(messages), schema=REVIEW_SCHEMA, name=name)
-    review = parse_structured_review(text, previous)
-    if heading is not None:
-        yield f"{heading}\n\n{_review_text(review)}\n\n"
-    return review
+    text = yield Pass(review_messages(turn.system_prompts, turn.history, turn.message, previous, turn.structured),
+                      schema=REVIEW_SCHEMA if turn.structured else None, show=live_review, name=f"review{stage}")
+    suggestions = parse_suggestions(text, turn.structured)
+    candidate = parse_revision((yield Pass(
+        revision_messages(turn.system_prompts, turn.history, turn.message, previous, suggestions),
+        name=f"revision{stage}", prediction=previous)))
+    problem = candidate_problem(candidate, previous, turn.draft, suggestions)
+    votes: Votes = ()
+    if turn.gate == "judge" and problem is None and candidate and not same_answer(candidate, previous):
+        votes = yield from _judge(turn, stage, previous, candidate)
+    decision = decide(stage, previous, candidate, problem, votes, turn.gate)
+    turn.decisions.append(decision)
+    if live_review:
+        yield f"\n\nComments: {decision.reason}\n\n"
+    elif turn.show:
+        yield f"{heading}\n\nSuggestions:\n{suggestions}\n\nComments: {decision.reason}\n\n"
+    return suggestions, (candidate if decision.adopted else previous), decision.reason
 
 
 def improvement_steps(
@@ -322,38 +318,40 @@ def improvement_steps(
     intermediate_steps: bool = False,
     result: dict[str, str] | None = None,
     structured: bool = False,
-    reviews: list[Review] | None = None,
+    decisions: list[GateDecision] | None = None,
+    gate: str = DEFAULT_GATE,
 ) -> Steps:
     """Draft -> review 1 -> revision 1 -> review 2 -> revision 2, as :data:`Steps`.
 
-    Yields the chunks the client's stream carries and the three passes (``draft``,
-    ``review1``, ``review2``); fills ``result`` (cleared first) with draft_answer,
-    suggestions1, revision1, comments1, suggestions2, revision2, comments2 and reply
-    (== the final answer), stage by stage, and returns it. The draft is the first pass, with
-    messages ``build_messages(system_prompts, message, role, history)``. ``structured``
-    constrains the review passes to :data:`REVIEW_SCHEMA`; ``reviews`` (when given) receives
-    both parsed reviews (to measure parse fallbacks).
+    Yields the chunks the client's stream carries and the passes (``draft``, then per stage
+    ``reviewN``, ``revisionN`` and, with the judge, ``judgeNa`` / ``judgeNb``); fills ``result``
+    (cleared first) with draft_answer, suggestions1, revision1, comments1, suggestions2,
+    revision2, comments2 and reply (== revision2), stage by stage, and returns it. The draft is
+    the first pass, with messages ``build_messages(system_prompts, message, role, history)``.
+    ``structured`` constrains reviews and verdicts to their schemas; ``gate`` is one of
+    :data:`GATE_POLICIES`; ``decisions`` (when given) receives each stage's :class:`GateDecision`.
     """
+    if gate not in GATE_POLICIES:
+        raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATE_POLICIES)}")
     result = result if result is not None else {}
     result.clear()
-    show = intermediate_steps
-    draft_pass = Pass(build_messages(system_prompts, message, role, history), show=show, name="draft")
-    draft = (yield from _stage(draft_pass, DRAFT_HEADING if show else None)).strip()
-    result["draft_answer"] = draft
-
-    review1 = yield from _review(build_review_messages(system_prompts, message, draft, history), draft,
-                                 REVIEW1_HEADING if show else None, structured, "review1")
-    result.update(suggestions1=review1.suggestions, revision1=review1.revision, comments1=review1.comments)
-    if show:
-        yield f"{REVISION1_HEADING}\n\n{review1.revision}\n\n"
-
-    review2 = yield from _review(build_review_messages(system_prompts, message, review1.revision, history),
-                                 review1.revision, REVIEW2_HEADING if show else None, structured, "review2")
-    if reviews is not None:
-        reviews.extend((review1, review2))
-    result.update(suggestions2=review2.suggestions, revision2=review2.revision, comments2=review2.comments)
-    result["reply"] = review2.revision
-    yield f"{FINAL_HEADING}\n\n{review2.revision}\n\n" if show else review2.revision
+    turn = _Turn(system_prompts, list(history), message, intermediate_steps, structured, gate)
+    draft_pass = Pass(build_messages(system_prompts, message, role, history), show=turn.show, name="draft")
+    if turn.show:
+        yield f"{DRAFT_HEADING}\n\n"
+    turn.draft = (yield draft_pass).strip()
+    if turn.show:
+        yield "\n\n"
+    result["draft_answer"] = turn.draft
+    suggestions, answer, comments = yield from _improve(turn, 1, turn.draft, REVIEW1_HEADING)
+    result.update(suggestions1=suggestions, revision1=answer, comments1=comments)
+    if turn.show:
+        yield f"{REVISION1_HEADING}\n\n{answer}\n\n"
+    suggestions, answer, comments = yield from _improve(turn, 2, answer, REVIEW2_HEADING)
+    result.update(suggestions2=suggestions, revision2=answer, comments2=comments, reply=answer)
+    if decisions is not None:
+        decisions.extend(turn.decisions)
+    yield f"{FINAL_HEADING}\n\n{answer}\n\n" if turn.show else answer
     return result
 
 
@@ -366,7 +364,8 @@ def improvement_pipeline(
     intermediate_steps: bool = False,
     result: dict[str, str] | None = None,
     structured: bool = False,
-    reviews: list[Review] | None = None,
+    decisions: list[GateDecision] | None = None,
+    gate: str = DEFAULT_GATE,
 ) -> Iterator[str]:
     """:func:`improvement_steps` driven synchronously, each pass through ``generate``.
 
@@ -374,5 +373,12 @@ def improvement_pipeline(
     :func:`improvement_steps` does (the Python API's ``last_result``).
     """
     steps = improvement_steps(system_prompts, history, message, role, intermediate_steps, result, structured,
-                              reviews)
+                              decisions, gate)
     yield from run_steps(steps, generate)
+
+
+__all__ = [
+    "GATE_POLICIES", "RESULT_KEYS", "REVIEW_SCHEMA", "STAGE_HEADINGS", "Advance", "GateDecision", "GenerateFn",
+    "Pass", "Review", "Steps", "advance", "grammar_available", "improvement_pipeline", "improvement_steps",
+    "parse_review", "pass_options", "review_messages", "revision_messages", "run_steps", "split_sections",
+]

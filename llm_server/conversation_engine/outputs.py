@@ -24,12 +24,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from llm_server.conversation_engine.improvement import GenerateFn, grammar_available, improvement_pipeline
+from llm_server.conversation_engine.improvement_gate import DEFAULT_GATE, GateDecision
 from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, encode_messages, prepare_inputs
 from llm_server.helper_functionality.yaml_loading import read_model_section
 
 logger = logging.getLogger(__name__)
 
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+#: Draft tokens per step of prompt-lookup decoding for a pass with a ``prediction`` (0: off).
+PROMPT_LOOKUP_TOKENS = 10
 #: Seconds to wait for an abandoned generation thread to notice its stop flag.
 _STOP_JOIN_TIMEOUT_S = 30.0
 
@@ -119,11 +122,22 @@ def stream_generate(
 
 
 def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> GenerateFn:
-    """A ``GenerateFn`` for :func:`improvement_pipeline`: messages -> streamed chunks of one pass."""
+    """A ``GenerateFn`` for :func:`improvement_pipeline`: messages -> streamed chunks of one pass.
 
-    def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None) -> Iterator[str]:
+    A pass's options (``improvement.pass_options``) apply to that pass only: ``schema`` constrains
+    it, ``max_new_tokens`` / ``do_sample`` override the turn's settings, and ``prediction`` (the
+    text a revision will likely repeat, which its prompt holds) turns on transformers' prompt-lookup
+    decoding (``prompt_lookup_num_tokens``).
+    """
+
+    def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None,
+                 prediction: str | None = None, **pass_kwargs: Any) -> Iterator[str]:
         inputs = encode_messages(tok, model, messages)
-        kwargs = generation_kwargs if schema is None else _with_schema(tok, inputs, schema, generation_kwargs)
+        kwargs = {**generation_kwargs, **pass_kwargs}  # a pass's own max_new_tokens / do_sample win
+        if schema is not None:
+            kwargs = _with_schema(tok, inputs, schema, kwargs)
+        if prediction and PROMPT_LOOKUP_TOKENS:  # the predicted text is in the prompt: prompt-lookup drafting
+            kwargs.setdefault("prompt_lookup_num_tokens", PROMPT_LOOKUP_TOKENS)
         return stream_generate(inputs, tok, model, **kwargs)
 
     return generate
@@ -174,12 +188,16 @@ def stream_and_improve_reply(
     result: dict[str, str] | None = None,
     *,
     intermediate_steps: bool = False,
+    gate: str = DEFAULT_GATE,
+    decisions: list[GateDecision] | None = None,
     **generation_kwargs: Any,
 ) -> Iterator[str]:
     """Draft, two review/revision passes; streams only the final answer (or, with
     ``intermediate_steps``, every stage under its heading).
 
-    ``result`` receives draft_answer, suggestions1..comments2 and reply (see improvement.py).
+    ``result`` receives draft_answer, suggestions1..comments2 and reply (see improvement.py);
+    ``gate`` picks the acceptance gate's policy and ``decisions`` (when given) receives each
+    stage's gate decision (to measure the gate).
     """
     return improvement_pipeline(
         make_generate_fn(tok, model, **generation_kwargs),
@@ -190,6 +208,8 @@ def stream_and_improve_reply(
         intermediate_steps=intermediate_steps,
         result=result,
         structured=grammar_available(),
+        decisions=decisions,
+        gate=gate,
     )
 
 

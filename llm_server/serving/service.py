@@ -225,10 +225,15 @@ class ChatService:
                                  structured=grammar_available())
 
     def _submit_later(self, params: SamplingParams, request_id: str, later: Pass) -> GenerationStream:
-        """A pass after the first (a review): constrained to its schema, and its max_new_tokens
-        shrunk to the room its prompt leaves (down to :data:`MIN_PASS_TOKENS`)."""
-        if later.schema is not None:  # a structured review: compiled here, off the event loop
+        """A pass after the first (a review, revision or verdict): constrained to its schema, greedy and
+        short when it asks, and its max_new_tokens shrunk to the room its prompt leaves (down to
+        :data:`MIN_PASS_TOKENS`). (``later.prediction`` awaits the engine's speculative decoding.)"""
+        if later.schema is not None:  # a structured review or verdict: compiled here, off the event loop
             params = replace(params, constraint=compile_schema(self.engine.tokenizer, later.schema, "review"))
+        if later.greedy:  # a verdict is not sampled
+            params = replace(params, do_sample=False)
+        if later.max_new_tokens is not None:  # a short pass (a verdict)
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, later.max_new_tokens))
         prompt_ids = self.prompt_ids(later.messages)
         room = self.engine.max_context - len(prompt_ids)
         if room < params.max_new_tokens:  # too little room is the engine's to refuse

@@ -1,0 +1,278 @@
+"""The improvement pipeline's acceptance gate, with a scripted fake model: a good draft survives a
+junk revision, a better revision is adopted, and every decision is explained (no real model)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from llm_server.conversation_engine.improvement import (
+    RESULT_KEYS,
+    REVIEW_SCHEMA,
+    STAGE_HEADINGS,
+    Pass,
+    advance,
+    improvement_pipeline,
+    improvement_steps,
+    pass_options,
+)
+from llm_server.conversation_engine.improvement_gate import (
+    JUDGE_MAX_NEW_TOKENS,
+    VERDICT_SCHEMA,
+    GateDecision,
+    candidate_problem,
+    read_verdict,
+)
+from llm_server.conversation_engine.improvement_parsing import parse_revision, parse_suggestions
+
+PROMPTS = {"assistant": "You answer.", "reviser": "You revise."}
+QUESTION = "Explain how REST APIs work"
+DRAFT = ("REST APIs expose resources at URLs. Clients use HTTP methods: GET reads a resource, POST creates one, "
+         "PUT replaces it and DELETE removes it. Responses carry a status code and usually JSON.")
+BETTER = DRAFT + " Each request is stateless: it carries everything the server needs, such as an auth token."
+REVIEW = json.dumps({"suggestions": ["Mention statelessness.", "Give an example."]})
+
+Judge = Callable[[str, str], str]  # (answer A, answer B) -> "A" | "B"
+
+
+def prefers(text: str) -> Judge:
+    """A judge that picks whichever answer contains ``text`` (else "A")."""
+    return lambda a, b: "B" if text in b and text not in a else "A"
+
+
+class FakeModel:
+    """A scripted GenerateFn: answers each pass by its kind (draft, review, revision, judge)."""
+
+    def __init__(self, revisions: list[str], judge: Judge | None = None, draft: str = DRAFT) -> None:
+        self.draft = draft
+        self.revisions = list(revisions)
+        self.judge = judge or prefers("stateless")
+        self.passes: list[tuple[list[dict[str, str]], dict[str, Any]]] = []
+
+    def __call__(self, messages: list[dict[str, str]], **options: Any) -> Iterator[str]:
+        self.passes.append((messages, options))
+        text = self._reply(messages[-1]["content"], options)
+        for start in range(0, len(text), 9):
+            yield text[start : start + 9]
+
+    def _reply(self, prompt: str, options: dict[str, Any]) -> str:
+        if options.get("schema") == VERDICT_SCHEMA:
+            a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:\n", 1)[0]
+            b = prompt.split("\n\nAnswer B:\n", 1)[1].split("\n\nWhich answer", 1)[0]
+            return json.dumps({"better": self.judge(a, b)})
+        if options.get("schema") == REVIEW_SCHEMA:
+            return REVIEW
+        if "Previous answer:" in prompt:
+            return self.revisions.pop(0)
+        return self.draft
+
+    def names(self) -> list[str]:
+        return [kind for _, options in self.passes for kind in [_kind(options)]]
+
+
+def _kind(options: dict[str, Any]) -> str:
+    if options.get("schema") == VERDICT_SCHEMA:
+        return "judge"
+    if options.get("schema") == REVIEW_SCHEMA:
+        return "review"
+    return "revision" if options.get("prediction") else "draft"
+
+
+Outcome = tuple[str, dict[str, str], list[GateDecision]]
+
+
+def improve(model: FakeModel, steps: bool = False, gate: str = "judge") -> Outcome:
+    result: dict[str, str] = {}
+    decisions: list[GateDecision] = []
+    text = "".join(improvement_pipeline(model, PROMPTS, [], QUESTION, intermediate_steps=steps, result=result,
+                                        structured=True, decisions=decisions, gate=gate))
+    return text, result, decisions
+
+
+# --------------------------------------------------------------------------- keeping a good draft
+
+
+@pytest.mark.parametrize("junk, reason", [
+    ("6.5", "bare number"),
+    ("improved version of suggested improvements", "under a third"),
+    ("1. Mention statelessness. 2. Give an example.", "under a third"),
+    ("{{json_object}}}", "template"),
+    ("This includes providing examples.", "under a third"),
+    ("", "empty"),
+])
+def test_a_good_draft_survives_junk_revisions(junk: str, reason: str) -> None:
+    model = FakeModel([junk, junk])
+    text, result, decisions = improve(model)
+    assert result["reply"] == result["revision1"] == result["revision2"] == DRAFT == text
+    assert reason in result["comments1"] and reason in result["comments2"]
+    assert result["comments1"].startswith("Kept the previous answer")
+    assert not any(d.adopted for d in decisions)
+    assert "judge" not in model.names()  # a revision failing the checks costs no judgement
+
+
+def test_a_judge_with_position_bias_cannot_adopt_a_revision() -> None:
+    """A model that always answers "A" prefers the revision in one order only: it is kept out."""
+    model = FakeModel([BETTER.replace("stateless", "sessionless"), BETTER], judge=lambda a, b: "A")
+    _, result, decisions = improve(model)
+    assert result["reply"] == DRAFT
+    assert [d.votes for d in decisions] == [(False,), (False,)]  # lost the first order: no second asked
+    model = FakeModel([BETTER, BETTER], judge=lambda a, b: "B")
+    _, result, decisions = improve(model)
+    assert result["reply"] == DRAFT and decisions[0].votes == (True, False)
+    assert "1 of 2 orders" in result["comments1"]
+
+
+def test_a_revision_repeating_the_answer_is_not_judged() -> None:
+    model = FakeModel([DRAFT.upper(), DRAFT])
+    _, result, _ = improve(model)
+    assert "repeats it" in result["comments1"] and "judge" not in model.names()
+
+
+# --------------------------------------------------------------------------- adopting a better revision
+
+
+def test_a_better_revision_is_adopted_when_it_wins_both_orders() -> None:
+    model = FakeModel([BETTER, BETTER + " Example: GET /users/7 returns one user."])
+    text, result, decisions = improve(model)
+    assert result["revision1"] == BETTER
+    assert result["comments1"].startswith("Adopted the revision") and "both orders" in result["comments1"]
+    assert result["reply"] == result["revision2"] == BETTER  # revision 2 did not beat revision 1 (no new fact)
+    assert text == BETTER
+    assert [d.votes for d in decisions] == [(True, True), (False,)]
+    assert model.names() == ["draft", "review", "revision", "judge", "judge", "review", "revision", "judge"]
+
+
+def test_checks_policy_adopts_a_sane_revision_without_judging_and_none_adopts_junk() -> None:
+    model = FakeModel([BETTER, BETTER])
+    _, result, _ = improve(model, gate="checks")
+    assert result["reply"] == BETTER and "judge" not in model.names()
+    _, result, _ = improve(FakeModel(["6.5", "6.5"]), gate="none")
+    assert result["reply"] == "6.5"  # what the gate prevents
+
+
+def test_unknown_gate_policy_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown gate 'maybe'"):
+        improve(FakeModel([]), gate="maybe")
+
+
+# --------------------------------------------------------------------------- the passes and the stream
+
+
+def test_passes_carry_budget_prediction_and_verdict_constraints() -> None:
+    result: dict[str, str] = {}
+    steps = improvement_steps(PROMPTS, [], QUESTION, result=result, structured=True)
+    draft = advance(steps).next_pass
+    assert draft is not None and draft.name == "draft" and pass_options(draft) == {}
+    review = advance(steps, DRAFT).next_pass
+    assert review is not None and review.name == "review1" and review.schema == REVIEW_SCHEMA
+    revision = advance(steps, REVIEW).next_pass
+    assert revision == Pass(revision.messages, name="revision1", prediction=DRAFT)  # the draft's budget, free text
+    assert DRAFT in revision.messages[-1]["content"] and "Mention statelessness." in revision.messages[-1]["content"]
+    judge = advance(steps, BETTER).next_pass
+    assert judge is not None and judge.name == "judge1a"
+    assert pass_options(judge) == {"schema": VERDICT_SCHEMA, "max_new_tokens": JUDGE_MAX_NEW_TOKENS,
+                                   "do_sample": False}
+    assert judge.messages[-1]["content"].split("Answer B:\n")[1].startswith(BETTER)  # the revision second
+    second = advance(steps, '{"better": "B"}').next_pass
+    assert second is not None and second.name == "judge1b"
+    assert second.messages[-1]["content"].split("Answer B:\n")[1].startswith(DRAFT + "\n")  # then first
+    review2 = advance(steps, '{"better": "A"}').next_pass
+    assert review2 is not None and review2.name == "review2" and BETTER in review2.messages[-1]["content"]
+    assert result["revision1"] == BETTER and result["suggestions1"] == "1. Mention statelessness.\n2. Give an example."
+
+
+def test_intermediate_steps_show_each_decision_under_its_review() -> None:
+    text, result, _ = improve(FakeModel([BETTER, "6.5"]), steps=True)
+    positions = [text.index(heading + "\n\n") for heading in STAGE_HEADINGS]
+    assert positions == sorted(positions) and text.count("### ") == len(STAGE_HEADINGS)
+    assert (f"### Review 1\n\nSuggestions:\n1. Mention statelessness.\n2. Give an example.\n\n"
+            f"Comments: {result['comments1']}\n\n### Revision 1\n\n{BETTER}\n\n") in text
+    assert f"Comments: {result['comments2']}\n\n### Final answer\n\n{BETTER}\n\n" in text
+    assert "bare number" in result["comments2"] and tuple(result) == RESULT_KEYS
+
+
+def test_text_reviews_stream_live_and_the_decision_follows() -> None:
+    def generate(messages: list[dict[str, str]], **options: Any) -> Iterator[str]:
+        prompt = messages[-1]["content"]
+        if "Answer A:" in prompt:
+            yield "B" if "stateless" in prompt.split("Answer B:")[1] else "A"
+        elif "Previous answer:" in prompt:
+            yield BETTER
+        elif "Review the answer" in prompt:
+            yield "Suggestions:\n1. Mention statelessness."
+        else:
+            yield DRAFT
+
+    result: dict[str, str] = {}
+    text = "".join(improvement_pipeline(generate, PROMPTS, [], QUESTION, intermediate_steps=True, result=result))
+    assert "### Review 1\n\nSuggestions:\n1. Mention statelessness.\n\nComments: Adopted the revision" in text
+    assert result["suggestions1"] == "1. Mention statelessness."
+    assert result["reply"] == BETTER  # the unconstrained judge's letters are read from free text
+    assert "repeats it" in result["comments2"]
+
+
+def test_a_generate_function_without_options_still_runs_every_pass() -> None:
+    calls: list[list[dict[str, str]]] = []
+
+    def generate(messages: list[dict[str, str]]) -> Iterator[str]:
+        calls.append(messages)
+        yield DRAFT if len(calls) == 1 else "Suggestions:\n1. x"
+
+    result: dict[str, str] = {}
+    list(improvement_pipeline(generate, PROMPTS, [], QUESTION, result=result))
+    assert result["reply"] == DRAFT and len(calls) == 5  # draft, then review + revision twice (no judge needed)
+
+
+# --------------------------------------------------------------------------- checks and parsers
+
+
+@pytest.mark.parametrize("candidate, previous, problem", [
+    ("42", "The answer is 42.", "bare number"),
+    ("Paris", "The capital of France is Paris.", "fragment"),
+    ("The capital of France is Paris.", "Paris", None),
+    ("Paris is the capital and largest city of France.", "The capital of France is Paris.", None),
+    ("As the draft answer says, Paris.", "The capital of France is Paris.", "talks about the review"),
+    ("<the complete improved answer>", "The capital of France is Paris.", "template"),
+])
+def test_candidate_checks(candidate: str, previous: str, problem: str | None) -> None:
+    found = candidate_problem(candidate, previous, previous, "1. Add the river.")
+    assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def test_a_copy_of_the_suggestions_is_rejected() -> None:
+    suggestions = "1. Mention that the Seine flows through Paris.\n2. Give the population of the city."
+    copy = "Mention that the Seine flows through Paris. Give the population of the city."
+    assert "copies the suggestions" in (candidate_problem(copy, "Paris is the capital.", "Paris is the capital.",
+                                                          suggestions) or "")
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ('{"better": "A"}', "A"), ('{"better": "B"}', "B"), ("B is better.", "B"), ("Answer A.", "A"),
+    ("Both are fine.", None), ('{"better": "C"}', None),
+])
+def test_read_verdict(text: str, verdict: str | None) -> None:
+    assert read_verdict(text) == verdict
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("Paris is the capital.\n\nRemoved unnecessary spaces.\n\nThis response meets all the requirements.",
+     "Paris is the capital."),
+    ("Here is the improved answer:\nParis is the capital.", "Paris is the capital."),
+    ("Revised answer:\nParis is the capital.\n\nComments:\nAdded nothing.", "Paris is the capital."),
+    ('"Paris is the capital."', "Paris is the capital."),
+    ("None", ""),
+])
+def test_parse_revision(text: str, answer: str) -> None:
+    assert parse_revision(text) == answer
+
+
+@pytest.mark.parametrize("text, suggestions", [
+    ('{"suggestions": ["Add the river.", " ", "Name the  mayor."]}', "1. Add the river.\n2. Name the mayor."),
+    ('{"suggestions": ["Add the river.", "Name the ma', "1. Add the river."),  # cut short by max_new_tokens
+    ("Suggestions:\n1. Add the river.\nComments: x", "1. Add the river."),
+])
+def test_parse_suggestions(text: str, suggestions: str) -> None:
+    assert parse_suggestions(text, structured=True) == suggestions
