@@ -29,9 +29,13 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 
 
 def error_body(error: APIError) -> dict[str, Any]:
-    """An error in Anthropic's shape (the status decides the type)."""
+    """An error in Anthropic's shape (the status decides the type; the message names the parameter,
+    since this shape has no field for it)."""
     kind = _ERROR_TYPES.get(error.status_code, "invalid_request_error" if error.status_code < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    message = error.message
+    if error.param and error.param not in message:
+        message = f"{error.param}: {message}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def stop_reason(done: ChatDone) -> str:

@@ -44,7 +44,14 @@ from llm_server.serving.tools import parse_tools, with_tools_prompt
 
 logger = logging.getLogger(__name__)
 
-_to_api_error = partial(api_error_for, context_param="messages", param_names={"max_new_tokens": "max_tokens"})
+_serving_error = partial(api_error_for, context_param="messages", param_names={"max_new_tokens": "max_tokens"})
+
+
+def _to_api_error(exc: Exception) -> APIError:
+    """Serving/engine errors in this API's terms (``max_tokens``, not the serving layer's name)."""
+    error = _serving_error(exc)
+    error.message = error.message.replace("max_new_tokens", "max_tokens")
+    return error
 
 
 def anthropic_error(error: APIError) -> JSONResponse:
