@@ -118,6 +118,16 @@ def test_tool_choice_any_and_named_reach_the_grammar(scripted: Any) -> None:
         assert result.stop_reason == "tool_use" and engine.requests[-1].params.constraint is not None
 
 
+def test_output_config_format_reaches_the_grammar(scripted: Any) -> None:
+    api, engine, _ = scripted('{"city": "Paris"}')
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    result = api.messages.create(model="m", max_tokens=30, messages=ASK,  # type: ignore[arg-type]
+                                 output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert json.loads(result.content[0].text) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert engine.requests[-1].params.constraint is not None
+
+
 def test_count_tokens_matches_the_prompt(scripted: Any) -> None:
     api, engine, _ = scripted()
     counted = api.messages.count_tokens(model="m", messages=ASK, system="Be brief.")  # type: ignore[arg-type]
@@ -142,6 +152,9 @@ BAD_INPUTS = [
      "tools.0.type"),
     ({"model": "m", "max_tokens": 10, "messages": ASK, "temperature": 1.5}, "temperature"),
     ({"model": "m", "max_tokens": 10, "messages": ASK, "frobnicate": 1}, "frobnicate"),
+    ({"model": "m", "max_tokens": 10, "messages": ASK, "output_config": {"effort": "high"}}, "output_config.effort"),
+    ({"model": "m", "max_tokens": 10, "messages": ASK, "output_config": {"format": {"type": "xml"}}},
+     "output_config.format"),
     ({"model": "m", "max_tokens": 10, "messages": ASK, "tool_choice": {"type": "magic"}}, "tool_choice.type"),
     ({"model": "m", "max_tokens": 5000, "messages": ASK}, "max_tokens"),
     ({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "word " * 5000}]}, "messages"),

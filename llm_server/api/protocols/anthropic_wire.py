@@ -5,7 +5,8 @@ its request models, what is refused, and the translation into the serving layer'
 Content blocks: ``text``; ``tool_use`` (an assistant's earlier call, rendered as the model writes
 calls); ``tool_result`` (its result, a ``tool`` message). Tools (``{"name", "description",
 "input_schema"}``) and ``tool_choice`` (``auto`` / ``any`` / ``tool`` / ``none``) are rewritten
-into the Chat Completions shapes the serving layer reads. Images, documents, ``thinking``,
+into the Chat Completions shapes the serving layer reads; ``output_config.format`` (a JSON schema)
+becomes ``response_format``. Images, documents, ``thinking``,
 server tools, ``top_k`` (the engine's top-k is a server setting) and unknown keys are refused
 with a 400 naming them (:func:`unsupported_fields`); ``metadata`` and ``service_tier`` are
 accepted and ignored.
@@ -23,7 +24,8 @@ from llm_server.api.protocols.spec_chat_wire import Integer
 from llm_server.serving.request import Message, Sampling, ToolRequest, TurnRequest
 from llm_server.serving.tools import call_text
 
-IGNORED_FIELDS = frozenset({"metadata", "service_tier"})
+#: Accepted and ignored: they never change what is generated (caching and routing hints).
+IGNORED_FIELDS = frozenset({"metadata", "service_tier", "cache_control", "inference_geo", "speed"})
 MAX_STOP_SEQUENCES = 16
 
 
@@ -56,6 +58,7 @@ class MessagesRequest(CountTokensRequest):
     top_k: Integer | None = None
     stop_sequences: list[StrictStr] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     stream: StrictBool = False
+    output_config: dict[str, Any] | None = None
 
 
 def unsupported_fields(body: CountTokensRequest) -> list[str]:
@@ -63,8 +66,10 @@ def unsupported_fields(body: CountTokensRequest) -> list[str]:
     bad: list[str] = []
     if body.thinking is not None and body.thinking.get("type") != "disabled":
         bad.append("thinking")
-    if isinstance(body, MessagesRequest) and body.top_k is not None:
-        bad.append("top_k")
+    if isinstance(body, MessagesRequest):
+        if body.top_k is not None:
+            bad.append("top_k")
+        bad += [f"output_config.{k}" for k, v in (body.output_config or {}).items() if k != "format" and v is not None]
     for i, tool in enumerate(body.tools or []):
         if tool.get("type", "custom") != "custom":
             bad.append(f"tools.{i}.type")
@@ -174,7 +179,18 @@ def messages_turn(body: MessagesRequest, request_id: str) -> TurnRequest:
         sampling=Sampling(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                           stop=stops),
         tools=tool_request(body),
+        response_format=response_format(body.output_config),
     )
+
+
+def response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``output_config.format`` (``{"type": "json_schema", "schema"}``) as the ``response_format`` serving reads."""
+    fmt = (output_config or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise _bad("output_config.format must be {'type': 'json_schema', 'schema': {...}}", "output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
 def tool_input(arguments: str) -> dict[str, Any]:
