@@ -19,6 +19,7 @@ generated clients and fuzzers are not misled:
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -67,8 +68,27 @@ _COMPLETION: Schema = {"type": "object", "required": ["id", "object", "choices"]
     "model": {"type": "string"}, "choices": {"type": "array"}, "usage": {"type": "object"}}}
 
 
-def _error(status: int, headers: bool = False) -> Schema:
-    out: Schema = {"description": _ERROR_WORDS[status], "content": {"application/json": {"schema": _ERROR_BODY}}}
+_ANTHROPIC_ERROR_BODY: Schema = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}},
+}
+_RESPONSE: Schema = {"type": "object", "required": ["id", "object", "status", "output"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "response"}, "status": {"type": "string"},
+    "output": {"type": "array"}, "usage": {"type": ["object", "null"]}}}
+_MESSAGE: Schema = {"type": "object", "required": ["id", "type", "role", "content", "stop_reason", "usage"],
+                    "properties": {"id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"},
+                                   "usage": {"type": "object"}}}
+#: Paths whose errors are in Anthropic's shape (``{"type": "error", "error": {type, message}}``).
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+#: Paths that generate (400, 404 for an unknown model, 499, 500).
+_GENERATING = ("/chat/", "/v1/chat", "/v1/completions", "/v1/responses", "/v1/messages")
+
+
+def _error(status: int, headers: bool = False, anthropic: bool = False) -> Schema:
+    body = _ANTHROPIC_ERROR_BODY if anthropic else _ERROR_BODY
+    out: Schema = {"description": _ERROR_WORDS[status], "content": {"application/json": {"schema": body}}}
     if headers:
         out["headers"] = _RETRY_AFTER
     return out
@@ -195,22 +215,23 @@ def _errors(method: str, path: str, keyed: bool) -> dict[str, Schema]:
     out: dict[str, Schema] = {}
     if path == "/health":  # its 503 is the health body itself
         return out
-    generates = path.startswith(("/chat/", "/v1/chat", "/v1/completions"))
+    error = partial(_error, anthropic=path in ANTHROPIC_PATHS)
+    generates = path.startswith(_GENERATING) and not path.startswith("/v1/responses/")
     if generates or path.startswith("/v1/models/"):
-        out["400"] = _error(400)
+        out["400"] = error(400)
     if path == "/v1/chat/completions":
         out["400"] = {**out["400"], "description": f"{_ERROR_WORDS[400]}. {IMPROVEMENT_RULE}"}
     if keyed:
-        out["401"] = _error(401)
-    if path.startswith("/v1/models/") or path in ("/v1/chat/completions", "/v1/completions"):
-        out["404"] = _error(404)
+        out["401"] = error(401)
+    if path.startswith(("/v1/models/", "/v1/responses")) or generates and path.startswith("/v1/"):
+        out["404"] = {**error(404), "description": "Unknown model, or unknown / evicted / another key's response"}
     if method == "post":
-        out["408"] = _error(408)
-        out["413"] = _error(413)
+        out["408"] = error(408)
+        out["413"] = error(413)
     if generates:
         out["499"] = {"description": _ERROR_WORDS[499]}
-        out["500"] = _error(500)
-    out["503"] = _error(503, headers=True)
+        out["500"] = error(500)
+    out["503"] = error(503, headers=True)
     return out
 
 
@@ -240,6 +261,17 @@ def _success(method: str, path: str, settings: ServerSettings) -> dict[str, Sche
             "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}})}
     if path.startswith("/v1/models/"):
         return {"200": _json("The served model", _MODEL)}
+    if path.startswith("/v1/responses/"):
+        if method == "delete":
+            return {"200": _json("Deleted", {"type": "object", "required": ["id", "deleted"]})}
+        return {"200": _json("The stored response", _RESPONSE)}
+    if path == "/v1/messages/count_tokens":
+        return {"200": _json("The prompt's tokens", {"type": "object", "required": ["input_tokens"],
+                                                      "properties": {"input_tokens": {"type": "integer"}}})}
+    if path in ("/v1/responses", "/v1/messages"):
+        answer = _json("The whole answer (`stream: false`)", _RESPONSE if path == "/v1/responses" else _MESSAGE)
+        answer["content"]["text/event-stream"] = {"schema": {}, "description": "`stream: true`: named events"}
+        return {"200": answer}
     answer = _json("The whole answer (`stream: false`)", _COMPLETION)
     answer["content"]["text/event-stream"] = {"schema": {},  # each event: a chunk object, an error, or [DONE]
                                               "description": "`stream: true`: `data: {chunk}` ... `data: [DONE]`"}

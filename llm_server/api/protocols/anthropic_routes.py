@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_server.api.ops.readiness import ready_chat
 from llm_server.api.plumbing.auth import require_api_key
@@ -59,7 +60,7 @@ def anthropic_error(error: APIError) -> JSONResponse:
 
 
 class AnthropicRoute(APIRoute):
-    """A route whose errors (key check, validation, APIError) are written in Anthropic's shape."""
+    """A route whose errors (key check, validation, APIError, HTTP errors) are written in Anthropic's shape."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -71,6 +72,8 @@ class AnthropicRoute(APIRoute):
                 return anthropic_error(validation_error(request, exc))
             except APIError as exc:
                 return anthropic_error(exc)
+            except StarletteHTTPException as exc:  # e.g. a body FastAPI could not read
+                return anthropic_error(APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
 
         return route
 
