@@ -195,6 +195,35 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
                                "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 
 
+def _tighten_protocols(schemas: dict[str, Schema], settings: ServerSettings) -> None:
+    """The Responses and Messages request schemas: the served model, the token limit, the roles."""
+    limit = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit}, {"type": "null"}]}
+    for name, tokens in (("ResponsesRequest", "max_output_tokens"), ("MessagesRequest", "max_tokens"),
+                         ("CountTokensRequest", None)):
+        props = schemas.get(name, {}).get("properties", {})
+        if not props:
+            continue
+        props["model"] = {"const": settings.served_model_name, "description": "the served model (else 404)"}
+        if tokens is not None:
+            props[tokens] = limit if name == "ResponsesRequest" else limit["anyOf"][0]
+        for field in ("reasoning", "background", "top_logprobs", "max_tool_calls", "conversation", "prompt",
+                      "thinking", "top_k", "truncation"):
+            props.pop(field, None)
+        schemas[name]["description"] = "Fields this server does not implement are refused with 400."
+    if "MessageParam" in schemas:
+        schemas["MessageParam"]["properties"]["role"] = {"type": "string", "enum": ["user", "assistant"]}
+
+
+def _response_links(doc: Schema) -> None:
+    """Links from a created response to reading and deleting it (for generated clients and fuzzers)."""
+    created = doc.get("paths", {}).get("/v1/responses", {}).get("post", {}).get("responses", {}).get("200")
+    if created is None:
+        return
+    by_id = {"response_id": "$response.body#/id"}
+    created["links"] = {"GetResponse": {"operationId": "get_v1_responses_response_id", "parameters": by_id},
+                        "DeleteResponse": {"operationId": "delete_v1_responses_response_id", "parameters": by_id}}
+
+
 # --- operations -------------------------------------------------------------------------------
 def _security(doc: Schema, settings: ServerSettings) -> tuple[list[Schema], list[Schema]]:
     """(for POST, for GET) security requirements, registering the schemes in ``doc``."""
@@ -303,15 +332,18 @@ def build_openapi(app: FastAPI) -> Schema:
     settings: ServerSettings = app.state.settings
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description="Chat with the configured model: the spec's API (/chat/*, /ping), "
-                                  "an OpenAI-compatible API (/v1/*) and operations (/health, /metrics).")
+                                  "an OpenAI-compatible API (/v1/*: Chat Completions, Completions, Responses), "
+                                  "Anthropic's Messages API (/v1/messages) and operations (/health, /metrics).")
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     _tighten_openai(schemas, settings)
+    _tighten_protocols(schemas, settings)
     security = _security(doc, settings)
     for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             _rewrite_operation(doc, method, path, op, settings, security)
+    _response_links(doc)
     return doc
 
 
