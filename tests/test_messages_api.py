@@ -194,3 +194,21 @@ def test_auth_not_found_and_bad_json_in_anthropic_shape(scripted: Any) -> None:
     assert not_json.status_code == 400 and _anthropic_error(not_json)["type"] == "invalid_request_error"
     counted = httpx.post(f"{url}/v1/messages/count_tokens", json={"model": "m"}, headers=HEADERS)
     assert counted.status_code == 400 and "messages" in _anthropic_error(counted)["message"]
+
+
+def test_generation_failure_and_overload_in_anthropic_shape(scripted: Any) -> None:
+    from llm_server.engine.types import EngineError
+
+    _, engine, url = scripted()
+    body = {"model": "m", "max_tokens": 5, "messages": ASK}
+    engine.fail_with = EngineError("boom")
+    whole = httpx.post(f"{url}/v1/messages", json=body, headers=HEADERS)
+    assert whole.status_code == 500 and _anthropic_error(whole)["type"] == "api_error"
+    with httpx.stream("POST", f"{url}/v1/messages", headers=HEADERS, json={**body, "stream": True}) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-2] == "event: error" and "boom" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
+    engine.fail_with = None
+    engine.max_waiting = 0  # every submit is refused: a full queue
+    full = httpx.post(f"{url}/v1/messages", json=body, headers=HEADERS)
+    assert full.status_code == 503 and _anthropic_error(full)["type"] == "overloaded_error"
+    assert full.headers["retry-after"]

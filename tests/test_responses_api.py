@@ -215,3 +215,18 @@ def test_not_found_and_auth_errors(scripted: Any) -> None:
     assert httpx.post(f"{url}/v1/responses", json={"model": "m", "input": "x"}).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         client(url, "wrong").responses.create(model="m", input="x")
+
+
+def test_generation_failure_whole_and_streamed(scripted: Any) -> None:
+    from llm_server.engine.types import EngineError
+
+    api, engine, url = scripted()
+    engine.fail_with = EngineError("boom")
+    with pytest.raises(openai.InternalServerError):
+        api.responses.create(model="m", input="hi")
+    events = list(api.responses.create(model="m", input="hi", stream=True))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed" and failed.error is not None and "boom" in failed.error.message
+    engine.fail_with = None
+    assert api.responses.create(model="m", input="hi").status == "completed"
