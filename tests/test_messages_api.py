@@ -212,3 +212,24 @@ def test_generation_failure_and_overload_in_anthropic_shape(scripted: Any) -> No
     full = httpx.post(f"{url}/v1/messages", json=body, headers=HEADERS)
     assert full.status_code == 503 and _anthropic_error(full)["type"] == "overloaded_error"
     assert full.headers["retry-after"]
+
+
+def test_abandoned_streams_and_requests_stop_generating(tokenizer: Any) -> None:
+    """Both new protocols ride the shared turn: a client that leaves cancels its generation."""
+    from tests.openai_harness import wait_until
+
+    engine = ScriptedEngine(tokenizer, reply=" ".join(["word"] * 1000), delay_s=0.02, model_id="m")
+    with live_server(build_app(engine)) as url:
+        requests = [("/v1/messages", {"model": "m", "max_tokens": 1000, "messages": ASK}),
+                    ("/v1/responses", {"model": "m", "max_output_tokens": 1000, "input": "hi"})]
+        for path, body in requests:
+            with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, headers=HEADERS) as reply:
+                lines = reply.iter_lines()
+                for line in lines:
+                    if "delta" in line:
+                        break
+                assert engine.stats().running == 1
+            assert wait_until(lambda: engine.stats().running == 0, timeout_s=10)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}{path}", json=body, headers=HEADERS, timeout=0.5)
+            assert wait_until(lambda: engine.stats().running == 0, timeout_s=10)

@@ -108,12 +108,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     turn_request = responses_turn(body, conversation, request_id(request))
     logger.info("response: %d messages, stream=%s, tools=%s, previous=%s", len(turn_request.messages),
                 body.stream, len(body.tools or []), body.previous_response_id is not None)
+    draft = ResponseDraft(model, _echo(body))  # before the turn opens: nothing below may refuse it
     turn = await open_turn(request, turn_request, _to_api_error)
-    draft = ResponseDraft(model, _echo(body))
 
     def keep(final: dict[str, Any]) -> None:
-        if body.store:
-            response_store(request).put(owner, final, [*conversation, _reply_message(final)])
+        if body.store and not response_store(request).put(owner, final, [*conversation, _reply_message(final)]):
+            logger.warning("response %s not stored: larger than the store's byte bound", final["id"])
 
     if body.stream:
         return TurnResponse(response_events(draft, turn, _to_api_error, keep), turn, media_type="text/event-stream")
