@@ -136,6 +136,8 @@ def test_previous_response_id_continues_and_is_scoped_per_key(scripted: Any) -> 
     prompt = _prompt(engine)
     assert "say zebra" in prompt and "The capital is Paris." in prompt and second.previous_response_id == first.id
     assert api.responses.retrieve(first.id).output_text == "The capital is Paris."
+    by_query = httpx.get(f"{url}/v1/responses/{first.id}", params={"x_api_key": API_KEY})  # GET may name it so
+    assert by_query.status_code == 200 and by_query.json()["id"] == first.id
     other = client(url, OTHER_KEY)
     for call in (lambda: other.responses.retrieve(first.id),
                  lambda: other.responses.create(model="m", input="x", previous_response_id=first.id)):

@@ -54,7 +54,12 @@ def response_store(request: Request) -> ResponseStore:
 
 
 def _owner(request: Request) -> str:
-    return owner_of(presented_key(request, allow_query=False))
+    """The scope of the caller's responses: the key it was admitted with (one shared scope with open access)."""
+    keys = getattr(request.app.state, "keys", None)
+    if keys is None or keys.open_access:
+        return owner_of(None)
+    settings = getattr(request.app.state, "settings", None)
+    return owner_of(presented_key(request, allow_query=bool(getattr(settings, "allow_query_api_key", False))))
 
 
 def _not_found(response_id: str, param: str | None = None) -> APIError:
