@@ -54,6 +54,9 @@ def test_plain_message_validates_against_the_sdk_type(scripted: Any) -> None:
     raw = httpx.post(f"{url}/v1/messages", headers=HEADERS, json={
         "model": "m", "max_tokens": 20, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
     Message.model_validate(raw.json())  # the SDK's own type, strictly
+    from tests.openai_harness import metric_value
+
+    assert metric_value(url, "llm_server_requests_total", {"endpoint": "/v1/messages", "status": "200"}) == 2
 
 
 def test_max_tokens_stop_reason(scripted: Any) -> None:
