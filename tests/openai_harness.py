@@ -25,13 +25,14 @@ API_KEY = "test-key-123"
 SYSTEM_PROMPTS = {"assistant": "You are a helpful assistant, kestrel.", "reviser": "You revise drafts, narwhal."}
 
 
-def build_app(engine: ScriptedEngine, *, metrics_require_key: bool = False) -> FastAPI:
-    """The real app (create_app) serving ``engine``, with API_KEY as its only key."""
+def build_app(engine: ScriptedEngine, *, metrics_require_key: bool = False,
+              api_keys: tuple[str, ...] = (API_KEY,)) -> FastAPI:
+    """The real app (create_app) serving ``engine``, with ``api_keys`` (API_KEY alone by default)."""
     from llm_server.api.server import create_app
     from llm_server.api.settings import ServerSettings
 
     settings = ServerSettings(
-        api_keys=(API_KEY,),
+        api_keys=api_keys,
         metrics_require_key=metrics_require_key,
         system_prompts=SYSTEM_PROMPTS,
         max_new_tokens_limit=1024,

@@ -206,4 +206,43 @@ def _other_cases() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = [*_text_field_cases(), *_value_cases(), *_schema_cases(), *_other_cases()]
+def _response(extra: str) -> bytes:
+    return f'{{"model": "{MODEL}"{extra}}}'.encode()
+
+
+def _message(extra: str, max_tokens: str = ', "max_tokens": 8') -> bytes:
+    return f'{{"model": "{MODEL}"{max_tokens}, "messages": [{{"role": "user", "content": "hi"}}]{extra}}}'.encode()
+
+
+def _protocol_cases() -> list[Case]:
+    """The Responses and Messages APIs (issue 23): wrong types, unknown items, refused parameters."""
+    r, m = "/v1/responses", "/v1/messages"
+    return [
+        Case("responses: input a number", "POST", r, _response(', "input": 42')),
+        Case("responses: unknown item type", "POST", r, _response(', "input": [{"type": "computer_call", "id": "x"}]')),
+        Case("responses: image part", "POST", r, _response(
+            ', "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]')),
+        Case("responses: web_search tool", "POST", r, _response(', "input": "hi", "tools": [{"type": "web_search"}]')),
+        Case("responses: reasoning effort", "POST", r, _response(', "input": "hi", "reasoning": {"effort": "high"}')),
+        Case("responses: background", "POST", r, _response(', "input": "hi", "background": true')),
+        Case("responses: oversized input", "POST", r, _response(', "input": "' + "word " * 20_000 + '"')),
+        Case("responses: unknown previous_response_id", "POST", r,
+             _response(', "input": "hi", "previous_response_id": "resp_nope"')),
+        Case("responses: GET unknown id", "GET", f"{r}/resp_nope"),
+        Case("responses: DELETE unknown id", "DELETE", f"{r}/resp_nope"),
+        Case("responses: text.format xml", "POST", r,
+             _response(', "input": "hi", "text": {"format": {"type": "xml"}}')),
+        Case("messages: max_tokens missing", "POST", m, _message("", max_tokens="")),
+        Case("messages: max_tokens a string", "POST", m, _message("", max_tokens=', "max_tokens": "8"')),
+        Case("messages: image block", "POST", m, f'{{"model": "{MODEL}", "max_tokens": 8, "messages": [{{"role": '
+             '"user", "content": [{"type": "image", "source": {}}]}]}'.encode()),
+        Case("messages: system role in messages", "POST", m, f'{{"model": "{MODEL}", "max_tokens": 8, '
+             '"messages": [{"role": "system", "content": "x"}]}'.encode()),
+        Case("messages: thinking", "POST", m, _message(', "thinking": {"type": "enabled", "budget_tokens": 1024}')),
+        Case("messages: top_k", "POST", m, _message(', "top_k": 5')),
+        Case("messages: not JSON", "POST", m, b"{nope"),
+        Case("messages: count_tokens without messages", "POST", f"{m}/count_tokens", _response("")),
+    ]
+
+
+CASES: list[Case] = [*_text_field_cases(), *_value_cases(), *_schema_cases(), *_other_cases(), *_protocol_cases()]

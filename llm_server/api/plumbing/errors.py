@@ -6,6 +6,7 @@ Validation errors are 400 (not FastAPI's default 422), so OpenAI clients and pla
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,10 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
 
 
+#: A union member's tag in a validation error's location (``input.str``): not a field name.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-[a-z]+\[.*\]|constrained-.*)$")
+
+
 def _is_json(request: Request) -> bool:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
@@ -67,7 +72,7 @@ def validation_error(request: Request, exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         detail = str((first.get("ctx") or {}).get("error", "")).strip()
         return APIError(400, f"request body is not valid JSON{': ' + detail if detail else ''}", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query") and not _UNION_TAG.match(str(p))]
     if not loc and request.method == "POST" and not _is_json(request):
         return APIError(400, "send the request body as JSON with the header Content-Type: application/json",
                         code="invalid_content_type")

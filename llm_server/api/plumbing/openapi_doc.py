@@ -19,6 +19,7 @@ generated clients and fuzzers are not misled:
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -67,8 +68,27 @@ _COMPLETION: Schema = {"type": "object", "required": ["id", "object", "choices"]
     "model": {"type": "string"}, "choices": {"type": "array"}, "usage": {"type": "object"}}}
 
 
-def _error(status: int, headers: bool = False) -> Schema:
-    out: Schema = {"description": _ERROR_WORDS[status], "content": {"application/json": {"schema": _ERROR_BODY}}}
+_ANTHROPIC_ERROR_BODY: Schema = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}},
+}
+_RESPONSE: Schema = {"type": "object", "required": ["id", "object", "status", "output"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "response"}, "status": {"type": "string"},
+    "output": {"type": "array"}, "usage": {"type": ["object", "null"]}}}
+_MESSAGE: Schema = {"type": "object", "required": ["id", "type", "role", "content", "stop_reason", "usage"],
+                    "properties": {"id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"},
+                                   "usage": {"type": "object"}}}
+#: Paths whose errors are in Anthropic's shape (``{"type": "error", "error": {type, message}}``).
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+#: Paths that generate (400, 404 for an unknown model, 499, 500).
+_GENERATING = ("/chat/", "/v1/chat", "/v1/completions", "/v1/responses", "/v1/messages")
+
+
+def _error(status: int, headers: bool = False, anthropic: bool = False) -> Schema:
+    body = _ANTHROPIC_ERROR_BODY if anthropic else _ERROR_BODY
+    out: Schema = {"description": _ERROR_WORDS[status], "content": {"application/json": {"schema": body}}}
     if headers:
         out["headers"] = _RETRY_AFTER
     return out
@@ -175,6 +195,35 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
                                "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 
 
+def _tighten_protocols(schemas: dict[str, Schema], settings: ServerSettings) -> None:
+    """The Responses and Messages request schemas: the served model, the token limit, the roles."""
+    limit = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit}, {"type": "null"}]}
+    for name, tokens in (("ResponsesRequest", "max_output_tokens"), ("MessagesRequest", "max_tokens"),
+                         ("CountTokensRequest", None)):
+        props = schemas.get(name, {}).get("properties", {})
+        if not props:
+            continue
+        props["model"] = {"const": settings.served_model_name, "description": "the served model (else 404)"}
+        if tokens is not None:
+            props[tokens] = limit if name == "ResponsesRequest" else limit["anyOf"][0]
+        for field in ("reasoning", "background", "top_logprobs", "max_tool_calls", "conversation", "prompt",
+                      "thinking", "top_k", "truncation"):
+            props.pop(field, None)
+        schemas[name]["description"] = "Fields this server does not implement are refused with 400."
+    if "MessageParam" in schemas:
+        schemas["MessageParam"]["properties"]["role"] = {"type": "string", "enum": ["user", "assistant"]}
+
+
+def _response_links(doc: Schema) -> None:
+    """Links from a created response to reading and deleting it (for generated clients and fuzzers)."""
+    created = doc.get("paths", {}).get("/v1/responses", {}).get("post", {}).get("responses", {}).get("200")
+    if created is None:
+        return
+    by_id = {"response_id": "$response.body#/id"}
+    created["links"] = {"GetResponse": {"operationId": "get_v1_responses_response_id", "parameters": by_id},
+                        "DeleteResponse": {"operationId": "delete_v1_responses_response_id", "parameters": by_id}}
+
+
 # --- operations -------------------------------------------------------------------------------
 def _security(doc: Schema, settings: ServerSettings) -> tuple[list[Schema], list[Schema]]:
     """(for POST, for GET) security requirements, registering the schemes in ``doc``."""
@@ -195,22 +244,23 @@ def _errors(method: str, path: str, keyed: bool) -> dict[str, Schema]:
     out: dict[str, Schema] = {}
     if path == "/health":  # its 503 is the health body itself
         return out
-    generates = path.startswith(("/chat/", "/v1/chat", "/v1/completions"))
+    error = partial(_error, anthropic=path in ANTHROPIC_PATHS)
+    generates = path.startswith(_GENERATING) and not path.startswith("/v1/responses/")
     if generates or path.startswith("/v1/models/"):
-        out["400"] = _error(400)
+        out["400"] = error(400)
     if path == "/v1/chat/completions":
         out["400"] = {**out["400"], "description": f"{_ERROR_WORDS[400]}. {IMPROVEMENT_RULE}"}
     if keyed:
-        out["401"] = _error(401)
-    if path.startswith("/v1/models/") or path in ("/v1/chat/completions", "/v1/completions"):
-        out["404"] = _error(404)
+        out["401"] = error(401)
+    if path.startswith(("/v1/models/", "/v1/responses")) or generates and path.startswith("/v1/"):
+        out["404"] = {**error(404), "description": "Unknown model, or unknown / evicted / another key's response"}
     if method == "post":
-        out["408"] = _error(408)
-        out["413"] = _error(413)
+        out["408"] = error(408)
+        out["413"] = error(413)
     if generates:
         out["499"] = {"description": _ERROR_WORDS[499]}
-        out["500"] = _error(500)
-    out["503"] = _error(503, headers=True)
+        out["500"] = error(500)
+    out["503"] = error(503, headers=True)
     return out
 
 
@@ -240,6 +290,17 @@ def _success(method: str, path: str, settings: ServerSettings) -> dict[str, Sche
             "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}})}
     if path.startswith("/v1/models/"):
         return {"200": _json("The served model", _MODEL)}
+    if path.startswith("/v1/responses/"):
+        if method == "delete":
+            return {"200": _json("Deleted", {"type": "object", "required": ["id", "deleted"]})}
+        return {"200": _json("The stored response", _RESPONSE)}
+    if path == "/v1/messages/count_tokens":
+        return {"200": _json("The prompt's tokens", {"type": "object", "required": ["input_tokens"],
+                                                      "properties": {"input_tokens": {"type": "integer"}}})}
+    if path in ("/v1/responses", "/v1/messages"):
+        answer = _json("The whole answer (`stream: false`)", _RESPONSE if path == "/v1/responses" else _MESSAGE)
+        answer["content"]["text/event-stream"] = {"schema": {}, "description": "`stream: true`: named events"}
+        return {"200": answer}
     answer = _json("The whole answer (`stream: false`)", _COMPLETION)
     answer["content"]["text/event-stream"] = {"schema": {},  # each event: a chunk object, an error, or [DONE]
                                               "description": "`stream: true`: `data: {chunk}` ... `data: [DONE]`"}
@@ -271,15 +332,18 @@ def build_openapi(app: FastAPI) -> Schema:
     settings: ServerSettings = app.state.settings
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description="Chat with the configured model: the spec's API (/chat/*, /ping), "
-                                  "an OpenAI-compatible API (/v1/*) and operations (/health, /metrics).")
+                                  "an OpenAI-compatible API (/v1/*: Chat Completions, Completions, Responses), "
+                                  "Anthropic's Messages API (/v1/messages) and operations (/health, /metrics).")
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     _tighten_openai(schemas, settings)
+    _tighten_protocols(schemas, settings)
     security = _security(doc, settings)
     for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             _rewrite_operation(doc, method, path, op, settings, security)
+    _response_links(doc)
     return doc
 
 

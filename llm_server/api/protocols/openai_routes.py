@@ -50,7 +50,7 @@ _SSE_MEDIA_TYPE = "text/event-stream"
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
-def _unsupported(fields: list[str]) -> APIError:
+def unsupported_error(fields: list[str]) -> APIError:
     names = ", ".join(fields)
     return APIError(
         400, f"unsupported parameter(s): {names}; this server does not implement them",
@@ -63,7 +63,7 @@ def _error_mapper(prompt_param: str) -> Callable[[Exception], APIError]:
     return partial(api_error_for, context_param=prompt_param, param_names=_PARAM_NAMES)
 
 
-def _check_model(request: Request, model: str) -> str:
+def check_model(request: Request, model: str) -> str:
     served = str(ready_engine(request).model_id)
     if model != served:
         raise APIError(
@@ -76,7 +76,7 @@ def _check_model(request: Request, model: str) -> str:
 async def _answer(request: Request, body: SamplingFields, turn_request: TurnRequest, chat: bool,
                   prompt_param: str) -> Response:
     """Open the turn (errors -> HTTP errors), then answer it whole or as SSE."""
-    model = _check_model(request, body.model)
+    model = check_model(request, body.model)
     to_api_error = _error_mapper(prompt_param)
     turn = await open_turn(request, turn_request, to_api_error)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
@@ -97,7 +97,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/models/{model:path}")
 async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
-    _check_model(request, model)
+    check_model(request, model)
     return _model_card(request)
 
 
@@ -118,7 +118,7 @@ def _model_card(request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     bad = unsupported_chat_fields(body)
     if bad:
-        raise _unsupported(bad)
+        raise unsupported_error(bad)
     turn_request = chat_turn(body, request_id(request))
     logger.info("chat completion: %d messages, stream=%s, improvement=%s, tools=%s", len(turn_request.messages),
                 body.stream, body.improvement, body.tool_choice if body.tools else None)
@@ -129,5 +129,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     bad = unsupported_completion_fields(body)
     if bad:
-        raise _unsupported(bad)
+        raise unsupported_error(bad)
     return await _answer(request, body, completion_turn(body, request_id(request)), False, "prompt")
