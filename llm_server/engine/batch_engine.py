@@ -142,6 +142,10 @@ class BatchEngine(Engine):
         if min(ids) < 0 or max(ids) >= self._vocab_size:
             bad = next(i for i in ids if not 0 <= i < self._vocab_size)
             raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
+        biased = [i for i, _ in request.params.logit_bias if not 0 <= i < self._vocab_size]
+        if biased:
+            last = self._vocab_size - 1
+            raise InvalidRequest(f"logit_bias token id {biased[0]} is outside the vocabulary (0..{last})")
         new_tokens = max(request.params.max_new_tokens, 0)
         if len(ids) + new_tokens > self.max_context:
             raise ContextLengthExceeded(len(ids), new_tokens, self.max_context)
