@@ -56,7 +56,7 @@ from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest, SamplingParams
 from llm_server.serving.request import ChatInputError, Message, TurnRequest
-from llm_server.serving.sampling import request_sampling
+from llm_server.serving.sampling import request_filters, request_sampling
 from llm_server.serving.schema_check import check_instance
 from llm_server.serving.structured import LogprobReader, compile_schema, response_format_grammar, with_logprobs
 from llm_server.serving.tools import ToolSet, call_grammar, parse_tools, with_tools_prompt
@@ -133,6 +133,7 @@ class ChatService:
         params = request_sampling(self.defaults, max_new_tokens=asked.max_new_tokens, temperature=asked.temperature,
                                   top_p=asked.top_p, repetition_penalty=asked.repetition_penalty, seed=asked.seed,
                                   stop=asked.stop)
+        params = request_filters(params, asked)
         if asked.max_new_tokens is None:
             params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_new_tokens_limit))
         elif params.max_new_tokens > self.max_new_tokens_limit:

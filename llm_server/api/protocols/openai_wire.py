@@ -4,14 +4,15 @@ cannot honour, and the translation of a request into the serving layer's one
 
 Requests are parsed leniently by pydantic (unknown keys are kept in ``model_extra``), then
 :func:`unsupported_chat_fields` / :func:`unsupported_completion_fields` list every field
-that would change the output but is not implemented (non-zero penalties, ``logit_bias``,
-``n > 1``...) and every key we do not know at all; routes answer those with a 400 naming
+that would change the output but is not implemented (``n > 1``, ``best_of``, ``suffix``...)
+and every key we do not know at all; routes answer those with a 400 naming
 the field, as OpenAI does, instead of silently ignoring them. Fields that never change the
 output (``user``, ``metadata``, ``store``...) are accepted and ignored.
 
 Extension fields (sent by the SDK through ``extra_body``): ``improvement``,
 ``intermediate_steps`` and ``role`` run the spec's improvement pipeline and role system
-prompts; ``repetition_penalty`` maps to the engine's sampling setting. ``response_format``,
+prompts; ``repetition_penalty``, ``top_k`` and ``min_p`` map to the engine's sampling settings
+(as ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` do). ``response_format``,
 ``logprobs`` / ``top_logprobs`` and tools are honoured (see docs/structured_output.md).
 """
 
@@ -92,8 +93,8 @@ class SamplingFields(BaseModel):
     # extensions
     repetition_penalty: float | None = Field(default=None, ge=sampling.MIN_REPETITION_PENALTY,
                                              le=sampling.MAX_REPETITION_PENALTY)
-    top_k: Integer | None = None
-    min_p: float | None = None
+    top_k: Integer | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     user: str | None = None
 
     @field_validator("stop")
@@ -112,7 +113,22 @@ class SamplingFields(BaseModel):
     def sampling(self, max_tokens: int | None) -> Sampling:
         """What the client asked for; what it left out is the server's default (serving applies it)."""
         return Sampling(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                        repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop_sequences())
+                        repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop_sequences(),
+                        presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                        logit_bias=self.bias_pairs(), top_k=self.top_k, min_p=self.min_p)
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs; a key that is no token id is a 400 naming it."""
+        pairs: list[tuple[int, float]] = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise APIError(400, f"logit_bias key {key!r} is not a token id (a non-negative integer)",
+                               param=f"logit_bias.{key}", code="invalid_value")
+            if not -sampling.MAX_LOGIT_BIAS <= value <= sampling.MAX_LOGIT_BIAS:
+                raise APIError(400, f"logit_bias value for {key} must be between -100 and 100; got {value}",
+                               param=f"logit_bias.{key}", code="invalid_value")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -151,16 +167,6 @@ def _common_unsupported(req: SamplingFields) -> list[str]:
     bad: list[str] = []
     if req.n not in (None, 1):
         bad.append("n")
-    if req.presence_penalty not in (None, 0.0):
-        bad.append("presence_penalty")
-    if req.frequency_penalty not in (None, 0.0):
-        bad.append("frequency_penalty")
-    if req.logit_bias:
-        bad.append("logit_bias")
-    if req.top_k not in (None, 0, -1):
-        bad.append("top_k")
-    if req.min_p not in (None, 0.0):
-        bad.append("min_p")
     return bad
 
 
