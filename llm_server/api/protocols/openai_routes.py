@@ -80,7 +80,8 @@ async def _answer(request: Request, body: SamplingFields, turn_request: TurnRequ
     to_api_error = _error_mapper(prompt_param)
     turn = await open_turn(request, turn_request, to_api_error)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    reply = Reply.new(chat, model, turn, include_usage)
+    legacy = isinstance(body, ChatCompletionRequest) and body.functions is not None
+    reply = Reply.new(chat, model, turn, include_usage, legacy)
     if body.stream:
         return TurnResponse(sse_events(reply, to_api_error), turn, media_type=_SSE_MEDIA_TYPE)
     collected = await collect(request, turn, to_api_error)

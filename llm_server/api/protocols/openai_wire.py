@@ -177,10 +177,6 @@ def _unknown(req: BaseModel) -> list[str]:
 def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
     """Fields of a chat request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.functions:
-        bad.append("functions")
-    if req.function_call not in (None, "none", "auto"):
-        bad.append("function_call")
     if req.modalities not in (None, ["text"]):
         bad.append("modalities")
     for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
@@ -204,7 +200,7 @@ def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
 # --- request -> TurnRequest ------------------------------------------------------------------
 def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
     """A chat completion request in the serving layer's terms (400 for what it cannot say)."""
-    tools = None
+    tools = _legacy_functions(body)
     if body.tools is not None or body.tool_choice is not None:
         tools = ToolRequest(body.tools, body.tool_choice, (body.model_extra or {}).get("parallel_tool_calls"))
     return TurnRequest(
@@ -218,6 +214,26 @@ def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
     )
+
+
+def _legacy_functions(body: ChatCompletionRequest) -> ToolRequest | None:
+    """The legacy ``functions`` / ``function_call`` as tools (one call at most, as OpenAI made them)."""
+    if body.functions is None and body.function_call is None:
+        return None
+    if body.tools is not None or body.tool_choice is not None:
+        raise APIError(400, "send either tools/tool_choice or the legacy functions/function_call, not both",
+                       param="functions", code="invalid_value")
+    if not body.functions:
+        raise APIError(400, "function_call needs functions", param="function_call", code="invalid_value")
+    call = body.function_call
+    if isinstance(call, dict) and isinstance(call.get("name"), str):
+        choice: Any = {"type": "function", "function": {"name": call["name"]}}
+    elif call in (None, "auto", "none"):
+        choice = call
+    else:
+        raise APIError(400, "function_call must be none, auto or {'name': ...}", param="function_call",
+                       code="invalid_value")
+    return ToolRequest([{"type": "function", "function": f} for f in body.functions], choice, False)
 
 
 def completion_turn(body: CompletionRequest, request_id: str) -> TurnRequest:
