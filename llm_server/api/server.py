@@ -42,7 +42,7 @@ from llm_server.api.plumbing.keyvault import KeyVaultError
 from llm_server.api.plumbing.limits import BodySizeLimitMiddleware
 from llm_server.api.plumbing.middleware import configure_logging, install_middleware
 from llm_server.api.plumbing.openapi_doc import install_openapi
-from llm_server.api.protocols import openai_routes, spec_chat
+from llm_server.api.protocols import openai_routes, spec_chat, tokenize_routes
 from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
 from llm_server.engine.wait_policy import apply_server_wait_policy
@@ -126,6 +126,7 @@ def create_app(
     install_error_handlers(app, partial(allow_header, app))
     for module in (ops_routes, spec_chat, openai_routes, page_routes):
         app.include_router(module.router)
+    app.include_router(tokenize_routes.router)
     app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
                        timeout_s=lambda: app.state.settings.request_body_timeout_s)
     app.add_middleware(OptionsMiddleware, fastapi_app=app)

@@ -215,6 +215,24 @@ class ChatService:
         except ChatTemplateError as exc:  # e.g. a template that demands alternating user/assistant turns
             raise ChatInputError(str(exc), param="messages", code="invalid_messages") from exc
 
+    def tokenize(self, prompt: str | None, messages: list[Message] | None, add_special_tokens: bool) -> list[int]:
+        """The ids of a raw ``prompt`` (``add_special_tokens`` as given), or of ``messages`` exactly
+        as a chat turn would feed them to the model (template and generation prompt applied)."""
+        if messages is not None:
+            if not messages:
+                raise ChatInputError("messages must not be empty", param="messages")
+            return self.prompt_ids(messages)
+        return list(self.engine.tokenizer(prompt or "", add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens included); an id outside the vocabulary is a 400."""
+        size = len(self.engine.tokenizer)
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= token_id < size:
+                raise ChatInputError(f"token id {token_id} is outside the vocabulary (0..{size - 1})",
+                                     param=f"tokens.{i}", code="invalid_value")
+        return str(self.engine.tokenizer.decode(token_ids))
+
     def _improvement(self, messages: list[Message], request: TurnRequest) -> Steps:
         """The improvement pipeline's steps for ``[system?, *history, user]``: the system prompts
         are the service's, with the role's entry replaced by the turn's own system message."""

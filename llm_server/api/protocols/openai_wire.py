@@ -205,7 +205,7 @@ def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
         tools = ToolRequest(body.tools, body.tool_choice, (body.model_extra or {}).get("parallel_tool_calls"))
     return TurnRequest(
         request_id=request_id,
-        messages=tuple(_chat_messages(body)),
+        messages=tuple(chat_messages(body.messages)),
         role=body.role or ("assistant" if body.improvement else None),  # the pipeline uses roles anyway
         sampling=body.sampling(body.requested_max_tokens()),
         response_format=body.response_format,
@@ -294,9 +294,10 @@ def _message_text(index: int, content: Any) -> str:
     return "\n".join(texts)
 
 
-def _chat_messages(body: ChatCompletionRequest) -> list[Message]:
+def chat_messages(wire: list[ChatMessage]) -> list[Message]:
+    """Chat messages in the serving layer's terms (400 naming ``messages.N...`` for what cannot be said)."""
     messages: list[Message] = []
-    for i, msg in enumerate(body.messages):
+    for i, msg in enumerate(wire):
         if msg.role not in SUPPORTED_ROLES:
             raise APIError(400, f"message role {msg.role!r} is not supported ({', '.join(sorted(SUPPORTED_ROLES))})",
                            param=f"messages.{i}.role", code="unsupported_role")
