@@ -85,6 +85,8 @@ def test_top_k_one_and_min_p_one_give_the_greedy_text(url: str) -> None:
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"min_p": 1.5}, "min_p"),
         ({"top_k": -2}, "top_k"),
+        ({"n": 17}, "n"),
+        ({"n": 2, "stream": True}, "n"),
     ],
 )
 def test_bad_sampling_fields_are_400_naming_them(url: str, fields: dict[str, Any], param: str | None) -> None:
@@ -98,3 +100,16 @@ def test_bad_sampling_fields_are_400_naming_them(url: str, fields: dict[str, Any
             assert error["param"] == param
         assert "logit_bias" in error["message"] or next(iter(fields)) in str(error)
     assert complete(url, temperature=0, max_tokens=3).choices[0].finish_reason == "length"  # still healthy
+
+
+def test_n_choices(url: str) -> None:
+    sampled = complete(url, temperature=1.0, n=3, seed=5, max_tokens=12)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.text for c in sampled.choices}) == 3  # each choice its own draw
+    assert sampled.usage.completion_tokens == 36 and sampled.usage.prompt_tokens > 0
+    assert [c.text for c in complete(url, temperature=1.0, n=3, seed=5, max_tokens=12).choices] == [
+        c.text for c in sampled.choices]  # seeded: reproducible
+    greedy = api(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                              temperature=0, max_tokens=8)
+    assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
+    assert greedy.usage is not None and greedy.usage.completion_tokens == 16

@@ -45,6 +45,8 @@ IGNORED_FIELDS = frozenset(
 )
 
 MAX_STOP_SEQUENCES = 16
+#: The most choices (``n``) one request may ask for; each is a turn of its own in the engine.
+MAX_CHOICES = 16
 
 
 class TextPart(BaseModel):
@@ -85,7 +87,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: Integer | None = Field(default=None, ge=sampling.MIN_SEED, le=sampling.MAX_SEED)
-    n: Integer | None = Field(default=None, ge=1)
+    n: Integer | None = Field(default=None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -164,10 +166,7 @@ class CompletionRequest(SamplingFields):
 
 
 def _common_unsupported(req: SamplingFields) -> list[str]:
-    bad: list[str] = []
-    if req.n not in (None, 1):
-        bad.append("n")
-    return bad
+    return []
 
 
 def _unknown(req: BaseModel) -> list[str]:
