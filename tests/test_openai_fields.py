@@ -113,3 +113,14 @@ def test_n_choices(url: str) -> None:
                                               temperature=0, max_tokens=8)
     assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
     assert greedy.usage is not None and greedy.usage.completion_tokens == 16
+
+
+def test_echo_writes_the_prompt_before_the_completion(url: str) -> None:
+    plain = complete(url, temperature=0, max_tokens=8).choices[0].text
+    assert complete(url, temperature=0, max_tokens=8, echo=True).choices[0].text == "Hi" + plain
+    chunks = list(api(url).completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0, echo=True,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hi" + plain
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(url, echo=True, logprobs=1, max_tokens=1)
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "echo"

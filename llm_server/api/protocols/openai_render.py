@@ -82,6 +82,8 @@ class Reply:
     created: int = 0
     #: The request used the legacy ``functions``: a call is written as ``function_call``.
     legacy_functions: bool = False
+    #: ``echo`` on /v1/completions: the prompt, written before the completion.
+    echo: str = ""
 
     @classmethod
     def new(cls, chat: bool, model: str, turn: Turn, include_usage: bool, legacy_functions: bool = False) -> Reply:
@@ -117,7 +119,7 @@ class Reply:
                 message.update(content=done.held_text or None, tool_calls=tool_calls_json(done.tool_calls))
             choice: dict[str, Any] = {"index": 0, "message": message}
         else:
-            choice = {"index": 0, "text": collected.text}
+            choice = {"index": 0, "text": self.echo + collected.text}
         choice.update(logprobs=self._logprobs(), finish_reason=self.finish_reason(done))
         return {**self._envelope(False), "choices": [choice], "usage": usage(done), "system_fingerprint": None}
 
@@ -157,6 +159,9 @@ async def sse_events(reply: Reply, to_api_error: Callable[[Exception], APIError]
     or, after a failure, a final error event instead of the finish."""
     if reply.chat:
         yield sse(reply.chunk({"role": "assistant", "content": ""}))
+    elif reply.echo:
+        yield sse({**reply.chunk({}), "choices": [{"index": 0, "text": reply.echo, "logprobs": None,
+                                                   "finish_reason": None}]})
     async with aclosing(events(reply.turn)) as items:
         async for item in items:
             if isinstance(item, ChatDelta):

@@ -86,13 +86,17 @@ async def _answer(request: Request, body: SamplingFields, turn_request: TurnRequ
     turn = await open_turn(request, turn_request, to_api_error)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     legacy = isinstance(body, ChatCompletionRequest) and body.functions is not None
-    reply = Reply.new(chat, model, turn, include_usage, legacy)
+    reply = replace(Reply.new(chat, model, turn, include_usage, legacy), echo=_echo(body, turn_request))
     if body.stream:
         return TurnResponse(sse_events(reply, to_api_error), turn, media_type=_SSE_MEDIA_TYPE)
     collected = await collect(request, turn, to_api_error)
     if collected is None:  # the client left; its generation was cancelled
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(reply.whole(collected))
+
+
+def _echo(body: SamplingFields, turn_request: TurnRequest) -> str:
+    return turn_request.prompt or "" if isinstance(body, CompletionRequest) and body.echo else ""
 
 
 def _nth_turn(turn_request: TurnRequest, index: int) -> TurnRequest:
@@ -122,7 +126,7 @@ async def _answer_choices(request: Request, body: SamplingFields, turn_request: 
     if any(c is None for c in collected):
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     legacy = isinstance(body, ChatCompletionRequest) and body.functions is not None
-    first = Reply.new(chat, model, turns[0], False, legacy)
+    first = replace(Reply.new(chat, model, turns[0], False, legacy), echo=_echo(body, turn_request))
     answers = [replace(first, turn=turn).whole(c) for turn, c in zip(turns, collected, strict=True) if c is not None]
     for index, answer in enumerate(answers):
         answer["choices"][0]["index"] = index

@@ -187,8 +187,6 @@ def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
 def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
     """Fields of a completion request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.echo:
-        bad.append("echo")
     if req.suffix:
         bad.append("suffix")
     if req.best_of not in (None, 1):
@@ -267,6 +265,9 @@ def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 def completion_top_logprobs(body: CompletionRequest) -> int | None:
     value = body.logprobs
+    if body.echo and value not in (None, False):
+        raise APIError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
+                       "log-probabilities (echo alone is)", param="echo", code="unsupported_parameter")
     if value is None or value is False:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
