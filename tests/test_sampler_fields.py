@@ -49,7 +49,7 @@ def reference_row(
 ) -> list[float]:
     """The module docstring's steps for one row, written out element by element.
 
-    Ids at a filter's boundary (a tie at the top-p cut, a probability equal to the min-p
+    Ids at a filter's boundary (a tie at the k-th value or at the top-p cut, a probability equal to the min-p
     threshold up to rounding) may go either way; they are added to ``ambiguous``.
     """
     ambiguous = set() if ambiguous is None else ambiguous
@@ -67,6 +67,8 @@ def reference_row(
     k = default_top_k if params.top_k is None else params.top_k
     if 0 < k < len(out):
         kth = sorted(out, reverse=True)[k - 1]
+        if sum(v >= kth for v in out) > k:  # a tie at the k-th value: the tied ids may go either way
+            ambiguous.update(i for i, v in enumerate(out) if v == kth)
         out = [v if v >= kth else -math.inf for v in out]
     if params.top_p < 1.0:
         probs = torch.softmax(torch.tensor(out, dtype=torch.float64), 0).tolist()
@@ -143,6 +145,16 @@ def test_batched_sampler_equals_the_one_row_reference(rows: list[Any], default_t
         expected = reference_row(values, params, prompt, gen, default_top_k, ambiguous)
         got = warped[sampled.index(i)] if i in sampled else processed[i]  # type: ignore[index]
         assert_same_row(got.tolist(), expected, ambiguous)
+    if sampled:  # the top-k fast path (filters on the max-k candidates only) gives the same distribution
+        rows_k = [sampler._row_top_k(states[i].params, VOCAB) for i in sampled]
+        if max(rows_k) < VOCAB:
+            values, ids = torch.topk(processed[sampled], max(rows_k), dim=-1)
+            fast = sampler._warp_candidates(values, [states[i] for i in sampled], rows_k)
+            full = torch.full_like(processed[sampled], float("-inf")).scatter(1, ids, fast)
+            for j, i in enumerate(sampled):
+                ambiguous = set()
+                reference_row(rows[i][1], rows[i][0], rows[i][2], rows[i][3], default_top_k, ambiguous)
+                assert_same_row(full[j].tolist(), warped[j].tolist(), ambiguous)  # type: ignore[index]
     # the chosen ids: greedy rows take the argmax; a seeded row draws the same id alone and in the batch
     ids = sampler.select(logits, [make_state(p, pr, g) for p, _, pr, g in rows])
     for i, (params, values, prompt, gen) in enumerate(rows):

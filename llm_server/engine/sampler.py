@@ -133,15 +133,66 @@ class Sampler:
         return vocab if k <= 0 or k >= vocab else k
 
     def _sample(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+        """One draw per row. Rows that keep a top-k are filtered and drawn among their ``max k``
+        likeliest ids only (no sort of the whole vocabulary); the others over the whole of it."""
+        vocab = logits.shape[-1]
+        ks = [self._row_top_k(s.params, vocab) for s in states]
+        full = [i for i, k in enumerate(ks) if k >= vocab]
+        if len(full) == len(states):
+            return self._draw_full(logits, states)
+        if not full:
+            return self._draw_top_k(logits, states, ks)
+        topk = [i for i, k in enumerate(ks) if k < vocab]
+        chosen = torch.empty(len(states), dtype=torch.long, device=logits.device)
+        chosen[full] = self._draw_full(logits[full], [states[i] for i in full])
+        chosen[topk] = self._draw_top_k(logits[topk], [states[i] for i in topk], [ks[i] for i in topk])
+        return chosen
+
+    def _draw_full(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
         probs = torch.softmax(self.warp(logits, states), dim=-1)
-        noise = torch.empty_like(probs)
+        return (probs / self._noise(states, logits.shape, logits.device)).argmax(dim=-1)
+
+    def _draw_top_k(self, logits: torch.Tensor, states: Sequence[SamplerState], ks: list[int]) -> torch.Tensor:
+        values, ids = torch.topk(logits, max(ks), dim=-1)  # sorted, likeliest first
+        probs = torch.softmax(self._warp_candidates(values, states, ks), dim=-1)
+        noise = self._noise(states, logits.shape, logits.device, ids)
+        choice = (probs / noise).argmax(dim=-1, keepdim=True)
+        return ids.gather(1, choice).squeeze(1)
+
+    def _warp_candidates(self, values: torch.Tensor, states: Sequence[SamplerState], ks: list[int]) -> torch.Tensor:
+        """:meth:`warp` on each row's candidates (``values`` sorted descending, one column per id)."""
+        device = values.device
+        temperature = torch.tensor([s.params.temperature for s in states], dtype=values.dtype, device=device)
+        values = values / temperature.unsqueeze(1)
+        position = torch.arange(values.shape[-1], device=device).unsqueeze(0)
+        values = values.masked_fill(position >= torch.tensor(ks, device=device).unsqueeze(1), float("-inf"))
+        top_p = [s.params.top_p for s in states]
+        if min(top_p) < 1.0:
+            probs = torch.softmax(values, dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # the mass of the likelier candidates
+            limit = torch.tensor(top_p, dtype=values.dtype, device=device).unsqueeze(1)
+            remove = (before >= limit) & (limit < 1.0)
+            remove[:, 0] = False
+            values = values.masked_fill(remove, float("-inf"))
+        min_p = [s.params.min_p for s in states]
+        if max(min_p) > 0.0:
+            values = _min_p_filter(values, torch.tensor(min_p, dtype=values.dtype, device=device))
+        return values
+
+    def _noise(self, states: Sequence[SamplerState], shape: torch.Size, device: torch.device,
+               ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Exp(1) noise per row (``ids``: only those columns). A seeded row draws over the whole
+        vocabulary from its own generator, so its draw never depends on its neighbours."""
+        width = shape[-1] if ids is None else ids.shape[-1]
+        noise = torch.empty((len(states), width), device=device)
         shared_rows = [i for i, s in enumerate(states) if s.generator is None]
         if shared_rows:
             noise[shared_rows] = noise[shared_rows].exponential_(generator=self._generator)
         for i, state in enumerate(states):
             if state.generator is not None:
-                noise[i].exponential_(generator=state.generator)
-        return (probs / noise).argmax(dim=-1)
+                row = torch.empty(shape[-1], device=device).exponential_(generator=state.generator)
+                noise[i] = row if ids is None else row[ids[i]]
+        return noise
 
 
 def process_logits(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
