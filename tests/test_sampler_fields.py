@@ -320,3 +320,16 @@ def test_seeded_request_with_every_field_ignores_its_neighbours(tokenizer: Any, 
         again2 = engine.submit(request("g2", prompt, greedy(20, frequency_penalty=1.0))).result()
     assert crowd[-1][1].text == alone.text
     assert again.text == again2.text
+
+
+def test_draws_follow_the_filtered_distribution() -> None:
+    """Frequencies of 6000 draws match the probabilities; filtered (zero-probability) ids never come."""
+    logits = torch.log(torch.tensor([[0.0, 0.1, 0.2, 0.0, 0.7, 0.0]])).repeat(6000, 1)
+    sampler = Sampler(CPU, seed=0, top_k=0)
+    states = [SamplerState.create(SamplingParams(temperature=1.0), [], 6, CPU) for _ in range(6000)]
+    counts = torch.bincount(torch.tensor(sampler.select(logits, states)), minlength=6) / 6000
+    assert counts[[0, 3, 5]].sum() == 0
+    assert torch.allclose(counts[[1, 2, 4]], torch.tensor([0.1, 0.2, 0.7]), atol=0.03)
+    top2 = [SamplerState.create(SamplingParams(temperature=1.0, top_k=2), [], 6, CPU) for _ in range(6000)]
+    counts = torch.bincount(torch.tensor(sampler.select(logits, top2)), minlength=6) / 6000
+    assert torch.allclose(counts, torch.tensor([0.0, 0.0, 0.2 / 0.9, 0.0, 0.7 / 0.9, 0.0]), atol=0.03)

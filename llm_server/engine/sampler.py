@@ -12,10 +12,12 @@ with OpenAI's penalties next to the repetition penalty):
 5. greedy rows take the argmax here; sampled rows go on: ``temperature``, ``top_k``, ``top_p``,
    ``min_p`` (each row its own values; 0 / 1.0 turn a filter off), then one draw.
 
-The only host synchronisation is reading the chosen ids. Sampling uses the exponential-race
-form of the Gumbel-max trick (``argmax(p / E)``, ``E ~ Exp(1)``), so each seeded request draws
-its noise from its own ``torch.Generator`` and its output does not depend on the other requests
-in the batch (the one per-row step: a generator cannot fill another row's noise).
+The only host synchronisation is reading the chosen ids. A draw is an inverse-CDF draw with one
+uniform number per row; each seeded request takes its number from its own ``torch.Generator``,
+so its output does not depend on the other requests in the batch (the one per-row step: a
+generator cannot fill another row's number). Rows that keep a top-k (the request's, or the
+model's default) are filtered and drawn among their ``max k`` likeliest ids only, so the common
+case never sorts the whole vocabulary.
 
 Constrained requests (``params.constraint``) carry a grammar matcher: every accepted id advances
 it; unconstrained rows of the same step are untouched. Requests with ``params.logprobs`` get each
@@ -149,15 +151,27 @@ class Sampler:
         return chosen
 
     def _draw_full(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-        probs = torch.softmax(self.warp(logits, states), dim=-1)
-        return (probs / self._noise(states, logits.shape, logits.device)).argmax(dim=-1)
+        return self._draw(torch.softmax(self.warp(logits, states), dim=-1), states)
 
     def _draw_top_k(self, logits: torch.Tensor, states: Sequence[SamplerState], ks: list[int]) -> torch.Tensor:
         values, ids = torch.topk(logits, max(ks), dim=-1)  # sorted, likeliest first
-        probs = torch.softmax(self._warp_candidates(values, states, ks), dim=-1)
-        noise = self._noise(states, logits.shape, logits.device, ids)
-        choice = (probs / noise).argmax(dim=-1, keepdim=True)
-        return ids.gather(1, choice).squeeze(1)
+        choice = self._draw(torch.softmax(self._warp_candidates(values, states, ks), dim=-1), states)
+        return ids.gather(1, choice.unsqueeze(1)).squeeze(1)
+
+    def _draw(self, probs: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+        """Inverse-CDF draw: one uniform number per row (a seeded row's from its own generator)."""
+        uniform = torch.empty(len(states), dtype=probs.dtype, device=probs.device)
+        shared_rows = [i for i, s in enumerate(states) if s.generator is None]
+        if shared_rows:
+            uniform[shared_rows] = torch.rand(len(shared_rows), generator=self._generator, device=probs.device,
+                                              dtype=probs.dtype)
+        for i, state in enumerate(states):
+            if state.generator is not None:
+                uniform[i] = torch.rand(1, generator=state.generator, device=probs.device, dtype=probs.dtype)[0]
+        cdf = probs.cumsum(dim=-1)
+        target = (uniform * cdf[:, -1] * (1.0 - 1e-6)).unsqueeze(1)  # strictly inside the total mass
+        chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return chosen.clamp(max=probs.shape[-1] - 1)
 
     def _warp_candidates(self, values: torch.Tensor, states: Sequence[SamplerState], ks: list[int]) -> torch.Tensor:
         """:meth:`warp` on each row's candidates (``values`` sorted descending, one column per id)."""
@@ -178,21 +192,6 @@ class Sampler:
         if max(min_p) > 0.0:
             values = _min_p_filter(values, torch.tensor(min_p, dtype=values.dtype, device=device))
         return values
-
-    def _noise(self, states: Sequence[SamplerState], shape: torch.Size, device: torch.device,
-               ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Exp(1) noise per row (``ids``: only those columns). A seeded row draws over the whole
-        vocabulary from its own generator, so its draw never depends on its neighbours."""
-        width = shape[-1] if ids is None else ids.shape[-1]
-        noise = torch.empty((len(states), width), device=device)
-        shared_rows = [i for i, s in enumerate(states) if s.generator is None]
-        if shared_rows:
-            noise[shared_rows] = noise[shared_rows].exponential_(generator=self._generator)
-        for i, state in enumerate(states):
-            if state.generator is not None:
-                row = torch.empty(shape[-1], device=device).exponential_(generator=state.generator)
-                noise[i] = row if ids is None else row[ids[i]]
-        return noise
 
 
 def process_logits(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
