@@ -67,6 +67,16 @@ _COMPLETION: Schema = {"type": "object", "required": ["id", "object", "choices"]
     "model": {"type": "string"}, "choices": {"type": "array"}, "usage": {"type": "object"}}}
 
 
+#: ``POST /tokenize`` and ``/detokenize`` (api/protocols/tokenize_routes.py): their answers.
+_TOKENIZER_PATHS: dict[str, Schema] = {
+    "/tokenize": {"type": "object", "required": ["count", "max_model_len", "tokens", "token_strs"], "properties": {
+        "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+        "tokens": {"type": "array", "items": {"type": "integer"}},
+        "token_strs": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]}}},
+    "/detokenize": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+}
+
+
 def _error(status: int, headers: bool = False) -> Schema:
     out: Schema = {"description": _ERROR_WORDS[status], "content": {"application/json": {"schema": _ERROR_BODY}}}
     if headers:
@@ -196,13 +206,14 @@ def _errors(method: str, path: str, keyed: bool) -> dict[str, Schema]:
     if path == "/health":  # its 503 is the health body itself
         return out
     generates = path.startswith(("/chat/", "/v1/chat", "/v1/completions"))
-    if generates or path.startswith("/v1/models/"):
+    tokenizer = path in _TOKENIZER_PATHS
+    if generates or tokenizer or path.startswith("/v1/models/"):
         out["400"] = _error(400)
     if path == "/v1/chat/completions":
         out["400"] = {**out["400"], "description": f"{_ERROR_WORDS[400]}. {IMPROVEMENT_RULE}"}
     if keyed:
         out["401"] = _error(401)
-    if path.startswith("/v1/models/") or path in ("/v1/chat/completions", "/v1/completions"):
+    if path.startswith("/v1/models/") or path in ("/v1/chat/completions", "/v1/completions") or tokenizer:
         out["404"] = _error(404)
     if method == "post":
         out["408"] = _error(408)
@@ -240,6 +251,8 @@ def _success(method: str, path: str, settings: ServerSettings) -> dict[str, Sche
             "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}})}
     if path.startswith("/v1/models/"):
         return {"200": _json("The served model", _MODEL)}
+    if path in _TOKENIZER_PATHS:
+        return {"200": _json("vLLM's shape", _TOKENIZER_PATHS[path])}
     answer = _json("The whole answer (`stream: false`)", _COMPLETION)
     answer["content"]["text/event-stream"] = {"schema": {},  # each event: a chunk object, an error, or [DONE]
                                               "description": "`stream: true`: `data: {chunk}` ... `data: [DONE]`"}

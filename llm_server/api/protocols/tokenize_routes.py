@@ -11,7 +11,7 @@ The tokenizer work is the serving layer's (:meth:`ChatService.tokenize` / ``deto
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -27,12 +27,40 @@ from llm_server.serving.request import ChatInputError
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["tokenizer"])
 
 
-class TokenizeRequest(BaseModel):
+class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    """A chat message as on /v1/chat/completions, every key known (an unknown one is a 400)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_Part] | None = None
+    name: str | None = None
+    tool_calls: Any = None
+    function_call: Any = None
+    tool_call_id: str | None = None
+
+
+#: Exactly one of ``prompt`` and ``messages`` (what the route checks), said in the OpenAPI document.
+_ONE_INPUT: dict[str, Any] = {"oneOf": [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}, "not": {"required": ["messages"]}},
+    {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1}},
+     "not": {"required": ["prompt"]}},
+]}
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_ONE_INPUT)
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[_Message] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
     return_token_strs: StrictBool = False
@@ -61,7 +89,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if body.messages is not None and not body.add_generation_prompt:
         raise APIError(400, "add_generation_prompt false is not supported: messages are tokenized as a chat "
                        "turn", param="add_generation_prompt", code="unsupported_value")
-    messages = chat_messages(body.messages) if body.messages is not None else None
+    messages = None
+    if body.messages is not None:
+        wire = [ChatMessage.model_validate(m.model_dump(exclude_none=True)) for m in body.messages]
+        messages = chat_messages(wire)
     chat = ready_chat(request)
     try:
         ids = await anyio.to_thread.run_sync(chat.tokenize, body.prompt, messages, body.add_special_tokens)
