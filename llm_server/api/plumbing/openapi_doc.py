@@ -143,14 +143,18 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
             if field in props:
                 props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
                                           {"type": "null"}]}
-        for field in ("n", "best_of"):
+        if "best_of" in props:
+            props["best_of"] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "only 1 is supported"}
+        if "n" in props:
+            props["n"] = {"anyOf": [{"const": 1}, {"type": "null"}],
+                          "description": "1 .. 16 choices; above 1 only without stream (400 naming n)"}
+        for field in ("presence_penalty", "frequency_penalty"):
             if field in props:
-                props[field] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "only 1 is supported"}
-        for field in ("presence_penalty", "frequency_penalty", "min_p"):
-            if field in props:
-                props[field] = {"anyOf": [{"const": 0}, {"type": "null"}], "description": "only 0 is supported"}
+                props[field] = _nullable({"type": "number", "minimum": -2, "maximum": 2})
+        if "min_p" in props:
+            props["min_p"] = _nullable({"type": "number", "minimum": 0, "maximum": 1})
         if "top_k" in props:
-            props["top_k"] = {"anyOf": [{"enum": [0, -1]}, {"type": "null"}], "description": "not supported"}
+            props["top_k"] = _nullable({"type": "integer", "minimum": -1, "description": "-1 or 0: off"})
         for field in ("tool_choice", "function_call"):
             if field in props:
                 props[field] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
@@ -170,7 +174,7 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
         if "logprobs" in props:
             props["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "not supported"}
         if "echo" in props:
-            props["echo"] = {"const": False, "description": "not supported"}
+            props["echo"] = {"type": "boolean", "description": "the prompt before the completion (not with logprobs)"}
         schemas[name]["additionalProperties"] = False
         schemas[name]["description"] = "Fields this server does not implement are refused with 400."
     if "ChatMessage" in schemas:
