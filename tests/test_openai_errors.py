@@ -133,11 +133,6 @@ def test_malformed_json_is_400(serve: Serve) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("n", 2),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1.0),
-        ("logit_bias", {"50256": -100}),
-        ("top_k", 40),
         ("totally_unknown_field", 1),
     ],
 )
@@ -163,7 +158,7 @@ def test_harmless_and_default_valued_fields_are_accepted(serve: Serve) -> None:
 
 def test_completions_refuse_unimplemented_fields(serve: Serve) -> None:
     url, _ = serve()
-    for extra in ({"echo": True}, {"best_of": 3}, {"suffix": "end"}):
+    for extra in ({"echo": True, "logprobs": 1}, {"best_of": 3}, {"suffix": "end"}):
         with pytest.raises(openai.BadRequestError) as err:
             client(url).completions.create(model=MODEL, prompt="x", extra_body=extra)
         assert_openai_error(err.value.response.json(), param=next(iter(extra)))

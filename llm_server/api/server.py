@@ -42,7 +42,13 @@ from llm_server.api.plumbing.keyvault import KeyVaultError
 from llm_server.api.plumbing.limits import BodySizeLimitMiddleware
 from llm_server.api.plumbing.middleware import configure_logging, install_middleware
 from llm_server.api.plumbing.openapi_doc import install_openapi
-from llm_server.api.protocols import anthropic_routes, openai_routes, responses_routes, spec_chat
+from llm_server.api.protocols import (
+    anthropic_routes,
+    openai_routes,
+    responses_routes,
+    spec_chat,
+    tokenize_routes,
+)
 from llm_server.api.settings import ServerSettings, load_settings
 from llm_server.engine.interface import Engine
 from llm_server.engine.wait_policy import apply_server_wait_policy
@@ -124,7 +130,8 @@ def create_app(
     app.state.settings = settings
     readiness(app)  # "loading" from the start, so /health never sees a missing state
     install_error_handlers(app, partial(allow_header, app))
-    for module in (ops_routes, spec_chat, openai_routes, responses_routes, anthropic_routes, page_routes):
+    for module in (ops_routes, spec_chat, openai_routes, responses_routes, anthropic_routes, tokenize_routes,
+                   page_routes):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
                        timeout_s=lambda: app.state.settings.request_body_timeout_s)

@@ -16,10 +16,9 @@ then applies the output: samples each row, turns the new token into text (UTF-8 
 strings held back), pushes it to the request's :class:`GenerationStream`, and finishes the
 requests that are done. Consumers' event loops are woken once per forward, not once per token.
 
-A request's state is its :class:`~.sequence.Sequence`'s ``status`` (waiting, prefilling,
-decoding, finished); finishing is idempotent. Errors while handling one request fail that
-request only. An error that cannot be pinned on one request (a decode forward raising) is fatal:
-every pending request fails with ``EngineError`` and ``stats().healthy`` turns False.
+A request's state is its Sequence's ``status`` (waiting, prefilling, decoding, finished);
+finishing is idempotent. Errors while handling one request fail that request only. An error
+not pinned on one request (a decode forward raising) fails every pending request: unhealthy.
 """
 
 from __future__ import annotations
@@ -144,18 +143,19 @@ class BatchEngine(Engine):
         ids = request.prompt_ids
         if not ids:
             raise InvalidRequest("the prompt is empty: at least one token is needed")
-        if min(ids) < 0 or max(ids) >= self._vocab_size:
-            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
+        for what, checked in (("prompt", ids), ("logit_bias", [i for i, _ in request.params.logit_bias])):
+            bad = next((i for i in checked if not 0 <= i < self._vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"{what} token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
         new_tokens = max(request.params.max_new_tokens, 0)
         if len(ids) + new_tokens > self.max_context:
             raise ContextLengthExceeded(len(ids), new_tokens, self.max_context)
 
     def _check_accepting(self) -> None:
-        if not self._healthy:
-            raise EngineUnavailable("the engine stopped after a fatal error")
-        if not self._ready or self._draining:
-            raise EngineUnavailable("the engine is not accepting requests")
+        if not (self._healthy and self._ready) or self._draining:
+            fatal = not self._healthy
+            raise EngineUnavailable("the engine stopped after a fatal error" if fatal else
+                                    "the engine is not accepting requests")
 
     def stats(self) -> EngineStats:
         with self._lock:

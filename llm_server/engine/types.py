@@ -50,7 +50,8 @@ class SamplingParams:
 
     ``max_new_tokens``, ``temperature`` and ``do_sample`` default to the generation defaults
     (:data:`~llm_server.helper_functionality.config_models.GENERATION_DEFAULTS`, defined once);
-    ``top_p`` and ``repetition_penalty`` default to 1.0, which turns them off: the serving layer
+    ``top_p`` and ``repetition_penalty`` default to 1.0, which turns them off (as do the 0
+    defaults of the penalties and ``min_p``, and an empty ``logit_bias``): the serving layer
     fills a request's unset fields with the configured defaults before it reaches the engine.
     """
 
@@ -59,6 +60,16 @@ class SamplingParams:
     top_p: float = 1.0
     do_sample: bool = GENERATION_DEFAULTS.do_sample
     repetition_penalty: float = 1.0
+    #: OpenAI's penalties over the ids generated so far: the logit drops by
+    #: ``presence_penalty * [count > 0] + frequency_penalty * count`` (0: off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: ``(token_id, bias)`` pairs added to the logits before anything else (bias in [-100, 100]).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: None: the engine's default top-k (the model's, as ``model.generate``); 0: off; k > 0: keep k.
+    top_k: int | None = None
+    #: Drop ids whose probability is below ``min_p`` times the likeliest one's (0: off).
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     #: Grammar-constrained decoding (an ``engine.constraints.Grammar``); None: free text.

@@ -42,6 +42,13 @@ class Sampling:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    #: ``(token_id, bias)`` pairs; ids are checked against the vocabulary by the engine.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: None: the model's default top-k; 0 or -1: off; k > 0: keep the k likeliest ids.
+    top_k: int | None = None
+    min_p: float | None = None
 
 
 @dataclass(frozen=True)

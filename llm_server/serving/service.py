@@ -56,7 +56,7 @@ from llm_server.engine.interface import Engine
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import GenerationRequest, SamplingParams
 from llm_server.serving.request import ChatInputError, Message, TurnRequest
-from llm_server.serving.sampling import request_sampling
+from llm_server.serving.sampling import request_filters, request_sampling
 from llm_server.serving.schema_check import check_instance
 from llm_server.serving.structured import LogprobReader, compile_schema, response_format_grammar, with_logprobs
 from llm_server.serving.tools import ToolSet, call_grammar, parse_tools, with_tools_prompt
@@ -133,6 +133,7 @@ class ChatService:
         params = request_sampling(self.defaults, max_new_tokens=asked.max_new_tokens, temperature=asked.temperature,
                                   top_p=asked.top_p, repetition_penalty=asked.repetition_penalty, seed=asked.seed,
                                   stop=asked.stop)
+        params = request_filters(params, asked)
         if asked.max_new_tokens is None:
             params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_new_tokens_limit))
         elif params.max_new_tokens > self.max_new_tokens_limit:
@@ -213,6 +214,24 @@ class ChatService:
             return chat_token_ids(self.engine.tokenizer, messages)
         except ChatTemplateError as exc:  # e.g. a template that demands alternating user/assistant turns
             raise ChatInputError(str(exc), param="messages", code="invalid_messages") from exc
+
+    def tokenize(self, prompt: str | None, messages: list[Message] | None, add_special_tokens: bool) -> list[int]:
+        """The ids of a raw ``prompt`` (``add_special_tokens`` as given), or of ``messages`` exactly
+        as a chat turn would feed them to the model (template and generation prompt applied)."""
+        if messages is not None:
+            if not messages:
+                raise ChatInputError("messages must not be empty", param="messages")
+            return self.prompt_ids(messages)
+        return list(self.engine.tokenizer(prompt or "", add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens included); an id outside the vocabulary is a 400."""
+        size = len(self.engine.tokenizer)
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= token_id < size:
+                raise ChatInputError(f"token id {token_id} is outside the vocabulary (0..{size - 1})",
+                                     param=f"tokens.{i}", code="invalid_value")
+        return str(self.engine.tokenizer.decode(token_ids))
 
     def _improvement(self, messages: list[Message], request: TurnRequest) -> Steps:
         """The improvement pipeline's steps for ``[system?, *history, user]``: the system prompts

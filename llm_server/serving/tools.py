@@ -62,6 +62,11 @@ class ToolSet:
     def constrained(self) -> bool:
         return self.choice != "auto"
 
+    @property
+    def max_calls(self) -> int:
+        """A named function is called exactly once; ``parallel_tool_calls: false`` allows one."""
+        return MAX_PARALLEL_CALLS if self.parallel and self.choice in ("auto", "required") else 1
+
     def callable_tools(self) -> tuple[Tool, ...]:
         if self.choice in ("auto", "required"):
             return self.tools
@@ -156,7 +161,7 @@ def call_grammar_text(toolset: ToolSet) -> str:
     ]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {**schema, "x-guidance": _JSON_STYLE}
-    repeat = f' ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if toolset.parallel else ""
+    repeat = f' ("\\n" call){{0,{toolset.max_calls - 1}}}' if toolset.max_calls > 1 else ""
     return f'start: call{repeat}\ncall: "<tool_call>\\n" %json {json.dumps(schema)} "\\n</tool_call>"\n'
 
 
@@ -177,10 +182,11 @@ def call_grammar(tokenizer: Any, toolset: ToolSet) -> Any:
 # --- reading calls back ----------------------------------------------------------------------
 def parse_calls(text: str, toolset: ToolSet) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a reply: calls in ``<tool_call>`` blocks (or a bare call object) whose
-    name is a known tool; with no valid call, the whole text is the content."""
-    names = {t.name for t in toolset.tools}
+    name is a known tool, at most ``toolset.max_calls`` of them (the first); with no valid call,
+    the whole text is the content."""
+    names = {t.name for t in toolset.callable_tools()}
     blocks = _CALL_BLOCK.findall(text) if "<tool_call>" in text else [text.strip()]
-    calls = [call for call in (_call(block, names) for block in blocks) if call is not None]
+    calls = [call for call in (_call(block, names) for block in blocks) if call is not None][: toolset.max_calls]
     if not calls:
         return text, []
     content = _CALL_BLOCK.sub("", text).strip() if "<tool_call>" in text else ""

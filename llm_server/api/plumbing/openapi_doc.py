@@ -68,6 +68,16 @@ _COMPLETION: Schema = {"type": "object", "required": ["id", "object", "choices"]
     "model": {"type": "string"}, "choices": {"type": "array"}, "usage": {"type": "object"}}}
 
 
+#: ``POST /tokenize`` and ``/detokenize`` (api/protocols/tokenize_routes.py): their answers.
+_TOKENIZER_PATHS: dict[str, Schema] = {
+    "/tokenize": {"type": "object", "required": ["count", "max_model_len", "tokens", "token_strs"], "properties": {
+        "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+        "tokens": {"type": "array", "items": {"type": "integer"}},
+        "token_strs": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]}}},
+    "/detokenize": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+}
+
+
 _ANTHROPIC_ERROR_BODY: Schema = {
     "type": "object", "required": ["type", "error"],
     "properties": {"type": {"const": "error"}, "error": {
@@ -153,14 +163,18 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
             if field in props:
                 props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
                                           {"type": "null"}]}
-        for field in ("n", "best_of"):
+        if "best_of" in props:
+            props["best_of"] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "only 1 is supported"}
+        if "n" in props:
+            props["n"] = {"anyOf": [{"const": 1}, {"type": "null"}],
+                          "description": "1 .. 16 choices; above 1 only without stream (400 naming n)"}
+        for field in ("presence_penalty", "frequency_penalty"):
             if field in props:
-                props[field] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "only 1 is supported"}
-        for field in ("presence_penalty", "frequency_penalty", "min_p"):
-            if field in props:
-                props[field] = {"anyOf": [{"const": 0}, {"type": "null"}], "description": "only 0 is supported"}
+                props[field] = _nullable({"type": "number", "minimum": -2, "maximum": 2})
+        if "min_p" in props:
+            props["min_p"] = _nullable({"type": "number", "minimum": 0, "maximum": 1})
         if "top_k" in props:
-            props["top_k"] = {"anyOf": [{"enum": [0, -1]}, {"type": "null"}], "description": "not supported"}
+            props["top_k"] = _nullable({"type": "integer", "minimum": -1, "description": "-1 or 0: off"})
         for field in ("tool_choice", "function_call"):
             if field in props:
                 props[field] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
@@ -180,7 +194,7 @@ def _tighten_openai(schemas: dict[str, Schema], settings: ServerSettings) -> Non
         if "logprobs" in props:
             props["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "not supported"}
         if "echo" in props:
-            props["echo"] = {"const": False, "description": "not supported"}
+            props["echo"] = {"type": "boolean", "description": "the prompt before the completion (not with logprobs)"}
         schemas[name]["additionalProperties"] = False
         schemas[name]["description"] = "Fields this server does not implement are refused with 400."
     if "ChatMessage" in schemas:
@@ -246,13 +260,14 @@ def _errors(method: str, path: str, keyed: bool) -> dict[str, Schema]:
         return out
     error = partial(_error, anthropic=path in ANTHROPIC_PATHS)
     generates = path.startswith(_GENERATING) and not path.startswith("/v1/responses/")
-    if generates or path.startswith("/v1/models/"):
+    tokenizer = path in _TOKENIZER_PATHS
+    if generates or tokenizer or path.startswith("/v1/models/"):
         out["400"] = error(400)
     if path == "/v1/chat/completions":
         out["400"] = {**out["400"], "description": f"{_ERROR_WORDS[400]}. {IMPROVEMENT_RULE}"}
     if keyed:
         out["401"] = error(401)
-    if path.startswith(("/v1/models/", "/v1/responses")) or generates and path.startswith("/v1/"):
+    if path.startswith(("/v1/models/", "/v1/responses")) or generates and path.startswith("/v1/") or tokenizer:
         out["404"] = {**error(404), "description": "Unknown model, or unknown / evicted / another key's response"}
     if method == "post":
         out["408"] = error(408)
@@ -301,6 +316,8 @@ def _success(method: str, path: str, settings: ServerSettings) -> dict[str, Sche
         answer = _json("The whole answer (`stream: false`)", _RESPONSE if path == "/v1/responses" else _MESSAGE)
         answer["content"]["text/event-stream"] = {"schema": {}, "description": "`stream: true`: named events"}
         return {"200": answer}
+    if path in _TOKENIZER_PATHS:
+        return {"200": _json("vLLM's shape", _TOKENIZER_PATHS[path])}
     answer = _json("The whole answer (`stream: false`)", _COMPLETION)
     answer["content"]["text/event-stream"] = {"schema": {},  # each event: a chunk object, an error, or [DONE]
                                               "description": "`stream: true`: `data: {chunk}` ... `data: [DONE]`"}

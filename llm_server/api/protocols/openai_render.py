@@ -80,11 +80,20 @@ class Reply:
     include_usage: bool = False
     id: str = ""
     created: int = 0
+    #: The request used the legacy ``functions``: a call is written as ``function_call``.
+    legacy_functions: bool = False
+    #: ``echo`` on /v1/completions: the prompt, written before the completion.
+    echo: str = ""
 
     @classmethod
-    def new(cls, chat: bool, model: str, turn: Turn, include_usage: bool) -> Reply:
+    def new(cls, chat: bool, model: str, turn: Turn, include_usage: bool, legacy_functions: bool = False) -> Reply:
         prefix = "chatcmpl" if chat else "cmpl"
-        return cls(chat, model, turn, include_usage, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+        return cls(chat, model, turn, include_usage, f"{prefix}-{uuid.uuid4().hex}", int(time.time()),
+                   legacy_functions)
+
+    def finish_reason(self, done: ChatDone) -> str:
+        reason = finish_reason(done)
+        return "function_call" if reason == "tool_calls" and self.legacy_functions else reason
 
     def _logprobs(self) -> dict[str, Any] | None:
         """The log-probabilities recorded since the last call (None when not requested)."""
@@ -102,12 +111,16 @@ class Reply:
         done = collected.done
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": collected.text}
-            if done.tool_calls:
+            if done.tool_calls and self.legacy_functions:
+                first = done.tool_calls[0]
+                message.update(content=done.held_text or None,
+                               function_call={"name": first.name, "arguments": first.arguments})
+            elif done.tool_calls:
                 message.update(content=done.held_text or None, tool_calls=tool_calls_json(done.tool_calls))
             choice: dict[str, Any] = {"index": 0, "message": message}
         else:
-            choice = {"index": 0, "text": collected.text}
-        choice.update(logprobs=self._logprobs(), finish_reason=finish_reason(done))
+            choice = {"index": 0, "text": self.echo + collected.text}
+        choice.update(logprobs=self._logprobs(), finish_reason=self.finish_reason(done))
         return {**self._envelope(False), "choices": [choice], "usage": usage(done), "system_fingerprint": None}
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -125,6 +138,9 @@ class Reply:
         """The chunks of a reply held back for tool calls: its content, then one chunk per call."""
         deltas: list[dict[str, Any]] = [{"content": done.held_text}] if done.held_text else []
         for index, call in enumerate(done.tool_calls):
+            if self.legacy_functions:
+                deltas.append({"function_call": {"name": call.name, "arguments": call.arguments}})
+                break
             deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
                                            "function": {"name": call.name, "arguments": call.arguments}}]})
         return [self.chunk(delta) for delta in deltas]
@@ -143,6 +159,9 @@ async def sse_events(reply: Reply, to_api_error: Callable[[Exception], APIError]
     or, after a failure, a final error event instead of the finish."""
     if reply.chat:
         yield sse(reply.chunk({"role": "assistant", "content": ""}))
+    elif reply.echo:
+        yield sse({**reply.chunk({}), "choices": [{"index": 0, "text": reply.echo, "logprobs": None,
+                                                   "finish_reason": None}]})
     async with aclosing(events(reply.turn)) as items:
         async for item in items:
             if isinstance(item, ChatDelta):
@@ -152,7 +171,7 @@ async def sse_events(reply: Reply, to_api_error: Callable[[Exception], APIError]
             elif isinstance(item, ChatDone):
                 for chunk in reply.held_chunks(item):
                     yield sse(chunk)
-                yield sse(reply.chunk({}, finish_reason(item)))
+                yield sse(reply.chunk({}, reply.finish_reason(item)))
                 if reply.include_usage:
                     yield sse(reply.usage_chunk(item))
                 yield sse("[DONE]")

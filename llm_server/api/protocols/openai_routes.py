@@ -13,9 +13,11 @@ by :mod:`llm_server.api.protocols.openai_render`: whole, or as Server-Sent Event
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -37,8 +39,9 @@ from llm_server.api.protocols.openai_wire import (
     unsupported_chat_fields,
     unsupported_completion_fields,
 )
-from llm_server.api.protocols.turns import TurnResponse, api_error_for, collect, open_turn
+from llm_server.api.protocols.turns import Turn, TurnResponse, api_error_for, collect, open_turn
 from llm_server.serving.request import TurnRequest
+from llm_server.serving.turn_stream import Cancel
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +79,62 @@ def check_model(request: Request, model: str) -> str:
 async def _answer(request: Request, body: SamplingFields, turn_request: TurnRequest, chat: bool,
                   prompt_param: str) -> Response:
     """Open the turn (errors -> HTTP errors), then answer it whole or as SSE."""
+    if (body.n or 1) > 1:
+        return await _answer_choices(request, body, turn_request, chat, prompt_param, body.n or 1)
     model = check_model(request, body.model)
     to_api_error = _error_mapper(prompt_param)
     turn = await open_turn(request, turn_request, to_api_error)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    reply = Reply.new(chat, model, turn, include_usage)
+    legacy = isinstance(body, ChatCompletionRequest) and body.functions is not None
+    reply = replace(Reply.new(chat, model, turn, include_usage, legacy), echo=_echo(body, turn_request))
     if body.stream:
         return TurnResponse(sse_events(reply, to_api_error), turn, media_type=_SSE_MEDIA_TYPE)
     collected = await collect(request, turn, to_api_error)
     if collected is None:  # the client left; its generation was cancelled
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(reply.whole(collected))
+
+
+def _echo(body: SamplingFields, turn_request: TurnRequest) -> str:
+    return turn_request.prompt or "" if isinstance(body, CompletionRequest) and body.echo else ""
+
+
+def _nth_turn(turn_request: TurnRequest, index: int) -> TurnRequest:
+    """Choice ``index`` of an ``n`` request: its own engine request id, and seed + index when seeded."""
+    sampling = turn_request.sampling
+    if sampling.seed is not None:
+        sampling = replace(sampling, seed=(sampling.seed + index) % 2**63)
+    return replace(turn_request, request_id=f"{turn_request.request_id}-{index}", sampling=sampling)
+
+
+async def _answer_choices(request: Request, body: SamplingFields, turn_request: TurnRequest, chat: bool,
+                          prompt_param: str, n: int) -> Response:
+    """``n`` choices: n turns opened together (each counts against admission), answered whole."""
+    if body.stream:
+        raise APIError(400, "n > 1 is supported without stream only", param="n", code="unsupported_value")
+    model = check_model(request, body.model)
+    to_api_error = _error_mapper(prompt_param)
+    turns: list[Turn] = []
+    try:
+        for index in range(n):
+            turns.append(await open_turn(request, _nth_turn(turn_request, index), to_api_error))
+        collected = await asyncio.gather(*(collect(request, turn, to_api_error) for turn in turns))
+    except BaseException:
+        for turn in turns:
+            turn.stop(Cancel.READER_LEFT)
+        raise
+    if any(c is None for c in collected):
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    legacy = isinstance(body, ChatCompletionRequest) and body.functions is not None
+    first = replace(Reply.new(chat, model, turns[0], False, legacy), echo=_echo(body, turn_request))
+    answers = [replace(first, turn=turn).whole(c) for turn, c in zip(turns, collected, strict=True) if c is not None]
+    for index, answer in enumerate(answers):
+        answer["choices"][0]["index"] = index
+    whole = {**answers[0], "choices": [a["choices"][0] for a in answers]}
+    completion_tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    whole["usage"] = {**answers[0]["usage"], "completion_tokens": completion_tokens,
+                      "total_tokens": answers[0]["usage"]["prompt_tokens"] + completion_tokens}
+    return JSONResponse(whole)
 
 
 # --- endpoints --------------------------------------------------------------------------------

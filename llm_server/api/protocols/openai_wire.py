@@ -4,14 +4,15 @@ cannot honour, and the translation of a request into the serving layer's one
 
 Requests are parsed leniently by pydantic (unknown keys are kept in ``model_extra``), then
 :func:`unsupported_chat_fields` / :func:`unsupported_completion_fields` list every field
-that would change the output but is not implemented (non-zero penalties, ``logit_bias``,
-``n > 1``...) and every key we do not know at all; routes answer those with a 400 naming
+that would change the output but is not implemented (``n > 1``, ``best_of``, ``suffix``...)
+and every key we do not know at all; routes answer those with a 400 naming
 the field, as OpenAI does, instead of silently ignoring them. Fields that never change the
 output (``user``, ``metadata``, ``store``...) are accepted and ignored.
 
 Extension fields (sent by the SDK through ``extra_body``): ``improvement``,
 ``intermediate_steps`` and ``role`` run the spec's improvement pipeline and role system
-prompts; ``repetition_penalty`` maps to the engine's sampling setting. ``response_format``,
+prompts; ``repetition_penalty``, ``top_k`` and ``min_p`` map to the engine's sampling settings
+(as ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` do). ``response_format``,
 ``logprobs`` / ``top_logprobs`` and tools are honoured (see docs/structured_output.md).
 """
 
@@ -44,6 +45,8 @@ IGNORED_FIELDS = frozenset(
 )
 
 MAX_STOP_SEQUENCES = 16
+#: The most choices (``n``) one request may ask for; each is a turn of its own in the engine.
+MAX_CHOICES = 16
 
 
 class TextPart(BaseModel):
@@ -84,7 +87,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: Integer | None = Field(default=None, ge=sampling.MIN_SEED, le=sampling.MAX_SEED)
-    n: Integer | None = Field(default=None, ge=1)
+    n: Integer | None = Field(default=None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -92,8 +95,8 @@ class SamplingFields(BaseModel):
     # extensions
     repetition_penalty: float | None = Field(default=None, ge=sampling.MIN_REPETITION_PENALTY,
                                              le=sampling.MAX_REPETITION_PENALTY)
-    top_k: Integer | None = None
-    min_p: float | None = None
+    top_k: Integer | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     user: str | None = None
 
     @field_validator("stop")
@@ -112,7 +115,22 @@ class SamplingFields(BaseModel):
     def sampling(self, max_tokens: int | None) -> Sampling:
         """What the client asked for; what it left out is the server's default (serving applies it)."""
         return Sampling(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                        repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop_sequences())
+                        repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop_sequences(),
+                        presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                        logit_bias=self.bias_pairs(), top_k=self.top_k, min_p=self.min_p)
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs; a key that is no token id is a 400 naming it."""
+        pairs: list[tuple[int, float]] = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise APIError(400, f"logit_bias key {key!r} is not a token id (a non-negative integer)",
+                               param=f"logit_bias.{key}", code="invalid_value")
+            if not -sampling.MAX_LOGIT_BIAS <= value <= sampling.MAX_LOGIT_BIAS:
+                raise APIError(400, f"logit_bias value for {key} must be between -100 and 100; got {value}",
+                               param=f"logit_bias.{key}", code="invalid_value")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -148,20 +166,7 @@ class CompletionRequest(SamplingFields):
 
 
 def _common_unsupported(req: SamplingFields) -> list[str]:
-    bad: list[str] = []
-    if req.n not in (None, 1):
-        bad.append("n")
-    if req.presence_penalty not in (None, 0.0):
-        bad.append("presence_penalty")
-    if req.frequency_penalty not in (None, 0.0):
-        bad.append("frequency_penalty")
-    if req.logit_bias:
-        bad.append("logit_bias")
-    if req.top_k not in (None, 0, -1):
-        bad.append("top_k")
-    if req.min_p not in (None, 0.0):
-        bad.append("min_p")
-    return bad
+    return []
 
 
 def _unknown(req: BaseModel) -> list[str]:
@@ -171,10 +176,6 @@ def _unknown(req: BaseModel) -> list[str]:
 def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
     """Fields of a chat request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.functions:
-        bad.append("functions")
-    if req.function_call not in (None, "none", "auto"):
-        bad.append("function_call")
     if req.modalities not in (None, ["text"]):
         bad.append("modalities")
     for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
@@ -186,8 +187,6 @@ def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
 def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
     """Fields of a completion request that would change the output but are not implemented."""
     bad = _common_unsupported(req)
-    if req.echo:
-        bad.append("echo")
     if req.suffix:
         bad.append("suffix")
     if req.best_of not in (None, 1):
@@ -198,12 +197,12 @@ def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
 # --- request -> TurnRequest ------------------------------------------------------------------
 def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
     """A chat completion request in the serving layer's terms (400 for what it cannot say)."""
-    tools = None
+    tools = _legacy_functions(body)
     if body.tools is not None or body.tool_choice is not None:
         tools = ToolRequest(body.tools, body.tool_choice, (body.model_extra or {}).get("parallel_tool_calls"))
     return TurnRequest(
         request_id=request_id,
-        messages=tuple(_chat_messages(body)),
+        messages=tuple(chat_messages(body.messages)),
         role=body.role or ("assistant" if body.improvement else None),  # the pipeline uses roles anyway
         sampling=body.sampling(body.requested_max_tokens()),
         response_format=body.response_format,
@@ -212,6 +211,26 @@ def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
     )
+
+
+def _legacy_functions(body: ChatCompletionRequest) -> ToolRequest | None:
+    """The legacy ``functions`` / ``function_call`` as tools (one call at most, as OpenAI made them)."""
+    if body.functions is None and body.function_call is None:
+        return None
+    if body.tools is not None or body.tool_choice is not None:
+        raise APIError(400, "send either tools/tool_choice or the legacy functions/function_call, not both",
+                       param="functions", code="invalid_value")
+    if not body.functions:
+        raise APIError(400, "function_call needs functions", param="function_call", code="invalid_value")
+    call = body.function_call
+    if isinstance(call, dict) and isinstance(call.get("name"), str):
+        choice: Any = {"type": "function", "function": {"name": call["name"]}}
+    elif call in (None, "auto", "none"):
+        choice = call
+    else:
+        raise APIError(400, "function_call must be none, auto or {'name': ...}", param="function_call",
+                       code="invalid_value")
+    return ToolRequest([{"type": "function", "function": f} for f in body.functions], choice, False)
 
 
 def completion_turn(body: CompletionRequest, request_id: str) -> TurnRequest:
@@ -246,6 +265,9 @@ def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 def completion_top_logprobs(body: CompletionRequest) -> int | None:
     value = body.logprobs
+    if body.echo and value not in (None, False):
+        raise APIError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
+                       "log-probabilities (echo alone is)", param="echo", code="unsupported_parameter")
     if value is None or value is False:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
@@ -272,9 +294,10 @@ def _message_text(index: int, content: Any) -> str:
     return "\n".join(texts)
 
 
-def _chat_messages(body: ChatCompletionRequest) -> list[Message]:
+def chat_messages(wire: list[ChatMessage]) -> list[Message]:
+    """Chat messages in the serving layer's terms (400 naming ``messages.N...`` for what cannot be said)."""
     messages: list[Message] = []
-    for i, msg in enumerate(body.messages):
+    for i, msg in enumerate(wire):
         if msg.role not in SUPPORTED_ROLES:
             raise APIError(400, f"message role {msg.role!r} is not supported ({', '.join(sorted(SUPPORTED_ROLES))})",
                            param=f"messages.{i}.role", code="unsupported_role")
