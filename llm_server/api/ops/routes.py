@@ -69,9 +69,10 @@ def _health(request: Request) -> JSONResponse:
         "model": getattr(engine, "model_id", None),
         "running": stats.running if stats else 0,
         "waiting": stats.waiting if stats else 0,
-        "runner": getattr(engine, "runner_name", None),  # which forward serves the model (batched or not) ...
-        "runner_reason": getattr(engine, "runner_reason", None),  # ... and why
     }
+    runner = getattr(engine, "runner_name", None)
+    if runner:  # which forward serves the model (batched or not), and why
+        body.update(runner=runner, runner_reason=getattr(engine, "runner_reason", ""))
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
