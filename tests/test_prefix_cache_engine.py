@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
+from llm_server.engine.model_setup import RUNNER_ATTR
 from llm_server.engine.quant import QUANTIZATION_ATTR
 from llm_server.engine.types import Finished, TextDelta
 from tests.test_engine_batching import build_model, consume, first_delta, greedy, request, running_engine
@@ -187,7 +188,9 @@ def test_quantized_runners_give_the_same_output_with_caching_on_and_off(tokenize
 
 def test_the_fallback_runner_reports_no_cached_tokens(tokenizer: Any) -> None:
     model = build_model(len(tokenizer), "gpt2")
+    setattr(model, RUNNER_ATTR, "hf")  # gpt2 now runs batched (GenericRunner): force the one-sequence fallback
     with running_engine(tokenizer, model) as engine:
+        assert engine.runner_name == "HFRunner"
         results = [run(engine, SYSTEM[:30], 5)[1] for _ in range(2)]
         stats = engine.stats()
     assert [f.cached_tokens for f in results] == [0, 0]
