@@ -329,10 +329,14 @@ def test_html_in_a_reply_is_shown_as_text_and_runs_nothing(
 def test_intermediate_steps_show_as_collapsible_stages(
     serve: Callable[..., LiveChat], new_page: Callable[[], Any]
 ) -> None:
-    def reply(prompt: str) -> str:
+    def reply(prompt: str) -> str:  # each improvement pass by its prompt: judge, revision, review, draft
+        if "Which answer is better" in prompt:
+            answer_a = prompt.split("Answer A:", 1)[1].split("Answer B:", 1)[0]
+            return '{"better": "A"}' if "sugar" in answer_a else '{"better": "B"}'
+        if "Previous answer:" in prompt:
+            return "Plants make **sugar** from light."
         if "REVISER" in prompt:
-            return ("Suggestions:\n1. Mention photosynthesis.\n\n"
-                    "Revised answer:\nPlants make **sugar** from light.\n\nComments:\nBetter.")
+            return "Suggestions:\n1. Mention photosynthesis.\n\nComments:\nBetter."
         return "Plants grow."
 
     chat = serve(reply=reply)
