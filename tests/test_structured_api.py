@@ -123,8 +123,11 @@ def test_bad_response_formats_are_400_and_the_server_stays_healthy(
 
 
 def test_chat_logprobs_blocking_and_streamed(client: openai.OpenAI) -> None:
+    # logprobs are the model's raw distribution: without the configured repetition penalty (1.1), which
+    # re-ranks tokens, greedy decoding picks the likeliest of them
+    raw = {"repetition_penalty": 1.0}
     blocking = client.chat.completions.create(model=MODEL, messages=ask("Peru"), max_tokens=8, temperature=0,
-                                              logprobs=True, top_logprobs=3)
+                                              logprobs=True, top_logprobs=3, extra_body=raw)
     content = blocking.choices[0].logprobs.content  # type: ignore[union-attr]
     assert "".join(t.token for t in content) == blocking.choices[0].message.content
     assert len(content) == blocking.usage.completion_tokens  # type: ignore[union-attr]
@@ -132,7 +135,7 @@ def test_chat_logprobs_blocking_and_streamed(client: openai.OpenAI) -> None:
         assert token.logprob <= 0 and len(token.top_logprobs) == 3
         assert token.top_logprobs[0].token == token.token  # greedy picks the likeliest
     streamed = list(client.chat.completions.create(model=MODEL, messages=ask("Peru"), max_tokens=8,
-                                                   temperature=0, logprobs=True, stream=True))
+                                                   temperature=0, logprobs=True, stream=True, extra_body=raw))
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
     assert [t.token for t in tokens] == [t.token for t in content]
     assert all(t.top_logprobs == [] for t in tokens)

@@ -57,8 +57,8 @@ def test_model_config_defaults_to_the_embedded_model() -> None:
 def test_system_prompts_have_assistant_reviser_and_the_spec_examples() -> None:
     prompts = load_system_prompt()
     assert {"assistant", "reviser", "code_reviewer", "technical_writer"} <= set(prompts)
-    for section in ("Suggestions:", "Revised answer:", "Comments:"):
-        assert section in prompts["reviser"]
+    # the spec's reviser example; each improvement pass's request states the output it wants (issue 20)
+    assert "taking the user's drafts and improving them" in prompts["reviser"]
 
 
 def test_server_config_has_the_contract_keys() -> None:
