@@ -10,6 +10,7 @@ stream from memory as in a real step. ``rss``: resident memory after load and af
 then does the runner drop the HF module's copies of the weights).
 
     .venv/bin/python benchmarks/weight_bench.py step --batch 1,16
+    WEIGHT_BENCH_MODES=bf16,int4 .venv/bin/python benchmarks/weight_bench.py step --batch 1,2,4,8,16
     .venv/bin/python benchmarks/weight_bench.py linear
     .venv/bin/python benchmarks/weight_bench.py rss
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from llm_server.engine.llama_weights import mark_engine_owned  # noqa: E402
 from llm_server.engine.quant import make_linear  # noqa: E402
 from llm_server.helper_functionality.model_loading import initialize  # noqa: E402
 
-MODES: dict[str, str | None] = {"bf16": None, "int8": "int8", "int4": "int4"}
+MODES: dict[str, str | None] = {"bf16": None, "int8": "int8", "int4": "int4", "auto": "auto"}
 PROMPT = "Write a detailed essay about the history of the Roman Empire."
 
 
@@ -67,7 +69,8 @@ def bench_step(batches: list[int], steps: int, rounds: int) -> None:
     tokenizer, model = initialize(device="cpu", dtype="bfloat16", compile=False, quantization="none")
     prompt = _prompt_ids(tokenizer)
     slots = max(batches)
-    runners = {m: LlamaRunner(model, max_slots=slots, max_context=1024, quantization=q) for m, q in MODES.items()}
+    chosen = [m.strip() for m in os.environ.get("WEIGHT_BENCH_MODES", ",".join(MODES)).split(",")]
+    runners = {m: LlamaRunner(model, max_slots=slots, max_context=1024, quantization=MODES[m]) for m in chosen}
     print(f"prompt {len(prompt)} tokens, {steps} decode steps, {rounds} rounds, {torch.get_num_threads()} threads")
     print("| batch | weights | weight MB | prefill ms | decode ms/step | tok/s | decode vs bf16 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

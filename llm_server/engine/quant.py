@@ -7,7 +7,10 @@
 - ``"int8"``: symmetric int8 weights with one scale per output channel
   (``aten._weight_int8pack_mm``); activations stay in the model's dtype;
 - ``"int4"``: asymmetric 4-bit weights with a scale and zero per group of 32 input channels
-  (``aten._weight_int4pack_mm_for_cpu``).
+  (``aten._weight_int4pack_mm_for_cpu``);
+- ``"auto"``: both an int4 copy and the oneDNN-packed float copy stay resident, and each call picks
+  one by its number of rows (:class:`RowSwitchLinear`): int4 for decode steps of few sequences
+  (bound by the bytes of weight read), the float kernel for larger batches and prefill.
 
 The weight-only kernels read 2x / 4x fewer weight bytes than bfloat16, which is what a decode step
 of one sequence is bound by; with many rows per call they are slower than oneDNN's bf16 kernel
@@ -33,7 +36,13 @@ ENGINE_OWNED_ATTR = "llm_server_engine_owned"
 #: The LM head's quantization for each mode. The head is int8 even in int4 mode: in int4 (groups of
 #: 32) its logits err by ~9% on the embedded model (its tied embedding is Q8_0 in the GGUF), against
 #: ~0.3% for the layers (Q4_1 in the GGUF: int4 groups of 32 represent them almost exactly).
-HEAD_QUANTIZATION: dict[str, str | None] = {"int8": "int8", "int4": "int8"}
+HEAD_QUANTIZATION: dict[str, str | None] = {"int8": "int8", "int4": "int8", "auto": "auto-int8"}
+#: ``auto`` modes: the weight-only copy used for calls of few rows (``auto-int8``: the LM head's).
+AUTO_SMALL_MODES = {"auto": "int4", "auto-int8": "int8"}
+#: ``auto``: calls of at most this many rows use the weight-only copy, larger ones the float copy.
+#: Measured on the embedded model's shapes (``benchmarks/weight_bench.py linear``, AVX-512 EPYC,
+#: 2 threads; docs/engine.md): int4 is ahead of oneDNN bf16 up to ~CROSSOVER rows.
+AUTO_MAX_SMALL_ROWS = 8
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides the input width is used
 #: Calls with more rows than this (prefill) de-quantize the weight and use the float matmul: the
 #: weight-only kernels' cost grows with the rows much faster than oneDNN's (3x slower prefill).
@@ -185,9 +194,28 @@ class Int4Linear:
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class RowSwitchLinear:
+    """Two copies of one weight: ``small`` (weight-only quantized) for calls of at most
+    ``max_small_rows`` rows, ``large`` (float, oneDNN-packed) above. Which copy a row goes through
+    depends on how many rows share the call, so results can differ slightly with the batch size."""
+
+    def __init__(self, small: Linear, large: Linear, max_small_rows: int) -> None:
+        self.small, self.large = small, large
+        self.max_small_rows = max_small_rows
+        self.out_features = small.out_features
+        self.weight_bytes = small.weight_bytes  # what a decode step of few sequences reads
+        self.resident_bytes = small.weight_bytes + large.weight_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        return self.small(x) if rows <= self.max_small_rows else self.large(x)
+
+
 def quantization_unsupported(weight: torch.Tensor, mode: str) -> str | None:
     """None when ``weight`` can be quantized with ``mode``; otherwise why not."""
-    if mode not in QUANT_MODES:
+    if mode in AUTO_SMALL_MODES:
+        return quantization_unsupported(weight, AUTO_SMALL_MODES[mode])
+    if mode not in (*QUANT_MODES, *AUTO_SMALL_MODES.values()):
         return f"unknown weight quantization {mode!r}; use one of {', '.join(QUANT_MODES)}"
     if weight.device.type != "cpu":
         return f"{mode} weight-only kernels are used on CPU only (got {weight.device.type})"
@@ -207,6 +235,11 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, qua
     """
     if quantization is None or quantization_unsupported(weight, quantization) is not None:
         return FloatLinear(weight, bias, pack)
+    if quantization in AUTO_SMALL_MODES:
+        small = make_linear(weight, bias, pack, AUTO_SMALL_MODES[quantization])
+        if isinstance(small, FloatLinear):  # the weight-only kernel is unavailable: one float copy
+            return small
+        return RowSwitchLinear(small, FloatLinear(weight, bias, pack=True), AUTO_MAX_SMALL_ROWS)
     if quantization == "int8":
         return Int8Linear(weight, bias)
     group = next(g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0)

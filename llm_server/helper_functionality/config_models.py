@@ -27,10 +27,10 @@ from pydantic_core import PydanticCustomError
 PARAMETERS_SET_PER_CALL = ("inputs", "input_ids", "attention_mask", "streamer", "stopping_criteria")
 
 #: The quantization modes ``model.optimizations.quantization`` accepts (None: full-precision weights).
-Quantization = Literal["4bit", "int8", "int4"]
+Quantization = Literal["4bit", "int8", "int4", "auto"]
 #: The weight-only quantizations the server's engine applies itself (CPU); ``initialize()`` marks
 #: a model loaded with one of them with :data:`QUANTIZATION_ATTR`, which the engine reads.
-RUNNER_QUANTIZATIONS = ("int8", "int4")
+RUNNER_QUANTIZATIONS = ("int8", "int4", "auto")
 QUANTIZATION_ATTR = "llm_server_weight_quantization"
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)

@@ -268,7 +268,7 @@ def resolve_compile(compile: bool | str | None, device: torch.device) -> bool:
 def resolve_quantization(quantization: str | bool | None, device: torch.device, dtype: torch.dtype) -> Any:
     """The weight quantization asked for.
 
-    None/"none" -> None; "int8" / "int4" -> that string on CPU (weight-only quantization applied by
+    None/"none" -> None; "int8" / "int4" / "auto" -> that string on CPU (weight-only quantization applied by
     the server engine's Llama runner, see ``llm_server.engine.quant``), None with a warning on other
     devices; "4bit" (or "nf4") -> a BitsAndBytesConfig (CUDA + bitsandbytes only).
     """
@@ -276,13 +276,16 @@ def resolve_quantization(quantization: str | bool | None, device: torch.device, 
     if name in ("", "none", "null", "false"):
         return None
     if name in RUNNER_QUANTIZATIONS:
-        if device.type != "cpu":  # so a CPU default (int4) does not stop the same config on a GPU
-            logger.warning("quantization %s is a CPU option (weight-only kernels); on %s the weights stay %s "
-                           "(use quantization: 4bit for bitsandbytes on CUDA)", name, device.type, dtype)
+        if device.type != "cpu":  # so a CPU default (auto) does not stop the same config on a GPU
+            log = logger.info if name == "auto" else logger.warning
+            log("quantization %s is a CPU option (weight-only kernels); on %s the weights stay %s "
+                "(use quantization: 4bit for bitsandbytes on CUDA)", name, device.type, dtype)
             return None
         return name
     if name not in ("4bit", "4-bit", "nf4"):
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use null, int8, int4 (CPU) or 4bit (CUDA)")
+        raise ModelLoadError(
+            f"unknown quantization {quantization!r}; use null, int8, int4, auto (CPU) or 4bit (CUDA)"
+        )
     if device.type != "cuda":
         raise ModelLoadError(
             "4-bit quantization (bitsandbytes) needs a CUDA device; on CPU use quantization: int8 or int4"
