@@ -82,13 +82,15 @@ class _StepInputs:
     bias: torch.Tensor | None  # attention mask over the cache; None: a fresh prefill (causal over its own tokens)
     key_slots: torch.Tensor  # [n, 1] with ``positions``: where each new key goes
     value_rows: torch.Tensor  # [n * steps * kv_heads] rows of one layer's value cache, flattened
+    keys: torch.Tensor | None  # [layers, n * kv_heads, head_dim, capacity]: the batch's cached keys (views)
+    values: torch.Tensor | None  # [layers, n * kv_heads, capacity, head_dim]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Exactly the HF Llama RMSNorm: statistics in float32, result in the input dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    """The Llama RMSNorm as one fused op (``F.rms_norm``: statistics in float32). Bit-identical to
+    the HF module in float32; in bfloat16 it rounds once where HF rounds twice (before and after
+    the weight), so it may differ from HF in the last bit."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class LlamaRunner(ModelRunner):
@@ -202,9 +204,9 @@ class LlamaRunner(ModelRunner):
         """The forward of a batch in slots ``lo..lo+n``: [n, vocab] logits of each row's last token."""
         step = self._step_inputs(lo, padded, starts)
         x = F.embedding(step.tokens, self._embed)  # [n, steps, hidden]
-        for index, layer in enumerate(self._layers):
-            x = x + self._attention(index, layer, _rms_norm(x, layer.ln1, self._eps), step)
-            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self._eps))
+        for index, layer in enumerate(self._layers):  # residuals added in place: no new tensor per layer
+            x.add_(self._attention(index, layer, _rms_norm(x, layer.ln1, self._eps), step))
+            x.add_(self._mlp(layer, _rms_norm(x, layer.ln2, self._eps)))
         return self._last_logits(x, lengths)
 
     def _step_inputs(self, lo: int, padded: list[list[int]], starts: list[int]) -> _StepInputs:
@@ -230,6 +232,8 @@ class LlamaRunner(ModelRunner):
             bias=None if fresh else self._attention_bias(positions, capacity),
             key_slots=slots.unsqueeze(1),
             value_rows=value_rows,
+            keys=None if fresh else self._cache.keys[:, lo : lo + n].flatten(1, 2),
+            values=None if fresh else self._cache.values[:, lo : lo + n].flatten(1, 2),
         )
 
     def _attention(self, index: int, layer: LayerWeights, h: torch.Tensor, step: _StepInputs) -> torch.Tensor:
@@ -240,7 +244,8 @@ class LlamaRunner(ModelRunner):
         qk_width = (heads + kv_heads) * head_dim
         qkv = layer.qkv(h)
         qk = qkv[..., :qk_width].view(n, steps, heads + kv_heads, head_dim)
-        qk = qk * step.cos + qk.roll(head_dim // 2, dims=-1) * step.sin  # rotary, sin sign-folded
+        # rotary on q and k together (sin sign-folded): 3 ops
+        qk = torch.addcmul(qk * step.cos, qk.roll(head_dim // 2, dims=-1), step.sin)
         q = qk[:, :, :heads].transpose(1, 2)  # [n, heads, steps, head_dim]
         k = qk[:, :, heads:]  # [n, steps, kv_heads, head_dim]
         v = qkv[..., qk_width:].view(n, steps, kv_heads, head_dim)
@@ -251,7 +256,8 @@ class LlamaRunner(ModelRunner):
             )
             attn = attn.transpose(1, 2).reshape(n, steps, heads * head_dim)
         else:
-            attn = self._cached_attention(q, index, step.lo, step.bias)
+            assert step.keys is not None and step.values is not None
+            attn = self._cached_attention(q, step.keys[index], step.values[index], step.bias)
         return layer.o(attn)
 
     def _store(self, index: int, step: _StepInputs, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -283,9 +289,11 @@ class LlamaRunner(ModelRunner):
         return bias.unsqueeze(1).expand(n, groups, steps, key_len).reshape(n, 1, groups * steps, key_len)
 
     def _cached_attention(
-        self, q: torch.Tensor, index: int, lo: int, bias: torch.Tensor
+        self, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
-        """Attention of new queries [n, heads, steps, head_dim] over the cache, grouped-query style.
+        """Attention of new queries [n, heads, steps, head_dim] over the cache, grouped-query style:
+        ``keys_t`` [n * kv_heads, head_dim, capacity] and ``values`` [n * kv_heads, capacity,
+        head_dim] are one layer's cache rows of the batch (contiguous views).
 
         Plain batched matmuls: for a handful of queries per sequence this is several times faster
         on CPU than ``scaled_dot_product_attention`` (whose flash kernel is tuned for long queries).
@@ -294,11 +302,9 @@ class LlamaRunner(ModelRunner):
         kv_heads = self._kv_heads
         rows = n * kv_heads
         key_len = self._cache.capacity
-        keys_t = self._cache.keys[index, lo : lo + n].flatten(0, 1)  # [rows, head_dim, capacity], contiguous view
-        values = self._cache.values[index, lo : lo + n].flatten(0, 1)  # [rows, capacity, head_dim], contiguous view
         grouped = q.reshape(rows, (heads // kv_heads) * steps, head_dim)
         scores = torch.bmm(grouped, keys_t).view(n, kv_heads, -1, key_len)
-        scores = scores.float().mul_(head_dim**-0.5).add_(bias)
+        scores = torch.add(bias, scores, alpha=head_dim**-0.5)  # float32: the mask's dtype
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(rows, -1, key_len)
         out = torch.bmm(probs, values).view(n, heads, steps, head_dim)
         return out.transpose(1, 2).reshape(n, steps, heads * head_dim)
