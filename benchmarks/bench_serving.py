@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servebench import peers, report  # noqa: E402
+from servebench import ceiling, peers, report  # noqa: E402
 from servebench.client import PROMPTS, SYSTEM_MESSAGE, LevelResult, drive  # noqa: E402,F401  (engine_microbench)
 from servebench.servers import REPO_ROOT, ServerSpec, free_port, process_group_rss_mb, running  # noqa: E402
 
@@ -89,6 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-other-cpu", type=float, default=0.25, metavar="CORES",
                         help="rerun a level when other processes used more CPU than this meanwhile (default 0.25)")
     parser.add_argument("--retries", type=int, default=2, help="most reruns of a disturbed level (default 2)")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the bandwidth-ceiling measurement (servebench/ceiling.py) before the servers")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-save", action="store_true", help="print only, write nothing under results")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (server logs, config)")
@@ -156,6 +158,33 @@ def run_all(args: argparse.Namespace, runs: list[tuple[str, str, Any]], workdir:
     return results
 
 
+def measure_ceiling(args: argparse.Namespace, weights: peers.Weights) -> ceiling.Ceiling:
+    """Memory bandwidth and bytes per token (servebench/ceiling.py), with the servers' thread count."""
+    dtype = next(d.strip() for d in args.dtype.split(",") if d.strip())
+    quantization = ceiling.configured_quantization(args.ours_set, REPO_ROOT / "llm_server" / "yaml_files"
+                                                   / "model_config.yaml")
+    measured = ceiling.measure(args.model_dir or weights.hf_folder, weights.gguf, dtype, quantization,
+                               args.llama_threads, peers.server_env(), REPO_ROOT)
+    log.info("streaming read %.1f GB/s (%d threads); ours reads %.1f MB of weights per token, the GGUF %.1f MB",
+             measured.bandwidth_gbs, measured.threads, measured.ours_weight_bytes / 1e6,
+             measured.gguf_tensor_bytes / 1e6)
+    return measured
+
+
+def ceiling_table(args: argparse.Namespace, limit: ceiling.Ceiling,
+                  results: dict[str, dict[str, list[LevelResult]]]) -> list[str]:
+    """The bandwidth-ceiling rows of the servers that ran 1 concurrent (ours: its first dtype)."""
+    positions: dict[str, float] = {}
+    tok_s: dict[str, float] = {}
+    for by_server in results.values():
+        for name, levels in by_server.items():
+            one = [lv for lv in levels if lv.concurrency == 1]
+            if one and name in ("ours", "llama-server") and name not in tok_s:
+                tok_s[name] = one[0].tokens_per_s
+                positions[name] = (one[0].prompt_tokens_mean or 0.0) + args.max_tokens / 2
+    return ceiling.ceiling_rows(limit, positions, tok_s)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -171,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_serving."))
     loads: list[str] = []
     commands: dict[str, str] = {}
+    limit = None if args.no_ceiling else measure_ceiling(args, weights)
     try:
         results = run_all(args, plan(args, weights, workdir, llama_binary), workdir, loads, commands)
     except KeyboardInterrupt:
@@ -185,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = report.machine_info()
     text = report.render_report(args, results, info, args.model_dir or weights.hf_folder,
                                 time.monotonic() - started, loads, commands, requests_per_level(args))
+    if limit is not None:
+        text += "\n" + "\n".join(ceiling_table(args, limit, results))
     print("\n" + text)
     if not args.no_save:
         servers = "-".join(sorted({name for by_server in results.values() for name in by_server}))

@@ -61,7 +61,10 @@ MODES: dict[str, tuple[str, str | None, str | None]] = {  # name -> (dtype, laye
     "int4": ("bfloat16", "int4", "int8"),  # the engine's int4 mode
     "int4-head-bf16": ("bfloat16", "int4", None),
     "int4-head-int4": ("bfloat16", "int4", "int4"),
+    "auto": ("bfloat16", "auto", "auto-int8"),  # the engine's auto mode, 20 prompts in one batch: bf16 path
+    "auto-1": ("bfloat16", "auto", "auto-int8"),  # auto, one prompt at a time (one user): int4 decode steps
 }
+ONE_AT_A_TIME = {"auto-1"}
 
 
 @dataclass
@@ -138,8 +141,13 @@ def main() -> None:
         for mode in modes:
             started = time.perf_counter()
             current = runner(mode)
-            free, _ = greedy(current, prompts, args.tokens, None)
-            _, forced_argmax = greedy(current, prompts, args.tokens, reference)
+            if mode in ONE_AT_A_TIME:
+                free = [greedy(current, [p], args.tokens, None)[0][0] for p in prompts]
+                forced_argmax = [greedy(current, [p], args.tokens, [r])[1][0] for p, r in zip(prompts, reference,
+                                                                                               strict=True)]
+            else:
+                free, _ = greedy(current, prompts, args.tokens, None)
+                _, forced_argmax = greedy(current, prompts, args.tokens, reference)
             loglik = base_loglik if mode == "bf16" else mean_loglik(current, text_ids)
             print(f"| {mode} | {identical(free, reference):.3f} | {first_difference(free, reference):.1f} "
                   f"| {identical(forced_argmax, reference):.3f} | {loglik:.4f} |"

@@ -107,7 +107,7 @@ def ceiling_rows(ceiling: Ceiling, positions: dict[str, float], tok_s: dict[str,
     ``positions``: mean cached positions during decoding (prompt + half the new tokens)."""
     weights = {"ours": ceiling.ours_weight_bytes, "llama-server": ceiling.gguf_tensor_bytes}
     lines = [
-        f"### Bandwidth ceiling at 1 concurrent (issue 21)",
+        "### Bandwidth ceiling at 1 concurrent (issue 21)",
         "",
         f"Streaming read (`tensor.sum()` of 1 GiB float32, {ceiling.threads} threads, best of 5): "
         f"**{ceiling.bandwidth_gbs:.1f} GB/s**. Bytes per token = weights read by one decode step + KV cache of the "

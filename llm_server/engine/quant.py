@@ -40,9 +40,9 @@ HEAD_QUANTIZATION: dict[str, str | None] = {"int8": "int8", "int4": "int8", "aut
 #: ``auto`` modes: the weight-only copy used for calls of few rows (``auto-int8``: the LM head's).
 AUTO_SMALL_MODES = {"auto": "int4", "auto-int8": "int8"}
 #: ``auto``: calls of at most this many rows use the weight-only copy, larger ones the float copy.
-#: Measured on the embedded model's shapes (``WEIGHT_BENCH_MODES=bf16,int4 benchmarks/weight_bench.py step``, AVX-512 EPYC,
-#: 1 thread, shared machine; docs/engine.md): the whole decode step is faster in int4 at 1-8
-#: sequences and slower at 12 and more.
+#: Measured on the embedded model (``WEIGHT_BENCH_MODES=bf16,int4 benchmarks/weight_bench.py step``,
+#: AVX-512 EPYC, 1 thread, shared machine; docs/engine.md): the whole decode step is faster in int4
+#: at 1-8 sequences and slower at 12 and more.
 AUTO_MAX_SMALL_ROWS = 8
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides the input width is used
 #: Calls with more rows than this (prefill) de-quantize the weight and use the float matmul: the

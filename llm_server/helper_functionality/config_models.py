@@ -84,7 +84,9 @@ class ModelOptimizations(BaseModel):
     )
     compile: bool | Literal["auto"] = Field(False, description="torch.compile the forward; auto = on CUDA only")
     quantization: Quantization | None = Field(
-        None, description='null | "int8" / "int4" (weight-only, CPU, server engine) | "4bit" (bitsandbytes NF4, CUDA)'
+        None,
+        description='null | "int8" / "int4" (weight-only, CPU, server engine) | "auto" (int4 for decode steps of '
+        'few sequences, the float weights above; CPU, server engine) | "4bit" (bitsandbytes NF4, CUDA)',
     )
     matmul_precision: Literal["highest", "high", "medium"] = Field(
         "high", description="torch.set_float32_matmul_precision"
