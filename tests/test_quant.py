@@ -121,7 +121,7 @@ def test_quantization_choice_reaches_the_runner(tmp_path: Path, tokenizer: Any) 
     runner = LlamaRunner(model, max_slots=1, max_context=64)
     assert runner.quantization == "int4" and isinstance(runner._layers[0].gate_up, Int4Linear)
     assert isinstance(runner._lm_head, Int8Linear)  # int4 heads cost too much quality (see quant.HEAD_QUANTIZATION)
-    _, plain = initialize(device="cpu", model_id=str(folder), dtype="float32", quantization=None, compile=False)
+    _, plain = initialize(device="cpu", model_id=str(folder), dtype="float32", quantization="none", compile=False)
     assert LlamaRunner(plain, max_slots=1, max_context=64).quantization is None
 
 

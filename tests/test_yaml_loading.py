@@ -321,7 +321,7 @@ def test_quantization_accepts_the_documented_modes(tmp_path, monkeypatch, value:
     ("file", "text", "key", "words"),
     [
         ("model_config.yaml", 'model:\n  optimizations:\n    quantization: "int3"\n',
-         "model.optimizations.quantization", "'4bit', 'int8' or 'int4'"),
+         "model.optimizations.quantization", "'4bit', 'int8', 'int4' or 'auto'"),
         ("model_config.yaml", "model:\n  parameters:\n    top_p: 1.5\n", "model.parameters.top_p", "1.5"),
         ("model_config.yaml", "model:\n  parameters:\n    do_sample: 1\n", "model.parameters.do_sample", "got int"),
         ("model_config.yaml", "model:\n  parameters:\n    streamer: x\n", "model.parameters.streamer",
