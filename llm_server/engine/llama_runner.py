@@ -96,7 +96,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 class LlamaRunner(ModelRunner):
     """Batched decode and prefill of a Llama-family model over an engine-owned KV cache.
 
-    ``quantization`` ("int8", "int4" or None) selects weight-only quantized linears on CPU
+    ``quantization`` ("int8", "int4", "auto" or None) selects weight-only quantized linears on CPU
     (:mod:`.quant`); None reads the choice :func:`~llm_server.helper_functionality.model_loading.initialize`
     recorded on the model. ``free_model_weights``: drop the HF module's copies of the weights the
     runner re-laid (packed or quantized), so only one copy stays resident; the HF model can then no

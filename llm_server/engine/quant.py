@@ -30,7 +30,7 @@ from llm_server.helper_functionality.config_models import RUNNER_QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
-QUANT_MODES = RUNNER_QUANTIZATIONS  # ``quantization: int8 | int4`` (model_config.yaml)
+QUANT_MODES = RUNNER_QUANTIZATIONS  # ``quantization: int8 | int4 | auto`` (model_config.yaml)
 #: Attribute the server's engine loader sets: only the engine runs this model (its weights may be re-laid).
 ENGINE_OWNED_ATTR = "llm_server_engine_owned"
 #: The LM head's quantization for each mode. The head is int8 even in int4 mode: in int4 (groups of
