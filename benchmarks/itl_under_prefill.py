@@ -84,7 +84,10 @@ async def stream_chat(client: Any, model: str, messages: list[dict[str, str]], m
             model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True})  # fmt: skip
         async for chunk in response:
-            if any(c.delta is not None and c.delta.content for c in chunk.choices or []):
+            choices = chunk.choices or []
+            # a token chunk, or the end of a reply whose first token was the end (no content at all)
+            if any(c.delta is not None and c.delta.content for c in choices) or (
+                    not out.chunks and any(c.finish_reason for c in choices)):
                 out.chunks.append(time.perf_counter())
                 if started is not None and len(out.chunks) >= 3:
                     started.set()
