@@ -100,7 +100,7 @@ class Admission:
         running, waiting = list(running), list(waiting)
         longest = max([new_reserved, *(s.reserved for s in running), *(s.reserved for s in waiting)])
         slots = max(1, min(self.config.max_running, self.config.max_total_tokens // max(1, longest)))
-        chunk = max(1, self.config.prefill_chunk_tokens)
+        chunk = self.config.prefill_tokens_beside(len(running))  # a step's prompt tokens beside the decodes
         frees = [max(0, _new_tokens(s) - len(s.generated)) + math.ceil(max(0, s.prompt_len - s.prefilled) / chunk)
                  for s in running]
         heap = sorted(frees)[-slots:] if len(frees) > slots else frees + [0] * (slots - len(frees))

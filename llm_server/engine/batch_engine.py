@@ -10,7 +10,7 @@ Each scheduler iteration (:meth:`BatchEngine._iterate`)
 1. finishes cancelled requests and admits waiting ones (:class:`~.scheduler.Scheduler` decides:
    FIFO, bounded by the KV-cache budget and ``max_running``),
 2. runs one prefill forward for newly admitted prompts (several short prompts together, or one
-   chunk of a long prompt, so decoding requests are never stalled for long),
+   chunk of a long prompt sized by ``step_token_budget``: decoding requests are never stalled),
 3. runs one decode forward for every decoding request together,
 then applies the output: samples each row, turns the new token into text (UTF-8 safe, stop
 strings held back), pushes it to the request's :class:`GenerationStream`, and finishes the

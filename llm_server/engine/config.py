@@ -10,11 +10,19 @@ it into its slot and prefills only the rest (:mod:`.prefix_cache`). The cached t
 against ``max_total_tokens`` together with the running requests' reservations; the cache holds at
 most ``prefix_cache_tokens`` (default half the budget) and gives way, least recently used first,
 whenever an admission needs the room.
+
+Step token budget (``step_token_budget``, vLLM's ``max_num_batched_tokens``): while sequences are
+decoding, a step's prefill forward gets at most ``step_token_budget - decoding`` prompt tokens
+(padding included, and never more than ``prefill_chunk_tokens``), so one step's work, decode rows
+plus prompt chunk, stays within the budget and running streams keep a steady inter-token latency
+while a long prompt is admitted in chunks. With nothing decoding, there is no stream to protect and
+a prefill forward takes up to ``prefill_chunk_tokens``. 0 turns the budget off (one prefill group of
+up to ``prefill_chunk_tokens`` per step whatever is decoding). See docs/engine.md.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -36,6 +44,10 @@ class EngineConfig(BaseModel):
     prefill_chunk_tokens: int = Field(
         1024, ge=1, description="most prompt tokens (padding included) in one prefill forward"
     )
+    step_token_budget: int = Field(
+        512, ge=0, description="most tokens of one step while sequences decode: decode rows + the prompt chunk "
+        "prefilled beside them (a long prompt is admitted in chunks); 0 = off; must exceed max_running"
+    )
     retry_after_s: int = Field(1, ge=1, description="seconds suggested in the Retry-After header of a 503")
     seed: int | None = Field(None, ge=0, description="seed of the shared generator for unseeded sampled requests")
     top_k: int | None = Field(
@@ -53,6 +65,23 @@ class EngineConfig(BaseModel):
         0, ge=0, description="torch threads of the engine thread; 0 = OMP_NUM_THREADS if set, else the cores "
         "in this process's affinity mask"
     )
+
+    @model_validator(mode="after")
+    def _budget_leaves_room_to_prefill(self) -> EngineConfig:
+        if 0 < self.step_token_budget <= self.max_running:
+            raise ValueError(
+                f"step_token_budget ({self.step_token_budget}) must exceed max_running ({self.max_running}): "
+                "a full batch's decode rows alone would fill every step and leave no token to prefill a new "
+                "prompt; raise it, lower max_running, or set step_token_budget: 0 to turn the budget off"
+            )
+        return self
+
+    def prefill_tokens_beside(self, decoding: int) -> int:
+        """Most prompt tokens (padding included) of a prefill forward run in a step where ``decoding``
+        sequences decode: ``prefill_chunk_tokens``, bounded by what the step token budget leaves."""
+        if not self.step_token_budget or not decoding:
+            return self.prefill_chunk_tokens
+        return max(1, min(self.prefill_chunk_tokens, self.step_token_budget - decoding))
 
 
 __all__ = ["EngineConfig"]

@@ -15,7 +15,10 @@ queue that holds it) and answers two questions per iteration:
   arriving together with one system prompt compute it once, not sixteen times);
 - :meth:`Scheduler.schedule_prefill` / :meth:`Scheduler.schedule_decode`: what the step's two
   forwards run: one prefill group (several short prompts together, or one chunk of a long
-  prompt), then every decoding sequence (those whose prefill just completed included).
+  prompt), then every decoding sequence (those whose prefill just completed included). While
+  sequences decode, the prefill group is bounded by the step token budget (``step_token_budget``
+  minus the decode rows), so a long prompt joins the running batch in chunks and the running
+  streams' step stays short.
 
 Applying a step's output (sampling, text, finishing) is the engine's job
 (:mod:`llm_server.engine.batch_engine`); the scheduler only moves sequences between queues.
@@ -136,11 +139,13 @@ class Scheduler:
         return list(self.decoding)
 
     def schedule_prefill(self) -> list[tuple[Sequence, list[int]]]:
-        """The prefill group: prompts (with the ids still to prefill) that fit
-        ``prefill_chunk_tokens`` together, padding included, or one chunk of a long prompt."""
+        """The prefill group: prompts (with the ids still to prefill) that fit the step's prefill
+        tokens together, padding included, or one chunk of a long prompt. The step's prefill tokens
+        are ``prefill_chunk_tokens``, bounded while sequences decode by what ``step_token_budget``
+        leaves beside their decode rows (:meth:`EngineConfig.prefill_tokens_beside`)."""
         if not self.prefilling:
             return []
-        budget = self.config.prefill_chunk_tokens
+        budget = self.config.prefill_tokens_beside(len(self.decoding))
         first = self.prefilling[0]
         remaining = list(first.request.prompt_ids[first.prefilled :])
         if len(remaining) >= budget:
