@@ -15,7 +15,7 @@ import pytest
 
 from llm_server.engine.model_setup import RUNNER_ATTR
 from llm_server.engine.speculative import NgramIndex
-from llm_server.engine.types import Finished, InvalidRequest, SamplingParams, TextDelta
+from llm_server.engine.types import Finished, GenerationRequest, InvalidRequest, SamplingParams, TextDelta
 from tests.test_engine_batching import (
     PROMPTS,
     build_model,
@@ -24,10 +24,9 @@ from tests.test_engine_batching import (
     generate_ids,
     greedy,
     request,
-    running_engine,
     run_staggered,
+    running_engine,
 )
-from llm_server.engine.types import GenerationRequest
 
 
 def predicted(rid: str, prompt: list[int], params: SamplingParams, prediction: list[int] | None) -> GenerationRequest:

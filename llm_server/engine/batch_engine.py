@@ -40,9 +40,9 @@ from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import Sequence
+from llm_server.engine.speculative import Speculator, draft_counts
 from llm_server.engine.stream import GenerationStream, WakeupBatch
 from llm_server.engine.threads import configure_threads
-from llm_server.engine.speculative import Speculator, draft_counts
 from llm_server.engine.types import (
     EngineError,
     EngineStats,

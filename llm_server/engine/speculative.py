@@ -181,15 +181,15 @@ class Speculator:
     def step(self, runner: ModelRunner, batch: list[EngineSequence], drafts: list[list[int]],
              select: Select, accept: Accept) -> None:
         """One forward for ``batch`` (drafts included), then the tokens chosen position by position."""
-        handles = [seq.kv for seq in batch]
-        starts = [handle.length for handle in handles]  # type: ignore[union-attr]
-        logits = runner.forward(handles, [[seq.generated[-1], *draft] for seq, draft in zip(batch, drafts, strict=True)],
-                                every=True)  # type: ignore[arg-type]
+        handles = [seq.kv for seq in batch if seq.kv is not None]
+        starts = [handle.length for handle in handles]
+        rows = [[seq.generated[-1], *draft] for seq, draft in zip(batch, drafts, strict=True)]
+        logits = runner.forward(handles, rows, every=True)
         offsets = [0]
         for draft in drafts:
             offsets.append(offsets[-1] + len(draft) + 1)
         for handle, start in zip(handles, starts, strict=True):
-            runner.rollback(handle, start + 1)  # type: ignore[arg-type]  # the last token only, for now
+            runner.rollback(handle, start + 1)  # the last token only, for now
         for seq, draft in zip(batch, drafts, strict=True):  # counted refused until accepted, so a request
             if draft and seq.drafter is not None:  # that finishes inside the loop reports its counts
                 seq.drafter.rejected += len(draft)
@@ -205,22 +205,22 @@ class Speculator:
                     continue
                 seq, draft = batch[r], drafts[r]
                 hit = position < len(draft) and token == draft[position]
-                if hit:
+                if hit and seq.kv is not None:
                     hits[r] += 1
                     self._count_hit(seq)
-                    seq.kv.length += 1  # type: ignore[union-attr]  # the draft token's KV is right: keep it
+                    seq.kv.length += 1  # the draft token's KV is right: keep it
                 accept(seq, token)
                 if hit and not seq.finished:
                     still.append(r)
             active, position = still, position + 1
-        for seq, draft, hit in zip(batch, drafts, hits, strict=True):
+        for seq, draft, count in zip(batch, drafts, hits, strict=True):
             if draft and seq.drafter is not None:
-                seq.drafter.adapt(len(draft), hit)
+                seq.drafter.adapt(len(draft), count)
 
     def _count_hit(self, seq: EngineSequence) -> None:
         self.accepted += 1
-        seq.drafter.accepted += 1  # type: ignore[union-attr]
-        seq.drafter.rejected -= 1  # type: ignore[union-attr]
+        seq.drafter.accepted += 1
+        seq.drafter.rejected -= 1
 
 
 def draft_counts(seq: EngineSequence) -> tuple[int, int]:
