@@ -246,7 +246,8 @@ class ChatService:
     def _submit_later(self, params: SamplingParams, request_id: str, later: Pass) -> GenerationStream:
         """A pass after the first (a review, revision or verdict): constrained to its schema, greedy and
         short when it asks, and its max_new_tokens shrunk to the room its prompt leaves (down to
-        :data:`MIN_PASS_TOKENS`). (``later.prediction`` awaits the engine's speculative decoding.)"""
+        :data:`MIN_PASS_TOKENS`). ``later.prediction`` (a revision's previous answer) feeds the
+        engine's speculative decoding."""
         if later.schema is not None:  # a structured review or verdict: compiled here, off the event loop
             params = replace(params, constraint=compile_schema(self.engine.tokenizer, later.schema, "review"))
         if later.greedy:  # a verdict is not sampled
@@ -257,7 +258,11 @@ class ChatService:
         room = self.engine.max_context - len(prompt_ids)
         if room < params.max_new_tokens:  # too little room is the engine's to refuse
             params = replace(params, max_new_tokens=max(room, min(params.max_new_tokens, MIN_PASS_TOKENS)))
-        return self.engine.submit(GenerationRequest(_pass_id(request_id, later), prompt_ids, params))
+        prediction = None
+        if later.prediction:  # a revision mostly repeats it: the engine drafts from it
+            prediction = self.engine.tokenizer(later.prediction, add_special_tokens=False)["input_ids"]
+        return self.engine.submit(GenerationRequest(_pass_id(request_id, later), prompt_ids, params,
+                                                    tuple(prediction) if prediction else None))  # speculative drafts
 
     def _fitted(self, params: SamplingParams, request: TurnRequest, prompt_tokens: int) -> SamplingParams:
         """A default max_new_tokens (the client named none) shrinks to the room the prompt leaves."""
