@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from llm_server.engine.config import EngineConfig
-from llm_server.engine.types import EngineOverloaded
+from llm_server.engine.types import ContextLengthExceeded, EngineOverloaded, GenerationRequest, InvalidRequest
 
 #: Weight of the newest step in the moving averages of step times.
 _SMOOTHING = 0.2
@@ -133,3 +133,18 @@ class Admission:
             retry = max(self.config.retry_after_s, math.ceil(wait_s - bound))
             raise EngineOverloaded(f"server is overloaded: a new request would wait about {wait_s:.0f} s to start "
                                    f"(the limit is {bound:g} s)", retry_after_s=retry)
+
+
+def validate_request(request: GenerationRequest, vocab_size: int, max_context: int) -> None:
+    """Reject a malformed request at submit (InvalidRequest / ContextLengthExceeded: HTTP 400)."""
+    ids = request.prompt_ids
+    if not ids:
+        raise InvalidRequest("the prompt is empty: at least one token is needed")
+    bias = [i for i, _ in request.params.logit_bias]
+    for what, checked in (("prompt", ids), ("logit_bias", bias), ("prediction", request.prediction or ())):
+        bad = next((i for i in checked if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"{what} token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    new_tokens = max(request.params.max_new_tokens, 0)
+    if len(ids) + new_tokens > max_context:
+        raise ContextLengthExceeded(len(ids), new_tokens, max_context)

@@ -6,15 +6,14 @@ up and runs every step. Each thread that runs torch ops gets its own OpenMP team
 machine a second, idle team steals the cores the working one needs (issue 9: a 2x slower step).
 :meth:`BatchEngine.start` returns once the thread is ready, or re-raises its load error.
 
-Each scheduler iteration (:meth:`BatchEngine._iterate`)
-1. finishes cancelled requests and admits waiting ones (:class:`~.scheduler.Scheduler` decides:
-   FIFO, bounded by the KV-cache budget and ``max_running``),
-2. runs one prefill forward for newly admitted prompts (several short prompts together, or one
-   chunk of a long prompt sized by ``step_token_budget``: decoding requests are never stalled),
-3. runs one decode forward for every decoding request together,
-then applies the output: samples each row, turns the new token into text (UTF-8 safe, stop
-strings held back), pushes it to the request's :class:`GenerationStream`, and finishes the
-requests that are done. Consumers' event loops are woken once per forward, not once per token.
+Each scheduler iteration (:meth:`BatchEngine._iterate`) finishes cancelled requests and admits
+waiting ones (:class:`~.scheduler.Scheduler`: FIFO, within the KV budget and ``max_running``), runs
+one prefill forward for newly admitted prompts (together, or one chunk of a long one sized by
+``step_token_budget``: decoding requests are never stalled), then one decode forward for every
+decoding request together (speculative for rows with drafts: :mod:`.speculative`), and applies the
+output: samples each row, turns the token into text (UTF-8 safe, stop strings held back), pushes it
+to the request's :class:`GenerationStream`, and finishes the requests that are done. Consumers'
+event loops are woken once per forward, not per token.
 
 A request's state is its Sequence's ``status`` (waiting, prefilling, decoding, finished);
 finishing is idempotent. Errors while handling one request fail that request only. An error
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from llm_server.engine.admission import Admission
+from llm_server.engine.admission import Admission, validate_request
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
@@ -42,17 +41,16 @@ from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import Sequence
+from llm_server.engine.speculative import Speculator, draft_counts
 from llm_server.engine.stream import GenerationStream, WakeupBatch
 from llm_server.engine.threads import configure_threads
 from llm_server.engine.types import (
-    ContextLengthExceeded,
     EngineError,
     EngineStats,
     EngineUnavailable,
     Finished,
     FinishReason,
     GenerationRequest,
-    InvalidRequest,
     TextDelta,
 )
 
@@ -82,6 +80,7 @@ class BatchEngine(Engine):
         self._load: Loader = loader if loader is not None else (lambda: (tokenizer, model))
         self._runner: ModelRunner | None = None
         self._sampler: Sampler | None = None
+        self._spec: Speculator | None = None  # speculative decoding, when the runner can (engine/speculative.py)
         self._vocab_size = 0
         self._sched = Scheduler(self.config)
         self._admission = Admission(self.config)  # expected-wait admission (engine/admission.py)
@@ -119,7 +118,7 @@ class BatchEngine(Engine):
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         self._check_accepting()
-        self._validate(request)
+        validate_request(request, self._vocab_size, self.max_context)
         params = request.params
         if params.max_new_tokens <= 0:  # nothing to generate: finished at once
             stream = GenerationStream(request.request_id)
@@ -129,7 +128,7 @@ class BatchEngine(Engine):
         stream = GenerationStream(request.request_id, self._wakeups)  # on the scheduler thread
         seq = Sequence(request=request, stream=stream, detok=IncrementalDetokenizer(self.tokenizer),
                        stops=StopMatcher(tuple(params.stop)), reserved=len(request.prompt_ids) + params.max_new_tokens,
-                       matcher=matcher)
+                       matcher=matcher, drafter=self._spec.drafter(request) if self._spec is not None else None)
         with self._lock:
             self._check_accepting()
             self._admission.check(self._running(), list(self._sched.waiting), seq.reserved)
@@ -137,19 +136,6 @@ class BatchEngine(Engine):
             self._lock.notify()
         logger.debug("request %s queued (%d prompt tokens)", request.request_id, len(request.prompt_ids))
         return stream
-
-    def _validate(self, request: GenerationRequest) -> None:
-        """Reject a malformed request now (InvalidRequest / ContextLengthExceeded: HTTP 400)."""
-        ids = request.prompt_ids
-        if not ids:
-            raise InvalidRequest("the prompt is empty: at least one token is needed")
-        for what, checked in (("prompt", ids), ("logit_bias", [i for i, _ in request.params.logit_bias])):
-            bad = next((i for i in checked if not 0 <= i < self._vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(f"{what} token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
-        new_tokens = max(request.params.max_new_tokens, 0)
-        if len(ids) + new_tokens > self.max_context:
-            raise ContextLengthExceeded(len(ids), new_tokens, self.max_context)
 
     def _check_accepting(self) -> None:
         if not (self._healthy and self._ready) or self._draining:
@@ -165,7 +151,9 @@ class BatchEngine(Engine):
                            ready=self._ready and self._healthy and not self._draining, expected_wait_s=wait_s,
                            prefix_cache_queries=prefix.queries if prefix else 0,
                            prefix_cache_hits=prefix.hits if prefix else 0,
-                           prefix_cache_tokens=prefix.tokens if prefix else 0)
+                           prefix_cache_tokens=prefix.tokens if prefix else 0,
+                           spec_draft_tokens=self._spec.drafted if self._spec else 0,
+                           spec_accepted_tokens=self._spec.accepted if self._spec else 0)
 
     def _running(self) -> list[Sequence]:
         return [*self._sched.prefilling, *self._sched.decoding]
@@ -210,6 +198,8 @@ class BatchEngine(Engine):
         self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
         self.runner_reason = runner.reason
         warm_up(runner)
+        if runner.speculates and self.config.speculative_tokens > 0:
+            self._spec = Speculator(self.config.speculative_tokens, self.config.speculative_lookup)
         if self.config.prefix_caching and runner.slot_cache is not None:
             size = self.config.prefix_cache_tokens
             self._sched.prefix = PrefixCache(min(budget // 2 if size is None else size, budget))
@@ -250,8 +240,7 @@ class BatchEngine(Engine):
             self._wakeups.flush()  # first tokens go out now, not after the decode step
         batch = self._sched.schedule_decode()
         if batch:
-            logits = self._runner.forward([s.kv for s in batch], [[s.generated[-1]] for s in batch])  # type: ignore[misc]
-            self._apply(batch, logits)
+            self._decode(batch)
         self._wakeups.flush()
         if group or batch:
             self._admission.record_step(time.monotonic() - started, max(len(group), len(batch)))
@@ -308,20 +297,28 @@ class BatchEngine(Engine):
             picked = logits if len(done) == len(group) else logits[[row for _, row in done]]
             self._apply([seq for seq, _ in done], picked)
 
+    def _decode(self, batch: list[Sequence]) -> None:
+        """One decode step for ``batch``: speculative when a row has a draft (engine/speculative.py)."""
+        assert self._runner is not None
+        drafts = self._spec.drafts(batch) if self._spec is not None else None
+        if drafts is not None and self._spec is not None:
+            self._spec.step(self._runner, batch, drafts, self._select, self._apply_token)
+            return
+        self._apply(batch, self._runner.forward([s.kv for s in batch], [[s.generated[-1]] for s in batch]))  # type: ignore[misc]
+
     def _apply(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         """Apply one step's output: a new token for each row of ``batch``."""
+        for seq, token in zip(batch, self._select(batch, logits), strict=True):
+            if token >= 0:
+                self._apply_token(seq, token)
+
+    def _select(self, batch: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's token (-1 for a row whose request failed in sampling)."""
         assert self._sampler is not None
         try:
-            tokens = self._sampler.select(logits, [s.sampler for s in batch])  # type: ignore[misc]
+            return self._sampler.select(logits, [s.sampler for s in batch])  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - find the request whose settings broke sampling
-            tokens = [self._select_alone(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
-        for seq, token in zip(batch, tokens, strict=True):
-            if token < 0:
-                continue
-            try:
-                self._apply_token(seq, token)
-            except Exception as exc:  # noqa: BLE001 - one request's failure is its own
-                self._fail(seq, exc)
+            return [self._select_alone(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
 
     def _select_alone(self, seq: Sequence, logits: torch.Tensor) -> int:
         assert self._sampler is not None and seq.sampler is not None
@@ -332,18 +329,21 @@ class BatchEngine(Engine):
             return -1
 
     def _apply_token(self, seq: Sequence, token: int) -> None:
-        """Record one generated id, stream its text, and finish the request when it is done."""
-        seq.generated.append(token)
-        seq.sampler.observe(token)  # type: ignore[union-attr]
-        if token in self.eos_ids:
-            self._finish(seq, "stop", flush=True)
-            return
-        text, stopped = seq.stops.feed(seq.detok.push(token))
-        self._emit(seq, text)
-        if stopped:  # the text after the stop string is dropped
-            self._finish(seq, "stop", flush=False)
-        elif len(seq.generated) >= seq.request.params.max_new_tokens:
-            self._finish(seq, "length", flush=True)
+        """Record one generated id, stream its text, and finish the request when it is done (a
+        failure here fails this request only)."""
+        try:
+            seq.generated.append(token)
+            seq.sampler.observe(token)  # type: ignore[union-attr]
+            if token in self.eos_ids:
+                return self._finish(seq, "stop", flush=True)
+            text, stopped = seq.stops.feed(seq.detok.push(token))
+            self._emit(seq, text)
+            if stopped:  # the text after the stop string is dropped
+                self._finish(seq, "stop", flush=False)
+            elif len(seq.generated) >= seq.request.params.max_new_tokens:
+                self._finish(seq, "length", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+            self._fail(seq, exc)
 
     def _emit(self, seq: Sequence, text: str) -> None:
         if text:
@@ -373,7 +373,7 @@ class BatchEngine(Engine):
             self._emit(seq, tail if stopped else tail + seq.stops.flush())
         timeline = {status.value: at for status, at in seq.times.items()}
         seq.stream.push(Finished(reason, seq.prompt_len, len(seq.generated), "".join(seq.text), timeline,
-                                 seq.cached_tokens))
+                                 seq.cached_tokens, *draft_counts(seq)))
         logger.debug("request %s finished: %s after %d tokens", seq.request_id, reason, len(seq.generated))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:

@@ -61,6 +61,14 @@ class EngineConfig(BaseModel):
         None, ge=0, description="most tokens the prefix cache keeps, within max_total_tokens (running requests "
         "evict it); default: half of max_total_tokens"
     )
+    speculative_tokens: int = Field(
+        8, ge=0, le=32, description="speculative decoding: most draft tokens verified per step, drafted from a "
+        "request's prediction and its context (n-gram lookup); 0 = off"
+    )
+    speculative_lookup: bool = Field(
+        False, description="speculative decoding for every request, drafted from its prompt and output alone "
+        "(prompt lookup); false: only requests with a prediction speculate"
+    )
     threads: int = Field(
         0, ge=0, description="torch threads of the engine thread; 0 = OMP_NUM_THREADS if set, else the cores "
         "in this process's affinity mask"

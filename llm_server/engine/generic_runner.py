@@ -32,7 +32,7 @@ from llm_server.engine.quant import (
     QUANT_MODES,
     QUANTIZATION_ATTR,
 )
-from llm_server.engine.runner import KVHandle, ModelRunner
+from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
 
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _PROBE_IDS = [3, 7, 1, 5, 2]
@@ -143,7 +143,9 @@ class GenericRunner(ModelRunner):
         return self._cache.nbytes
 
     # --- forward ------------------------------------------------------------------------
-    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
+    speculates = True  # forward(every=True) + rollback: speculative decoding (engine/speculative.py)
+
+    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]], every: bool = False) -> torch.Tensor:
         for handle in handles:
             if handle.slot < 0:
                 self._cache.take_slot(handle)
@@ -154,17 +156,20 @@ class GenericRunner(ModelRunner):
         starts = [handles[i].length for i in order]
         lengths = [len(tokens[i]) for i in order]
         padded = [tokens[i] + [0] * (steps - len(tokens[i])) for i in order]
-        logits = self._run(lo, padded, starts, lengths)
+        logits = self._run(lo, padded, starts, lengths, every)
         for handle, ids in zip(handles, tokens, strict=True):
             handle.length += len(ids)
+        if every:  # speculative decoding: every new token's logits, in the caller's order
+            return logits if order == sorted(order) else logits[every_position_rows(order, lengths)]
         inverse = [0] * len(order)
         for row, i in enumerate(order):
             inverse[i] = row
         return logits if order == sorted(order) else logits[inverse]
 
-    def _run(self, lo: int, padded: list[list[int]], starts: list[int], lengths: list[int]) -> torch.Tensor:
+    def _run(self, lo: int, padded: list[list[int]], starts: list[int], lengths: list[int],
+             every: bool = False) -> torch.Tensor:
         """The model's forward over a batch in slots ``lo..lo+n``: [n, vocab] float32 logits of each
-        row's last real token."""
+        row's last real token (``every``: of each row's every real token, row after row)."""
         n, steps = len(padded), len(padded[0])
         device = self.device
         positions = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(steps, device=device)
@@ -175,9 +180,11 @@ class GenericRunner(ModelRunner):
         last = torch.tensor(lengths, device=device) - 1
         kwargs: dict[str, Any] = {}
         if self._keep_arg:
-            kwargs["logits_to_keep"] = 1 if steps == 1 else last.unsqueeze(1)
+            kwargs["logits_to_keep"] = 0 if every else 1 if steps == 1 else last.unsqueeze(1)
         logits = self._call_model(torch.tensor(padded, dtype=torch.long, device=device), positions, ctx, kwargs)
-        if logits.shape[1] == steps and steps > 1:
+        if every:  # speculative decoding verifies every position (padding dropped)
+            logits = logits[torch.arange(steps, device=device) < (last + 1).unsqueeze(1)]
+        elif logits.shape[1] == steps and steps > 1:
             logits = logits[torch.arange(n, device=device), last]
         else:
             logits = logits[:, -1]

@@ -21,7 +21,9 @@ class HFRunner(ModelRunner):
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name still works, deprecated)
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
+    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]], every: bool = False) -> torch.Tensor:
+        if every:  # the model's own cache cannot be rolled back: no speculative decoding
+            raise NotImplementedError("HFRunner does not speculate")
         rows = []
         for handle, ids in zip(handles, tokens, strict=True):
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import LayerWeights, read_head, read_layer, release_memory
 from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR
-from llm_server.engine.runner import KVHandle, ModelRunner
+from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -179,7 +179,9 @@ class LlamaRunner(ModelRunner):
         return self._cache.nbytes
 
     # --- forward ------------------------------------------------------------------------
-    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
+    speculates = True  # forward(every=True) + rollback: speculative decoding (engine/speculative.py)
+
+    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]], every: bool = False) -> torch.Tensor:
         for handle in handles:
             if handle.slot < 0:
                 self._cache.take_slot(handle)
@@ -190,9 +192,11 @@ class LlamaRunner(ModelRunner):
         starts = [handles[i].length for i in order]
         lengths = [len(tokens[i]) for i in order]
         padded = [tokens[i] + [0] * (steps - len(tokens[i])) for i in order]
-        logits = self._run(lo, padded, starts, lengths)
+        logits = self._run(lo, padded, starts, lengths, every)
         for handle, ids in zip(handles, tokens, strict=True):
             handle.length += len(ids)
+        if every:  # speculative decoding: every new token's logits, in the caller's order
+            return logits if order == sorted(order) else logits[every_position_rows(order, lengths)]
         if order == sorted(order):
             return logits
         inverse = [0] * len(order)
@@ -200,13 +204,18 @@ class LlamaRunner(ModelRunner):
             inverse[i] = row
         return logits[inverse]
 
-    def _run(self, lo: int, padded: list[list[int]], starts: list[int], lengths: list[int]) -> torch.Tensor:
-        """The forward of a batch in slots ``lo..lo+n``: [n, vocab] logits of each row's last token."""
+    def _run(self, lo: int, padded: list[list[int]], starts: list[int], lengths: list[int],
+             every: bool = False) -> torch.Tensor:
+        """The forward of a batch in slots ``lo..lo+n``: [n, vocab] logits of each row's last token
+        (``every``: of each row's every real token, row after row)."""
         step = self._step_inputs(lo, padded, starts)
         x = F.embedding(step.tokens, self._embed)  # [n, steps, hidden]
         for index, layer in enumerate(self._layers):  # residuals added in place: no new tensor per layer
             x.add_(self._attention(index, layer, _rms_norm(x, layer.ln1, self._eps), step))
             x.add_(self._mlp(layer, _rms_norm(x, layer.ln2, self._eps)))
+        if every:  # speculative decoding verifies every position (padding skipped before the LM head)
+            real = torch.arange(x.shape[1], device=self.device) < torch.tensor(lengths, device=self.device).unsqueeze(1)
+            return self._lm_head(_rms_norm(x[real], self._norm, self._eps)).float()
         return self._last_logits(x, lengths)
 
     def _step_inputs(self, lo: int, padded: list[list[int]], starts: list[int]) -> _StepInputs:

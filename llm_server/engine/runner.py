@@ -25,19 +25,30 @@ class ModelRunner(ABC):
     device: torch.device
     vocab_size: int
     reason: str = ""  # which runner serves the model and why (``model_setup.make_runner`` sets it)
+    #: ``forward(..., every=True)`` and :meth:`rollback` work: speculative decoding (engine/speculative.py)
+    speculates: bool = False
 
     def open(self) -> KVHandle:
         """A new, empty cache for one sequence."""
         return KVHandle()
 
     @abstractmethod
-    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]]) -> torch.Tensor:
+    def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]], every: bool = False) -> torch.Tensor:
         """Append ``tokens[i]`` to sequence ``handles[i]``; return [n, vocab] float32 logits of
-        each sequence's last new token."""
+        each sequence's last new token (``every``, runners that ``speculates``: the logits of every
+        new token, [sum of the rows' lengths, vocab], row after row in the order of ``handles``)."""
 
     @abstractmethod
     def release(self, handle: KVHandle) -> None:
         """Free a sequence's cache (idempotent)."""
+
+    def rollback(self, handle: KVHandle, length: int) -> None:
+        """Forget ``handle``'s cached positions from ``length`` on (rejected draft tokens). In a slot
+        cache a position at or beyond ``length`` is masked from every query and overwritten by the
+        next forward, so only the length changes (runners that ``speculates``)."""
+        if not self.speculates:
+            raise NotImplementedError(f"{type(self).__name__} does not speculate")
+        handle.length = min(handle.length, length)
 
     @property
     def slot_cache(self) -> SlotCache | None:
@@ -47,3 +58,13 @@ class ModelRunner(ABC):
 
     def idle(self) -> None:  # noqa: B027 - an optional hook: the default does nothing
         """Called when no sequence is running (a chance to give memory back)."""
+
+
+def every_position_rows(order: Sequence[int], lengths: Sequence[int]) -> list[int]:
+    """Rows of logits computed row after row in slot ``order`` (``order[r]``: the caller's index of
+    slot row ``r``, ``lengths[r]`` its tokens) that put them back in the caller's order."""
+    starts = [0] * len(order)
+    for r in range(1, len(order)):
+        starts[r] = starts[r - 1] + lengths[r - 1]
+    row_of = {caller: r for r, caller in enumerate(order)}
+    return [starts[row_of[i]] + j for i in range(len(order)) for j in range(lengths[row_of[i]])]

@@ -55,6 +55,7 @@ class Sequence:
     cached_tokens: int = 0  # of those, copied from the prefix cache
     prefix_chain: list[Any] = field(default_factory=list)  # matched prefix blocks, held from admission to copy
     generated: list[int] = field(default_factory=list)
+    drafter: Any = None  # speculative decoding's per-request state (engine/speculative.py); None: it never drafts
     text: list[str] = field(default_factory=list)
 
     @property

@@ -118,6 +118,9 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    #: Token ids the output will likely repeat (OpenAI's Predicted Outputs, a revision's previous
+    #: answer): drafts for speculative decoding (engine/speculative.py); None: no prediction.
+    prediction: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,10 @@ class Finished:
     #: Prompt tokens whose KV came from the prefix cache (not prefilled): OpenAI's
     #: ``usage.prompt_tokens_details.cached_tokens``.
     cached_tokens: int = 0
+    #: Speculative decoding: draft tokens the model confirmed / refused (OpenAI's
+    #: ``usage.completion_tokens_details.accepted_prediction_tokens`` / ``rejected_prediction_tokens``).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 StreamEvent = TextDelta | Finished
@@ -162,3 +169,6 @@ class EngineStats:
     prefix_cache_hits: int = 0
     #: Tokens the prefix cache holds now.
     prefix_cache_tokens: int = 0
+    #: Speculative decoding, cumulative since start: draft tokens proposed, and accepted.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0

@@ -64,13 +64,19 @@ ENGINE_HEALTHY = Gauge(f"{PREFIX}_engine_healthy", "1 when the engine is ready a
 PREFIX_CACHE_QUERIES = Counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
 PREFIX_CACHE_HITS = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
 PREFIX_CACHE_TOKENS = Gauge(f"{PREFIX}_prefix_cache_tokens", "Tokens of KV the prefix cache holds now.")
-_counted = {"queries": 0, "hits": 0}  # the engine's cumulative values already added to the counters
+SPEC_DRAFT_TOKENS = Counter(f"{PREFIX}_spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed.")
+SPEC_ACCEPTED_TOKENS = Counter(f"{PREFIX}_spec_decode_num_accepted_tokens",
+                               "Speculative decoding: draft tokens the model accepted.")
+# the engine's cumulative values already added to the counters
+_counted = {"queries": 0, "hits": 0, "drafted": 0, "accepted": 0}
 
 
 def _count_prefix_cache(stats: EngineStats) -> None:
     """Advance the prefix-cache counters to the engine's cumulative values (a new engine restarts them)."""
     for key, counter, total in (("queries", PREFIX_CACHE_QUERIES, stats.prefix_cache_queries),
-                                ("hits", PREFIX_CACHE_HITS, stats.prefix_cache_hits)):
+                                ("hits", PREFIX_CACHE_HITS, stats.prefix_cache_hits),
+                                ("drafted", SPEC_DRAFT_TOKENS, stats.spec_draft_tokens),
+                                ("accepted", SPEC_ACCEPTED_TOKENS, stats.spec_accepted_tokens)):
         if total < _counted[key]:
             _counted[key] = 0
         if total > _counted[key]:

@@ -84,6 +84,8 @@ class TurnRequest:
     logprobs: int | None = None
     improvement: bool = False
     intermediate_steps: bool = False
+    #: OpenAI's Predicted Outputs: text the answer will likely repeat (speculative decoding's drafts).
+    prediction: str | None = None
 
     @property
     def fit_context(self) -> bool:

@@ -77,6 +77,7 @@ class _Resolved:
     logprobs: LogprobReader | None
     request_id: str
     improvement: bool
+    prediction: str | None = None  # OpenAI's Predicted Outputs (speculative decoding)
 
 
 class ChatService:
@@ -112,14 +113,15 @@ class ChatService:
             first = opening.next_pass
             prompt_ids = self.prompt_ids(first.messages if first is not None else [])
         resolved = _Resolved(self._fitted(params, request, len(prompt_ids)), tools, reader,
-                             request.request_id or uuid.uuid4().hex, request.improvement)
+                             request.request_id or uuid.uuid4().hex, request.improvement, request.prediction)
         return self._start(steps, opening, prompt_ids, resolved)
 
     def _start(self, steps: Steps, opening: Advance, prompt_ids: list[int], turn: _Resolved) -> TurnStream:
         """Submit the opening pass (``prompt_ids``) now; the stream runs the rest of ``steps``."""
         first = opening.next_pass
         assert first is not None  # every turn starts with a pass
-        stream = self.engine.submit(GenerationRequest(_pass_id(turn.request_id, first), prompt_ids, turn.params))
+        stream = self.engine.submit(GenerationRequest(_pass_id(turn.request_id, first), prompt_ids, turn.params,
+                                                      self._prediction_ids(turn.prediction)))
         later = partial(self._submit_later, turn.params, turn.request_id)
         schema = getattr(turn.params.constraint, "schema", None)
         final_check = partial(check_instance, schema=schema) if schema is not None and not turn.improvement else None
@@ -246,7 +248,8 @@ class ChatService:
     def _submit_later(self, params: SamplingParams, request_id: str, later: Pass) -> GenerationStream:
         """A pass after the first (a review, revision or verdict): constrained to its schema, greedy and
         short when it asks, and its max_new_tokens shrunk to the room its prompt leaves (down to
-        :data:`MIN_PASS_TOKENS`). (``later.prediction`` awaits the engine's speculative decoding.)"""
+        :data:`MIN_PASS_TOKENS`). ``later.prediction`` (a revision's previous answer) feeds the
+        engine's speculative decoding."""
         if later.schema is not None:  # a structured review or verdict: compiled here, off the event loop
             params = replace(params, constraint=compile_schema(self.engine.tokenizer, later.schema, "review"))
         if later.greedy:  # a verdict is not sampled
@@ -257,7 +260,12 @@ class ChatService:
         room = self.engine.max_context - len(prompt_ids)
         if room < params.max_new_tokens:  # too little room is the engine's to refuse
             params = replace(params, max_new_tokens=max(room, min(params.max_new_tokens, MIN_PASS_TOKENS)))
-        return self.engine.submit(GenerationRequest(_pass_id(request_id, later), prompt_ids, params))
+        return self.engine.submit(GenerationRequest(_pass_id(request_id, later), prompt_ids, params,
+                                                    self._prediction_ids(later.prediction)))  # a revision's drafts
+
+    def _prediction_ids(self, text: str | None) -> tuple[int, ...] | None:
+        """The ids of a prediction (speculative decoding's drafts); None without one."""
+        return tuple(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else None
 
     def _fitted(self, params: SamplingParams, request: TurnRequest, prompt_tokens: int) -> SamplingParams:
         """A default max_new_tokens (the client named none) shrinks to the room the prompt leaves."""

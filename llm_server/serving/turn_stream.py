@@ -29,7 +29,7 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
 
@@ -65,6 +65,10 @@ class ChatDone:
     #: ... and the text that was held back instead of streamed (without the calls; None when
     #: nothing was held, "" when the reply was only calls).
     held_text: str | None = None
+    #: Speculative decoding's draft tokens accepted / refused over the turn's passes (OpenAI's
+    #: ``usage.completion_tokens_details`` prediction counts).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 ChatEvent = ChatDelta | ChatDone
@@ -204,7 +208,7 @@ class TurnStream:
         """The turn's events: each pass's live text and the turn's own text, then its ChatDone."""
         step = self._opening
         stream: GenerationStream | None = self._current
-        prompt_tokens = completion_tokens = cached = 0
+        prompt_tokens = completion_tokens = cached = accepted = rejected = 0
         reason: FinishReason = "stop"
         while True:
             for text in step.texts:
@@ -236,8 +240,11 @@ class TurnStream:
                 return
             reason = finished.reason
             cached += finished.cached_tokens
+            accepted += finished.accepted_prediction_tokens
+            rejected += finished.rejected_prediction_tokens
             step, stream = advance(self._steps, finished.text), None
-        yield self._done(step.result, reason, (prompt_tokens, completion_tokens, cached))
+        yield replace(self._done(step.result, reason, (prompt_tokens, completion_tokens, cached)),
+                      accepted_prediction_tokens=accepted, rejected_prediction_tokens=rejected)
 
     def _done(self, result: dict[str, str], reason: FinishReason, usage: tuple[int, int, int]) -> ChatDone:
         """The turn's ChatDone; with tools, the held text split into content and calls."""

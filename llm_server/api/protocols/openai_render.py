@@ -38,6 +38,8 @@ def usage(done: ChatDone) -> dict[str, Any]:
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        "completion_tokens_details": {"accepted_prediction_tokens": done.accepted_prediction_tokens,
+                                      "rejected_prediction_tokens": done.rejected_prediction_tokens},
     }
 
 

@@ -178,7 +178,7 @@ def unsupported_chat_fields(req: ChatCompletionRequest) -> list[str]:
     bad = _common_unsupported(req)
     if req.modalities not in (None, ["text"]):
         bad.append("modalities")
-    for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+    for name in ("audio", "reasoning_effort", "web_search_options"):
         if getattr(req, name) is not None:
             bad.append(name)
     return bad + _unknown(req)
@@ -210,7 +210,24 @@ def chat_turn(body: ChatCompletionRequest, request_id: str) -> TurnRequest:
         logprobs=chat_top_logprobs(body),
         improvement=body.improvement,
         intermediate_steps=body.intermediate_steps,
+        prediction=_prediction(body.prediction),
     )
+
+
+def _prediction(value: Any) -> str | None:
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": str | [text parts]}`` (400 otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") != "content" or "content" not in value:
+        raise APIError(400, 'prediction must be {"type": "content", "content": ...}', param="prediction",
+                       code="invalid_value")
+    content = value["content"]
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, "prediction.content must be a string or a list of text parts",
+                       param="prediction.content", code="invalid_value")
+    return content
 
 
 def _legacy_functions(body: ChatCompletionRequest) -> ToolRequest | None:

@@ -1,0 +1,231 @@
+"""Speculative decoding (engine/speculative.py) on tiny random float32 models.
+
+Greedy output must be token-identical with speculation on and off and equal ``model.generate``,
+whatever the prediction (exact, partly right, wrong), with penalties, in a batch with rows that do
+not speculate, and at the edges: a stop string or ``max_new_tokens`` reached inside an accepted
+draft, a cancellation while drafts run, a prefix cache fed by a speculating request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from llm_server.engine.model_setup import RUNNER_ATTR
+from llm_server.engine.speculative import NgramIndex
+from llm_server.engine.types import Finished, GenerationRequest, InvalidRequest, SamplingParams, TextDelta
+from tests.test_engine_batching import (
+    PROMPTS,
+    build_model,
+    consume,
+    encode,
+    generate_ids,
+    greedy,
+    request,
+    run_staggered,
+    running_engine,
+)
+
+
+def predicted(rid: str, prompt: list[int], params: SamplingParams, prediction: list[int] | None) -> GenerationRequest:
+    return GenerationRequest(rid, prompt, params, tuple(prediction) if prediction is not None else None)
+
+
+def mangled(ids: list[int], every: int = 5) -> list[int]:
+    """``ids`` with every ``every``-th id changed: a prediction that is only partly right."""
+    return [(t + 7) % 1000 if i % every == every - 1 else t for i, t in enumerate(ids)]
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer: Any) -> Any:
+    return build_model(len(tokenizer))
+
+
+# --- the n-gram index -------------------------------------------------------------------------
+def test_ngram_index_follows_the_longest_match_from_the_cursor() -> None:
+    index = NgramIndex([5, 6, 7, 8, 5, 6, 9, 10])
+    assert index.follow([1, 5, 6], 3, 1) == ([7, 8, 5], 2)  # "5 6" first occurs at 0: 7 follows
+    assert index.follow([1, 5, 6], 3, 1, cursor=3) == ([9, 10], 6)  # from the cursor on: the second "5 6"
+    assert index.follow([4, 8, 5], 2, 1) == ([6, 9], 5)  # the 2-gram "8 5" beats the 1-gram "5"
+    assert index.follow([3, 4], 2, 1) == ([], -1)  # no match
+    assert index.follow([10], 2, 1) == ([], -1)  # the last id has no continuation
+    assert index.follow([9, 7], 2, 2) == ([], -1)  # n >= 2 asked: the 1-gram "7" does not count
+
+
+def test_ngram_index_grows_with_the_output() -> None:
+    index = NgramIndex()
+    index.extend([1, 2, 3])
+    index.extend([1, 2])
+    assert index.follow([1, 2], 4, 2) == ([3, 1, 2], 2)
+
+
+# --- greedy output is unchanged ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", ["exact", "partial", "wrong", "none"])
+def test_greedy_output_is_generates_whatever_the_prediction(tokenizer: Any, kind: str, case: str) -> None:
+    model = build_model(len(tokenizer), kind)
+    prompt = encode(tokenizer, PROMPTS[1])
+    reference = generate_ids(model, prompt, 40)
+    prediction = {"exact": reference, "partial": mangled(reference), "wrong": [11 + i for i in range(40)],
+                  "none": None}[case]
+    with running_engine(tokenizer, model, speculative_tokens=8) as engine:
+        assert engine.runner_name == ("GenericRunner" if kind == "gpt2" else "LlamaRunner")
+        finished = engine.submit(predicted("p", prompt, greedy(40), prediction)).result()
+        stats = engine.stats()
+    assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+    assert finished.completion_tokens == len(reference)
+    assert finished.accepted_prediction_tokens == stats.spec_accepted_tokens
+    assert stats.spec_draft_tokens == finished.accepted_prediction_tokens + finished.rejected_prediction_tokens
+    if case == "exact":  # every draft accepted: 8 per step, the model's own token after them
+        assert finished.accepted_prediction_tokens >= (len(reference) - 1) * 8 // 9 - 1
+        assert finished.rejected_prediction_tokens == 0
+    if case == "partial":
+        assert finished.accepted_prediction_tokens > len(reference) // 2
+    if case == "none":
+        assert stats.spec_draft_tokens == 0
+
+
+def test_penalties_and_speculation(tokenizer: Any, llama: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[3])
+    params = greedy(40, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)
+    texts = {}
+    for k in (0, 8):
+        with running_engine(tokenizer, llama, speculative_tokens=k) as engine:
+            plain = engine.submit(request("plain", prompt, params)).result()
+            spec = engine.submit(predicted("spec", prompt, params, encode(tokenizer, plain.text)[1:])).result()
+        texts[k] = (plain.text, spec.text, spec.accepted_prediction_tokens)
+    assert texts[0][0] == texts[0][1] == texts[8][0] == texts[8][1]
+    assert generate_ids(llama, prompt, 40, repetition_penalty=1.3)  # the HF reference runs (no OpenAI penalties there)
+    assert texts[8][2] > 0 and texts[0][2] == 0
+    rep_only = greedy(40, repetition_penalty=1.3)
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        reference = generate_ids(llama, prompt, 40, repetition_penalty=1.3)
+        finished = engine.submit(predicted("r", prompt, rep_only, reference)).result()
+    assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+    assert finished.accepted_prediction_tokens >= (len(reference) - 1) * 8 // 9 - 1
+
+
+def test_seeded_sampling_is_the_same_with_speculation_on_and_off(tokenizer: Any, llama: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[2])
+    params = SamplingParams(max_new_tokens=30, do_sample=True, temperature=0.7, seed=123)
+    with running_engine(tokenizer, llama, speculative_tokens=0) as engine:
+        plain = engine.submit(request("plain", prompt, params)).result()
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        spec = engine.submit(predicted("spec", prompt, params, encode(tokenizer, plain.text)[1:])).result()
+    assert spec.text == plain.text  # one uniform number per token either way
+    assert spec.accepted_prediction_tokens > 0
+
+
+def test_batched_with_rows_that_do_not_speculate(tokenizer: Any, llama: Any) -> None:
+    prompts = [encode(tokenizer, p) for p in PROMPTS]
+    budgets = [30, 12, 25, 18, 30]
+    references = [generate_ids(llama, p, n) for p, n in zip(prompts, budgets, strict=True)]
+    predictions: list[list[int] | None] = [references[0], None, mangled(references[2], 3), None, [5] * 10]
+    with running_engine(tokenizer, llama, max_running=4, speculative_tokens=8) as engine:
+        requests = [predicted(f"r{i}", p, greedy(n), pred)
+                    for i, (p, n, pred) in enumerate(zip(prompts, budgets, predictions, strict=True))]
+        results = run_staggered(engine, requests)
+        assert engine.stats().spec_accepted_tokens > 0
+    for reference, (deltas, finished) in zip(references, results, strict=True):
+        assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+        assert "".join(deltas) == finished.text
+        assert finished.completion_tokens == len(reference)
+
+
+def test_prompt_lookup_for_every_request(tokenizer: Any) -> None:
+    """``speculative_lookup``: drafts from the prompt and the output, no prediction needed (this
+    model's greedy output repeats itself)."""
+    model = build_model(len(tokenizer), "gpt2")
+    prompt = encode(tokenizer, PROMPTS[1])
+    reference = generate_ids(model, prompt, 40)
+    with running_engine(tokenizer, model, speculative_tokens=6, speculative_lookup=True) as engine:
+        finished = engine.submit(request("l", prompt, greedy(40))).result()
+        stats = engine.stats()
+    assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+    assert stats.spec_accepted_tokens > 0
+
+
+# --- edges --------------------------------------------------------------------------------------
+def test_max_new_tokens_reached_inside_an_accepted_draft(tokenizer: Any, llama: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[1])
+    reference = generate_ids(llama, prompt, 40)
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        for budget in (1, 2, 5, 13):
+            finished = engine.submit(predicted(f"m{budget}", prompt, greedy(budget), reference)).result()
+            assert finished.completion_tokens == budget
+            assert finished.reason == "length"
+            assert finished.text == tokenizer.decode(reference[:budget], skip_special_tokens=True)
+
+
+def test_stop_string_inside_an_accepted_draft(tokenizer: Any, llama: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[1])
+    reference = generate_ids(llama, prompt, 40)
+    text = tokenizer.decode(reference, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    with running_engine(tokenizer, llama, speculative_tokens=0) as engine:
+        plain = engine.submit(request("plain", prompt, greedy(40, stop=(stop,)))).result()
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        stream = engine.submit(predicted("spec", prompt, greedy(40, stop=(stop,)), reference))
+        events = list(stream)
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason == "stop"
+    assert finished.text == plain.text == text[: text.index(stop)]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == finished.text
+    assert finished.completion_tokens == plain.completion_tokens  # no token generated past the stop
+    assert finished.accepted_prediction_tokens > 0
+
+
+def test_cancellation_mid_speculation_leaves_the_engine_healthy(tokenizer: Any, llama: Any) -> None:
+    prompt = encode(tokenizer, PROMPTS[1])
+    reference = generate_ids(llama, prompt, 200)
+
+    async def scenario() -> Finished:
+        started = asyncio.Event()
+        stream = engine.submit(predicted("c", prompt, greedy(200), reference))
+        task = asyncio.create_task(consume(stream, started, after=2))
+        await started.wait()
+        stream.cancel()
+        return (await task)[1]
+
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        finished = asyncio.run(scenario())
+        assert finished.reason in ("cancelled", "length")
+        after = engine.submit(predicted("next", prompt, greedy(20), reference)).result()
+        assert engine.stats().healthy and engine.stats().running == 0
+    assert after.text == tokenizer.decode(reference[:20], skip_special_tokens=True)
+
+
+def test_the_prefix_cache_keeps_only_accepted_positions(tokenizer: Any, llama: Any) -> None:
+    """A speculating request with a partly wrong prediction saves its blocks; the next turn, whose
+    prompt starts with its prompt and output, reuses them and still equals ``model.generate``."""
+    prompt = encode(tokenizer, " ".join(PROMPTS))
+    reference = generate_ids(llama, prompt, 48)
+    follow_up = prompt + reference + encode(tokenizer, "And then?")[1:]
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        first = engine.submit(predicted("a", prompt, greedy(48), mangled(reference, 4))).result()
+        second = engine.submit(request("b", follow_up, greedy(20))).result()
+    assert first.rejected_prediction_tokens > 0
+    assert second.cached_tokens >= len(prompt) + len(reference) - 16
+    assert second.text == tokenizer.decode(generate_ids(llama, follow_up, 20), skip_special_tokens=True)
+
+
+def test_prediction_ids_outside_the_vocabulary_are_refused(tokenizer: Any, llama: Any) -> None:
+    with running_engine(tokenizer, llama) as engine:
+        with pytest.raises(InvalidRequest, match="prediction token id"):
+            engine.submit(predicted("bad", [1, 5], greedy(4), [3, len(tokenizer) + 5]))
+        assert engine.submit(predicted("ok", [1, 5], greedy(4), [3])).result().completion_tokens == 4
+
+
+def test_the_fallback_runner_does_not_speculate(tokenizer: Any) -> None:
+    model = build_model(len(tokenizer), "gpt2")
+    setattr(model, RUNNER_ATTR, "hf")
+    prompt = encode(tokenizer, PROMPTS[2])
+    reference = generate_ids(model, prompt, 12)
+    with running_engine(tokenizer, model, speculative_tokens=8) as engine:
+        assert engine.runner_name == "HFRunner"
+        finished = engine.submit(predicted("h", prompt, greedy(12), reference)).result()
+        assert engine.stats().spec_draft_tokens == 0
+    assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+    assert finished.accepted_prediction_tokens == 0
