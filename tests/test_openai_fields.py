@@ -86,7 +86,7 @@ def test_top_k_one_and_min_p_one_give_the_greedy_text(url: str) -> None:
         ({"min_p": 1.5}, "min_p"),
         ({"top_k": -2}, "top_k"),
         ({"n": 17}, "n"),
-        ({"n": 2, "stream": True}, "n"),
+        ({"n": 2, "best_of": 1}, "best_of"),
     ],
 )
 def test_bad_sampling_fields_are_400_naming_them(url: str, fields: dict[str, Any], param: str | None) -> None:

@@ -32,12 +32,15 @@ def finish_reason(done: ChatDone) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def usage(done: ChatDone) -> dict[str, Any]:
+def usage(first: ChatDone, *more: ChatDone) -> dict[str, Any]:
+    """OpenAI's usage of one choice, or of several (``n``): the prompt counted once, every choice's
+    completion tokens summed."""
+    completion = sum(done.completion_tokens for done in (first, *more))
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
 
 
@@ -84,6 +87,8 @@ class Reply:
     legacy_functions: bool = False
     #: ``echo`` on /v1/completions: the prompt, written before the completion.
     echo: str = ""
+    #: The choice this reply writes (``n`` > 1: one Reply per choice).
+    index: int = 0
 
     @classmethod
     def new(cls, chat: bool, model: str, turn: Turn, include_usage: bool, legacy_functions: bool = False) -> Reply:
@@ -117,17 +122,17 @@ class Reply:
                                function_call={"name": first.name, "arguments": first.arguments})
             elif done.tool_calls:
                 message.update(content=done.held_text or None, tool_calls=tool_calls_json(done.tool_calls))
-            choice: dict[str, Any] = {"index": 0, "message": message}
+            choice: dict[str, Any] = {"index": self.index, "message": message}
         else:
-            choice = {"index": 0, "text": self.echo + collected.text}
+            choice = {"index": self.index, "text": self.echo + collected.text}
         choice.update(logprobs=self._logprobs(), finish_reason=self.finish_reason(done))
         return {**self._envelope(False), "choices": [choice], "usage": usage(done), "system_fingerprint": None}
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            choice: dict[str, Any] = {"index": self.index, "delta": delta}
         else:
-            choice = {"index": 0, "text": delta.get("content", "")}
+            choice = {"index": self.index, "text": delta.get("content", "")}
         choice.update(logprobs=self._logprobs() if delta.get("content") else None, finish_reason=finish)
         out = {**self._envelope(True), "choices": [choice]}
         if self.include_usage:
@@ -145,8 +150,17 @@ class Reply:
                                            "function": {"name": call.name, "arguments": call.arguments}}]})
         return [self.chunk(delta) for delta in deltas]
 
-    def usage_chunk(self, done: ChatDone) -> dict[str, Any]:
-        return {**self._envelope(True), "choices": [], "usage": usage(done)}
+    def usage_chunk(self, *dones: ChatDone) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": usage(*dones)}
+
+    def opening_chunk(self) -> dict[str, Any] | None:
+        """The first chunk of a streamed choice: the role (chat), the echoed prompt, or none."""
+        if self.chat:
+            return self.chunk({"role": "assistant", "content": ""})
+        if self.echo:
+            return {**self.chunk({}), "choices": [{"index": self.index, "text": self.echo, "logprobs": None,
+                                                   "finish_reason": None}]}
+        return None
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -157,11 +171,9 @@ def sse(payload: dict[str, Any] | str) -> str:
 async def sse_events(reply: Reply, to_api_error: Callable[[Exception], APIError]) -> AsyncIterator[str]:
     """SSE body: (chat) a role chunk, one chunk per delta, the finish chunk, usage, [DONE];
     or, after a failure, a final error event instead of the finish."""
-    if reply.chat:
-        yield sse(reply.chunk({"role": "assistant", "content": ""}))
-    elif reply.echo:
-        yield sse({**reply.chunk({}), "choices": [{"index": 0, "text": reply.echo, "logprobs": None,
-                                                   "finish_reason": None}]})
+    opening = reply.opening_chunk()
+    if opening is not None:
+        yield sse(opening)
     async with aclosing(events(reply.turn)) as items:
         async for item in items:
             if isinstance(item, ChatDelta):
