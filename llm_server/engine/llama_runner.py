@@ -266,13 +266,29 @@ class LlamaRunner(ModelRunner):
         return layer.down(F.silu(gate) * up)
 
     def _last_logits(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """float32 logits of each row's last real (not padding) token."""
+        """float32 logits of each row's last real (not padding) token (of every position of the one
+        row while :meth:`prompt_logits` runs)."""
+        if self._all_positions:
+            return self._lm_head(_rms_norm(x[0], self._norm, self._eps)).float()
         if x.shape[1] == 1:
             last = x[:, 0]
         else:
             n = x.shape[0]
             last = x[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return self._lm_head(_rms_norm(last, self._norm, self._eps)).float()
+
+    #: True only inside :meth:`prompt_logits`: ``_last_logits`` keeps every position.
+    _all_positions = False
+
+    def prompt_logits(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
+        """Every position's logits, in chunks of ``chunk`` tokens, through a cache slot of its own."""
+        handle = self.open()
+        self._all_positions = True
+        try:
+            return torch.cat([self.forward([handle], [ids[i : i + chunk]]) for i in range(0, len(ids), chunk)])
+        finally:
+            self._all_positions = False
+            self.release(handle)
 
     def _attention_bias(self, positions: torch.Tensor, key_len: int) -> torch.Tensor:
         """Additive float32 mask [n, 1, groups * steps, key_len]: query t of a row sees keys <= its position."""

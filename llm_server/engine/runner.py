@@ -39,6 +39,16 @@ class ModelRunner(ABC):
     def release(self, handle: KVHandle) -> None:
         """Free a sequence's cache (idempotent)."""
 
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float32 logits at every position of ``ids`` read as one new sequence (the
+        prompt's log-probabilities); no other sequence's cache is touched. This default feeds the ids
+        one at a time through :meth:`forward` on a cache of its own; runners override it with one pass."""
+        handle = self.open()
+        try:
+            return torch.cat([self.forward([handle], [[token]]) for token in ids])
+        finally:
+            self.release(handle)
+
     @property
     def slot_cache(self) -> SlotCache | None:
         """The runner's :class:`~.kv_cache.SlotCache` when it keeps its KV there (the engine's prefix

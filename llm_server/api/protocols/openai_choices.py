@@ -104,13 +104,16 @@ async def choices_sse(replies: list[Reply], to_api_error: ErrorMapper) -> AsyncI
     pumps = [asyncio.ensure_future(_pump(index, reply.turn, queue)) for index, reply in enumerate(replies)]
     try:
         for reply in replies:
-            opening = reply.opening_chunk()
-            if opening is not None:
-                yield sse(opening)
+            if reply.chat:
+                yield sse(reply.chunk({"role": "assistant", "content": ""}))
+        echoing = {i for i, reply in enumerate(replies) if reply.echo}  # each with its choice's first event
         dones: dict[int, ChatDone] = {}
         while len(dones) < len(replies):
             index, item = await queue.get()
             reply = replies[index]
+            if index in echoing:
+                echoing.discard(index)
+                yield sse(reply.echo_chunk())
             if isinstance(item, StreamFailure):
                 yield sse(to_api_error(item.error).body())
                 return

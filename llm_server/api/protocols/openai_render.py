@@ -100,12 +100,20 @@ class Reply:
         reason = finish_reason(done)
         return "function_call" if reason == "tool_calls" and self.legacy_functions else reason
 
-    def _logprobs(self) -> dict[str, Any] | None:
-        """The log-probabilities recorded since the last call (None when not requested)."""
+    def _logprobs(self, with_prompt: bool = False) -> dict[str, Any] | None:
+        """The log-probabilities recorded since the last call (None when not requested); ``with_prompt``:
+        an echoed prompt's first (when the request asked for them)."""
         items = self.turn.stream.take_logprobs()
         if items is None:
             return None
-        return chat_logprobs(items) if self.chat else completion_logprobs(items)
+        if self.chat:
+            return chat_logprobs(items)
+        prompt = self.turn.stream.prompt_logprobs() if with_prompt and self.echo else None
+        return completion_logprobs([*(prompt or []), *items])
+
+    def _prompt_logprobs(self) -> dict[str, Any] | None:
+        prompt = self.turn.stream.prompt_logprobs()
+        return None if prompt is None else completion_logprobs(prompt)
 
     def _envelope(self, streamed: bool) -> dict[str, Any]:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -125,7 +133,7 @@ class Reply:
             choice: dict[str, Any] = {"index": self.index, "message": message}
         else:
             choice = {"index": self.index, "text": self.echo + collected.text}
-        choice.update(logprobs=self._logprobs(), finish_reason=self.finish_reason(done))
+        choice.update(logprobs=self._logprobs(with_prompt=True), finish_reason=self.finish_reason(done))
         return {**self._envelope(False), "choices": [choice], "usage": usage(done), "system_fingerprint": None}
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -153,14 +161,11 @@ class Reply:
     def usage_chunk(self, *dones: ChatDone) -> dict[str, Any]:
         return {**self._envelope(True), "choices": [], "usage": usage(*dones)}
 
-    def opening_chunk(self) -> dict[str, Any] | None:
-        """The first chunk of a streamed choice: the role (chat), the echoed prompt, or none."""
-        if self.chat:
-            return self.chunk({"role": "assistant", "content": ""})
-        if self.echo:
-            return {**self.chunk({}), "choices": [{"index": self.index, "text": self.echo, "logprobs": None,
-                                                   "finish_reason": None}]}
-        return None
+    def echo_chunk(self) -> dict[str, Any]:
+        """The echoed prompt of a streamed completion, with its log-probabilities when asked (sent with the
+        choice's first event: they are known by then)."""
+        return {**self.chunk({}), "choices": [{"index": self.index, "text": self.echo,
+                                               "logprobs": self._prompt_logprobs(), "finish_reason": None}]}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -171,11 +176,14 @@ def sse(payload: dict[str, Any] | str) -> str:
 async def sse_events(reply: Reply, to_api_error: Callable[[Exception], APIError]) -> AsyncIterator[str]:
     """SSE body: (chat) a role chunk, one chunk per delta, the finish chunk, usage, [DONE];
     or, after a failure, a final error event instead of the finish."""
-    opening = reply.opening_chunk()
-    if opening is not None:
-        yield sse(opening)
+    if reply.chat:
+        yield sse(reply.chunk({"role": "assistant", "content": ""}))
+    echo = reply.echo  # the echoed prompt goes with the first event (its log-probabilities are known then)
     async with aclosing(events(reply.turn)) as items:
         async for item in items:
+            if echo:
+                echo = ""
+                yield sse(reply.echo_chunk())
             if isinstance(item, ChatDelta):
                 yield sse(reply.chunk({"content": item.text}))
             elif isinstance(item, StreamFailure):

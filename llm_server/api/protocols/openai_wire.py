@@ -254,8 +254,10 @@ def completion_turn(body: CompletionRequest, request_id: str) -> TurnRequest:
         prompt = prompt[0]
     if not prompt:
         raise APIError(400, "prompt must be a non-empty string", param="prompt")
+    logprobs = completion_top_logprobs(body)
     return TurnRequest(request_id=request_id, prompt=prompt, sampling=body.sampling(body.max_tokens),
-                       response_format=body.response_format, logprobs=completion_top_logprobs(body))
+                       response_format=body.response_format, logprobs=logprobs,
+                       prompt_logprobs=body.echo and logprobs is not None)
 
 
 def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -276,9 +278,6 @@ def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 def completion_top_logprobs(body: CompletionRequest) -> int | None:
     value = body.logprobs
-    if body.echo and value not in (None, False):
-        raise APIError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
-                       "log-probabilities (echo alone is)", param="echo", code="unsupported_parameter")
     if value is None or value is False:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
