@@ -128,8 +128,8 @@ async def choices_sse(replies: list[Reply], to_api_error: ErrorMapper) -> AsyncI
             yield sse(replies[0].usage_chunk(*(dones[i] for i in range(len(replies)))))
         yield sse("[DONE]")
     finally:
-        for pump in pumps:
-            pump.cancel()
+        for task in pumps:
+            task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
