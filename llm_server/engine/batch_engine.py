@@ -12,12 +12,10 @@ one prefill forward for newly admitted prompts (together, or one chunk of a long
 ``step_token_budget``: decoding requests are never stalled), then one decode forward for every
 decoding request together (speculative for rows with drafts: :mod:`.speculative`), and applies the
 output: samples each row, turns the token into text (UTF-8 safe, stop strings held back), pushes it
-to the request's :class:`GenerationStream`, and finishes the requests that are done. Consumers'
-event loops are woken once per forward, not per token.
+to the request's :class:`GenerationStream`, and finishes the done. Loops are woken once per forward.
 
-A request's state is its Sequence's ``status`` (waiting, prefilling, decoding, finished);
-finishing is idempotent. Errors while handling one request fail that request only. An error
-not pinned on one request (a decode forward raising) fails every pending request: unhealthy.
+A request's state is its Sequence's ``status`` (waiting, prefilling, decoding, finished); finishing is idempotent.
+Errors of one request fail it alone; one not pinned on a request (a decode forward raising) fails all: unhealthy.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
 from llm_server.engine.model_setup import default_max_context, default_top_k, eos_ids, make_runner, warm_up
 from llm_server.engine.prefix_cache import PrefixCache
+from llm_server.engine.prompt_logprobs import record_prompt_logprobs
 from llm_server.engine.runner import ModelRunner
 from llm_server.engine.sampler import Sampler, SamplerState
 from llm_server.engine.scheduler import Scheduler
@@ -250,6 +249,7 @@ class BatchEngine(Engine):
         """An admitted request's cache handle and sampling state (tensors: made on this thread)."""
         assert self._runner is not None
         try:
+            record_prompt_logprobs(self._runner, seq.request)  # echo + logprobs: a pass of its own, at admission
             seq.kv = self._runner.open()
             self._restore_prefix(seq)
             params = seq.request.params  # its grammar matcher was built by submit()

@@ -145,6 +145,12 @@ class GenericRunner(ModelRunner):
     # --- forward ------------------------------------------------------------------------
     speculates = True  # forward(every=True) + rollback: speculative decoding (engine/speculative.py)
 
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """Every position's logits from the model's own forward (its own attention, no engine cache)."""
+        with torch.no_grad():
+            out = self._model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), use_cache=False)
+        return out.logits[0].float()
+
     def forward(self, handles: Sequence[KVHandle], tokens: Sequence[list[int]], every: bool = False) -> torch.Tensor:
         for handle in handles:
             if handle.slot < 0:

@@ -35,3 +35,7 @@ class HFRunner(ModelRunner):
 
     def release(self, handle: KVHandle) -> None:
         handle.state = None
+
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self._model(input_ids=input_ids, use_cache=False).logits[0].float()

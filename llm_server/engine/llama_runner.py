@@ -289,6 +289,15 @@ class LlamaRunner(ModelRunner):
             last = x[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return self._lm_head(_rms_norm(last, self._norm, self._eps)).float()
 
+    def prompt_logits(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
+        """Every position's logits, in chunks of ``chunk`` tokens, through a cache slot of its own."""
+        handle = self.open()
+        try:
+            return torch.cat([self.forward([handle], [ids[i : i + chunk]], every=True)
+                              for i in range(0, len(ids), chunk)])
+        finally:
+            self.release(handle)
+
     def _attention_bias(self, positions: torch.Tensor, key_len: int) -> torch.Tensor:
         """Additive float32 mask [n, 1, groups * steps, key_len]: query t of a row sees keys <= its position."""
         n, steps = positions.shape

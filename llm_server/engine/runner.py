@@ -50,6 +50,16 @@ class ModelRunner(ABC):
             raise NotImplementedError(f"{type(self).__name__} does not speculate")
         handle.length = min(handle.length, length)
 
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float32 logits at every position of ``ids`` read as one new sequence (the
+        prompt's log-probabilities); no other sequence's cache is touched. This default feeds the ids
+        one at a time through :meth:`forward` on a cache of its own; runners override it with one pass."""
+        handle = self.open()
+        try:
+            return torch.cat([self.forward([handle], [[token]]) for token in ids])
+        finally:
+            self.release(handle)
+
     @property
     def slot_cache(self) -> SlotCache | None:
         """The runner's :class:`~.kv_cache.SlotCache` when it keeps its KV there (the engine's prefix

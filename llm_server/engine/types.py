@@ -78,6 +78,9 @@ class SamplingParams:
     #: into ``logprob_sink``.
     logprobs: int | None = None
     logprob_sink: LogprobLog | None = field(default=None, compare=False)
+    #: Also record every prompt token's log-probability (with ``logprobs`` alternatives) into
+    #: ``logprob_sink`` (:meth:`LogprobLog.prompt`), at admission: OpenAI's ``echo`` with ``logprobs``.
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -86,10 +89,11 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated id's log-probability under the model, and the likeliest alternatives."""
+    """One id's log-probability under the model, and the likeliest alternatives (None, and no
+    alternatives: a prompt's first id, which nothing before it predicts)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -98,7 +102,17 @@ class LogprobLog:
 
     def __init__(self) -> None:
         self._items: list[TokenLogprob] = []
+        self._prompt: list[TokenLogprob] | None = None
         self._lock = threading.Lock()
+
+    def set_prompt(self, items: list[TokenLogprob]) -> None:
+        with self._lock:
+            self._prompt = items
+
+    def prompt(self) -> list[TokenLogprob] | None:
+        """The prompt's ids and log-probabilities (``SamplingParams.prompt_logprobs``); None until recorded."""
+        with self._lock:
+            return self._prompt
 
     def append(self, item: TokenLogprob) -> None:
         with self._lock:

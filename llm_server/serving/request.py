@@ -69,7 +69,7 @@ class TurnRequest:
     - ``prompt``: a raw prompt (``/v1/completions``): no chat template, no system prompt;
     - ``role``: the system prompt to use (``system_prompt_config.yaml``), see :data:`SystemPromptRule`;
     - ``response_format``: OpenAI's object (``json_object`` / ``json_schema``), held by a grammar;
-    - ``logprobs``: None, or how many alternatives to record per token;
+    - ``logprobs``: None, or how many alternatives to record per token (``prompt_logprobs``: prompt tokens too);
     - ``improvement`` / ``intermediate_steps``: the spec's answer-improvement pipeline.
     """
 
@@ -82,6 +82,8 @@ class TurnRequest:
     response_format: Any = None
     tools: ToolRequest | None = None
     logprobs: int | None = None
+    #: With ``logprobs`` on a raw ``prompt``: the prompt's tokens and log-probabilities too (OpenAI's echo).
+    prompt_logprobs: bool = False
     improvement: bool = False
     intermediate_steps: bool = False
     #: OpenAI's Predicted Outputs: text the answer will likely repeat (speculative decoding's drafts).

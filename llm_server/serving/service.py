@@ -107,6 +107,7 @@ class ChatService:
         grammar = self._grammar(request, tools)
         params = params if grammar is None else replace(params, constraint=grammar)
         params, log = with_logprobs(params, request.logprobs)
+        params = replace(params, prompt_logprobs=request.prompt_logprobs)
         reader = LogprobReader(self.engine.tokenizer, log) if log is not None else None
         opening = advance(steps)
         if request.prompt is None:
@@ -280,7 +281,11 @@ def _structured_format(response_format: Any) -> bool:
 
 
 def _check_combinations(request: TurnRequest) -> None:
-    """What the improvement pipeline cannot honour (its passes are free text and reviews)."""
+    """What the improvement pipeline cannot honour (its passes are free text and reviews); the
+    prompt's log-probabilities need a raw prompt and logprobs."""
+    if request.prompt_logprobs and (request.prompt is None or request.logprobs is None):
+        raise ChatInputError("the prompt's log-probabilities need a raw prompt and logprobs", param="logprobs",
+                             code="unsupported_value")
     if not request.improvement:
         return
     if _structured_format(request.response_format):

@@ -83,7 +83,7 @@ class TokenText:
     """One generated token's text and log-probability, with its likeliest alternatives."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing before it predicts it)
     top: tuple[tuple[str, float], ...]
 
 
@@ -101,6 +101,11 @@ class LogprobReader:
     def take(self) -> list[TokenText]:
         """What was recorded since the last call."""
         return [self._item(item) for item in self._log.drain() if item.token_id not in self._special]
+
+    def take_prompt(self) -> list[TokenText] | None:
+        """The prompt's tokens and log-probabilities (the first: None); None until the engine recorded them."""
+        items = self._log.prompt()
+        return None if items is None else [self._item(i) for i in items if i.token_id not in self._special]
 
     def _item(self, item: TokenLogprob) -> TokenText:
         top = tuple((self._text(i), lp) for i, lp in item.top)

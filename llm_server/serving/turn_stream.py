@@ -160,6 +160,11 @@ class TurnStream:
         """The log-probabilities recorded since the last call (None when not requested)."""
         return None if self._logprobs is None else self._logprobs.take()
 
+    def prompt_logprobs(self) -> list[TokenText] | None:
+        """The prompt's tokens and log-probabilities (``TurnRequest.prompt_logprobs``; the first: None);
+        None when not requested, or before the engine admitted the request."""
+        return None if self._logprobs is None else self._logprobs.take_prompt()
+
     def observe(self, observer: StreamObserver) -> TurnStream:
         """Report this stream's text and end to ``observer``; returns self."""
         self._observer = observer

@@ -32,14 +32,19 @@ def finish_reason(done: ChatDone) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def usage(done: ChatDone) -> dict[str, Any]:
+def usage(first: ChatDone, *more: ChatDone) -> dict[str, Any]:
+    """OpenAI's usage of one choice, or of several (``n``): the prompt counted once, every choice's
+    completion tokens summed."""
+    completion = sum(done.completion_tokens for done in (first, *more))
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
-        "completion_tokens_details": {"accepted_prediction_tokens": done.accepted_prediction_tokens,
-                                      "rejected_prediction_tokens": done.rejected_prediction_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": sum(done.accepted_prediction_tokens for done in (first, *more)),
+            "rejected_prediction_tokens": sum(done.rejected_prediction_tokens for done in (first, *more)),
+        },
     }
 
 
@@ -86,6 +91,8 @@ class Reply:
     legacy_functions: bool = False
     #: ``echo`` on /v1/completions: the prompt, written before the completion.
     echo: str = ""
+    #: The choice this reply writes (``n`` > 1: one Reply per choice).
+    index: int = 0
 
     @classmethod
     def new(cls, chat: bool, model: str, turn: Turn, include_usage: bool, legacy_functions: bool = False) -> Reply:
@@ -97,12 +104,20 @@ class Reply:
         reason = finish_reason(done)
         return "function_call" if reason == "tool_calls" and self.legacy_functions else reason
 
-    def _logprobs(self) -> dict[str, Any] | None:
-        """The log-probabilities recorded since the last call (None when not requested)."""
+    def _logprobs(self, with_prompt: bool = False) -> dict[str, Any] | None:
+        """The log-probabilities recorded since the last call (None when not requested); ``with_prompt``:
+        an echoed prompt's first (when the request asked for them)."""
         items = self.turn.stream.take_logprobs()
         if items is None:
             return None
-        return chat_logprobs(items) if self.chat else completion_logprobs(items)
+        if self.chat:
+            return chat_logprobs(items)
+        prompt = self.turn.stream.prompt_logprobs() if with_prompt and self.echo else None
+        return completion_logprobs([*(prompt or []), *items])
+
+    def _prompt_logprobs(self) -> dict[str, Any] | None:
+        prompt = self.turn.stream.prompt_logprobs()
+        return None if prompt is None else completion_logprobs(prompt)
 
     def _envelope(self, streamed: bool) -> dict[str, Any]:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -119,17 +134,17 @@ class Reply:
                                function_call={"name": first.name, "arguments": first.arguments})
             elif done.tool_calls:
                 message.update(content=done.held_text or None, tool_calls=tool_calls_json(done.tool_calls))
-            choice: dict[str, Any] = {"index": 0, "message": message}
+            choice: dict[str, Any] = {"index": self.index, "message": message}
         else:
-            choice = {"index": 0, "text": self.echo + collected.text}
-        choice.update(logprobs=self._logprobs(), finish_reason=self.finish_reason(done))
+            choice = {"index": self.index, "text": self.echo + collected.text}
+        choice.update(logprobs=self._logprobs(with_prompt=True), finish_reason=self.finish_reason(done))
         return {**self._envelope(False), "choices": [choice], "usage": usage(done), "system_fingerprint": None}
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            choice: dict[str, Any] = {"index": self.index, "delta": delta}
         else:
-            choice = {"index": 0, "text": delta.get("content", "")}
+            choice = {"index": self.index, "text": delta.get("content", "")}
         choice.update(logprobs=self._logprobs() if delta.get("content") else None, finish_reason=finish)
         out = {**self._envelope(True), "choices": [choice]}
         if self.include_usage:
@@ -147,8 +162,14 @@ class Reply:
                                            "function": {"name": call.name, "arguments": call.arguments}}]})
         return [self.chunk(delta) for delta in deltas]
 
-    def usage_chunk(self, done: ChatDone) -> dict[str, Any]:
-        return {**self._envelope(True), "choices": [], "usage": usage(done)}
+    def usage_chunk(self, *dones: ChatDone) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": usage(*dones)}
+
+    def echo_chunk(self) -> dict[str, Any]:
+        """The echoed prompt of a streamed completion, with its log-probabilities when asked (sent with the
+        choice's first event: they are known by then)."""
+        return {**self.chunk({}), "choices": [{"index": self.index, "text": self.echo,
+                                               "logprobs": self._prompt_logprobs(), "finish_reason": None}]}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -161,11 +182,12 @@ async def sse_events(reply: Reply, to_api_error: Callable[[Exception], APIError]
     or, after a failure, a final error event instead of the finish."""
     if reply.chat:
         yield sse(reply.chunk({"role": "assistant", "content": ""}))
-    elif reply.echo:
-        yield sse({**reply.chunk({}), "choices": [{"index": 0, "text": reply.echo, "logprobs": None,
-                                                   "finish_reason": None}]})
+    echo = reply.echo  # the echoed prompt goes with the first event (its log-probabilities are known then)
     async with aclosing(events(reply.turn)) as items:
         async for item in items:
+            if echo:
+                echo = ""
+                yield sse(reply.echo_chunk())
             if isinstance(item, ChatDelta):
                 yield sse(reply.chunk({"content": item.text}))
             elif isinstance(item, StreamFailure):

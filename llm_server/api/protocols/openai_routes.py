@@ -13,7 +13,6 @@ by :mod:`llm_server.api.protocols.openai_render`: whole, or as Server-Sent Event
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from llm_server.api.plumbing.auth import require_api_key
 from llm_server.api.plumbing.errors import APIError
 from llm_server.api.plumbing.limits import CLIENT_CLOSED_REQUEST
 from llm_server.api.plumbing.request_context import request_id
+from llm_server.api.protocols.openai_choices import best_choices, choices_sse, collect_all, open_turns, whole_choices
 from llm_server.api.protocols.openai_render import Reply, sse_events
 from llm_server.api.protocols.openai_wire import (
     ChatCompletionRequest,
@@ -39,9 +39,8 @@ from llm_server.api.protocols.openai_wire import (
     unsupported_chat_fields,
     unsupported_completion_fields,
 )
-from llm_server.api.protocols.turns import Turn, TurnResponse, api_error_for, collect, open_turn
+from llm_server.api.protocols.turns import TurnResponse, api_error_for, collect, open_turn
 from llm_server.serving.request import TurnRequest
-from llm_server.serving.turn_stream import Cancel
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +78,8 @@ def check_model(request: Request, model: str) -> str:
 async def _answer(request: Request, body: SamplingFields, turn_request: TurnRequest, chat: bool,
                   prompt_param: str) -> Response:
     """Open the turn (errors -> HTTP errors), then answer it whole or as SSE."""
-    if (body.n or 1) > 1:
-        return await _answer_choices(request, body, turn_request, chat, prompt_param, body.n or 1)
+    if (body.n or 1) > 1 or (getattr(body, "best_of", None) or 1) > 1:
+        return await _answer_choices(request, body, turn_request, chat, prompt_param)
     model = check_model(request, body.model)
     to_api_error = _error_mapper(prompt_param)
     turn = await open_turn(request, turn_request, to_api_error)
@@ -99,42 +98,28 @@ def _echo(body: SamplingFields, turn_request: TurnRequest) -> str:
     return turn_request.prompt or "" if isinstance(body, CompletionRequest) and body.echo else ""
 
 
-def _nth_turn(turn_request: TurnRequest, index: int) -> TurnRequest:
-    """Choice ``index`` of an ``n`` request: its own engine request id, and seed + index when seeded."""
-    sampling = turn_request.sampling
-    if sampling.seed is not None:
-        sampling = replace(sampling, seed=(sampling.seed + index) % 2**63)
-    return replace(turn_request, request_id=f"{turn_request.request_id}-{index}", sampling=sampling)
-
-
 async def _answer_choices(request: Request, body: SamplingFields, turn_request: TurnRequest, chat: bool,
-                          prompt_param: str, n: int) -> Response:
-    """``n`` choices: n turns opened together (each counts against admission), answered whole."""
-    if body.stream:
-        raise APIError(400, "n > 1 is supported without stream only", param="n", code="unsupported_value")
+                          prompt_param: str) -> Response:
+    """``n`` choices (or ``best_of`` candidates): one turn each (:mod:`.openai_choices`)."""
+    n, best_of = body.n or 1, getattr(body, "best_of", None) or 1
     model = check_model(request, body.model)
     to_api_error = _error_mapper(prompt_param)
-    turns: list[Turn] = []
-    try:
-        for index in range(n):
-            turns.append(await open_turn(request, _nth_turn(turn_request, index), to_api_error))
-        collected = await asyncio.gather(*(collect(request, turn, to_api_error) for turn in turns))
-    except BaseException:
-        for turn in turns:
-            turn.stop(Cancel.READER_LEFT)
-        raise
-    if any(c is None for c in collected):
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    wanted_logprobs = turn_request.logprobs
+    if best_of > 1 and wanted_logprobs is None:  # candidates are ranked by their tokens' log-probabilities
+        turn_request = replace(turn_request, logprobs=0)
+    turns = await open_turns(request, turn_request, max(n, best_of), to_api_error)
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     legacy = isinstance(body, ChatCompletionRequest) and body.functions is not None
-    first = replace(Reply.new(chat, model, turns[0], False, legacy), echo=_echo(body, turn_request))
-    answers = [replace(first, turn=turn).whole(c) for turn, c in zip(turns, collected, strict=True) if c is not None]
-    for index, answer in enumerate(answers):
-        answer["choices"][0]["index"] = index
-    whole = {**answers[0], "choices": [a["choices"][0] for a in answers]}
-    completion_tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-    whole["usage"] = {**answers[0]["usage"], "completion_tokens": completion_tokens,
-                      "total_tokens": answers[0]["usage"]["prompt_tokens"] + completion_tokens}
-    return JSONResponse(whole)
+    first = replace(Reply.new(chat, model, turns[0], include_usage, legacy), echo=_echo(body, turn_request))
+    replies = [replace(first, turn=turn, index=index) for index, turn in enumerate(turns)]
+    if body.stream:
+        return TurnResponse(choices_sse(replies, to_api_error), turns, media_type=_SSE_MEDIA_TYPE)
+    collected = await collect_all(request, turns, to_api_error)
+    if collected is None:  # the client left; every choice's generation was cancelled
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if best_of > 1:
+        return JSONResponse(best_choices(replies, collected, n, wanted_logprobs is not None))
+    return JSONResponse(whole_choices(replies, collected))
 
 
 # --- endpoints --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ cannot honour, and the translation of a request into the serving layer's one
 
 Requests are parsed leniently by pydantic (unknown keys are kept in ``model_extra``), then
 :func:`unsupported_chat_fields` / :func:`unsupported_completion_fields` list every field
-that would change the output but is not implemented (``n > 1``, ``best_of``, ``suffix``...)
+that would change the output but is not implemented (``suffix``, ``audio``...)
 and every key we do not know at all; routes answer those with a 400 naming
 the field, as OpenAI does, instead of silently ignoring them. Fields that never change the
 output (``user``, ``metadata``, ``store``...) are accepted and ignored.
@@ -162,7 +162,19 @@ class CompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None  # extension: as on chat completions
     echo: StrictBool = False
     suffix: str | None = None
-    best_of: Integer | None = None
+    #: Candidates generated to return the ``n`` likeliest (cumulative log-probability); not streamable.
+    best_of: Integer | None = Field(default=None, ge=1, le=MAX_CHOICES)
+
+    def check_best_of(self) -> None:
+        """``best_of`` as OpenAI allows it: at least ``n``, and never streamed (else a 400 naming it)."""
+        if self.best_of is None:
+            return
+        if self.best_of < (self.n or 1):
+            raise APIError(400, f"best_of must be at least n; got best_of={self.best_of}, n={self.n}",
+                           param="best_of", code="invalid_value")
+        if self.stream and self.best_of > 1:
+            raise APIError(400, "best_of cannot be streamed: the best candidates are known only at the end",
+                           param="best_of", code="invalid_value")
 
 
 def _common_unsupported(req: SamplingFields) -> list[str]:
@@ -189,8 +201,6 @@ def unsupported_completion_fields(req: CompletionRequest) -> list[str]:
     bad = _common_unsupported(req)
     if req.suffix:
         bad.append("suffix")
-    if req.best_of not in (None, 1):
-        bad.append("best_of")
     return bad + _unknown(req)
 
 
@@ -252,6 +262,7 @@ def _legacy_functions(body: ChatCompletionRequest) -> ToolRequest | None:
 
 def completion_turn(body: CompletionRequest, request_id: str) -> TurnRequest:
     """A (legacy) completion request in the serving layer's terms: one raw prompt."""
+    body.check_best_of()
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -260,8 +271,10 @@ def completion_turn(body: CompletionRequest, request_id: str) -> TurnRequest:
         prompt = prompt[0]
     if not prompt:
         raise APIError(400, "prompt must be a non-empty string", param="prompt")
+    logprobs = completion_top_logprobs(body)
     return TurnRequest(request_id=request_id, prompt=prompt, sampling=body.sampling(body.max_tokens),
-                       response_format=body.response_format, logprobs=completion_top_logprobs(body))
+                       response_format=body.response_format, logprobs=logprobs,
+                       prompt_logprobs=body.echo and logprobs is not None)
 
 
 def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -282,9 +295,6 @@ def chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 def completion_top_logprobs(body: CompletionRequest) -> int | None:
     value = body.logprobs
-    if body.echo and value not in (None, False):
-        raise APIError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
-                       "log-probabilities (echo alone is)", param="echo", code="unsupported_parameter")
     if value is None or value is False:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:

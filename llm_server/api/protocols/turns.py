@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -260,10 +260,10 @@ class TurnResponse(StreamingResponse):
     never iterated the stream: that turn is stopped instead.
     """
 
-    def __init__(self, body: AsyncIterator[str], turn: Turn, media_type: str,
+    def __init__(self, body: AsyncIterator[str], turn: Turn | Sequence[Turn], media_type: str,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(body, media_type=media_type, headers={**_STREAM_HEADERS, **(headers or {})})
-        self.turn = turn
+        self.turns = (turn,) if isinstance(turn, Turn) else tuple(turn)  # ``n`` choices: one turn each
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -274,4 +274,5 @@ class TurnResponse(StreamingResponse):
                 if aclose is not None:
                     await aclose()
             finally:
-                self.turn.stop(Cancel.CLIENT_GONE)  # a no-op once its iteration has ended
+                for turn in self.turns:
+                    turn.stop(Cancel.CLIENT_GONE)  # a no-op once its iteration has ended
