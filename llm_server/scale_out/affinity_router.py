@@ -37,6 +37,9 @@ logger = logging.getLogger(f"ray.serve.{__name__}")
 
 #: The import path Serve's ``request_router_config`` names.
 ROUTER_PATH = "llm_server.scale_out.affinity_router:PrefixAffinityRouter"
+#: Backoff index of the load probe: Serve's 0.1 s deadline x 2**3, capped by its max (1 s); a busy
+#: replica (prefilling on a shared CPU) answers the probe late, and an unanswered probe undercounts.
+PROBE_BACKOFF = 3
 
 
 def rendezvous_order(session: str, replica_ids: list[str]) -> list[str]:
@@ -67,7 +70,7 @@ class PrefixAffinityRouter(RequestRouter):
         tests/test_scale_out_affinity.py): it undercounts exactly the streams that load a replica."""
         cache = self._replica_queue_len_cache
         return {replica.replica_id: cache.get(replica.replica_id) if queue_len is None else queue_len
-                for replica, queue_len in await self._probe_queue_lens(replicas, 0)}
+                for replica, queue_len in await self._probe_queue_lens(replicas, PROBE_BACKOFF)}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
