@@ -21,6 +21,16 @@ Servers, one at a time, as ``bench_serving.py`` starts them (same weights, same 
 
     .venv/bin/python benchmarks/bench_multiturn.py --llama-server /work/llama-build/llama-server
     .venv/bin/python benchmarks/bench_multiturn.py --servers ours,ours-nocache
+
+Ours against llama-server in one run, the conversation only, turn by turn side by side (with a
+row ``ours / llama-server``: below 1, ours answers first)::
+
+    .venv/bin/python benchmarks/bench_multiturn.py --servers ours,llama-server --scenarios conversation \\
+        --llama-server /work/llama-build/llama-server
+
+``--turns N`` shortens the conversation (a smoke run). A request whose connection fails before any
+text is sent once more (llama-server sometimes drops a kept-alive connection between turns); such a
+turn is marked ``*``.
 """
 
 from __future__ import annotations
@@ -83,9 +93,10 @@ class Turn:
     cached_tokens: int | None
     text: str
     error: str | None = None
+    retried: bool = False
 
 
-async def chat(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> Turn:
+async def _chat_once(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> Turn:
     sent, first, text, usage = time.perf_counter(), None, "", None
     try:
         stream = await client.chat.completions.create(
@@ -104,11 +115,23 @@ async def chat(client: Any, model: str, messages: list[dict[str, str]], max_toke
     return Turn(None if first is None else first - sent, getattr(usage, "prompt_tokens", None), cached, text)
 
 
-async def conversation(client: Any, model: str, max_tokens: int, system: str) -> list[Turn]:
-    """Ten turns, each with the whole history."""
+async def chat(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> Turn:
+    """One streamed request; sent again once if the connection failed before any text arrived (a
+    kept-alive connection the server had closed: seen with llama-server), noted in ``retried``."""
+    turn = await _chat_once(client, model, messages, max_tokens)
+    if turn.error is not None and turn.error.startswith("APIConnectionError") and not turn.text:
+        log.warning("connection error before any text (%s): sending the request again", turn.error)
+        turn = await _chat_once(client, model, messages, max_tokens)
+        turn.retried = True
+    return turn
+
+
+async def conversation(client: Any, model: str, max_tokens: int, system: str,
+                       count: int = len(QUESTIONS)) -> list[Turn]:
+    """``count`` turns (ten by default), each with the whole history."""
     messages = [{"role": "system", "content": system}]
     turns = []
-    for question in QUESTIONS:
+    for question in QUESTIONS[:count]:
         messages.append({"role": "user", "content": question})
         turn = await chat(client, model, messages, max_tokens)
         turns.append(turn)
@@ -148,8 +171,10 @@ async def measure(spec: ServerSpec, args: argparse.Namespace) -> dict[str, Any]:
         model = (await client.models.list()).data[0].id
         await chat(client, model, [{"role": "user", "content": "Hello!"}], 8)  # warm-up
         started = time.perf_counter()
-        talk = await conversation(client, model, args.max_tokens, notes("geography"))
-        users = await shared(client, model, args.max_tokens, notes("field survey"), args.users)
+        talk = await conversation(client, model, args.max_tokens, notes("geography"), args.turns)
+        users = []
+        if "shared" in args.scenarios:
+            users = await shared(client, model, args.max_tokens, notes("field survey"), args.users)
         log.info("%s done in %.0f s", spec.name, time.perf_counter() - started)
         return {"conversation": [asdict(t) for t in talk], "shared": [[asdict(t) for t in u] for u in users]}
     finally:
@@ -195,23 +220,44 @@ def _rate(value: float | None) -> str:
     return "n/r" if value is None else f"{value:.0%}"
 
 
-def render(results: dict[str, dict[str, Any]], header: str) -> str:
-    names = list(results)
+def _tail_median(ttfts: Sequence[float | None]) -> float | None:
+    """Median TTFT of turns 8-10 (the last three turns when fewer were run)."""
+    tail = sorted(t for t in (ttfts[7:10] if len(ttfts) >= 10 else ttfts[-3:]) if t is not None)
+    return tail[len(tail) // 2] if tail else None
+
+
+def _ratio_row(talks: dict[str, list[Turn]], ours: str, peer: str) -> str:
+    """``ours / peer`` TTFT per turn (below 1: ours is faster)."""
+    pairs = zip(talks[ours], talks[peer], strict=False)
+    cells = [f"{a.ttft_s / b.ttft_s:.2f}" if a.ttft_s and b.ttft_s else "—" for a, b in pairs]
+    a, b = _tail_median([t.ttft_s for t in talks[ours]]), _tail_median([t.ttft_s for t in talks[peer]])
+    return f"| {ours} / {peer} | " + " | ".join(cells) + f" | {f'{a / b:.2f}' if a and b else '—'} | |"
+
+
+def render_conversation(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The conversation's turn-by-turn TTFT, one row per server, side by side."""
     talks = {n: [Turn(**t) for t in r["conversation"]] for n, r in results.items()}
-    lines = [header, "", "**Conversation** (TTFT ms per turn; prompt tokens from the first server's usage)", "",
-             "| turn | " + " | ".join(str(i + 1) for i in range(len(QUESTIONS))) + " | turns 8-10 median | hit rate |",
-             "|---" * (len(QUESTIONS) + 3) + "|"]
-    first = talks[names[0]]
+    turns = max(len(t) for t in talks.values())
+    tail = "turns 8-10 median" if turns >= 10 else f"turns {max(1, turns - 2)}-{turns} median"
+    lines = ["**Conversation** (TTFT ms per turn; prompt tokens from the first server's usage; "
+             "* = sent again after a connection error)", "",
+             "| turn | " + " | ".join(str(i + 1) for i in range(turns)) + f" | {tail} | hit rate |",
+             "|---" * (turns + 3) + "|"]
+    first = next(iter(talks.values()))
     lines.append("| prompt tokens | " + " | ".join(str(t.prompt_tokens or "?") for t in first) + " | | |")
-    for name in names:
-        ttfts = [t.ttft_s for t in talks[name]]
-        tail = sorted(t for t in ttfts[7:10] if t is not None)
-        median = tail[len(tail) // 2] if tail else None
-        lines.append(f"| {name} | " + " | ".join(_ms(t) for t in ttfts) + f" | {_ms(median)} | "
-                     f"{_rate(hit_rate(talks[name]))} |")
-    lines += ["", "**Shared system prompt** (16 users start together, 2 turns each; TTFT ms)", "",
-              "| server | p50 all | p95 all | p95 first turns | p95 second turns | hit rate | errors |",
-              "|---|---|---|---|---|---|---|"]
+    for name, talk in talks.items():
+        cells = [_ms(t.ttft_s) + ("*" if t.retried else "") for t in talk]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_ms(_tail_median([t.ttft_s for t in talk]))} | "
+                     f"{_rate(hit_rate(talk))} |")
+    if "llama-server" in talks:
+        lines += [_ratio_row(talks, name, "llama-server") for name in talks if name.startswith("ours")]
+    return lines
+
+
+def render_shared(results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["**Shared system prompt** (16 users start together, 2 turns each; TTFT ms)", "",
+             "| server | p50 all | p95 all | p95 first turns | p95 second turns | hit rate | errors |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         users = [[Turn(**t) for t in u] for u in r["shared"]]
         flat = [t for u in users for t in u]
@@ -221,6 +267,13 @@ def render(results: dict[str, dict[str, Any]], header: str) -> str:
         lines.append(f"| {name} | {_ms(percentile(ok, 50))} | {_ms(percentile(ok, 95))} | "
                      f"{_ms(percentile(firsts, 95))} | {_ms(percentile(seconds, 95))} | {_rate(hit_rate(flat))} | "
                      f"{sum(1 for t in flat if t.error)} |")
+    return lines
+
+
+def render(results: dict[str, dict[str, Any]], header: str) -> str:
+    lines = [header, "", *render_conversation(results)]
+    if any(r["shared"] for r in results.values()):
+        lines += ["", *render_shared(results)]
     return "\n".join(lines)
 
 
@@ -231,6 +284,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1),
+                        metavar=f"1..{len(QUESTIONS)}", help="turns of the conversation (default all ten)")
+    parser.add_argument("--scenarios", default="conversation,shared",
+                        help="conversation (always run) and/or shared (the sixteen users)")
     parser.add_argument("--llama-server", default=None, metavar="PATH",
                         help=f"llama-server binary (default ${peers.LLAMA_SERVER_ENV}); unset: not run")
     parser.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1)

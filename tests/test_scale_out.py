@@ -123,8 +123,8 @@ def _metric_sum(base_url: str, name: str, **labels: str) -> float:
 
 def test_both_replicas_answer_the_spec_endpoint(base_url: str) -> None:
     seen: set[str] = set()
-    for _ in range(40):
-        response = _chat(base_url)
+    for i in range(40):  # different conversations: prefix affinity sends one conversation to one replica
+        response = _chat(base_url, prompt=f"Hello number {i}")
         assert response.status_code == 200, response.text
         assert isinstance(response.json()["reply"], str)
         seen.add(response.headers["x-replica-id"])
@@ -254,8 +254,8 @@ def test_killing_a_replica_keeps_the_endpoint_answering(base_url: str) -> None:
         victim = response.headers["x-replica-id"]
         pieces = response.iter_content(chunk_size=None)
         next(pieces)
-        with ThreadPoolExecutor(3) as pool:  # Serve balances them: some land on the victim too
-            blocking = [pool.submit(_chat, base_url, **long_chat) for _ in range(3)]
+        with ThreadPoolExecutor(3) as pool:  # different openings: affinity may put them on either replica
+            blocking = [pool.submit(_chat, base_url, **{**long_chat, "prompt": f"Go on {i}"}) for i in range(3)]
             wait_until(lambda: sum(_running_by_replica(base_url).values()) == 4, timeout_s=60,
                        what="the blocking requests to run")
             on_victim = int(_running_by_replica(base_url)[victim]) - 1  # minus the stream

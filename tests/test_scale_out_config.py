@@ -59,6 +59,8 @@ def test_a_missing_section_means_the_defaults(tmp_path: Path, monkeypatch: pytes
         ("scale_out:\n  num_cpus: lots\n", "scale_out.num_cpus"),
         ("scale_out:\n  autoscaling: {min_replicas: 3, max_replicas: 2}\n", "scale_out.autoscaling"),
         ("scale_out: [1, 2]\n", "scale_out"),
+        ("scale_out:\n  affinity_max_imbalance: -1\n", "scale_out.affinity_max_imbalance"),
+        ("scale_out:\n  prefix_affinity: sometimes\n", "scale_out.prefix_affinity"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: str, key: str) -> None:
@@ -109,6 +111,22 @@ def test_deployment_options_replace_serves_starving_defaults() -> None:
     assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 4
 
 
+def test_prefix_affinity_is_on_by_default_and_can_be_turned_off() -> None:
+    pytest.importorskip("ray")
+    from llm_server.api.settings import ServerSettings
+    from llm_server.scale_out.affinity_router import ROUTER_PATH
+    from llm_server.scale_out.deployment import deployment_options
+
+    settings = ServerSettings(api_keys=("k",))
+    assert load_scale_out_config().prefix_affinity is True
+    router = deployment_options(ScaleOutConfig(), settings)["request_router_config"]
+    assert router.request_router_class == ROUTER_PATH
+    assert router.request_router_kwargs == {"max_imbalance": settings.engine.max_running}  # one full batch
+    chosen = deployment_options(ScaleOutConfig(affinity_max_imbalance=3), settings)["request_router_config"]
+    assert chosen.request_router_kwargs == {"max_imbalance": 3}
+    assert "request_router_config" not in deployment_options(ScaleOutConfig(prefix_affinity=False), settings)
+
+
 def test_one_generated_key_for_every_replica(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("ray")
     from llm_server.api.settings import ServerSettings
@@ -140,6 +158,7 @@ def test_serve_config_file_is_valid_and_installs_the_json_proxy_errors() -> None
     from ray._common.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
 
+    from llm_server.scale_out.affinity import SessionKeyMiddleware
     from llm_server.scale_out.proxy_errors import CALLBACK_ENV, JsonProxyErrors, controller_options
 
     config = ServeDeploySchema(**yaml.safe_load((Path(__file__).parents[1] / "deploy/serve_config.yaml").read_text()))
@@ -147,5 +166,5 @@ def test_serve_config_file_is_valid_and_installs_the_json_proxy_errors() -> None
     env = config.controller_options.runtime_env or {}
     assert env["env_vars"] == controller_options()["runtime_env"]["env_vars"]
     middlewares = import_attr(env["env_vars"][CALLBACK_ENV])()
-    assert [middleware.cls for middleware in middlewares] == [JsonProxyErrors]
+    assert [middleware.cls for middleware in middlewares] == [JsonProxyErrors, SessionKeyMiddleware]
     assert config.applications[0].import_path == "llm_server.scale_out.serve_app:build"

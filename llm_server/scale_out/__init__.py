@@ -6,6 +6,8 @@
 - :mod:`.replica`: what each replica runs (lifespan, replica id header, /health, /metrics);
 - :mod:`.metrics`: every replica's Prometheus series behind one ``/metrics``;
 - :mod:`.proxy_errors`: the API's JSON error when a replica dies before answering (proxy middleware);
+- :mod:`.affinity` + :mod:`.affinity_router`: a conversation's turns reach the replica holding its
+  prefix (a session key added in the proxy; a Serve request router that honours it, load as tie-breaker);
 - :mod:`.serve_app`: the builder ``serve run`` / ``serve deploy`` config files import.
 
 See docs/scale_out.md.

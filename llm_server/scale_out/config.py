@@ -13,6 +13,10 @@ Serve's own defaults starve a continuous-batching engine, so they are set here o
   503 "overloaded" stays the back-pressure point, as without Serve.
 - ``omp_threads`` (OpenMP / torch threads per replica) defaults to ``num_cpus``: a replica that
   asks for 1 CPU decodes on 1 thread, instead of every replica spinning one thread per core.
+- ``prefix_affinity`` (default on) replaces Serve's router with
+  :class:`~.affinity_router.PrefixAffinityRouter`: a conversation's turns reach the replica that
+  holds its prefix unless it holds ``affinity_max_imbalance`` (default: the engine's
+  ``max_running``) more requests than the next choice.
 """
 
 from __future__ import annotations
@@ -69,12 +73,20 @@ class ScaleOutConfig(BaseModel):
     route_prefix: str = "/"
     #: Seconds Serve waits for a replica's health check (a model step can be slow).
     health_check_timeout_s: float = Field(30.0, gt=0)
+    #: Route a conversation's turns (``x-session-id``, else a hash of its opening) to one replica.
+    prefix_affinity: bool = True
+    #: In-flight requests the preferred replica may hold above the next choice (null: engine max_running).
+    affinity_max_imbalance: int | None = Field(None, ge=0)
 
     def ongoing_requests(self, engine: EngineConfig) -> int:
         """``max_ongoing_requests``, else the engine's running + waiting capacity."""
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
         return engine.max_running + engine.max_waiting
+
+    def max_imbalance(self, engine: EngineConfig) -> int:
+        """``affinity_max_imbalance``, else one full batch of the engine (``max_running``)."""
+        return self.affinity_max_imbalance if self.affinity_max_imbalance is not None else engine.max_running
 
     def threads(self) -> int:
         """OpenMP threads a replica uses."""

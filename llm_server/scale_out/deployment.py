@@ -3,7 +3,8 @@
 :func:`build_application` turns :class:`~llm_server.api.settings.ServerSettings` and a
 :class:`~.config.ScaleOutConfig` into a Serve ``Application`` (``@serve.ingress`` over
 :func:`~.replica.build_replica_app`), ready for ``serve.run``. :func:`deployment_options` is
-where Serve's defaults that would starve a batching engine are replaced (see :mod:`.config`).
+where Serve's defaults that would starve a batching engine are replaced (see :mod:`.config`),
+and where the prefix-affinity router is chosen (:mod:`.affinity_router`).
 
 :func:`pin_generated_key` matters when no API key is configured: the single-process server
 generates a random key; N replicas must not generate N different ones, so the driver
@@ -50,6 +51,14 @@ def deployment_options(options: ScaleOutConfig, settings: ServerSettings) -> dic
         "health_check_timeout_s": options.health_check_timeout_s,
         "graceful_shutdown_timeout_s": settings.shutdown_timeout_s,
     }
+    if options.prefix_affinity:
+        from ray.serve.config import RequestRouterConfig
+
+        from llm_server.scale_out.affinity_router import ROUTER_PATH
+
+        chosen["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_PATH,  # type: ignore[arg-type]  # pydantic's field takes a str
+            request_router_kwargs={"max_imbalance": options.max_imbalance(settings.engine)})
     if options.autoscaling is not None:
         chosen["autoscaling_config"] = options.autoscaling.model_dump()
     else:
@@ -71,5 +80,5 @@ def build_application(settings: ServerSettings, options: ScaleOutConfig,
     ingress = serve.ingress(build_app)(LLMServer)
     deployment = serve.deployment(**deployment_options(options, settings))(ingress)
     logger.info("Serve deployment: %s", {k: v for k, v in deployment_options(options, settings).items()
-                                          if k != "ray_actor_options"})
+                                          if k not in ("ray_actor_options", "request_router_config")})
     return deployment.bind()

@@ -14,6 +14,7 @@ request with the API's own error shape instead::
 with the ``X-Request-ID`` Serve gave the request. Responses a replica (or the proxy) started are
 left as they are: a stream cut mid-way cannot be turned into an error any more.
 
+The same hook also installs :class:`~.affinity.SessionKeyMiddleware` (prefix affinity's session key).
 The variable must be set in the proxies' environment: :func:`controller_options` is the
 ``serve.start(controller_options=...)`` value that does it (proxies inherit the controller's
 environment variables); ``deploy/serve_config.yaml`` sets the same under ``controller_options``.
@@ -47,8 +48,11 @@ def controller_options() -> dict[str, Any]:
 
 
 def proxy_middlewares() -> list[Middleware]:
-    """Serve's proxy callback: the middlewares wrapped around each proxy."""
-    return [Middleware(JsonProxyErrors)]
+    """Serve's proxy callback: the middlewares wrapped around each proxy (JSON errors outside,
+    then the session key of prefix affinity, :mod:`.affinity`)."""
+    from llm_server.scale_out.affinity import SessionKeyMiddleware
+
+    return [Middleware(JsonProxyErrors), Middleware(SessionKeyMiddleware)]
 
 
 def _request_id(scope: Scope) -> bytes | None:
