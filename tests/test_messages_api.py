@@ -140,6 +140,14 @@ def test_count_tokens_matches_the_prompt(scripted: Any) -> None:
     assert with_tools.input_tokens > counted.input_tokens
 
 
+def test_top_k_reaches_the_sampler(scripted: Any) -> None:
+    api, engine, _ = scripted()
+    api.messages.create(model="m", max_tokens=10, messages=ASK, extra_body={"top_k": 5, "temperature": 1.0})
+    assert engine.requests[-1].params.top_k == 5
+    api.messages.create(model="m", max_tokens=10, messages=ASK, extra_body={"top_k": 0, "temperature": 1.0})
+    assert engine.requests[-1].params.top_k == 0
+
+
 BAD_INPUTS = [
     ({"model": "m", "messages": ASK}, "max_tokens"),
     ({"model": "m", "max_tokens": "ten", "messages": ASK}, "max_tokens"),
@@ -148,7 +156,7 @@ BAD_INPUTS = [
     ({"model": "m", "max_tokens": 10, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
     ({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
      "messages.0.content.0"),
-    ({"model": "m", "max_tokens": 10, "messages": ASK, "top_k": 5}, "top_k"),
+    ({"model": "m", "max_tokens": 10, "messages": ASK, "top_k": -1}, "top_k"),
     ({"model": "m", "max_tokens": 10, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}},
      "thinking"),
     ({"model": "m", "max_tokens": 10, "messages": ASK, "tools": [{"type": "web_search_20250305", "name": "w"}]},

@@ -6,10 +6,9 @@ Content blocks: ``text``; ``tool_use`` (an assistant's earlier call, rendered as
 calls); ``tool_result`` (its result, a ``tool`` message). Tools (``{"name", "description",
 "input_schema"}``) and ``tool_choice`` (``auto`` / ``any`` / ``tool`` / ``none``) are rewritten
 into the Chat Completions shapes the serving layer reads; ``output_config.format`` (a JSON schema)
-becomes ``response_format``. Images, documents, ``thinking``,
-server tools, ``top_k`` (the engine's top-k is a server setting) and unknown keys are refused
-with a 400 naming them (:func:`unsupported_fields`); ``metadata`` and ``service_tier`` are
-accepted and ignored.
+becomes ``response_format``; ``top_k`` is the request's own (0: off). Images, documents,
+``thinking``, server tools and unknown keys are refused with a 400 naming them
+(:func:`unsupported_fields`); ``metadata`` and ``service_tier`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class MessagesRequest(CountTokensRequest):
     max_tokens: Integer = Field(ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: Integer | None = None
+    top_k: Integer | None = Field(default=None, ge=0)
     stop_sequences: list[StrictStr] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     stream: StrictBool = False
     output_config: dict[str, Any] | None = None
@@ -67,8 +66,6 @@ def unsupported_fields(body: CountTokensRequest) -> list[str]:
     if body.thinking is not None and body.thinking.get("type") != "disabled":
         bad.append("thinking")
     if isinstance(body, MessagesRequest):
-        if body.top_k is not None:
-            bad.append("top_k")
         bad += [f"output_config.{k}" for k, v in (body.output_config or {}).items() if k != "format" and v is not None]
     for i, tool in enumerate(body.tools or []):
         if tool.get("type", "custom") != "custom":
@@ -177,7 +174,7 @@ def messages_turn(body: MessagesRequest, request_id: str) -> TurnRequest:
         request_id=request_id,
         messages=tuple(chat_messages(body)),
         sampling=Sampling(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          stop=stops),
+                          top_k=body.top_k, stop=stops),
         tools=tool_request(body),
         response_format=response_format(body.output_config),
     )
