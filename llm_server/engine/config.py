@@ -45,7 +45,7 @@ class EngineConfig(BaseModel):
         1024, ge=1, description="most prompt tokens (padding included) in one prefill forward"
     )
     step_token_budget: int = Field(
-        512, ge=0, description="most tokens of one step while sequences decode: decode rows + the prompt chunk "
+        256, ge=0, description="most tokens of one step while sequences decode: decode rows + the prompt chunk "
         "prefilled beside them (a long prompt is admitted in chunks); 0 = off; must exceed max_running"
     )
     retry_after_s: int = Field(1, ge=1, description="seconds suggested in the Retry-After header of a 503")
