@@ -32,8 +32,11 @@ serve: install
 test: install browser lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The standard 1..32 concurrent run, then the multi-turn scenarios (issue 19: ten turns, sixteen users
+# sharing a system prompt); llama-server joins both when LLAMA_SERVER names its binary.
 benchmark: install
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_multiturn.py
 
 # Models scenario (issue 22): tiny random models of several families + the embedded model, per runner,
 # and ours vs `transformers serve --continuous-batching` over HTTP.
