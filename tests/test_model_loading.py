@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,29 @@ def test_initialize_takes_unset_options_from_model_config(
     assert torch.get_float32_matmul_precision() == "highest"
     _, plain = initialize(device="cpu", model_id=str(tiny_folder), dtype="float32", compile=False)
     assert plain.dtype == torch.float32 and not hasattr(plain.forward, "_torchdynamo_orig_callable")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A tiny GPT-OSS (transformers has no SDPA path for it) saved with the embedded tokenizer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import tiny_models
+
+    if reason := tiny_models.available("gpt_oss"):
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("tiny-gpt-oss")
+    tiny_models.build("gpt_oss", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_auto_attention_falls_back_to_eager_where_sdpa_is_refused(gpt_oss_folder: Path) -> None:
+    _, model = initialize(device="cpu", model_id=str(gpt_oss_folder), dtype="float32", compile=False)
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attention implementation"):  # asked by name: no silent change
+        initialize(
+            device="cpu", model_id=str(gpt_oss_folder), dtype="float32", compile=False, attn_implementation="sdpa"
+        )
 
 
 def test_initialize_refuses_4bit_on_cpu(tiny_folder: Path) -> None:

