@@ -6,7 +6,10 @@ Loads the embedded SmolLM2-135M-Instruct (float32, CPU) and times, as medians ov
 the model's forward of one decode step for 16 rows (HF forward with a 64-token KV cache), and
 ``Sampler.select`` on those 16 rows' logits with (a) plain greedy rows, (b) plain sampled rows,
 (c) 16 rows that each set different presence/frequency/repetition penalties, a logit_bias, top_k,
-min_p, top_p and a seed, each with 32 generated ids observed. Writes a JSON result under
+min_p, top_p and a seed, each with 32 generated ids observed. The logits come from 64 random
+token ids per row (a flat next-token distribution: the worst case for top-p without top-k) and,
+for (c) again as ``chat_prompts_every_field_different``, from 16 real questions rendered through
+the chat template (the peaked distributions a served chat sees). Writes a JSON result under
 ``benchmarks/results/``.
 
     nice -n 10 .venv/bin/python benchmarks/sampler_bench.py --reps 30
@@ -31,6 +34,14 @@ from llm_server.engine.sampler import Sampler, SamplerState  # noqa: E402
 from llm_server.engine.types import SamplingParams  # noqa: E402
 
 ROWS = 16
+QUESTIONS = [
+    "What is the capital of France?", "Explain how REST APIs work.", "Give me three tips for a cover letter.",
+    "Who wrote Pride and Prejudice?", "What is 17 times 23?", "How do vaccines work?",
+    "Write a haiku about autumn.", "What is the boiling point of water in Fahrenheit?",
+    "Summarize the plot of Hamlet.", "What causes the seasons on Earth?", "How do I reverse a list in Python?",
+    "What is photosynthesis?", "Name three primary colors.", "What year did World War II end?",
+    "How many legs does a spider have?", "Why is the sky blue?",
+]
 
 
 def median_s(fn: Any, reps: int) -> float:
@@ -50,6 +61,12 @@ def rich_params(i: int) -> SamplingParams:
                           seed=i if i % 2 else None)
 
 
+def chat_ids(tokenizer: Any, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def states(params: list[SamplingParams], vocab: int) -> list[SamplerState]:
     out = [SamplerState.create(p, list(range(40)), vocab, torch.device("cpu")) for p in params]
     for state in out:
@@ -64,8 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     from llm_server.helper_functionality.model_loading import embedded_gguf_path, initialize
 
-    _, model = initialize(device="cpu", model_id=str(embedded_gguf_path()), dtype="float32", compile=False,
-                          quantization="none")
+    tokenizer, model = initialize(device="cpu", model_id=str(embedded_gguf_path()), dtype="float32", compile=False,
+                                  quantization="none")
     vocab = int(model.config.vocab_size)
     with torch.no_grad():
         prefill = model(torch.randint(0, vocab, (ROWS, 64)), use_cache=True)
@@ -90,6 +107,13 @@ def main() -> None:
         row_states = states(params, vocab)
         seconds = median_s(lambda s=row_states: sampler.select(logits, s), args.reps)  # type: ignore[misc]
         result[name] = {"select_s": seconds, "share_of_step": seconds / (seconds + forward_s)}
+    with torch.no_grad():
+        rows = [model(torch.tensor([chat_ids(tokenizer, q)])).logits[0, -1].float() for q in QUESTIONS]
+        chat_logits = torch.stack(rows)
+    row_states = states(cases["sampled_every_field_different"], vocab)
+    seconds = median_s(lambda: sampler.select(chat_logits, row_states), args.reps)
+    share = seconds / (seconds + forward_s)
+    result["chat_prompts_every_field_different"] = {"select_s": seconds, "share_of_step": share}
     print(json.dumps(result, indent=2))
     out = Path(__file__).resolve().parent / "results" / f"sampler_bench_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -198,6 +198,33 @@ def test_warpers_equal_transformers_processors() -> None:
         assert torch.allclose(torch.softmax(ours, -1), torch.softmax(theirs, -1), atol=1e-6)
 
 
+def test_top_p_rows_without_top_k_draw_from_the_same_nucleus_without_a_sort() -> None:
+    """A top-p row without top-k whose nucleus lies in its likeliest candidates is drawn among
+    them; their warped distribution, put back in the vocabulary, is the sort-based warp's."""
+    torch.manual_seed(0)
+    vocab = 2000
+    peaked = torch.randn(3, vocab) * 0.5
+    peaked[:, :40] += torch.linspace(9.0, 4.0, 40)  # most mass in 40 ids, a real tail behind them
+    flat = torch.randn(1, vocab) * 0.5
+    logits = torch.cat([peaked, flat])
+    settings_ = [(1.0, 0.9, 0.0), (0.7, 0.95, 0.0), (1.2, 0.8, 0.05), (1.0, 0.9, 0.0)]
+    states = [
+        SamplerState.create(SamplingParams(temperature=t, top_k=0, top_p=p, min_p=m), [], vocab, CPU)
+        for t, p, m in settings_
+    ]
+    sampler = Sampler(CPU, seed=0)
+    narrow, ids, warped = sampler._nucleus_candidates(logits, states)
+    assert narrow == [True, True, True, False]  # the flat row's nucleus is wider: it is sorted
+    reference = sampler.warp(logits, states)
+    for row in range(3):
+        back = torch.full((vocab,), float("-inf")).scatter(0, ids[row], warped[row])
+        assert torch.equal(torch.isinf(back), torch.isinf(reference[row]))
+        assert 5 < int((~torch.isinf(back)).sum()) < 256
+        assert torch.allclose(torch.softmax(back, -1), torch.softmax(reference[row], -1), atol=1e-6)
+    drawn = sampler.select(logits, states)
+    assert all(not math.isinf(float(reference[row, drawn[row]])) for row in range(4))
+
+
 # --- through the engine, against model.generate --------------------------------------------
 
 

@@ -17,7 +17,10 @@ uniform number per row; each seeded request takes its number from its own ``torc
 so its output does not depend on the other requests in the batch (the one per-row step: a
 generator cannot fill another row's number). Rows that keep a top-k (the request's, or the
 model's default) are filtered and drawn among their ``max k`` likeliest ids only, so the common
-case never sorts the whole vocabulary.
+case never sorts the whole vocabulary. A row with ``top_p`` and no top-k is drawn among its
+:data:`NUCLEUS_CANDIDATES` likeliest ids when their mass reaches ``top_p`` (then no other id can
+be in the nucleus); only a row whose nucleus is wider (a flat distribution) sorts the vocabulary.
+The choice is made per row, from that row alone.
 
 Constrained requests (``params.constraint``) carry a grammar matcher: every accepted id advances
 it; unconstrained rows of the same step are untouched. Requests with ``params.logprobs`` get each
@@ -37,6 +40,10 @@ from llm_server.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:  # the grammar library is an optional extra, needed only by constrained requests
     from llm_server.engine.constraints import GrammarMatcher
+
+
+#: How many likeliest ids a top-p row without top-k is drawn among, when they hold its nucleus.
+NUCLEUS_CANDIDATES = 1024
 
 
 @dataclass
@@ -151,7 +158,32 @@ class Sampler:
         return chosen
 
     def _draw_full(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-        return self._draw(torch.softmax(self.warp(logits, states), dim=-1), states)
+        """Rows without top-k; a top-p row whose nucleus lies in its likeliest candidates skips the sort."""
+        if logits.shape[-1] <= NUCLEUS_CANDIDATES or all(s.params.top_p >= 1.0 for s in states):
+            return self._draw(torch.softmax(self.warp(logits, states), dim=-1), states)
+        narrow, ids, warped = self._nucleus_candidates(logits, states)
+        chosen = torch.empty(len(states), dtype=torch.long, device=logits.device)
+        if rest := [i for i, n in enumerate(narrow) if not n]:
+            picked = [states[i] for i in rest]
+            chosen[rest] = self._draw(torch.softmax(self.warp(logits[rest], picked), dim=-1), picked)
+        if rows := [i for i, n in enumerate(narrow) if n]:
+            choice = self._draw(torch.softmax(warped[rows], dim=-1), [states[i] for i in rows])
+            chosen[rows] = ids[rows].gather(1, choice.unsqueeze(1)).squeeze(1)
+        return chosen
+
+    def _nucleus_candidates(
+        self, logits: torch.Tensor, states: Sequence[SamplerState]
+    ) -> tuple[list[bool], torch.Tensor, torch.Tensor]:
+        """Per row: whether its top-p nucleus lies within its :data:`NUCLEUS_CANDIDATES` likeliest
+        ids; those ids; and their logits warped as :meth:`warp` would (valid for those rows)."""
+        top_p = torch.tensor([s.params.top_p for s in states], dtype=logits.dtype, device=logits.device)
+        temperature = torch.tensor([s.params.temperature for s in states], dtype=logits.dtype, device=logits.device)
+        values, ids = torch.topk(logits, NUCLEUS_CANDIDATES, dim=-1)
+        mass = torch.softmax(logits / temperature.unsqueeze(1), dim=-1).gather(1, ids).sum(dim=-1)
+        narrow = ((top_p < 1.0) & (mass >= top_p)).tolist()
+        # the candidates' softmax is renormalised to their mass: the nucleus limit scales with it
+        limits = torch.where(top_p < 1.0, top_p / mass, top_p).clamp(max=1.0 - 1e-7).tolist()
+        return narrow, ids, self._warp_candidates(values, states, [NUCLEUS_CANDIDATES] * len(states), limits)
 
     def _draw_top_k(self, logits: torch.Tensor, states: Sequence[SamplerState], ks: list[int]) -> torch.Tensor:
         values, ids = torch.topk(logits, max(ks), dim=-1)  # sorted, likeliest first
@@ -173,14 +205,17 @@ class Sampler:
         chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
         return chosen.clamp(max=probs.shape[-1] - 1)
 
-    def _warp_candidates(self, values: torch.Tensor, states: Sequence[SamplerState], ks: list[int]) -> torch.Tensor:
-        """:meth:`warp` on each row's candidates (``values`` sorted descending, one column per id)."""
+    def _warp_candidates(
+        self, values: torch.Tensor, states: Sequence[SamplerState], ks: list[int], top_p: list[float] | None = None
+    ) -> torch.Tensor:
+        """:meth:`warp` on each row's candidates (``values`` sorted descending, one column per id);
+        ``top_p`` (default: the requests') is the nucleus limit within the candidates' own mass."""
         device = values.device
         temperature = torch.tensor([s.params.temperature for s in states], dtype=values.dtype, device=device)
         values = values / temperature.unsqueeze(1)
         position = torch.arange(values.shape[-1], device=device).unsqueeze(0)
         values = values.masked_fill(position >= torch.tensor(ks, device=device).unsqueeze(1), float("-inf"))
-        top_p = [s.params.top_p for s in states]
+        top_p = top_p if top_p is not None else [s.params.top_p for s in states]
         if min(top_p) < 1.0:
             probs = torch.softmax(values, dim=-1)
             before = probs.cumsum(dim=-1) - probs  # the mass of the likelier candidates
