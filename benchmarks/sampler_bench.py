@@ -10,9 +10,11 @@ min_p, top_p and a seed, each with 32 generated ids observed. The logits come fr
 token ids per row (a flat next-token distribution: the worst case for top-p without top-k) and,
 for (c) again as ``chat_prompts_every_field_different``, from 16 real questions rendered through
 the chat template (the peaked distributions a served chat sees). Writes a JSON result under
-``benchmarks/results/``.
+``benchmarks/results/``. The process runs with a server process's OpenMP wait policy and glibc
+heap settings (``llm_server.engine.wait_policy``, ``llm_server.engine.heap_policy``);
+``--libc-heap`` keeps glibc's default heap settings instead.
 
-    nice -n 10 .venv/bin/python benchmarks/sampler_bench.py --reps 30
+    .venv/bin/python benchmarks/sampler_bench.py --reps 100
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llm_server.engine.heap_policy import apply_server_heap_policy  # noqa: E402
+from llm_server.engine.wait_policy import apply_server_wait_policy  # noqa: E402
+
+apply_server_wait_policy()  # as create_app does, before torch loads
 
 import torch  # noqa: E402
 
@@ -77,8 +84,10 @@ def states(params: list[SamplingParams], vocab: int) -> list[SamplerState]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--libc-heap", action="store_true", help="keep glibc's default heap settings")
     args = parser.parse_args()
+    heap = "glibc defaults" if args.libc_heap or not apply_server_heap_policy() else "server heap policy"
     from llm_server.helper_functionality.model_loading import embedded_gguf_path, initialize
 
     tokenizer, model = initialize(device="cpu", model_id=str(embedded_gguf_path()), dtype="float32", compile=False,
@@ -102,7 +111,8 @@ def main() -> None:
         "sampled_every_field_different": [rich_params(i) for i in range(ROWS)],
     }
     result: dict[str, Any] = {"rows": ROWS, "vocab": vocab, "forward_step_s": forward_s,
-                              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+                              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                              "heap": heap}
     for name, params in cases.items():
         row_states = states(params, vocab)
         seconds = median_s(lambda s=row_states: sampler.select(logits, s), args.reps)  # type: ignore[misc]

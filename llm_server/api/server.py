@@ -50,6 +50,7 @@ from llm_server.api.protocols import (
     tokenize_routes,
 )
 from llm_server.api.settings import ServerSettings, load_settings
+from llm_server.engine.heap_policy import apply_server_heap_policy
 from llm_server.engine.interface import Engine
 from llm_server.engine.wait_policy import apply_server_wait_policy
 from llm_server.helper_functionality.yaml_loading import ConfigError, set_config_dir
@@ -95,6 +96,7 @@ def create_app(
     model cannot be loaded. The app's readiness is :func:`llm_server.api.ops.readiness.readiness`.
     """
     apply_server_wait_policy()  # before torch loads: GOMP_SPINCOUNT=10000 unless the environment chose
+    apply_server_heap_policy()  # glibc keeps a step's MB-sized tensors on the heap, unless MALLOC_* are set
     settings = settings if settings is not None else load_settings()
     log_configuration_caps(settings)
     factory = engine_factory or _configured_engine(settings)

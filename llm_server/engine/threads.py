@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from llm_server.engine.heap_policy import heap_policy
 from llm_server.engine.wait_policy import chosen_by_server, wait_policy
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def configure_threads(requested: int) -> int:
     elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(available_cores())
     threads, cores, policy = torch.get_num_threads(), available_cores(), wait_policy()
-    logger.info("engine thread: %d torch threads (%d cores available), OpenMP wait policy: %s", threads, cores, policy)
+    logger.info("engine thread: %d torch threads (%d cores available), OpenMP wait policy: %s, heap: %s",
+                threads, cores, policy, heap_policy())
     load = _load_average()
     if load is not None and load > cores and threads > 1 and (policy == "default spinning" or chosen_by_server()):
         logger.warning(
