@@ -34,9 +34,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llm_server.engine.heap_policy import apply_server_heap_policy  # noqa: E402
 from llm_server.engine.wait_policy import apply_server_wait_policy  # noqa: E402
 
-apply_server_wait_policy()
+apply_server_wait_policy()  # the in-process runs run as a server process does
+apply_server_heap_policy()
 
 import tiny_models  # noqa: E402
 
