@@ -122,9 +122,9 @@ def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int) ->
             if name == "ours":
                 peers.write_our_config(workdir / "config", str(folder), dtype, port, max(levels), max_tokens, [])
                 spec = peers.ours_spec(workdir / "config", port)
+                # start_llm_server's function from this checkout (ours_spec's entry imports it from the path)
                 path = os.pathsep.join(p for p in (str(REPO_ROOT), spec.env.get("PYTHONPATH", "")) if p)
-                command = [sys.executable, "-m", "llm_server.api.server", *spec.command[1:]]
-                spec = dataclasses.replace(spec, command=command, env={**spec.env, "PYTHONPATH": path})
+                spec = dataclasses.replace(spec, env={**spec.env, "PYTHONPATH": path})
             else:
                 spec = peers.peer_spec(folder, dtype, port)
             with running(spec, workdir) as server:
@@ -197,14 +197,26 @@ def main() -> None:
                     row["http"] = http_levels(folder, args.dtype, levels, args.max_tokens)
                 rows.append(row)
                 print(render(rows[-1:], levels, args.http).splitlines()[-1], flush=True)
+                save(args, started, rows, levels, partial=True)  # kept if a later model fails
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    print("\n" + save(args, started, rows, levels, partial=False))
+
+
+def save(args: argparse.Namespace, started: float, rows: list[dict[str, Any]], levels: list[int], partial: bool) -> str:
+    """Write the table to ``bench_models_<start>[_partial].md`` (the partial file goes once the run ends)."""
     text = (f"bench_models: {args.dtype}, {args.max_tokens} new tokens per request, {args.rounds} requests per "
             f"worker, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {time.time() - started:.0f} s; "
             f"{machine()}\n\n{render(rows, levels, args.http)}\n")
-    print("\n" + text)
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"bench_models_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.md").write_text(text)
+    stem = RESULTS_DIR / f"bench_models_{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}"
+    partial_file = Path(f"{stem}_partial.md")
+    if partial:
+        partial_file.write_text(text)
+    else:
+        partial_file.unlink(missing_ok=True)
+        Path(f"{stem}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
