@@ -102,7 +102,8 @@ def engine_levels(folder: Path, runner: str, dtype: str, levels: list[int], max_
         engine.shutdown(timeout_s=30)
 
 
-def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int) -> dict[str, dict[int, float]]:
+def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int,
+                ours_set: list[str]) -> dict[str, dict[int, float]]:
     """{"ours" | "peer": {concurrency: tok/s}} over HTTP (bench_serving's client and servers).
 
     Ours runs as ``python -m llm_server.api.server`` with this checkout first on the path (not the
@@ -120,7 +121,7 @@ def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int) ->
         for name in ("peer", "ours"):
             port = free_port()
             if name == "ours":
-                peers.write_our_config(workdir / "config", str(folder), dtype, port, max(levels), max_tokens, [])
+                peers.write_our_config(workdir / "config", str(folder), dtype, port, max(levels), max_tokens, ours_set)
                 spec = peers.ours_spec(workdir / "config", port)
                 # start_llm_server's function from this checkout (ours_spec's entry imports it from the path)
                 path = os.pathsep.join(p for p in (str(REPO_ROOT), spec.env.get("PYTHONPATH", "")) if p)
@@ -176,6 +177,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per worker at each level")
     parser.add_argument("--http", action="store_true", help="also ours vs transformers serve over HTTP")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded SmolLM2")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override model_config.yaml's model.KEY for our HTTP server, e.g. "
+                             "optimizations.quantization=null (repeatable)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     started = time.time()
@@ -194,7 +198,7 @@ def main() -> None:
                 row = {"model": name, "runner": measured[runner][0], "ours": measured[runner][1],
                        "hf": measured["hf"][1]}
                 if args.http and runner == ("llama" if name == EMBEDDED else "generic"):  # what the server picks
-                    row["http"] = http_levels(folder, args.dtype, levels, args.max_tokens)
+                    row["http"] = http_levels(folder, args.dtype, levels, args.max_tokens, args.ours_set)
                 rows.append(row)
                 print(render(rows[-1:], levels, args.http).splitlines()[-1], flush=True)
                 save(args, started, rows, levels, partial=True)  # kept if a later model fails
@@ -205,8 +209,10 @@ def main() -> None:
 
 def save(args: argparse.Namespace, started: float, rows: list[dict[str, Any]], levels: list[int], partial: bool) -> str:
     """Write the table to ``bench_models_<start>[_partial].md`` (the partial file goes once the run ends)."""
-    text = (f"bench_models: {args.dtype}, {args.max_tokens} new tokens per request, {args.rounds} requests per "
-            f"worker, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {time.time() - started:.0f} s; "
+    settings = f" (ours over HTTP with {', '.join(args.ours_set)})" if args.ours_set else ""
+    text = (f"bench_models{settings}: {args.dtype}, {args.max_tokens} new tokens per request, {args.rounds} "
+            f"requests per worker, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+            f"{time.time() - started:.0f} s; "
             f"{machine()}\n\n{render(rows, levels, args.http)}\n")
     RESULTS_DIR.mkdir(exist_ok=True)
     stem = RESULTS_DIR / f"bench_models_{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}"
