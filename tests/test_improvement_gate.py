@@ -236,6 +236,12 @@ def test_a_generate_function_without_options_still_runs_every_pass() -> None:
     ("Paris is the capital and largest city of France.", "The capital of France is Paris.", None),
     ("As the draft answer says, Paris.", "The capital of France is Paris.", "talks about the review"),
     ("<the complete improved answer>", "The capital of France is Paris.", "template"),
+    # seen on the embedded model (docs/improvement.md): review talk and a Jinja echo
+    ("The original answer was incorrect, 7 times 8 is 54.", "7 * 8 = 56.", "talks about the review"),
+    ("The suggested improvement is to add the year of the landing.", "Humans first landed on the Moon in 1969.",
+     "talks about the review"),
+    ("{% highlight python %} print(1) {% endhighlight %}", "Use print(1) to print one.", "template"),
+    ("The original recipe uses two eggs and a cup of flour.", "Use two eggs.", None),
 ])
 def test_candidate_checks(candidate: str, previous: str, problem: str | None) -> None:
     found = candidate_problem(candidate, previous, previous, "1. Add the river.")

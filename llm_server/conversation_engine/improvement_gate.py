@@ -48,9 +48,12 @@ FALLBACK_JUDGE_PROMPT = (
 JUDGE_ROLE = "judge"
 
 _BARE_NUMBER = re.compile(r"^[\s$€£]*[-+]?\d[\d,.\s]*%?\s*[.!]?\s*$")
-_TEMPLATE = re.compile(r"\{\{|\}\}|json_object|<[^<>\n]{0,40}answer[^<>\n]{0,40}>|\[improved[^\]]*\]", re.IGNORECASE)
+_TEMPLATE = re.compile(
+    r"\{\{|\}\}|\{%|%\}|json_object|<[^<>\n]{0,40}answer[^<>\n]{0,40}>|\[improved[^\]]*\]", re.IGNORECASE
+)
 _META = re.compile(
-    r"\b(draft answer|the draft|suggestions?|revised answer|improved (answer|version)|the reviewer?)\b",
+    r"\b(draft answer|the draft|suggestions?|suggested (improvements?|changes?)|revised answer|original answer"
+    r"|improved (answer|version)|the reviewer?)\b",
     re.IGNORECASE,
 )
 _WORD = re.compile(r"[A-Za-z0-9]+")
