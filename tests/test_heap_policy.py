@@ -68,3 +68,8 @@ def test_a_heap_setting_the_user_exported_is_kept() -> None:
     messages = result["messages"]
     assert isinstance(messages, list)
     assert any("heap: MALLOC_MMAP_THRESHOLD_=1048576" in m for m in messages), messages
+
+
+def test_an_arena_limit_combines_with_the_policy() -> None:
+    result = run_server_start(MALLOC_ARENA_MAX="2")
+    assert result["before"] is True and result["after"] is False

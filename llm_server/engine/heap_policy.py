@@ -13,7 +13,9 @@ So a server process (``create_app``: ``start_llm_server``, uvicorn's factory, ev
 keeps blocks up to :data:`MMAP_THRESHOLD` on the heap, lets :data:`TRIM_THRESHOLD` of free heap
 stay mapped and grows the heap :data:`TOP_PAD` at a time. Freed memory still goes back to the OS:
 the KV cache calls ``malloc_trim`` when it shrinks, when it is freed and every 10 s under load
-(:mod:`llm_server.engine.kv_cache`). A user who exported any ``MALLOC_*_`` setting keeps theirs;
+(:mod:`llm_server.engine.kv_cache`). A user who exported one of these three settings
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``) keeps glibc's behaviour
+with theirs (``MALLOC_ARENA_MAX`` is independent and combines with the policy);
 other C libraries than glibc are left alone. The Python API (``ConversationEngine``) changes nothing.
 """
 
@@ -32,7 +34,7 @@ TRIM_THRESHOLD = 128 << 20
 #: Extra room the heap grows by when it grows.
 TOP_PAD = 16 << 20
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
-_USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+_USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _applied = False
 
 
