@@ -106,8 +106,9 @@ def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int,
                 ours_set: list[str]) -> dict[str, dict[int, float]]:
     """{"ours" | "peer": {concurrency: tok/s}} over HTTP (bench_serving's client and servers).
 
-    Ours runs as ``python -m llm_server.api.server`` with this checkout first on the path (not the
-    venv's console script, which may belong to another checkout)."""
+    Ours runs through ``servebench.peers.ours_spec``'s entry (``start_llm_server``'s function imported
+    from the path) with this checkout first on ``PYTHONPATH`` (not the venv's console script, which
+    may belong to another checkout); ``ours_set`` overrides ``model.KEY`` of its model_config.yaml."""
     import dataclasses
 
     from servebench import peers

@@ -7,7 +7,7 @@ soon as 128 kB are free; its threshold adapts to freed blocks, so the same step 
 while and then slower as the threshold moves. Every fresh page costs a page fault. Measured on the
 2-vCPU EPYC (docs/engine.md, "Heap policy"): ``Sampler.select`` over 16 rows with every sampling
 field set took 6-7 ms for the first hundred steps of a process and 12.5-13.5 ms after; with the
-settings below, 6.8-7 ms throughout.
+settings below, 6.4-6.6 ms throughout (``benchmarks/sampler_bench.py``, chat-prompt logits).
 
 So a server process (``create_app``: ``start_llm_server``, uvicorn's factory, every Ray replica)
 keeps blocks up to :data:`MMAP_THRESHOLD` on the heap, lets :data:`TRIM_THRESHOLD` of free heap
