@@ -78,15 +78,63 @@ def counterfactual(decision: Any, policy: str) -> bool:
                   policy).adopted
 
 
-def run_python(prompts: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
-    from llm_server.conversation_engine.conversation_engine import ConversationEngine
-    from llm_server.conversation_engine.outputs import stream_and_improve_reply
+def answer_logprob(tok: Any, model: Any, system_prompts: Any, question: str, answer: str) -> float:
+    """The model's mean log-probability per token of ``answer`` as the assistant's reply to ``question``
+    (the gate's third candidate of issue 20: the likelihood of each answer given the question)."""
+    import torch
+
+    from llm_server.conversation_engine.inputs import DEFAULT_ROLE, build_messages
+
+    text = tok.apply_chat_template(build_messages(system_prompts, question, DEFAULT_ROLE, []), tokenize=False,
+                                   add_generation_prompt=True)
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if not answer_ids:
+        return float("-inf")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1 : -1].float()
+    chosen = torch.log_softmax(logits, -1).gather(1, torch.tensor(answer_ids)[:, None])
+    return float(chosen.mean())
+
+
+def likelihood_adopts(tok: Any, model: Any, system_prompts: Any, question: str, previous: str, candidate: str,
+                      passes_checks: bool) -> bool:
+    """Policy ``likelihood``: the checks, then the revision only if the model finds it likelier per token."""
+    if not passes_checks:
+        return False
+    return (answer_logprob(tok, model, system_prompts, question, candidate)
+            > answer_logprob(tok, model, system_prompts, question, previous))
+
+
+def load_model() -> tuple[Any, Any, Any]:
+    """The embedded model (float32, unquantized, as the Python API run uses it) and the system prompts."""
     from llm_server.helper_functionality.model_loading import initialize
     from llm_server.helper_functionality.yaml_loading import load_system_prompt
 
     tok, model = initialize(device="cpu", model_id="embedded:SmolLM2-135M-Instruct", dtype="float32",
                             compile=False, quantization="none")
-    prompts_yaml = load_system_prompt()
+    return tok, model, load_system_prompt()
+
+
+def rescore(path: Path) -> list[dict[str, Any]]:
+    """A saved Python run's rows (``*_python.json`` or ``*_python_partial.json``) with policy ``likelihood``
+    added: each stage-1 revision that passed the checks, scored against the draft by the same model."""
+    data = json.loads(path.read_text())
+    rows = data if isinstance(data, list) else data["rows"]["python"]
+    tok, model, prompts_yaml = load_model()
+    for r in rows:
+        by_policy, draft = r["stage1_by_policy"], r["result"]["draft_answer"]
+        adopted = likelihood_adopts(tok, model, prompts_yaml, r["prompt"], draft, by_policy["none"],
+                                    by_policy["checks"] != draft)
+        by_policy["likelihood"] = by_policy["none"] if adopted else draft
+    return rows
+
+
+def run_python(prompts: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
+    from llm_server.conversation_engine.conversation_engine import ConversationEngine
+    from llm_server.conversation_engine.outputs import stream_and_improve_reply
+
+    tok, model, prompts_yaml = load_model()
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
     plain_engine = ConversationEngine(tok, model, prompts_yaml, **kwargs)
     rows = []
@@ -104,6 +152,11 @@ def run_python(prompts: list[dict[str, Any]], max_new_tokens: int) -> list[dict[
         stage1 = decisions[0] if decisions else None
         policies = {p: (stage1.candidate if stage1 and counterfactual(stage1, p) else result["draft_answer"])
                     for p in ("none", "checks", "judge")}
+        if stage1 is not None and likelihood_adopts(tok, model, prompts_yaml, item["prompt"], stage1.previous,
+                                                    stage1.candidate, counterfactual(stage1, "checks")):
+            policies["likelihood"] = stage1.candidate
+        else:
+            policies["likelihood"] = result["draft_answer"]
         rows.append(row(item, plain, plain_s, result, improve_s,
                         adopted=[d.adopted for d in decisions], stage1_by_policy=policies))
         print(summary_line(rows[-1]), flush=True)
@@ -143,12 +196,15 @@ def start_server(port: int) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the server did not become ready")
 
 
-def run_http(prompts: list[dict[str, Any]], max_new_tokens: int, url: str) -> list[dict[str, Any]]:
+def run_http(prompts: list[dict[str, Any]], max_new_tokens: int, url: str,
+             temperature: float = 0.0) -> list[dict[str, Any]]:
+    """Each prompt plain, then improved, through ``POST /chat/blocking``: greedy unless ``temperature``
+    (then sampled; the spec's endpoints take no seed)."""
     import requests
 
     rows = []
     for item in prompts:
-        body = {"prompt": item["prompt"], "max_new_tokens": max_new_tokens, "temperature": 0}
+        body = {"prompt": item["prompt"], "max_new_tokens": max_new_tokens, "temperature": temperature}
         start = time.perf_counter()
         plain = requests.post(f"{url}/chat/blocking", json=body, timeout=900).json()["reply"]
         plain_s = time.perf_counter() - start
@@ -212,14 +268,16 @@ def table(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "accuracy": sum(correct(r["stage1_by_policy"][policy], r["accept"]) for r in checkable),
                 "degenerate": sum(degenerate(r["stage1_by_policy"][policy], r["result"]["draft_answer"]) is not None
                                   for r in rows),
-            } for policy in ("none", "checks", "judge")
+            } for policy in rows[0]["stage1_by_policy"]
         }
     return out
 
 
 def markdown(tables: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"# Improvement quality ({time.strftime('%Y-%m-%d %H:%M')})", "",
-             f"`{' '.join(sys.argv)}`; max_new_tokens={args.max_new_tokens}, greedy, float32, CPU.", "",
+             f"`{' '.join(sys.argv)}`; max_new_tokens={args.max_new_tokens}, "
+             f"{'greedy' if args.temperature <= 0 else f'HTTP sampled at temperature {args.temperature}'}, "
+             "float32, CPU.", "",
              "| API | prompts | draft acc. | final acc. | degenerate finals | revisions adopted | "
              "improve/plain (total) | median ratio |", "|---|---|---|---|---|---|---|---|"]
     for api, t in tables.items():
@@ -244,24 +302,32 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--url", help="use this running server instead of starting one")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="HTTP API: sample at this temperature (unseeded) instead of greedy decoding")
+    parser.add_argument("--rescore", type=Path,
+                        help="add gate policy 'likelihood' to this saved Python run's rows (no new answers)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     tables: dict[str, dict[str, Any]] = {}
     all_rows: dict[str, list[dict[str, Any]]] = {}
-    if args.api in ("python", "both"):
+    if args.rescore is not None:
+        all_rows["python"] = rescore(args.rescore)
+        tables["python"] = table(all_rows["python"])
+    elif args.api in ("python", "both"):
         all_rows["python"] = run_python(load_prompts(args.subset), args.max_new_tokens)
         tables["python"] = table(all_rows["python"])
-    if args.api in ("http", "both"):
+    if args.api in ("http", "both") and args.rescore is None:
         process, url = (None, args.url) if args.url else start_server(args.port)
         try:
             subset = args.http_subset if args.http_subset is not None else args.subset
-            all_rows["http"] = run_http(load_prompts(subset), args.max_new_tokens, url)
+            all_rows["http"] = run_http(load_prompts(subset), args.max_new_tokens, url, args.temperature)
             tables["http"] = table(all_rows["http"])
         finally:
             if process is not None:
                 process.terminate()
                 process.wait(timeout=60)
-    base = RESULTS / f"improvement_quality_{STAMP}_{args.api}"
+    name = f"{args.rescore.stem}_rescored" if args.rescore is not None else f"{STAMP}_{args.api}"
+    base = RESULTS / (name if args.rescore is not None else f"improvement_quality_{name}")
     base.with_suffix(".json").write_text(json.dumps({"tables": tables, "rows": all_rows}, indent=1))
     report = markdown(tables, args)
     base.with_suffix(".md").write_text(report)

@@ -46,7 +46,7 @@ def test_the_engines_generation_is_cancelled_only_by_the_turn_stream() -> None:
         if not call.args and not file.startswith("engine/")
         and not ast.unparse(call.func).split(".")[-2].endswith(("task", "timer", "watcher", "work", "publisher"))
     }
-    assert generation_cancels == {("serving/turn_stream.py", "current"), ("serving/turn_stream.py", "stream")}
+    assert generation_cancels == {("serving/turn_stream.py", "stream")}
 
 
 def test_no_library_file_over_400_lines_and_no_function_over_60() -> None:

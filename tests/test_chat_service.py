@@ -159,8 +159,9 @@ def test_improvement_runs_every_pass_through_the_engine(service: ChatService, en
     engine.reply = _reviser_reply
     text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True,
                                            intermediate_steps=True)))
-    # draft, then review + revision twice (the scripted reviser's revision fails the gate's checks: no judge)
-    assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == ["draft", "review1", "revision1", "review2",
+    # draft, then review + revision twice (the scripted reviser's revision fails the gate's checks: no judge);
+    # sampled, so stage 2 starts on the draft beside stage 1 (submitted together, the engine batches them)
+    assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == ["draft", "review1", "review2", "revision1",
                                                                          "revision2"]
     first = tokenizer.decode(engine.requests[0].prompt_ids)
     assert "You are the assistant." in first
@@ -181,8 +182,22 @@ def test_engine_request_ids_name_the_pass(service: ChatService, engine: Scripted
     collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), request_id="req7")))
     messages = service.spec_messages("Explain", [], "assistant")
     collect(service.open(turn(messages, request_id="req8", improvement=True)))
-    assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-revision1",
-                                                       "req8-review2", "req8-revision2"]
+    assert [r.request_id for r in engine.requests] == ["req7", "req8-draft", "req8-review1", "req8-review2",
+                                                       "req8-revision1", "req8-revision2"]
+
+
+def test_greedy_improvement_runs_stage_two_only_when_stage_one_changed_the_answer(service: ChatService,
+                                                                                  engine: ScriptedEngine) -> None:
+    """Greedy passes on the same prompt repeat word for word: when stage 1 kept the draft, stage 2 is
+    not run again, and its keys say so."""
+    engine.reply = _reviser_reply
+    text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), temperature=0,
+                                           improvement=True, intermediate_steps=True, request_id="g1")))
+    assert [r.request_id for r in engine.requests] == ["g1-draft", "g1-review1", "g1-revision1"]
+    assert done.result["suggestions2"] == done.result["suggestions1"] and done.result["reply"] == "A first draft."
+    assert "Review 2 was not run" in done.result["comments2"] and done.result["comments2"] in text
+    positions = [text.index(h) for h in STAGE_HEADINGS]
+    assert positions == sorted(positions)
 
 
 def test_improvement_without_steps_streams_only_the_answer(service: ChatService, engine: ScriptedEngine) -> None:
@@ -379,12 +394,12 @@ def test_an_improvement_turn_holds_no_thread_and_its_stream_cancels_the_pass_in_
         assert await anext(events) == ChatDelta("A draft.")
         assert await anext(events) == ChatDelta("\n\n")
         assert await anext(events) == ChatDelta("### Review 1\n\n")
-        pending = asyncio.ensure_future(anext(events))  # the review pass is submitted, then waited on
-        await asyncio.to_thread(wait_until, lambda: len(engine.streams) == 2, what="the review pass")
-        assert [r.request_id for r in engine.requests] == ["r1-draft", "r1-review1"]
+        pending = asyncio.ensure_future(anext(events))  # both reviews are submitted together, then waited on
+        await asyncio.to_thread(wait_until, lambda: len(engine.streams) == 3, what="the review passes")
+        assert [r.request_id for r in engine.requests] == ["r1-draft", "r1-review1", "r1-review2"]
         pending.cancel()  # the reader goes away mid-review
         await asyncio.gather(pending, return_exceptions=True)
         await events.aclose()
-        assert engine.streams[1].cancelled and len(engine.streams) == 2
+        assert engine.streams[1].cancelled and engine.streams[2].cancelled and len(engine.streams) == 3
 
     asyncio.run(run())

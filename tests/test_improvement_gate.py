@@ -184,6 +184,56 @@ def test_passes_carry_budget_prediction_and_verdict_constraints() -> None:
     assert result["revision1"] == BETTER and result["suggestions1"] == "1. Mention statelessness.\n2. Give an example."
 
 
+def test_greedy_stage_two_is_not_run_again_when_stage_one_kept_the_draft() -> None:
+    model = FakeModel(["6.5"])
+    result: dict[str, str] = {}
+    list(improvement_pipeline(model, PROMPTS, [], QUESTION, result=result, structured=True, greedy=True))
+    assert model.names() == ["draft", "review", "revision"]
+    assert result["suggestions2"] == result["suggestions1"] and "bare number" in result["comments2"]
+    assert "Review 2 was not run" in result["comments2"] and result["reply"] == result["revision2"] == DRAFT
+
+
+def test_greedy_stage_two_runs_on_an_adopted_revision() -> None:
+    model = FakeModel([BETTER, "6.5"])
+    result: dict[str, str] = {}
+    list(improvement_pipeline(model, PROMPTS, [], QUESTION, result=result, structured=True, greedy=True))
+    assert model.names() == ["draft", "review", "revision", "judge", "judge", "review", "revision"]
+    assert result["revision1"] == result["reply"] == BETTER and "bare number" in result["comments2"]
+    assert BETTER in model.passes[5][0][-1]["content"]  # review 2 reads the adopted revision
+
+
+def _together(model: FakeModel) -> tuple[dict[str, str], list[GateDecision], list[list[str]]]:
+    """An improvement turn whose driver runs passes together (in order here): its result, decisions and the
+    names of the passes asked at each step."""
+    result: dict[str, str] = {}
+    decisions: list[GateDecision] = []
+    steps = improvement_steps(PROMPTS, [], QUESTION, result=result, structured=True, decisions=decisions,
+                              together=True)
+    asked: list[list[str]] = []
+    step = advance(steps)
+    while step.passes:
+        asked.append([one.name for one in step.passes])
+        texts = tuple("".join(model(one.messages, **pass_options(one))) for one in step.passes)
+        step = advance(steps, step.reply(texts))
+    return result, decisions, asked
+
+
+def test_stage_two_runs_beside_stage_one_on_the_draft_when_sampled() -> None:
+    result, decisions, asked = _together(FakeModel(["6.5", "Paris"]))
+    assert asked == [["draft"], ["review1", "review2"], ["revision1", "revision2"]]
+    assert [d.stage for d in decisions] == [1, 2] and decisions[1].previous == DRAFT
+    assert "bare number" in result["comments1"] and "fragment" in result["comments2"] and result["reply"] == DRAFT
+
+
+def test_stage_two_is_run_again_on_the_revision_stage_one_adopts() -> None:
+    """What running the stages one after the other gives: stage 2 reviews the answer stage 1 put in force."""
+    result, decisions, asked = _together(FakeModel([BETTER, "6.5", "Paris"]))
+    assert asked == [["draft"], ["review1", "review2"], ["revision1", "revision2"], ["judge1a"], ["judge1b"],
+                     ["review2"], ["revision2"]]
+    assert [d.stage for d in decisions] == [1, 2] and decisions[1].previous == BETTER
+    assert result["revision1"] == result["reply"] == BETTER and "fragment" in result["comments2"]
+
+
 def test_intermediate_steps_show_each_decision_under_its_review() -> None:
     text, result, _ = improve(FakeModel([BETTER, "6.5"]), steps=True)
     positions = [text.index(heading + "\n\n") for heading in STAGE_HEADINGS]

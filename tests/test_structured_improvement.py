@@ -85,9 +85,9 @@ def test_server_review_passes_are_constrained(tokenizer: Any) -> None:
     assert tuple(done.result) == RESULT_KEYS
     constraints = [r.params.constraint for r in engine.requests]
     # the scripted engine always says the same: the revision is rejected by the checks, no judgement runs
-    assert [r.request_id for r in engine.requests] == ["imp-draft", "imp-review1", "imp-revision1", "imp-review2",
+    assert [r.request_id for r in engine.requests] == ["imp-draft", "imp-review1", "imp-review2", "imp-revision1",
                                                        "imp-revision2"]
-    assert [c is not None for c in constraints] == [False, True, False, True, False]
+    assert [c is not None for c in constraints] == [False, True, True, False, False]
     assert done.result["comments1"].startswith("Kept the previous answer")
     assert done.result["reply"] == done.result["draft_answer"]
 

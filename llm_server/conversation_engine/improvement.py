@@ -1,11 +1,9 @@
 """Answer improvement: draft -> review 1 -> revision 1 -> review 2 -> revision 2 (no torch here).
 
-The stage logic is sans-IO: :func:`improvement_steps` is a generator that yields the text the
-client sees and each :class:`Pass` it needs, and is sent back each pass's full text. Two
-drivers run it: :func:`improvement_pipeline` here (synchronous, each pass through a ``generate``
-function: full chat messages -> text chunks of one pass), used by the in-process
-``ConversationEngine``; and the serving layer's ``TurnStream``, which runs each pass on the
-batching engine from the event loop (no thread of its own).
+The stage logic is sans-IO (:mod:`~llm_server.conversation_engine.passes`):
+:func:`improvement_steps` yields the text the client sees and each :class:`Pass` it needs.
+:func:`improvement_pipeline` drives it synchronously for the in-process ``ConversationEngine``;
+the serving layer's ``TurnStream`` runs its passes on the batching engine.
 
 Each stage is the spec's review then revision:
 
@@ -22,7 +20,9 @@ Each stage is the spec's review then revision:
 
 ``revision1`` / ``revision2`` hold the answer in force after each stage (the revision when
 adopted, else the previous answer), so ``revision2 == reply`` and the final answer is never worse
-by the gate's measures than the draft.
+by the gate's measures than the draft. Cost (:func:`_stages`): under greedy decoding stage 2 runs
+only when stage 1 changed the answer (else it would repeat stage 1 word for word); sampled, on the
+engine, stage 2 starts on the draft batched with stage 1, and reruns only if stage 1 adopts.
 
 Streaming: without intermediate steps only the final answer is yielded. With intermediate steps
 each stage is preceded by one of :data:`STAGE_HEADINGS` and a blank line, and followed by a
@@ -34,9 +34,8 @@ gate's decision) is yielded once its revision is decided (a text review streams 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm_server.conversation_engine.improvement_gate import (
@@ -65,12 +64,18 @@ from llm_server.conversation_engine.inputs import (
     SystemPrompt,
     build_messages,
 )
-
-#: Full messages (system first) -> the text chunks of ONE generation pass. A pass's options come
-#: as keyword arguments (:func:`pass_options`: ``schema``, ``max_new_tokens``, ``do_sample``,
-#: ``prediction``); a function that does not name one (and takes no ``**kwargs``) is not sent it.
-#: With ``schema`` the pass must produce JSON valid against that schema.
-GenerateFn = Callable[..., Iterator[str]]
+from llm_server.conversation_engine.passes import (
+    Advance,
+    GenerateFn,
+    Pass,
+    Sent,
+    Step,
+    Steps,
+    advance,
+    ask,
+    pass_options,
+    run_steps,
+)
 
 #: The JSON a structured review pass is constrained to: one to three numbered suggestions
 #: (lengths bound a small model's loops). The review analyses; the revision is its own pass.
@@ -152,106 +157,7 @@ def revision_messages(system_prompts: SystemPrompt, history: list[dict[str, str]
     return [{"role": "system", "content": _reviser(system_prompts)}, *history, {"role": "user", "content": prompt}]
 
 
-# --------------------------------------------------------------------------- passes and drivers
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One generation pass the pipeline asks its driver for.
-
-    ``messages`` are the pass's full chat messages (system first); ``schema``, when set, holds
-    its output to that JSON schema; ``show`` streams its text to the client as it comes;
-    ``name`` says which pass it is (``draft``, ``review1``, ``revision1``, ``judge1a``, ...;
-    empty for a plain turn). ``max_new_tokens`` (None: the request's budget) caps a short pass;
-    ``greedy`` asks for greedy decoding (a verdict is not sampled); ``prediction`` is the text the
-    pass will likely repeat (a revision's previous answer), for prompt-lookup speculation.
-    """
-
-    messages: list[dict[str, str]]
-    schema: dict[str, Any] | None = None
-    show: bool = False
-    name: str = ""
-    max_new_tokens: int | None = None
-    greedy: bool = False
-    prediction: str | None = None
-
-
-#: A turn as a sans-IO generator: it yields text for the client and the :class:`Pass` es it
-#: needs; its driver runs each pass and ``send`` s back the pass's full text. It returns the
-#: turn's result (the spec's ``last_result`` keys).
-Steps = Generator[str | Pass, str, dict[str, str]]
-
-
-@dataclass(frozen=True)
-class Advance:
-    """What a turn needs next: ``texts`` to show, then ``next_pass`` to run (None: finished)."""
-
-    texts: list[str]
-    next_pass: Pass | None
-    result: dict[str, str]
-
-
-def advance(steps: Steps, sent: str | None = None) -> Advance:
-    """Run ``steps`` (sending it the text of the pass just run, if any) up to its next pass."""
-    texts: list[str] = []
-    try:
-        step = next(steps) if sent is None else steps.send(sent)
-        while isinstance(step, str):
-            texts.append(step)
-            step = next(steps)
-    except StopIteration as stop:
-        return Advance(texts, None, stop.value)
-    return Advance(texts, step, {})
-
-
-def run_steps(steps: Steps, generate: GenerateFn) -> Generator[str, None, dict[str, str]]:
-    """The synchronous driver: each pass through ``generate``; yields the client's text."""
-    step = advance(steps)
-    while True:
-        yield from step.texts
-        if step.next_pass is None:
-            return step.result
-        text = yield from _run_pass(generate, step.next_pass)
-        step = advance(steps, text)
-
-
-def pass_options(one: Pass) -> dict[str, Any]:
-    """The keyword arguments a ``GenerateFn`` gets for ``one`` (only those that are set)."""
-    options: dict[str, Any] = {}
-    if one.schema is not None:
-        options["schema"] = one.schema
-    if one.max_new_tokens is not None:
-        options["max_new_tokens"] = one.max_new_tokens
-    if one.greedy:
-        options["do_sample"] = False
-    if one.prediction:
-        options["prediction"] = one.prediction
-    return options
-
-
-def _accepted(generate: GenerateFn, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` less those ``generate`` does not name (unless it takes ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(generate).parameters
-    except (TypeError, ValueError):
-        return options
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return options
-    return {key: value for key, value in options.items() if key in parameters}
-
-
-def _run_pass(generate: GenerateFn, one: Pass) -> Generator[str, None, str]:
-    """Yield a pass's chunks when it is shown; return its full text."""
-    parts: list[str] = []
-    for chunk in generate(one.messages, **_accepted(generate, pass_options(one))):
-        if chunk:
-            parts.append(chunk)
-            if one.show:
-                yield chunk
-    return "".join(parts)
-
-
-# --------------------------------------------------------------------------- the turn
+# --------------------------------------------------------------------------- one stage
 
 
 @dataclass
@@ -264,21 +170,44 @@ class _Turn:
     show: bool
     structured: bool
     gate: str
+    greedy: bool = False
+    together: bool = False
     draft: str = ""
     decisions: list[GateDecision] = field(default_factory=list)
+    result: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def live_review(self) -> bool:
+        """A text review streams live under its heading (a structured one is shown once parsed)."""
+        return self.show and not self.structured
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What one review -> revision -> gate stage produced."""
+
+    suggestions: str
+    decision: GateDecision
+
+    @property
+    def answer(self) -> str:
+        """The answer in force after the stage: the revision if adopted, else the previous answer."""
+        return self.decision.candidate if self.decision.adopted else self.decision.previous
 
 
 Votes = tuple[bool | None, ...]
+#: A stage's passes (one at a time); it is sent each pass's text and returns what it decided.
+StagePasses = Generator[Pass, Sent, _Stage]
 
 
-def _judge(turn: _Turn, stage: int, previous: str, candidate: str) -> Generator[str | Pass, str, Votes]:
+def _judge(turn: _Turn, stage: int, previous: str, candidate: str) -> Generator[Pass, Sent, Votes]:
     """The model's verdict in both orders (the second only when the revision won the first):
     per order, whether it preferred the revision (None: unreadable)."""
     votes: list[bool | None] = []
     for suffix, (a, b), revision_letter in (("a", (previous, candidate), "B"), ("b", (candidate, previous), "A")):
-        text = yield Pass(judge_messages(turn.system_prompts, turn.message, a, b),
-                          schema=VERDICT_SCHEMA if turn.structured else None, name=f"judge{stage}{suffix}",
-                          max_new_tokens=JUDGE_MAX_NEW_TOKENS, greedy=True)
+        text = yield from ask(Pass(judge_messages(turn.system_prompts, turn.message, a, b),
+                                   schema=VERDICT_SCHEMA if turn.structured else None, name=f"judge{stage}{suffix}",
+                                   max_new_tokens=JUDGE_MAX_NEW_TOKENS, greedy=True))
         verdict = read_verdict(text)
         votes.append(None if verdict is None else verdict == revision_letter)
         if not votes[-1]:
@@ -286,28 +215,104 @@ def _judge(turn: _Turn, stage: int, previous: str, candidate: str) -> Generator[
     return tuple(votes)
 
 
-def _improve(turn: _Turn, stage: int, previous: str, heading: str) -> Generator[str | Pass, str, tuple[str, str, str]]:
-    """One review -> revision -> gate stage; returns (suggestions, answer in force, comments)."""
-    live_review = turn.show and not turn.structured
-    if live_review:
-        yield f"{heading}\n\n"
-    text = yield Pass(review_messages(turn.system_prompts, turn.history, turn.message, previous, turn.structured),
-                      schema=REVIEW_SCHEMA if turn.structured else None, show=live_review, name=f"review{stage}")
+def _stage(turn: _Turn, stage: int, previous: str, live: bool) -> StagePasses:
+    """One stage's passes: review (streamed when ``live``), revision, then the gate's judgement."""
+    text = yield from ask(Pass(review_messages(turn.system_prompts, turn.history, turn.message, previous,
+                                               turn.structured),
+                               schema=REVIEW_SCHEMA if turn.structured else None, show=live, name=f"review{stage}"))
     suggestions = parse_suggestions(text, turn.structured)
-    candidate = parse_revision((yield Pass(
+    candidate = parse_revision((yield from ask(Pass(
         revision_messages(turn.system_prompts, turn.history, turn.message, previous, suggestions),
-        name=f"revision{stage}", prediction=previous)))
+        name=f"revision{stage}", prediction=previous))))
     problem = candidate_problem(candidate, previous, turn.draft, suggestions)
     votes: Votes = ()
     if turn.gate == "judge" and problem is None and candidate and not same_answer(candidate, previous):
         votes = yield from _judge(turn, stage, previous, candidate)
-    decision = decide(stage, previous, candidate, problem, votes, turn.gate)
-    turn.decisions.append(decision)
-    if live_review:
-        yield f"\n\nComments: {decision.reason}\n\n"
+    return _Stage(suggestions, decide(stage, previous, candidate, problem, votes, turn.gate))
+
+
+def _report(turn: _Turn, heading: str, outcome: _Stage, live: bool) -> Iterator[str]:
+    """Record a stage's decision and result keys; with intermediate steps, its section (after a live
+    review: its comments)."""
+    turn.decisions.append(outcome.decision)
+    stage = outcome.decision.stage
+    turn.result.update({f"suggestions{stage}": outcome.suggestions, f"revision{stage}": outcome.answer,
+                        f"comments{stage}": outcome.decision.reason})
+    if live:
+        yield f"\n\nComments: {outcome.decision.reason}\n\n"
     elif turn.show:
-        yield f"{heading}\n\nSuggestions:\n{suggestions}\n\nComments: {decision.reason}\n\n"
-    return suggestions, (candidate if decision.adopted else previous), decision.reason
+        yield f"{heading}\n\nSuggestions:\n{outcome.suggestions}\n\nComments: {outcome.decision.reason}\n\n"
+
+
+def _improve(turn: _Turn, stage: int, previous: str, heading: str) -> Generator[Step, Sent, _Stage]:
+    """One stage, run on its own and reported."""
+    if turn.live_review:
+        yield f"{heading}\n\n"
+    outcome = yield from _stage(turn, stage, previous, turn.live_review)
+    yield from _report(turn, heading, outcome, turn.live_review)
+    return outcome
+
+
+# --------------------------------------------------------------------------- two stages
+
+
+def _together(*stages: StagePasses) -> Generator[tuple[Pass, ...], Sent, list[_Stage]]:
+    """Independent stages in lockstep: each step yields the next pass of every stage still running,
+    as one tuple (the engine batches them); returns each stage's outcome, in order."""
+    running: dict[int, Pass] = {}
+    done: dict[int, _Stage] = {}
+
+    def resume(i: int, sent: str | None) -> None:
+        try:
+            running[i] = next(stages[i]) if sent is None else stages[i].send(sent)
+        except StopIteration as stop:
+            done[i] = stop.value
+
+    for i in range(len(stages)):
+        resume(i, None)
+    while running:
+        order = sorted(running)
+        texts = yield tuple(running.pop(i) for i in order)
+        for i, text in zip(order, texts if isinstance(texts, tuple) else (texts,), strict=True):
+            resume(i, text)
+    return [done[i] for i in range(len(stages))]
+
+
+def _repeated(first: _Stage) -> _Stage:
+    """Stage 2 under greedy decoding when stage 1 kept the draft: its prompts are stage 1's, so
+    its passes would repeat stage 1's word for word; stage 1's outcome stands, not run again."""
+    reason = (f"{first.decision.reason} Review 2 was not run: with greedy decoding it would repeat review 1 "
+              "and its revision word for word.")
+    return _Stage(first.suggestions, replace(first.decision, stage=2, reason=reason))
+
+
+def _stages(turn: _Turn) -> Generator[Step, Sent, tuple[_Stage, _Stage]]:
+    """Both stages, in the cheapest way that gives what running them one after the other gives.
+
+    Greedy: stage 2 only when stage 1 adopted its revision (else it would repeat stage 1).
+    Sampled, with a driver that runs passes together: stage 2 starts at once on the draft,
+    batched with stage 1 (stage 1 usually keeps the draft); it is run again on the revision when
+    stage 1 adopts it. Otherwise: one stage after the other.
+    """
+    guess: _Stage | None
+    if turn.together and not turn.greedy:
+        if turn.live_review:
+            yield f"{REVIEW1_HEADING}\n\n"
+        first, guess = yield from _together(_stage(turn, 1, turn.draft, turn.live_review),
+                                            _stage(turn, 2, turn.draft, False))
+        yield from _report(turn, REVIEW1_HEADING, first, turn.live_review)
+    else:
+        first = yield from _improve(turn, 1, turn.draft, REVIEW1_HEADING)
+        guess = _repeated(first) if turn.greedy else None
+    if turn.show:
+        yield f"{REVISION1_HEADING}\n\n{first.answer}\n\n"
+    if guess is None or first.decision.adopted:
+        return first, (yield from _improve(turn, 2, first.answer, REVIEW2_HEADING))
+    yield from _report(turn, REVIEW2_HEADING, guess, False)
+    return first, guess
+
+
+# --------------------------------------------------------------------------- the turn
 
 
 def improvement_steps(
@@ -320,6 +325,9 @@ def improvement_steps(
     structured: bool = False,
     decisions: list[GateDecision] | None = None,
     gate: str = DEFAULT_GATE,
+    *,
+    greedy: bool = False,
+    together: bool = False,
 ) -> Steps:
     """Draft -> review 1 -> revision 1 -> review 2 -> revision 2, as :data:`Steps`.
 
@@ -330,28 +338,27 @@ def improvement_steps(
     the first pass, with messages ``build_messages(system_prompts, message, role, history)``.
     ``structured`` constrains reviews and verdicts to their schemas; ``gate`` is one of
     :data:`GATE_POLICIES`; ``decisions`` (when given) receives each stage's :class:`GateDecision`.
+    ``greedy``: the driver decodes the passes greedily (a repeated prompt repeats its output);
+    ``together``: the driver runs a tuple of passes at once (see :func:`_stages`).
     """
     if gate not in GATE_POLICIES:
         raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATE_POLICIES)}")
     result = result if result is not None else {}
     result.clear()
-    turn = _Turn(system_prompts, list(history), message, intermediate_steps, structured, gate)
-    draft_pass = Pass(build_messages(system_prompts, message, role, history), show=turn.show, name="draft")
+    turn = _Turn(system_prompts, list(history), message, intermediate_steps, structured, gate, greedy, together,
+                 result=result)
     if turn.show:
         yield f"{DRAFT_HEADING}\n\n"
-    turn.draft = (yield draft_pass).strip()
+    turn.draft = (yield from ask(Pass(build_messages(system_prompts, message, role, history), show=turn.show,
+                                      name="draft"))).strip()
     if turn.show:
         yield "\n\n"
     result["draft_answer"] = turn.draft
-    suggestions, answer, comments = yield from _improve(turn, 1, turn.draft, REVIEW1_HEADING)
-    result.update(suggestions1=suggestions, revision1=answer, comments1=comments)
-    if turn.show:
-        yield f"{REVISION1_HEADING}\n\n{answer}\n\n"
-    suggestions, answer, comments = yield from _improve(turn, 2, answer, REVIEW2_HEADING)
-    result.update(suggestions2=suggestions, revision2=answer, comments2=comments, reply=answer)
+    _, second = yield from _stages(turn)
+    result["reply"] = second.answer
     if decisions is not None:
         decisions.extend(turn.decisions)
-    yield f"{FINAL_HEADING}\n\n{answer}\n\n" if turn.show else answer
+    yield f"{FINAL_HEADING}\n\n{second.answer}\n\n" if turn.show else second.answer
     return result
 
 
@@ -366,14 +373,17 @@ def improvement_pipeline(
     structured: bool = False,
     decisions: list[GateDecision] | None = None,
     gate: str = DEFAULT_GATE,
+    *,
+    greedy: bool = False,
 ) -> Iterator[str]:
     """:func:`improvement_steps` driven synchronously, each pass through ``generate``.
 
     Yields the chunks the client's stream carries and fills ``result`` as
-    :func:`improvement_steps` does (the Python API's ``last_result``).
+    :func:`improvement_steps` does (the Python API's ``last_result``). ``greedy``: ``generate``
+    decodes greedily (stage 2 is then run only when stage 1 changed the answer).
     """
     steps = improvement_steps(system_prompts, history, message, role, intermediate_steps, result, structured,
-                              decisions, gate)
+                              decisions, gate, greedy=greedy)
     yield from run_steps(steps, generate)
 
 

@@ -210,6 +210,7 @@ def stream_and_improve_reply(
         structured=grammar_available(),
         decisions=decisions,
         gate=gate,
+        greedy=generation_kwargs.get("do_sample") is False,  # stage 2 then runs only if stage 1 changed the answer
     )
 
 

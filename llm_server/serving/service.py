@@ -103,7 +103,7 @@ class ChatService:
             steps: Steps = single_pass([])
         else:
             messages = self._messages(request, tools)
-            steps = self._improvement(messages, request) if request.improvement else single_pass(messages)
+            steps = self._improvement(messages, request, params) if request.improvement else single_pass(messages)
         grammar = self._grammar(request, tools)
         params = params if grammar is None else replace(params, constraint=grammar)
         params, log = with_logprobs(params, request.logprobs)
@@ -236,15 +236,17 @@ class ChatService:
                                      param=f"tokens.{i}", code="invalid_value")
         return str(self.engine.tokenizer.decode(token_ids))
 
-    def _improvement(self, messages: list[Message], request: TurnRequest) -> Steps:
+    def _improvement(self, messages: list[Message], request: TurnRequest, params: SamplingParams) -> Steps:
         """The improvement pipeline's steps for ``[system?, *history, user]``: the system prompts
-        are the service's, with the role's entry replaced by the turn's own system message."""
+        are the service's, with the role's entry replaced by the turn's own system message. The
+        stream runs independent passes together (the engine batches them); ``params`` say whether
+        the passes decode greedily."""
         role = request.role or DEFAULT_ROLE
         system, history, message = _split_messages(messages)
         prompts = dict(self.system_prompts)
         prompts[role] = system if system is not None else prompts.get(role, "")
         return improvement_steps(prompts, history, message, role, request.intermediate_steps,
-                                 structured=grammar_available())
+                                 structured=grammar_available(), greedy=params.greedy, together=True)
 
     def _submit_later(self, params: SamplingParams, request_id: str, later: Pass) -> GenerationStream:
         """A pass after the first (a review, revision or verdict): constrained to its schema, greedy and

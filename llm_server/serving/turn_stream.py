@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
 
-from llm_server.conversation_engine.improvement import Advance, Pass, Steps, advance
+from llm_server.conversation_engine.passes import Advance, Pass, Steps, advance, ask
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import EngineUnavailable, Finished, FinishReason, TextDelta
 from llm_server.serving.structured import LogprobReader, TokenText
@@ -117,8 +117,7 @@ class _NoObserver:
 
 def single_pass(messages: list[dict[str, str]]) -> Steps:
     """A plain turn: one pass, streamed as it comes; its text is the reply."""
-    text = yield Pass(messages, show=True)
-    return {"reply": text}
+    return {"reply": (yield from ask(Pass(messages, show=True)))}
 
 
 class TurnStream:
@@ -138,7 +137,7 @@ class TurnStream:
         self._opening = opening
         self._submit = submit
         self._lock = threading.Lock()
-        self._current = first
+        self._current = [first]  # the engine streams of the pass(es) in flight
         self._stopped = False  # cancelled: no pass may start any more
         self._observer: StreamObserver = _NoObserver()
         self._reported = False
@@ -178,7 +177,8 @@ class TurnStream:
             if self.cancelled_by is None:
                 self.cancelled_by = reason
             current = self._current
-        current.cancel()
+        for stream in current:
+            stream.cancel()
 
     def __aiter__(self) -> AsyncGenerator[ChatEvent, None]:
         return self._iterate()
@@ -212,44 +212,52 @@ class TurnStream:
     async def _turn(self) -> AsyncGenerator[ChatEvent, None]:
         """The turn's events: each pass's live text and the turn's own text, then its ChatDone."""
         step = self._opening
-        stream: GenerationStream | None = self._current
-        prompt_tokens = completion_tokens = cached = accepted = rejected = 0
+        streams: list[GenerationStream] | None = list(self._current)
+        usage = _Usage()
         reason: FinishReason = "stop"
         while True:
             for text in step.texts:
                 if text:
                     yield ChatDelta(text)
-            if step.next_pass is None:
+            if not step.passes:
                 break
-            if stream is None:
+            if streams is None:
                 if self._stopped:  # cancelled between two passes: start no more
-                    yield self._cancelled("", prompt_tokens, completion_tokens)
+                    yield self._cancelled("", usage.prompt, usage.completion)
                     return
-                stream = await self._start(step.next_pass)
-            finished: Finished | None = None
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    if event.text and step.next_pass.show and self._tools is None:
-                        yield ChatDelta(event.text)
-                else:
-                    finished = event
-            assert finished is not None  # a GenerationStream ends with Finished or raises
-            if "waiting" in finished.timeline and "prefilling" in finished.timeline:
-                self._observer.on_queued(finished.timeline["prefilling"] - finished.timeline["waiting"])
-            if finished.reason == "stop" and self.final_check is not None:
-                self.final_check(finished.text)  # never a "stop" that is not what was asked for
-            prompt_tokens += finished.prompt_tokens
-            completion_tokens += finished.completion_tokens
-            if finished.reason == "cancelled":
-                yield self._cancelled(finished.text, prompt_tokens, completion_tokens)
+                streams = await self._start(step.passes)
+            ended: list[Finished] = []
+            for one, stream in zip(step.passes, streams, strict=True):  # passes run together: read in order
+                async for event in self._pass_events(one, stream, ended):
+                    yield event
+            usage.add(ended)
+            stopped = next((finished for finished in ended if finished.reason == "cancelled"), None)
+            if stopped is not None:
+                for stream in streams:  # a pass run beside it is not left running
+                    stream.cancel()
+                yield self._cancelled(stopped.text, usage.prompt, usage.completion)
                 return
-            reason = finished.reason
-            cached += finished.cached_tokens
-            accepted += finished.accepted_prediction_tokens
-            rejected += finished.rejected_prediction_tokens
-            step, stream = advance(self._steps, finished.text), None
-        yield replace(self._done(step.result, reason, (prompt_tokens, completion_tokens, cached)),
-                      accepted_prediction_tokens=accepted, rejected_prediction_tokens=rejected)
+            reason = ended[-1].reason
+            step, streams = advance(self._steps, step.reply(tuple(finished.text for finished in ended))), None
+        yield replace(self._done(step.result, reason, (usage.prompt, usage.completion, usage.cached)),
+                      accepted_prediction_tokens=usage.accepted, rejected_prediction_tokens=usage.rejected)
+
+    async def _pass_events(self, one: Pass, stream: GenerationStream,
+                           ended: list[Finished]) -> AsyncGenerator[ChatDelta, None]:
+        """One pass's live text (when it is shown); its Finished is appended to ``ended``."""
+        finished: Finished | None = None
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                if event.text and one.show and self._tools is None:
+                    yield ChatDelta(event.text)
+            else:
+                finished = event
+        assert finished is not None  # a GenerationStream ends with Finished or raises
+        if "waiting" in finished.timeline and "prefilling" in finished.timeline:
+            self._observer.on_queued(finished.timeline["prefilling"] - finished.timeline["waiting"])
+        if finished.reason == "stop" and self.final_check is not None:
+            self.final_check(finished.text)  # never a "stop" that is not what was asked for
+        ended.append(finished)
 
     def _done(self, result: dict[str, str], reason: FinishReason, usage: tuple[int, int, int]) -> ChatDone:
         """The turn's ChatDone; with tools, the held text split into content and calls."""
@@ -266,16 +274,37 @@ class TurnStream:
             raise ServerShuttingDown(SHUTDOWN_MESSAGE)  # never a silent truncation
         return ChatDone({"reply": text}, "cancelled", prompt_tokens, completion_tokens)
 
-    async def _start(self, next_pass: Pass) -> GenerationStream:
-        return await asyncio.get_running_loop().run_in_executor(None, self._submit_owned, next_pass)
+    async def _start(self, passes: tuple[Pass, ...]) -> list[GenerationStream]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._submit_owned, passes)
 
-    def _submit_owned(self, next_pass: Pass) -> GenerationStream:
-        """Submit ``next_pass`` (in the executor); if the turn was cancelled meanwhile (even if its
-        reader has gone), the new pass is cancelled at once, never left running."""
-        stream = self._submit(next_pass)
+    def _submit_owned(self, passes: tuple[Pass, ...]) -> list[GenerationStream]:
+        """Submit ``passes`` (in the executor; passes run together are submitted together, so the
+        engine batches them); if the turn was cancelled meanwhile (even if its reader has gone),
+        the new passes are cancelled at once, never left running."""
+        streams = [self._submit(one) for one in passes]
         with self._lock:
-            self._current = stream
+            self._current = streams
             stopped = self._stopped
         if stopped:
-            stream.cancel()
-        return stream
+            for stream in streams:
+                stream.cancel()
+        return streams
+
+
+@dataclass
+class _Usage:
+    """Token counts summed over a turn's passes."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+    accepted: int = 0
+    rejected: int = 0
+
+    def add(self, ended: list[Finished]) -> None:
+        for finished in ended:
+            self.prompt += finished.prompt_tokens
+            self.completion += finished.completion_tokens
+            self.cached += finished.cached_tokens
+            self.accepted += finished.accepted_prediction_tokens
+            self.rejected += finished.rejected_prediction_tokens
