@@ -200,6 +200,31 @@ def test_greedy_improvement_runs_stage_two_only_when_stage_one_changed_the_answe
     assert positions == sorted(positions)
 
 
+def test_stage_two_beside_stage_one_keeps_the_streams_sections_in_order(service: ChatService, engine: ScriptedEngine,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text reviews (no grammar library), sampled: review 1 streams live, review 2 (run beside it on the
+    draft) is shown as a section once stage 1 is decided; the sections keep the spec's order."""
+    monkeypatch.setattr("llm_server.serving.service.grammar_available", lambda: False)
+
+    def reply(prompt: str) -> str:
+        if "Previous answer:" in prompt:
+            return "A first draft."  # repeats the answer: kept without a judgement
+        return "Suggestions:\n1. add detail" if "Review the answer" in prompt else "A first draft."
+
+    engine.reply = reply
+    text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), temperature=0.7,
+                                           improvement=True, intermediate_steps=True, request_id="t1")))
+    assert [r.request_id for r in engine.requests] == ["t1-draft", "t1-review1", "t1-review2", "t1-revision1",
+                                                       "t1-revision2"]
+    comments = "Comments: Kept the previous answer: the revision repeats it."
+    assert text == ("### Draft answer\n\nA first draft.\n\n"
+                    f"### Review 1\n\nSuggestions:\n1. add detail\n\n{comments}\n\n"
+                    "### Revision 1\n\nA first draft.\n\n"
+                    f"### Review 2\n\nSuggestions:\n1. add detail\n\n{comments}\n\n"
+                    "### Final answer\n\nA first draft.\n\n")
+    assert done.result["suggestions2"] == "1. add detail" and done.result["reply"] == "A first draft."
+
+
 def test_improvement_without_steps_streams_only_the_answer(service: ChatService, engine: ScriptedEngine) -> None:
     engine.reply = _reviser_reply
     text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True)))
