@@ -16,6 +16,7 @@ from llm_server.engine.types import (
     ContextLengthExceeded,
     EngineError,
     EngineOverloaded,
+    EngineUnavailable,
     Finished,
     GenerationRequest,
     SamplingParams,
@@ -397,6 +398,78 @@ class HeldEngine(ScriptedEngine):
 def _answer(stream: GenerationStream, text: str) -> None:
     stream.push(TextDelta(text))
     stream.push(Finished("stop", 5, 1, text))
+
+
+class RoomEngine(HeldEngine):
+    """Holds at most ``room`` unanswered passes; a submission beyond that is refused with ``refusal``."""
+
+    def __init__(self, tokenizer: Any, room: int, refusal: type[Exception] = EngineOverloaded) -> None:
+        super().__init__(tokenizer)
+        self.room, self.refusal, self.answered, self.busiest = room, refusal, 0, 0
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        if len(self.streams) - self.answered >= self.room:
+            raise self.refusal()
+        stream = super().submit(request)
+        self.busiest = max(self.busiest, len(self.streams) - self.answered)
+        return stream
+
+    def answer(self, index: int, text: str) -> None:
+        self.answered += 1
+        _answer(self.streams[index], text)
+
+
+def _text_review_turn(monkeypatch: pytest.MonkeyPatch, engine: RoomEngine) -> TurnStream:
+    monkeypatch.setattr("llm_server.serving.service.grammar_available", lambda: False)
+    engine.start()
+    service = ChatService(engine, PROMPTS, max_new_tokens_limit=100)
+    return service.open(turn([{"role": "user", "content": "Explain"}], temperature=0.7, improvement=True))
+
+
+def test_a_pass_with_no_room_beside_the_others_runs_after_them(tokenizer: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 2 beside stage 1 on a full engine: review 2 is refused for room (EngineOverloaded), so it
+    waits for review 1 and runs after it; the turn ends as it would one pass at a time."""
+    engine = RoomEngine(tokenizer, room=1)
+    stream = _text_review_turn(monkeypatch, engine)
+    replies = {"draft": "A draft.", "review1": "Suggestions:\n1. x", "review2": "Suggestions:\n1. y",
+               "revision1": "A draft.", "revision2": "A draft."}  # revisions repeat it: kept, no judge
+
+    async def run() -> ChatDone:
+        pending = asyncio.ensure_future(_last_event(stream))
+        for index in range(len(replies)):
+            await asyncio.to_thread(wait_until, lambda n=index: len(engine.streams) > n, what=f"pass {index}")
+            engine.answer(index, replies[engine.requests[index].request_id.rsplit("-", 1)[1]])
+        return await pending
+
+    done = asyncio.run(run())
+    assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == list(replies)
+    assert engine.busiest == 1 and done.result["suggestions2"] == "1. y" and done.result["reply"] == "A draft."
+
+
+async def _last_event(stream: TurnStream) -> ChatDone:
+    events = [event async for event in stream]
+    assert isinstance(events[-1], ChatDone)
+    return events[-1]
+
+
+def test_passes_submitted_together_are_cancelled_when_one_is_refused(tokenizer: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2 refused for another reason than room: the turn ends in that error, and review 1 is not
+    left generating for nobody."""
+    engine = RoomEngine(tokenizer, room=1, refusal=EngineUnavailable)
+    stream = _text_review_turn(monkeypatch, engine)
+
+    async def run() -> None:
+        events = stream.__aiter__()
+        engine.answer(0, "A draft.")
+        with pytest.raises(EngineUnavailable):
+            while True:
+                await anext(events)
+
+    asyncio.run(run())
+    assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == ["draft", "review1"]
+    assert engine.streams[1].cancelled
 
 
 def test_an_improvement_turn_holds_no_thread_and_its_stream_cancels_the_pass_in_flight(

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from llm_server.conversation_engine.passes import Advance, Pass, Steps, advance, ask
 from llm_server.engine.stream import GenerationStream
-from llm_server.engine.types import EngineUnavailable, Finished, FinishReason, TextDelta
+from llm_server.engine.types import EngineOverloaded, EngineUnavailable, Finished, FinishReason, TextDelta
 from llm_server.serving.structured import LogprobReader, TokenText
 from llm_server.serving.tools import ToolCall, ToolSet, parse_calls
 
@@ -176,7 +176,12 @@ class TurnStream:
             self._stopped = True
             if self.cancelled_by is None:
                 self.cancelled_by = reason
-            current = self._current
+        self._cancel_current()
+
+    def _cancel_current(self) -> None:
+        """Cancel the engine streams of the pass(es) in flight."""
+        with self._lock:
+            current = list(self._current)
         for stream in current:
             stream.cancel()
 
@@ -212,7 +217,7 @@ class TurnStream:
     async def _turn(self) -> AsyncGenerator[ChatEvent, None]:
         """The turn's events: each pass's live text and the turn's own text, then its ChatDone."""
         step = self._opening
-        streams: list[GenerationStream] | None = list(self._current)
+        streams: list[GenerationStream | None] | None = list(self._current)
         usage = _Usage()
         reason: FinishReason = "stop"
         while True:
@@ -228,13 +233,15 @@ class TurnStream:
                 streams = await self._start(step.passes)
             ended: list[Finished] = []
             for one, stream in zip(step.passes, streams, strict=True):  # passes run together: read in order
+                if stream is None:  # no room for it beside the others: it starts now
+                    stream = (await self._start((one,)))[0]
+                    assert stream is not None  # a pass submitted alone is refused by an exception
                 async for event in self._pass_events(one, stream, ended):
                     yield event
             usage.add(ended)
             stopped = next((finished for finished in ended if finished.reason == "cancelled"), None)
             if stopped is not None:
-                for stream in streams:  # a pass run beside it is not left running
-                    stream.cancel()
+                self._cancel_current()  # a pass run beside it is not left running
                 yield self._cancelled(stopped.text, usage.prompt, usage.completion)
                 return
             reason = ended[-1].reason
@@ -274,21 +281,38 @@ class TurnStream:
             raise ServerShuttingDown(SHUTDOWN_MESSAGE)  # never a silent truncation
         return ChatDone({"reply": text}, "cancelled", prompt_tokens, completion_tokens)
 
-    async def _start(self, passes: tuple[Pass, ...]) -> list[GenerationStream]:
+    async def _start(self, passes: tuple[Pass, ...]) -> list[GenerationStream | None]:
         return await asyncio.get_running_loop().run_in_executor(None, self._submit_owned, passes)
 
-    def _submit_owned(self, passes: tuple[Pass, ...]) -> list[GenerationStream]:
+    def _submit_owned(self, passes: tuple[Pass, ...]) -> list[GenerationStream | None]:
         """Submit ``passes`` (in the executor; passes run together are submitted together, so the
         engine batches them); if the turn was cancelled meanwhile (even if its reader has gone),
-        the new passes are cancelled at once, never left running."""
-        streams = [self._submit(one) for one in passes]
+        the new passes are cancelled at once, never left running. A pass the engine has no room
+        for beside the first is None: it starts when its turn to be read comes."""
+        streams = self._submit_all(passes)
+        submitted = [stream for stream in streams if stream is not None]
         with self._lock:
-            self._current = streams
+            self._current = submitted
             stopped = self._stopped
         if stopped:
-            for stream in streams:
+            for stream in submitted:
                 stream.cancel()
         return streams
+
+    def _submit_all(self, passes: tuple[Pass, ...]) -> list[GenerationStream | None]:
+        """Each pass submitted in order; after an EngineOverloaded (the engine is full), the rest are None."""
+        streams: list[GenerationStream] = []
+        try:
+            for one in passes:
+                streams.append(self._submit(one))
+        except EngineOverloaded:
+            if not streams:
+                raise
+        except BaseException:  # the passes already submitted are not left running for nobody
+            for stream in streams:
+                stream.cancel()
+            raise
+        return [*streams, *[None] * (len(passes) - len(streams))]
 
 
 @dataclass
