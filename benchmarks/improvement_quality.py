@@ -167,14 +167,16 @@ def run_python(prompts: list[dict[str, Any]], max_new_tokens: int) -> list[dict[
 # --------------------------------------------------------------------------- HTTP API
 
 
-def start_server(port: int) -> tuple[subprocess.Popen[bytes], str]:
-    """The real server (float32, like the Python API run) on ``port``; returns (process, url)."""
+def start_server(port: int, shipped: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """The real server on ``port`` (float32 and unquantized like the Python API run, or with
+    ``shipped`` the model_config.yaml as shipped: bf16 / int4 ``auto``); returns (process, url)."""
     import yaml
 
     from llm_server.helper_functionality.yaml_loading import PACKAGE_CONFIG_DIR
 
     config = yaml.safe_load((Path(PACKAGE_CONFIG_DIR) / "model_config.yaml").read_text())
-    config["model"]["optimizations"].update(dtype="float32", quantization=None)
+    if not shipped:
+        config["model"]["optimizations"].update(dtype="float32", quantization=None)
     folder = Path(tempfile.mkdtemp(prefix="improvement-bench-"))
     (folder / "model_config.yaml").write_text(yaml.safe_dump(config))
     # the worktree's own server (python -m): the installed console script may point at another checkout
@@ -277,7 +279,7 @@ def markdown(tables: dict[str, dict[str, Any]], args: argparse.Namespace) -> str
     lines = [f"# Improvement quality ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"`{' '.join(sys.argv)}`; max_new_tokens={args.max_new_tokens}, "
              f"{'greedy' if args.temperature <= 0 else f'HTTP sampled at temperature {args.temperature}'}, "
-             "float32, CPU.", "",
+             f"{'the shipped model settings' if args.shipped else 'float32'}, CPU.", "",
              "| API | prompts | draft acc. | final acc. | degenerate finals | revisions adopted | "
              "improve/plain (total) | median ratio |", "|---|---|---|---|---|---|---|---|"]
     for api, t in tables.items():
@@ -304,6 +306,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="HTTP API: sample at this temperature (unseeded) instead of greedy decoding")
+    parser.add_argument("--shipped", action="store_true",
+                        help="HTTP API: the server's model settings as shipped (not float32 / unquantized)")
     parser.add_argument("--rescore", type=Path,
                         help="add gate policy 'likelihood' to this saved Python run's rows (no new answers)")
     args = parser.parse_args()
@@ -317,7 +321,7 @@ def main() -> None:
         all_rows["python"] = run_python(load_prompts(args.subset), args.max_new_tokens)
         tables["python"] = table(all_rows["python"])
     if args.api in ("http", "both") and args.rescore is None:
-        process, url = (None, args.url) if args.url else start_server(args.port)
+        process, url = (None, args.url) if args.url else start_server(args.port, args.shipped)
         try:
             subset = args.http_subset if args.http_subset is not None else args.subset
             all_rows["http"] = run_http(load_prompts(subset), args.max_new_tokens, url, args.temperature)
