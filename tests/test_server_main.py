@@ -231,7 +231,10 @@ def test_make_serve_and_the_spec_examples_on_the_embedded_model(tmp_path: Path) 
             response = requests.post(f"{url}/chat/stream", json=payload, headers=headers, stream=True)
             chunks = [c for c in response.iter_content(chunk_size=None, decode_unicode=True)]
             assert chunks[-1] == "[[END]]"
-            assert "### Draft answer" in "".join(chunks) and "### Final answer" in "".join(chunks)
+            text = "".join(chunks)
+            headings = ["### Draft answer", "### Review 1", "### Revision 1", "### Review 2", "### Final answer"]
+            # sampled: stage 2 runs beside stage 1 on the real engine; the sections keep the spec's order
+            assert [text.index(h) for h in headings] == sorted(text.index(h) for h in headings)
 
             # Health Check and Testing
             assert requests.get(f"{url}/ping?x_api_key={key}").status_code == 200
