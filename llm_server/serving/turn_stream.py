@@ -7,7 +7,9 @@ with the turn's first pass already submitted (``ChatService.open`` submits it ea
 input and capacity errors surface before a response starts), then drives the turn on the
 event loop: each later pass is submitted (tokenizing and grammar compiling run briefly in the
 loop's default executor), its engine events are read with ``async for``, and its text is sent
-back to the turn. No thread is kept per request.
+back to the turn. No thread is kept per request. A step may hold several independent passes
+(improvement's stage 2 beside stage 1): they are submitted together, so the engine batches them,
+and read in order; one the engine has no room for (``EngineOverloaded``) starts after the others.
 
 Like vLLM's ``AsyncLLM.generate``, the generator that consumes the engine's output owns
 cancellation: when its iteration ends early (break, ``aclose``, task cancelled, an error) it
