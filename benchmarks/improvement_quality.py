@@ -330,8 +330,10 @@ def main() -> None:
             if process is not None:
                 process.terminate()
                 process.wait(timeout=60)
-    name = f"{args.rescore.stem}_rescored" if args.rescore is not None else f"{STAMP}_{args.api}"
-    base = RESULTS / (name if args.rescore is not None else f"improvement_quality_{name}")
+    if args.rescore is not None:  # beside the run it rescored
+        base = RESULTS / f"{args.rescore.stem}_rescored"
+    else:
+        base = RESULTS / f"improvement_quality_{STAMP}_{args.api}"
     base.with_suffix(".json").write_text(json.dumps({"tables": tables, "rows": all_rows}, indent=1))
     report = markdown(tables, args)
     base.with_suffix(".md").write_text(report)

@@ -136,8 +136,10 @@ def test_conversation_engine_reads_the_config_once(
     seen = _spy_generate(tiny_model, monkeypatch)
     engine.reply("hi")
     budgets = [call["max_new_tokens"] for call in seen["calls"]]
-    # draft, review and revision twice at the configured budget; a judgement pass has its own short cap
-    assert budgets.count(3) == 5 and set(budgets) <= {3, JUDGE_MAX_NEW_TOKENS}
+    # draft, review and revision at the configured budget (greedy, as configured: stage 1 kept the draft, so
+    # stage 2 would repeat it and is not run); a judgement pass has its own short cap
+    assert budgets.count(3) == 3 and set(budgets) <= {3, JUDGE_MAX_NEW_TOKENS}
+    assert "Review 2 was not run" in engine.last_result["comments2"]
 
 
 def _spy_generate(model: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

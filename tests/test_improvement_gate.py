@@ -202,6 +202,25 @@ def test_greedy_stage_two_runs_on_an_adopted_revision() -> None:
     assert BETTER in model.passes[5][0][-1]["content"]  # review 2 reads the adopted revision
 
 
+@pytest.mark.parametrize("do_sample, passes", [(False, ["draft", "review", "revision"]),
+                                               (True, ["draft", "review", "revision", "review", "revision"])])
+def test_the_python_api_reads_greedy_decoding_from_the_configured_parameters(
+    monkeypatch: pytest.MonkeyPatch, do_sample: bool, passes: list[str]
+) -> None:
+    """``do_sample: false`` in model_config.yaml's parameters (not passed by the caller) is greedy
+    decoding: stage 2 is not run again when stage 1 kept the draft."""
+    from llm_server.conversation_engine import outputs
+
+    model = FakeModel(["6.5", "6.5"])
+    monkeypatch.setattr(outputs, "make_generate_fn", lambda tok, hf_model, **kwargs: model)
+    monkeypatch.setattr(outputs, "grammar_available", lambda: True)
+    result: dict[str, str] = {}
+    list(outputs.stream_and_improve_reply(None, object(), PROMPTS, QUESTION, result=result,
+                                          config_parameters={"max_new_tokens": 8, "do_sample": do_sample}))
+    assert model.names() == passes
+    assert ("Review 2 was not run" in result["comments2"]) is not do_sample and result["reply"] == DRAFT
+
+
 def _together(model: FakeModel) -> tuple[dict[str, str], list[GateDecision], list[list[str]]]:
     """An improvement turn whose driver runs passes together (in order here): its result, decisions and the
     names of the passes asked at each step."""

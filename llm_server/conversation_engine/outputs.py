@@ -210,8 +210,17 @@ def stream_and_improve_reply(
         structured=grammar_available(),
         decisions=decisions,
         gate=gate,
-        greedy=generation_kwargs.get("do_sample") is False,  # stage 2 then runs only if stage 1 changed the answer
+        greedy=decodes_greedily(model, **generation_kwargs),  # stage 2 then runs only if stage 1 changed the answer
     )
+
+
+def decodes_greedily(model: Any, **generation_kwargs: Any) -> bool:
+    """Whether ``model.generate`` with these settings (model_config.yaml's ``parameters`` or
+    ``config_parameters``, overridden by the keyword arguments) decodes greedily; a ``do_sample`` set
+    nowhere is the model's own ``generation_config``'s."""
+    params = generation_parameters(**generation_kwargs)
+    default = getattr(getattr(model, "generation_config", None), "do_sample", False)
+    return not params.get("do_sample", default)
 
 
 def stream_and_improve_reply_with_steps(
