@@ -333,7 +333,7 @@ def test_intermediate_steps_show_as_collapsible_stages(
         if "Which answer is better" in prompt:
             answer_a = prompt.split("Answer A:", 1)[1].split("Answer B:", 1)[0]
             return '{"better": "A"}' if "sugar" in answer_a else '{"better": "B"}'
-        if "Previous answer:" in prompt:
+        if "Rewrite answer A" in prompt:
             return "Plants make **sugar** from light."
         if "REVISER" in prompt:
             return "Suggestions:\n1. Mention photosynthesis.\n\nComments:\nBetter."

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from llm_server.conversation_engine.improvement import STAGE_HEADINGS
+from llm_server.conversation_engine.improvement_parsing import REVISION_STOPS
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import (
     ContextLengthExceeded,
@@ -158,14 +159,19 @@ def _reviser_reply(prompt: str) -> str:
 def test_improvement_runs_every_pass_through_the_engine(service: ChatService, engine: ScriptedEngine,
                                                          tokenizer: Any) -> None:
     engine.reply = _reviser_reply
-    text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), improvement=True,
-                                           intermediate_steps=True)))
+    sampling = Sampling(max_new_tokens=50, repetition_penalty=1.3)
+    text, done = collect(service.open(TurnRequest(messages=tuple(service.spec_messages("Explain", [], "assistant")),
+                                                  sampling=sampling, improvement=True, intermediate_steps=True)))
     # draft, then review + revision twice (the scripted reviser's revision fails the gate's checks: no judge);
     # sampled, so stage 2 starts on the draft beside stage 1 (submitted together, the engine batches them)
     assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == ["draft", "review1", "review2", "revision1",
                                                                          "revision2"]
     first = tokenizer.decode(engine.requests[0].prompt_ids)
     assert "You are the assistant." in first
+    for r in engine.requests:  # a revision ends where it would echo its prompt's labels, and is not
+        revision = "revision" in r.request_id  # pushed away from the answer it rewrites
+        assert r.params.stop == (REVISION_STOPS if revision else ())
+        assert r.params.repetition_penalty == (1.0 if revision else 1.3)
     assert all("You are the reviser." in tokenizer.decode(r.prompt_ids) for r in engine.requests[1:])
     positions = [text.index(h) for h in STAGE_HEADINGS]
     assert positions == sorted(positions)
@@ -208,9 +214,9 @@ def test_stage_two_beside_stage_one_keeps_the_streams_sections_in_order(service:
     monkeypatch.setattr("llm_server.serving.service.grammar_available", lambda: False)
 
     def reply(prompt: str) -> str:
-        if "Previous answer:" in prompt:
+        if "Rewrite answer A" in prompt:
             return "A first draft."  # repeats the answer: kept without a judgement
-        return "Suggestions:\n1. add detail" if "Review the answer" in prompt else "A first draft."
+        return "Suggestions:\n1. add detail" if "Review answer A" in prompt else "A first draft."
 
     engine.reply = reply
     text, done = collect(service.open(turn(service.spec_messages("Explain", [], "assistant"), temperature=0.7,

@@ -17,16 +17,18 @@ from llm_server.conversation_engine.improvement import (
     advance,
     improvement_pipeline,
     improvement_steps,
+    opening,
     pass_options,
 )
 from llm_server.conversation_engine.improvement_gate import (
+    FALLBACK_JUDGE_PROMPT,
     JUDGE_MAX_NEW_TOKENS,
     VERDICT_SCHEMA,
     GateDecision,
     candidate_problem,
     read_verdict,
 )
-from llm_server.conversation_engine.improvement_parsing import parse_revision, parse_suggestions
+from llm_server.conversation_engine.improvement_parsing import REVISION_STOPS, parse_revision, parse_suggestions
 
 PROMPTS = {"assistant": "You answer.", "reviser": "You revise."}
 QUESTION = "Explain how REST APIs work"
@@ -61,11 +63,11 @@ class FakeModel:
     def _reply(self, prompt: str, options: dict[str, Any]) -> str:
         if options.get("schema") == VERDICT_SCHEMA:
             a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:\n", 1)[0]
-            b = prompt.split("\n\nAnswer B:\n", 1)[1].split("\n\nWhich answer", 1)[0]
+            b = prompt.split("\n\nAnswer B:\n", 1)[1].split(f"\n\n{FALLBACK_JUDGE_PROMPT}", 1)[0]
             return json.dumps({"better": self.judge(a, b)})
         if options.get("schema") == REVIEW_SCHEMA:
             return REVIEW
-        if "Previous answer:" in prompt:
+        if "Rewrite answer A" in prompt:
             return self.revisions.pop(0)
         return self.draft
 
@@ -90,6 +92,22 @@ def improve(model: FakeModel, steps: bool = False, gate: str = "judge") -> Outco
     text = "".join(improvement_pipeline(model, PROMPTS, [], QUESTION, intermediate_steps=steps, result=result,
                                         structured=True, decisions=decisions, gate=gate))
     return text, result, decisions
+
+
+def test_a_stages_passes_share_their_opening() -> None:
+    """Review, revision and the first verdict of a stage begin with the same messages (the reviser's
+    prompt, the history, the question and the answer under review), so the engine's prefix cache
+    prefills that part once per stage; the judge's instructions come after the two answers."""
+    model = FakeModel([BETTER, BETTER])
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    list(improvement_pipeline(model, PROMPTS, history, QUESTION, structured=True))
+    review, revision, verdict = (model.passes[i][0] for i in (1, 2, 3))
+    assert [model.names()[i] for i in (1, 2, 3)] == ["review", "revision", "judge"]
+    start = opening(QUESTION, DRAFT)
+    for messages in (review, revision, verdict):
+        assert messages[:-1] == [{"role": "system", "content": PROMPTS["reviser"]}, *history]
+        assert messages[-1]["content"].startswith(start)
+    assert verdict[-1]["content"].index(f"Answer B:\n{BETTER}") < verdict[-1]["content"].index(FALLBACK_JUDGE_PROMPT)
 
 
 # --------------------------------------------------------------------------- keeping a good draft
@@ -169,7 +187,9 @@ def test_passes_carry_budget_prediction_and_verdict_constraints() -> None:
     review = advance(steps, DRAFT).next_pass
     assert review is not None and review.name == "review1" and review.schema == REVIEW_SCHEMA
     revision = advance(steps, REVIEW).next_pass
-    assert revision == Pass(revision.messages, name="revision1", prediction=DRAFT)  # the draft's budget, free text
+    assert revision == Pass(revision.messages, name="revision1", prediction=DRAFT,  # the draft's budget, free text
+                            stop=REVISION_STOPS,  # ended where it echoes its prompt
+                            repetition_penalty=1.0)  # not pushed away from the answer it rewrites
     assert DRAFT in revision.messages[-1]["content"] and "Mention statelessness." in revision.messages[-1]["content"]
     judge = advance(steps, BETTER).next_pass
     assert judge is not None and judge.name == "judge1a"
@@ -266,11 +286,11 @@ def test_intermediate_steps_show_each_decision_under_its_review() -> None:
 def test_text_reviews_stream_live_and_the_decision_follows() -> None:
     def generate(messages: list[dict[str, str]], **options: Any) -> Iterator[str]:
         prompt = messages[-1]["content"]
-        if "Answer A:" in prompt:
+        if "Which answer is better" in prompt:
             yield "B" if "stateless" in prompt.split("Answer B:")[1] else "A"
-        elif "Previous answer:" in prompt:
+        elif "Rewrite answer A" in prompt:
             yield BETTER
-        elif "Review the answer" in prompt:
+        elif "Review answer A" in prompt:
             yield "Suggestions:\n1. Mention statelessness."
         else:
             yield DRAFT
@@ -339,6 +359,8 @@ def test_read_verdict(text: str, verdict: str | None) -> None:
     ("Revised answer:\nParis is the capital.\n\nComments:\nAdded nothing.", "Paris is the capital."),
     ('"Paris is the capital."', "Paris is the capital."),
     ("None", ""),
+    ("The capital of Egypt is Cairo.\n\nRewrite answer A, applying the suggestions", "The capital of Egypt is Cairo."),
+    ("Cairo is the capital.\n\nQuestion:\nWhat is", "Cairo is the capital."),
 ])
 def test_parse_revision(text: str, answer: str) -> None:
     assert parse_revision(text) == answer

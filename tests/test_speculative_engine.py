@@ -9,6 +9,7 @@ draft, a cancellation while drafts run, a prefix cache fed by a speculating requ
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -229,3 +230,58 @@ def test_the_fallback_runner_does_not_speculate(tokenizer: Any) -> None:
         assert engine.stats().spec_draft_tokens == 0
     assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
     assert finished.accepted_prediction_tokens == 0
+
+
+# --- grammar-forced ids as drafts -------------------------------------------------------------
+VERDICT = {"type": "object", "properties": {"better": {"type": "string", "enum": ["A", "B"]}},
+           "required": ["better"], "additionalProperties": False}
+LISTED = {"type": "object", "properties": {"items": {"type": "array", "items": {"enum": ["red", "green"]},
+                                                     "minItems": 1, "maxItems": 3}},
+          "required": ["items"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("schema", [VERDICT, LISTED], ids=["verdict", "list"])
+def test_grammar_forced_ids_are_drafted_and_change_nothing(tokenizer: Any, llama: Any, schema: Any) -> None:
+    """A constrained request drafts the ids its grammar forces (the keys, the punctuation): greedy
+    and seeded sampled output equal speculation off and ``model.generate`` with the grammar, the
+    forced ids are counted apart from prediction tokens, and a free row in the batch is unchanged."""
+    from llm_server.engine.constraints import GrammarLogitsProcessor, compiler_for
+
+    grammar = compiler_for(tokenizer).json_schema(schema)
+    prompts = [encode(tokenizer, p) for p in PROMPTS[:3]]
+    params = [greedy(24, constraint=grammar), greedy(24, constraint=grammar),
+              SamplingParams(max_new_tokens=24, do_sample=True, temperature=0.9, seed=7, constraint=grammar)]
+    outputs: dict[int, list[Finished]] = {}
+    for k in (0, 8):
+        with running_engine(tokenizer, llama, speculative_tokens=k) as engine:
+            requests = [request(f"g{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params, strict=True))]
+            requests.append(request("free", prompts[0], greedy(16)))
+            outputs[k] = [finished for _, finished in run_staggered(engine, requests)]
+            stats = engine.stats()
+        if k:
+            assert stats.spec_forced_tokens > 0
+            assert stats.spec_draft_tokens == stats.spec_accepted_tokens == 0  # no prediction, no lookup
+    assert [f.text for f in outputs[8]] == [f.text for f in outputs[0]]
+    assert all(f.accepted_prediction_tokens == f.rejected_prediction_tokens == 0 for f in outputs[8])
+    for prompt, finished in zip(prompts[:2], outputs[8][:2], strict=True):
+        reference = generate_ids(llama, prompt, 24, logits_processor=[GrammarLogitsProcessor(grammar)])
+        assert finished.text == tokenizer.decode(reference, skip_special_tokens=True)
+        json.loads(finished.text)
+    assert outputs[8][3].text == tokenizer.decode(generate_ids(llama, prompts[0], 16), skip_special_tokens=True)
+
+
+def test_forced_ids_are_verified_like_any_draft(tokenizer: Any, llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced ids the model would spell otherwise are refused by verification: with a matcher
+    whose forced ids are wrong, the output is still the grammar's greedy output."""
+    from llm_server.engine.constraints import GrammarMatcher, compiler_for
+
+    grammar = compiler_for(tokenizer).json_schema(VERDICT)
+    prompt = encode(tokenizer, PROMPTS[1])
+    with running_engine(tokenizer, llama, speculative_tokens=0) as engine:
+        plain = engine.submit(request("plain", prompt, greedy(24, constraint=grammar))).result()
+    monkeypatch.setattr(GrammarMatcher, "forced", lambda self: [11, 12, 13])
+    with running_engine(tokenizer, llama, speculative_tokens=8) as engine:
+        spec = engine.submit(request("spec", prompt, greedy(24, constraint=grammar))).result()
+        assert engine.stats().spec_forced_tokens == 0
+    assert spec.text == plain.text and spec.completion_tokens == plain.completion_tokens
+    json.loads(spec.text)

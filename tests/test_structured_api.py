@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.openai_harness import API_KEY, build_app, live_server
+from tests.openai_harness import API_KEY, build_app, live_server, metric_value
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -81,8 +81,9 @@ def test_json_object_mode_returns_valid_json(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(choice.message.content or ""), dict)
 
 
-def test_structured_output_streams(client: openai.OpenAI) -> None:
+def test_structured_output_streams(client: openai.OpenAI, url: str) -> None:
     schema = STRICT_SCHEMA
+    forced_before = metric_value(url, "llm_server_spec_decode_num_forced_tokens_total")
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=ask("Japan"), max_tokens=60, temperature=0, stream=True,
         response_format={"type": "json_schema", "json_schema": {"name": "facts", "schema": schema, "strict": True}},
@@ -91,6 +92,8 @@ def test_structured_output_streams(client: openai.OpenAI) -> None:
     assert len(pieces) > 3
     CountryFacts.model_validate_json("".join(pieces))
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # the schema's keys and punctuation were drafted and verified in steps with other tokens
+    assert metric_value(url, "llm_server_spec_decode_num_forced_tokens_total") > forced_before
 
 
 def test_completions_endpoint_accepts_response_format(client: openai.OpenAI) -> None:

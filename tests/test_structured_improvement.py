@@ -31,7 +31,7 @@ def scripted(messages: list[dict[str, str]], schema: dict[str, Any] | None = Non
         yield json.dumps({"better": "B" if answer_b.lstrip().startswith(REVISED) else "A"})
     elif schema is not None:
         yield json.dumps(REVIEW)
-    elif "Previous answer:" in messages[-1]["content"]:
+    elif "Rewrite answer A" in messages[-1]["content"]:
         yield REVISED
     else:
         yield "The capital is Paris."
@@ -106,8 +106,8 @@ def test_python_api_generate_honours_a_schema(tokenizer: Any, tiny_model: Any) -
 
 
 def test_python_api_generate_honours_pass_options(tokenizer: Any, tiny_model: Any) -> None:
-    """The Python API honours a pass's max_new_tokens and do_sample, and prompt-lookup decoding for a
-    pass with a prediction leaves greedy output unchanged."""
+    """The Python API honours a pass's max_new_tokens, do_sample and stop strings, and prompt-lookup
+    decoding for a pass with a prediction leaves greedy output unchanged."""
     from llm_server.conversation_engine.outputs import make_generate_fn
 
     generate = make_generate_fn(tokenizer, tiny_model, max_new_tokens=40, do_sample=False)
@@ -116,6 +116,9 @@ def test_python_api_generate_honours_pass_options(tokenizer: Any, tiny_model: An
     short = "".join(generate(messages, max_new_tokens=3))
     assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 4 < len(full)
     assert "".join(generate(messages, prediction="the quick brown fox jumps over the lazy dog")) == full
+    stop = full[:6]  # (this random model writes newlines)
+    stopped = "".join(generate(messages, stop=(stop,)))  # transformers' stop_strings keep the stop string
+    assert full.startswith(stopped) and len(stop) - 2 <= len(stopped) <= len(stop) + 2 < len(full)
     sampled = make_generate_fn(tokenizer, tiny_model, max_new_tokens=12, do_sample=True, temperature=1.5)
     assert "".join(sampled(messages, do_sample=False, max_new_tokens=12)) == "".join(generate(messages,
                                                                                               max_new_tokens=12))

@@ -7,12 +7,16 @@ the serving layer's ``TurnStream`` runs its passes on the batching engine.
 
 Each stage is the spec's review then revision:
 
+- every pass after the draft runs under the ``reviser`` prompt and opens with the question and the
+  answer under review (:func:`opening`), so the engine's prefix cache prefills that once per stage;
 - a **review** pass (``review1`` / ``review2``, the ``reviser`` prompt) analyses the current answer
   and lists numbered suggestions; with ``structured=True`` (the grammar library is installed)
   it is constrained to :data:`REVIEW_SCHEMA`, so even a 135M model's output parses;
 - a **revision** pass (``revision1`` / ``revision2``) writes the complete answer again from the
   question, the current answer and the suggestions: free text with the draft's token budget,
-  its ``prediction`` the current answer (a revision mostly repeats it);
+  its ``prediction`` the current answer (a revision mostly repeats it), no repetition penalty
+  (the penalty counts prompt tokens, so it would push the revision away from the answer it
+  rewrites), and :data:`REVISION_STOPS` (the labels of its prompt, which a small model echoes);
 - the **acceptance gate** (:mod:`~llm_server.conversation_engine.improvement_gate`) keeps the
   current answer unless the revision is better: cheap checks, then (policy ``"judge"``) the
   model's own verdict in two short greedy passes (``judge1a`` / ``judge1b``, both orders,
@@ -34,9 +38,8 @@ gate's decision) is yielded once its revision is decided (a text review streams 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from llm_server.conversation_engine.improvement_gate import (
     DEFAULT_GATE,
@@ -46,21 +49,26 @@ from llm_server.conversation_engine.improvement_gate import (
     GateDecision,
     candidate_problem,
     decide,
-    judge_messages,
     read_verdict,
     same_answer,
 )
 from llm_server.conversation_engine.improvement_parsing import (
+    REVISION_STOPS,
     Review,
     parse_review,
     parse_revision,
     parse_suggestions,
     split_sections,
 )
+from llm_server.conversation_engine.improvement_prompts import (
+    REVIEW_SCHEMA,
+    judge_messages,
+    opening,
+    review_messages,
+    revision_messages,
+)
 from llm_server.conversation_engine.inputs import (
     DEFAULT_ROLE,
-    FALLBACK_REVISER_PROMPT,
-    REVISER_ROLE,
     SystemPrompt,
     build_messages,
 )
@@ -75,26 +83,6 @@ from llm_server.conversation_engine.passes import (
     ask,
     pass_options,
     run_steps,
-)
-
-#: The JSON a structured review pass is constrained to: one to three numbered suggestions
-#: (lengths bound a small model's loops). The review analyses; the revision is its own pass.
-REVIEW_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "suggestions": {
-            "type": "array",
-            "items": {"type": "string", "minLength": 1, "maxLength": 200},
-            "minItems": 1,
-            "maxItems": 3,
-        },
-    },
-    "required": ["suggestions"],
-    "additionalProperties": False,
-}
-_JSON_INSTRUCTION = (
-    '\n\nReply with only a JSON object whose "suggestions" field is a list of one to three improvements '
-    "to this answer, each a short sentence about this question."
 )
 
 DRAFT_HEADING = "### Draft answer"
@@ -120,41 +108,6 @@ RESULT_KEYS = (
 def grammar_available() -> bool:
     """Whether structured reviews can run (the optional grammar library is installed)."""
     return importlib.util.find_spec("llguidance") is not None
-
-
-# --------------------------------------------------------------------------- review and revision prompts
-
-
-def _reviser(system_prompts: SystemPrompt) -> str:
-    """The reviser's system prompt (a fallback when the prompts have no ``reviser`` entry)."""
-    if isinstance(system_prompts, Mapping):
-        return system_prompts.get(REVISER_ROLE) or FALLBACK_REVISER_PROMPT
-    return FALLBACK_REVISER_PROMPT
-
-
-def review_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer: str,
-                    structured: bool) -> list[dict[str, str]]:
-    """A review pass: the reviser analyses ``answer`` and lists numbered suggestions (only)."""
-    prompt = (
-        f"Question:\n{question.strip()}\n\nAnswer:\n{answer.strip()}\n\n"
-        "Review the answer. List up to three concrete improvements (correct errors, add missing facts, "
-        'make it clearer), as a numbered list after "Suggestions:". Do not rewrite the answer.'
-    )
-    if structured:
-        prompt += _JSON_INSTRUCTION
-    return [{"role": "system", "content": _reviser(system_prompts)}, *history, {"role": "user", "content": prompt}]
-
-
-def revision_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer: str,
-                      suggestions: str) -> list[dict[str, str]]:
-    """A revision pass: the complete answer to ``question``, ``answer`` improved by ``suggestions``."""
-    prompt = (
-        f"Question:\n{question.strip()}\n\nPrevious answer:\n{answer.strip()}\n\n"
-        f"Suggestions:\n{suggestions.strip()}\n\n"
-        "Rewrite the previous answer, applying the suggestions that are correct. Write only the complete "
-        "improved answer to the question, as you would give it to the user: no headings, no notes on the changes."
-    )
-    return [{"role": "system", "content": _reviser(system_prompts)}, *history, {"role": "user", "content": prompt}]
 
 
 # --------------------------------------------------------------------------- one stage
@@ -205,7 +158,7 @@ def _judge(turn: _Turn, stage: int, previous: str, candidate: str) -> Generator[
     per order, whether it preferred the revision (None: unreadable)."""
     votes: list[bool | None] = []
     for suffix, (a, b), revision_letter in (("a", (previous, candidate), "B"), ("b", (candidate, previous), "A")):
-        text = yield from ask(Pass(judge_messages(turn.system_prompts, turn.message, a, b),
+        text = yield from ask(Pass(judge_messages(turn.system_prompts, turn.history, turn.message, a, b),
                                    schema=VERDICT_SCHEMA if turn.structured else None, name=f"judge{stage}{suffix}",
                                    max_new_tokens=JUDGE_MAX_NEW_TOKENS, greedy=True))
         verdict = read_verdict(text)
@@ -223,7 +176,7 @@ def _stage(turn: _Turn, stage: int, previous: str, live: bool) -> StagePasses:
     suggestions = parse_suggestions(text, turn.structured)
     candidate = parse_revision((yield from ask(Pass(
         revision_messages(turn.system_prompts, turn.history, turn.message, previous, suggestions),
-        name=f"revision{stage}", prediction=previous))))
+        name=f"revision{stage}", prediction=previous, stop=REVISION_STOPS, repetition_penalty=1.0))))
     problem = candidate_problem(candidate, previous, turn.draft, suggestions)
     votes: Votes = ()
     if turn.gate == "judge" and problem is None and candidate and not same_answer(candidate, previous):
@@ -390,5 +343,6 @@ def improvement_pipeline(
 __all__ = [
     "GATE_POLICIES", "RESULT_KEYS", "REVIEW_SCHEMA", "STAGE_HEADINGS", "Advance", "GateDecision", "GenerateFn",
     "Pass", "Review", "Steps", "advance", "grammar_available", "improvement_pipeline", "improvement_steps",
-    "parse_review", "pass_options", "review_messages", "revision_messages", "run_steps", "split_sections",
+    "judge_messages", "opening", "parse_review", "pass_options", "review_messages", "revision_messages",
+    "run_steps", "split_sections",
 ]

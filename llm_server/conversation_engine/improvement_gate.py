@@ -3,7 +3,7 @@
 Sans-IO like the pipeline (no torch, no model): :func:`candidate_problem` holds the cheap checks
 that reject a revision outright (empty, a template echo, a bare number, a fragment or an answer
 under a third of a real draft's length, a copy of the suggestions, talk about the review instead
-of an answer); :func:`judge_messages` / :func:`read_verdict` build and read the model's own
+of an answer); :func:`judge_instruction` / :func:`read_verdict` ask and read the model's own
 pairwise judgement ("A" or "B", constrained by :data:`VERDICT_SCHEMA`), asked in both orders so
 the model's position bias cannot adopt a revision alone. :class:`GateDecision` records what was
 decided and why; its ``reason`` is what ``comments1`` / ``comments2`` show.
@@ -40,10 +40,10 @@ VERDICT_SCHEMA: dict[str, Any] = {
 }
 #: New tokens a judge pass needs at most (the verdict object is about six tokens).
 JUDGE_MAX_NEW_TOKENS = 16
-#: The judge's system prompt when the system prompts have no ``judge`` entry.
+#: How the judge is told to judge when the system prompts have no ``judge`` entry.
 FALLBACK_JUDGE_PROMPT = (
-    "You are a strict judge of answers. You compare two answers to the same question and pick the one "
-    "that is more correct, complete and clear."
+    "Judge strictly: compare the two answers to the same question and pick the one that is more correct, "
+    "complete and clear."
 )
 JUDGE_ROLE = "judge"
 
@@ -122,15 +122,12 @@ def same_answer(a: str, b: str) -> bool:
     return _words(a) == _words(b)
 
 
-def judge_messages(system_prompts: Any, question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
-    """The judgement pass's messages: which of two answers to ``question`` is better."""
+def judge_instruction(system_prompts: Any) -> str:
+    """What a verdict pass asks after the two answers (the ``judge`` entry of the system prompts,
+    else :data:`FALLBACK_JUDGE_PROMPT`, then the question to answer with "A" or "B")."""
     judge = system_prompts.get(JUDGE_ROLE) if isinstance(system_prompts, dict) else None
-    prompt = (
-        f"Question:\n{question.strip()}\n\nAnswer A:\n{answer_a.strip()}\n\nAnswer B:\n{answer_b.strip()}\n\n"
-        "Which answer is better: more correct, complete and clear? "
-        'Reply with only a JSON object: {"better": "A"} or {"better": "B"}.'
-    )
-    return [{"role": "system", "content": judge or FALLBACK_JUDGE_PROMPT}, {"role": "user", "content": prompt}]
+    return (f"{(judge or FALLBACK_JUDGE_PROMPT).strip()}\n\nWhich answer is better: more correct, complete and "
+            'clear? Reply with only a JSON object: {"better": "A"} or {"better": "B"}.')
 
 
 def read_verdict(text: str) -> str | None:

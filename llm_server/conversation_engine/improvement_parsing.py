@@ -135,6 +135,9 @@ def parse_suggestions(text: str, structured: bool) -> str:
     return parse_review(text, "").suggestions
 
 
+#: Where a revision pass stops: the labels of its own prompt, which a small model echoes after the answer.
+REVISION_STOPS = ("\n\nRewrite answer A", "\n\nSuggestions:", "\n\nQuestion:", "\n\nAnswer A:", "\n\nAnswer B:")
+
 _LEAD_IN = re.compile(r"^[ \t]*(here is|here's|below is)\b[^\n]*:[ \t]*\n", re.IGNORECASE)
 
 
@@ -151,7 +154,10 @@ _CHANGE_NOTE = re.compile(
 def parse_revision(text: str) -> str:
     """A revision pass's text -> the candidate answer: its "Revised answer:" section when it wrote
     one, without a lead-in line ("Here is the improved answer:"), trailing paragraphs about the
-    changes, wrapping quotes or placeholders."""
+    changes, wrapping quotes or placeholders; nothing from an echo of its prompt on (:data:`REVISION_STOPS`:
+    the engine stops there, ``model.generate`` keeps the stop string)."""
+    for stop in REVISION_STOPS:
+        text = text.split(stop, 1)[0]
     body = _LEAD_IN.sub("", (split_sections(text).get("revision") or text).strip(), count=1)
     paragraphs = re.split(r"\n\s*\n", body)
     while len(paragraphs) > 1 and _CHANGE_NOTE.search(paragraphs[-1]):

@@ -127,13 +127,17 @@ def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Generate
     A pass's options (``improvement.pass_options``) apply to that pass only: ``schema`` constrains
     it, ``max_new_tokens`` / ``do_sample`` override the turn's settings, and ``prediction`` (the
     text a revision will likely repeat, which its prompt holds) turns on transformers' prompt-lookup
-    decoding (``prompt_lookup_num_tokens``).
+    decoding (``prompt_lookup_num_tokens``), and ``stop`` ends it at those strings (transformers'
+    ``stop_strings``; the text keeps the stop string, which the pipeline's parsing drops).
     """
 
     def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None,
-                 prediction: str | None = None, **pass_kwargs: Any) -> Iterator[str]:
+                 prediction: str | None = None, stop: tuple[str, ...] = (), **pass_kwargs: Any) -> Iterator[str]:
         inputs = encode_messages(tok, model, messages)
         kwargs = {**generation_kwargs, **pass_kwargs}  # a pass's own max_new_tokens / do_sample win
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=tok)
+
         if schema is not None:
             kwargs = _with_schema(tok, inputs, schema, kwargs)
         if prediction and PROMPT_LOOKUP_TOKENS:  # the predicted text is in the prompt: prompt-lookup drafting

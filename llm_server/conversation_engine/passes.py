@@ -20,7 +20,8 @@ from typing import Any
 
 #: Full messages (system first) -> the text chunks of ONE generation pass. A pass's options come
 #: as keyword arguments (:func:`pass_options`: ``schema``, ``max_new_tokens``, ``do_sample``,
-#: ``prediction``); a function that does not name one (and takes no ``**kwargs``) is not sent it.
+#: ``prediction``, ``stop``, ``repetition_penalty``); a function that does not name one (and takes
+#: no ``**kwargs``) is not sent it.
 #: With ``schema`` the pass must produce JSON valid against that schema.
 GenerateFn = Callable[..., Iterator[str]]
 
@@ -34,7 +35,10 @@ class Pass:
     ``name`` says which pass it is (``draft``, ``review1``, ``revision1``, ``judge1a``, ...;
     empty for a plain turn). ``max_new_tokens`` (None: the request's budget) caps a short pass;
     ``greedy`` asks for greedy decoding (a verdict is not sampled); ``prediction`` is the text the
-    pass will likely repeat (a revision's previous answer), for prompt-lookup speculation.
+    pass will likely repeat (a revision's previous answer), for prompt-lookup speculation;
+    ``stop`` ends the pass at any of these strings (a revision that starts echoing its prompt);
+    ``repetition_penalty`` (None: the request's) replaces the request's for this pass (a revision,
+    whose prompt holds the answer it rewrites, is not pushed away from it).
     """
 
     messages: list[dict[str, str]]
@@ -44,6 +48,8 @@ class Pass:
     max_new_tokens: int | None = None
     greedy: bool = False
     prediction: str | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float | None = None
 
 
 #: What a turn yields: text for the client, one pass, or independent passes to run together.
@@ -117,6 +123,10 @@ def pass_options(one: Pass) -> dict[str, Any]:
         options["do_sample"] = False
     if one.prediction:
         options["prediction"] = one.prediction
+    if one.stop:
+        options["stop"] = one.stop
+    if one.repetition_penalty is not None:
+        options["repetition_penalty"] = one.repetition_penalty
     return options
 
 

@@ -145,14 +145,13 @@ class BatchEngine(Engine):
     def stats(self) -> EngineStats:
         with self._lock:
             wait_s = self._admission.expected_wait_s(self._running(), list(self._sched.waiting), 1)
-        prefix = self._sched.prefix
+        prefix, spec = self._sched.prefix, self._spec or Speculator(0, False)  # (no speculation: counts of 0)
         return EngineStats(waiting=len(self._sched.waiting), running=self._sched.running, healthy=self._healthy,
                            ready=self._ready and self._healthy and not self._draining, expected_wait_s=wait_s,
                            prefix_cache_queries=prefix.queries if prefix else 0,
                            prefix_cache_hits=prefix.hits if prefix else 0,
-                           prefix_cache_tokens=prefix.tokens if prefix else 0,
-                           spec_draft_tokens=self._spec.drafted if self._spec else 0,
-                           spec_accepted_tokens=self._spec.accepted if self._spec else 0)
+                           prefix_cache_tokens=prefix.tokens if prefix else 0, spec_draft_tokens=spec.drafted,
+                           spec_accepted_tokens=spec.accepted, spec_forced_tokens=spec.forced)
 
     def _running(self) -> list[Sequence]:
         return [*self._sched.prefilling, *self._sched.decoding]

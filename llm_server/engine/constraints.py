@@ -85,6 +85,13 @@ class GrammarMatcher:
     def is_accepting(self) -> bool:
         return bool(self._matcher.is_accepting())
 
+    def forced(self) -> list[int]:
+        """The ids the grammar forces next, whatever the model would choose (maybe none): the fixed
+        keys and punctuation of a JSON schema. The engine verifies them as a speculative draft."""
+        if self._matcher.is_error() or self._matcher.is_stopped():
+            return []
+        return [int(token) for token in self._matcher.compute_ff_tokens()]
+
 
 class GrammarCompiler:
     """Compiles and validates grammars for one Hugging Face tokenizer (thread-safe)."""

@@ -15,6 +15,12 @@ vLLM's ``ngram`` proposer and llama.cpp's lookup decoding do), and checks the gu
   n-gram (:class:`NgramIndex`) makes each lookup a dict access. The draft length adapts: it doubles
   (up to ``speculative_tokens``) after a fully accepted draft and falls to what was accepted plus one
   after a refused one, so a wrong prediction costs little.
+- **Grammar-forced ids**: for a constrained request the ids its grammar forces next
+  (``GrammarMatcher.forced``: the keys and punctuation of a JSON schema, ``{"better": "`` of a
+  verdict) are the draft whenever there are any, as SGLang's jump-forward decoding does. They are
+  verified like any draft (the model may spell the same text with other ids), so the output is
+  unchanged. A constrained request without a prediction drafts only these (unless prompt lookup is
+  on), and they are counted apart (``Speculator.forced``), not as prediction tokens.
 - **Verification** (:meth:`Speculator.step`): every decoding row runs in one forward, a drafting row
   as ``[last token, *draft]`` (the runner's ``forward(..., every=True)``: the logits of every new
   token). Then, position by position, each row's token is chosen by the engine's own selection (the
@@ -97,7 +103,10 @@ class NgramIndex:
 class Drafter:
     """One request's drafts: from its prediction, then its own output and its prompt; its counts."""
 
-    def __init__(self, prompt_ids: Sequence[int], prediction: Sequence[int] | None, max_tokens: int) -> None:
+    def __init__(self, prompt_ids: Sequence[int], prediction: Sequence[int] | None, max_tokens: int,
+                 ngrams: bool = True) -> None:
+        self.ngrams = ngrams  # False: only a grammar's forced ids are drafted
+        self.forcing = False  # the pending draft is the grammar's forced ids (not counted as prediction tokens)
         self.prediction = NgramIndex(prediction) if prediction else None
         self.prompt = NgramIndex(prompt_ids)
         self.output = NgramIndex()
@@ -108,12 +117,16 @@ class Drafter:
         self._skips = MAX_SKIPS  # prediction tokens skipped since the last n-gram match
         self.accepted = self.rejected = 0
 
-    def propose(self, generated: Sequence[int], limit: int) -> list[int]:
-        """At most ``limit`` ids likely to follow ``generated`` (maybe none)."""
+    def propose(self, generated: Sequence[int], limit: int, forced: Sequence[int] = ()) -> list[int]:
+        """At most ``limit`` ids likely to follow ``generated`` (maybe none): the ids a grammar
+        ``forced`` when there are any, else from the prediction, the output or the prompt."""
         self.output.extend(generated[len(self.output.ids) :])
         k = min(self.length, limit)
         self._from_prediction = -1
-        if k <= 0:
+        self.forcing = bool(forced) and limit > 0
+        if self.forcing:
+            return list(forced[:limit])
+        if k <= 0 or not self.ngrams:
             return []
         if self.prediction is not None:
             draft, start = self._from_the_prediction(generated, k)
@@ -143,6 +156,8 @@ class Drafter:
 
     def adapt(self, drafted: int, accepted: int) -> None:
         """The outcome of the last proposal: adapt the draft length, move the prediction's cursor."""
+        if self.forcing:  # says nothing about how well the n-grams guess
+            return
         if self._from_prediction >= 0 and (accepted or self._guess):  # the output's next token is aligned
             self.cursor = self._from_prediction + accepted + 1  # with the prediction's id after this draft's
         if self._from_prediction >= 0 and 0 < accepted < drafted:  # a new mismatch: guess replaced ids
@@ -160,12 +175,14 @@ class Speculator:
         self.max_tokens = max_tokens
         self.lookup = lookup
         self.drafted = self.accepted = 0  # cumulative, for EngineStats
+        self.forced = 0  # grammar-forced ids accepted (cumulative; not in drafted / accepted)
 
     def drafter(self, request: GenerationRequest) -> Drafter | None:
         """The request's drafter; None when it does not speculate."""
-        if self.max_tokens <= 0 or (request.prediction is None and not self.lookup):
+        ngrams = request.prediction is not None or self.lookup
+        if self.max_tokens <= 0 or not (ngrams or request.params.constraint is not None):
             return None
-        return Drafter(request.prompt_ids, request.prediction, self.max_tokens)
+        return Drafter(request.prompt_ids, request.prediction, self.max_tokens, ngrams)
 
     def drafts(self, batch: Sequence[EngineSequence]) -> list[list[int]] | None:
         """Each row's draft (empty for a row without); None when no row of the step drafts."""
@@ -175,8 +192,15 @@ class Speculator:
         drafts = []
         for seq in batch:
             room = seq.request.params.max_new_tokens - len(seq.generated) - 1  # never past max_new_tokens
-            drafts.append(seq.drafter.propose(seq.generated, min(limit, room)) if seq.drafter is not None else [])
+            drafts.append(self._propose(seq, min(limit, room)))
         return drafts if any(drafts) else None
+
+    @staticmethod
+    def _propose(seq: EngineSequence, limit: int) -> list[int]:
+        if seq.drafter is None:
+            return []
+        forced = seq.matcher.forced() if seq.matcher is not None and limit > 0 else []
+        return seq.drafter.propose(seq.generated, limit, forced)
 
     def step(self, runner: ModelRunner, batch: list[EngineSequence], drafts: list[list[int]],
              select: Select, accept: Accept) -> None:
@@ -191,8 +215,8 @@ class Speculator:
         for handle, start in zip(handles, starts, strict=True):
             runner.rollback(handle, start + 1)  # the last token only, for now
         for seq, draft in zip(batch, drafts, strict=True):  # counted refused until accepted, so a request
-            if draft and seq.drafter is not None:  # that finishes inside the loop reports its counts
-                seq.drafter.rejected += len(draft)
+            if draft and seq.drafter is not None and not seq.drafter.forcing:  # that finishes inside the loop
+                seq.drafter.rejected += len(draft)  # reports its counts
                 self.drafted += len(draft)
         hits = [0] * len(batch)
         active = list(range(len(batch)))
@@ -218,6 +242,9 @@ class Speculator:
                 seq.drafter.adapt(len(draft), count)
 
     def _count_hit(self, seq: EngineSequence) -> None:
+        if seq.drafter.forcing:
+            self.forced += 1
+            return
         self.accepted += 1
         seq.drafter.accepted += 1
         seq.drafter.rejected -= 1

@@ -186,3 +186,5 @@ class EngineStats:
     #: Speculative decoding, cumulative since start: draft tokens proposed, and accepted.
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    #: Grammar-forced ids accepted in speculative steps (not counted in the two above).
+    spec_forced_tokens: int = 0

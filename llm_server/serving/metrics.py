@@ -67,8 +67,10 @@ PREFIX_CACHE_TOKENS = Gauge(f"{PREFIX}_prefix_cache_tokens", "Tokens of KV the p
 SPEC_DRAFT_TOKENS = Counter(f"{PREFIX}_spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed.")
 SPEC_ACCEPTED_TOKENS = Counter(f"{PREFIX}_spec_decode_num_accepted_tokens",
                                "Speculative decoding: draft tokens the model accepted.")
+SPEC_FORCED_TOKENS = Counter(f"{PREFIX}_spec_decode_num_forced_tokens",
+                             "Speculative decoding: grammar-forced tokens verified in one step with others.")
 # the engine's cumulative values already added to the counters
-_counted = {"queries": 0, "hits": 0, "drafted": 0, "accepted": 0}
+_counted = {"queries": 0, "hits": 0, "drafted": 0, "accepted": 0, "forced": 0}
 
 
 def _count_prefix_cache(stats: EngineStats) -> None:
@@ -76,7 +78,8 @@ def _count_prefix_cache(stats: EngineStats) -> None:
     for key, counter, total in (("queries", PREFIX_CACHE_QUERIES, stats.prefix_cache_queries),
                                 ("hits", PREFIX_CACHE_HITS, stats.prefix_cache_hits),
                                 ("drafted", SPEC_DRAFT_TOKENS, stats.spec_draft_tokens),
-                                ("accepted", SPEC_ACCEPTED_TOKENS, stats.spec_accepted_tokens)):
+                                ("accepted", SPEC_ACCEPTED_TOKENS, stats.spec_accepted_tokens),
+                                ("forced", SPEC_FORCED_TOKENS, stats.spec_forced_tokens)):
         if total < _counted[key]:
             _counted[key] = 0
         if total > _counted[key]:

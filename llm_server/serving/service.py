@@ -257,6 +257,10 @@ class ChatService:
             params = replace(params, constraint=compile_schema(self.engine.tokenizer, later.schema, "review"))
         if later.greedy:  # a verdict is not sampled
             params = replace(params, do_sample=False)
+        if later.stop:  # a revision ends where it starts echoing its prompt
+            params = replace(params, stop=(*params.stop, *later.stop))
+        if later.repetition_penalty is not None:  # a revision is not pushed away from the answer it rewrites
+            params = replace(params, repetition_penalty=later.repetition_penalty)
         if later.max_new_tokens is not None:  # a short pass (a verdict)
             params = replace(params, max_new_tokens=min(params.max_new_tokens, later.max_new_tokens))
         prompt_ids = self.prompt_ids(later.messages)

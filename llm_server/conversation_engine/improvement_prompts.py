@@ -1,0 +1,92 @@
+"""The prompts of answer improvement's passes after the draft (no torch, no model).
+
+Every pass runs under the ``reviser`` system prompt, then the conversation's history, then one
+user message that opens with :func:`opening` (the question and the answer under review, as
+"Answer A"). Review, revision and the first verdict of a stage therefore begin with the same
+tokens, so the engine's prefix cache prefills them once per stage; each pass then adds only its
+own instruction. A structured review is held to :data:`REVIEW_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llm_server.conversation_engine.improvement_gate import judge_instruction
+from llm_server.conversation_engine.inputs import FALLBACK_REVISER_PROMPT, REVISER_ROLE, SystemPrompt
+
+#: A suggestion is a sentence: it starts with a letter and holds no template or markup characters
+#: (a 135M model otherwise fills it with ``{{<ref>https://...`` or a lone ``", "``, to its budget).
+SUGGESTION_PATTERN = r"^[A-Za-z][^{}<>\[\]\\|#]*$"
+#: The JSON a structured review pass is constrained to: one to three numbered suggestions
+#: (lengths bound a small model's loops). The review analyses; the revision is its own pass.
+REVIEW_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "suggestions": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": SUGGESTION_PATTERN},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    },
+    "required": ["suggestions"],
+    "additionalProperties": False,
+}
+_JSON_INSTRUCTION = (
+    '\n\nReply with only a JSON object whose "suggestions" field is a list of one to three improvements '
+    "to this answer, each a short sentence about this question."
+)
+
+
+def _reviser(system_prompts: SystemPrompt) -> str:
+    """The reviser's system prompt (a fallback when the prompts have no ``reviser`` entry)."""
+    if isinstance(system_prompts, Mapping):
+        return system_prompts.get(REVISER_ROLE) or FALLBACK_REVISER_PROMPT
+    return FALLBACK_REVISER_PROMPT
+
+
+def opening(question: str, answer: str) -> str:
+    """How every pass on ``answer`` begins (after the reviser's system prompt and the history): the
+    question, then the answer as "Answer A". Review, revision and the first verdict of a stage share
+    it, so the engine's prefix cache prefills it once per stage."""
+    return f"Question:\n{question.strip()}\n\nAnswer A:\n{answer.strip()}\n\n"
+
+
+def _reviser_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], prompt: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": _reviser(system_prompts)}, *history, {"role": "user", "content": prompt}]
+
+
+def review_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer: str,
+                    structured: bool) -> list[dict[str, str]]:
+    """A review pass: the reviser analyses ``answer`` and lists numbered suggestions (only)."""
+    prompt = opening(question, answer) + (
+        "Review answer A. List up to three concrete improvements (correct errors, add missing facts, "
+        'make it clearer), as a numbered list after "Suggestions:". Do not rewrite the answer.'
+    )
+    if structured:
+        prompt += _JSON_INSTRUCTION
+    return _reviser_messages(system_prompts, history, prompt)
+
+
+def revision_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer: str,
+                      suggestions: str) -> list[dict[str, str]]:
+    """A revision pass: the complete answer to ``question``, ``answer`` improved by ``suggestions``."""
+    prompt = opening(question, answer) + (
+        f"Suggestions:\n{suggestions.strip()}\n\n"
+        "Rewrite answer A, applying the suggestions that are correct. Write only the complete "
+        "improved answer to the question, as you would give it to the user: no headings, no notes on the changes."
+    )
+    return _reviser_messages(system_prompts, history, prompt)
+
+
+def judge_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], question: str, answer_a: str,
+                   answer_b: str) -> list[dict[str, str]]:
+    """A verdict pass: which of two answers to ``question`` is better (``answer_a`` first, so the
+    verdict on the previous answer and its revision shares the stage's opening)."""
+    prompt = opening(question, answer_a) + f"Answer B:\n{answer_b.strip()}\n\n{judge_instruction(system_prompts)}"
+    return _reviser_messages(system_prompts, history, prompt)
+
+
+__all__ = ["REVIEW_SCHEMA", "SUGGESTION_PATTERN", "judge_messages", "opening", "review_messages",
+           "revision_messages"]
