@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -26,6 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from llm_server.conversation_engine.improvement import GenerateFn, grammar_available, improvement_pipeline
 from llm_server.conversation_engine.improvement_gate import DEFAULT_GATE, GateDecision
 from llm_server.conversation_engine.inputs import DEFAULT_ROLE, SystemPrompt, encode_messages, prepare_inputs
+from llm_server.conversation_engine.prompt_reuse import CACHE_FIELD, PromptReuse
 from llm_server.helper_functionality.yaml_loading import read_model_section
 
 logger = logging.getLogger(__name__)
@@ -82,11 +84,14 @@ def generate_reply(inputs: Mapping[str, Any], tok: Any, model: Any, **generation
 
 
 def stream_generate(
-    inputs: Mapping[str, Any], tok: Any, model: Any, max_new_tokens: int | None = None, **generation_kwargs: Any
+    inputs: Mapping[str, Any], tok: Any, model: Any, max_new_tokens: int | None = None, *,
+    on_output: Callable[[Any], None] | None = None, **generation_kwargs: Any
 ) -> Iterator[str]:
     """Stream the text of new tokens as it is generated (chunks are never empty).
 
     Errors inside ``model.generate`` are raised here. Abandoning the iterator stops generation.
+    ``on_output`` (when given) receives what ``model.generate`` returned, as a dict-like output
+    (``return_dict_in_generate``: its ``past_key_values`` too), once generation has ended.
     """
     params = generation_parameters(max_new_tokens=max_new_tokens, **generation_kwargs)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -97,7 +102,10 @@ def stream_generate(
     def run() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping)
+                output = model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping,
+                                        **({"return_dict_in_generate": True} if on_output else {}))
+            if on_output is not None:
+                on_output(output)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer below, which re-raises it
             failure.append(exc)
             # Wake the consumer, which would otherwise wait forever. Not streamer.end(): it decodes
@@ -128,8 +136,10 @@ def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Generate
     it, ``max_new_tokens`` / ``do_sample`` override the turn's settings, and ``prediction`` (the
     text a revision will likely repeat, which its prompt holds) turns on transformers' prompt-lookup
     decoding (``prompt_lookup_num_tokens``), and ``stop`` ends it at those strings (transformers'
-    ``stop_strings``; the text keeps the stop string, which the pipeline's parsing drops).
+    ``stop_strings``; the text keeps the stop string, which the pipeline's parsing drops). A pass
+    starts from the KV cache of the one before when their prompts share a start (:mod:`.prompt_reuse`).
     """
+    reuse = PromptReuse()
 
     def generate(messages: list[dict[str, str]], schema: dict[str, Any] | None = None,
                  prediction: str | None = None, stop: tuple[str, ...] = (), **pass_kwargs: Any) -> Iterator[str]:
@@ -142,7 +152,12 @@ def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Generate
             kwargs = _with_schema(tok, inputs, schema, kwargs)
         if prediction and PROMPT_LOOKUP_TOKENS:  # the predicted text is in the prompt: prompt-lookup drafting
             kwargs.setdefault("prompt_lookup_num_tokens", PROMPT_LOOKUP_TOKENS)
-        return stream_generate(inputs, tok, model, **kwargs)
+        if {"past_key_values", "cache"} & kwargs.keys() or kwargs.get("use_cache") is False:  # the caller's own cache
+            return stream_generate(inputs, tok, model, **kwargs)
+        ids = [int(i) for i in inputs["input_ids"][0].tolist()]
+        past = reuse.lend(ids)
+        return stream_generate(inputs, tok, model, on_output=partial(reuse.keep, ids),
+                               **kwargs, **({CACHE_FIELD: past} if past is not None else {}))
 
     return generate
 
