@@ -45,3 +45,17 @@ def test_no_degenerate_final_on_the_embedded_model(embedded: tuple[Any, Any], pr
         assert f"Comments: {comments}" in streamed
     assert streamed.endswith(f"### Final answer\n\n{result['reply']}\n\n")
 
+
+
+def test_a_pass_stops_at_its_stop_string_even_when_prompt_lookup_accepts_past_it(embedded: tuple[Any, Any]) -> None:
+    """The Python API's ``stop``: prompt-lookup decoding appends several tokens a step, so the stop
+    string can land inside one step's tokens (transformers' ``stop_strings`` look only at the end
+    and miss it); the pass still ends there."""
+    tokenizer, model = embedded
+    generate = make_generate_fn(tokenizer, model, max_new_tokens=40, do_sample=False, repetition_penalty=1.0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+    messages = [{"role": "user", "content": f"Repeat these words exactly: {words}"}]
+    full = "".join(generate(messages, prediction=words))
+    assert "epsilon zeta eta theta" in full  # the model repeats them
+    stopped = "".join(generate(messages, stop=(" epsilon",), prediction=words))
+    assert " epsilon" in stopped and full.startswith(stopped) and "theta" not in stopped

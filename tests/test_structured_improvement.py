@@ -117,8 +117,10 @@ def test_python_api_generate_honours_pass_options(tokenizer: Any, tiny_model: An
     assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 4 < len(full)
     assert "".join(generate(messages, prediction="the quick brown fox jumps over the lazy dog")) == full
     stop = full[:6]  # (this random model writes newlines)
-    stopped = "".join(generate(messages, stop=(stop,)))  # transformers' stop_strings keep the stop string
+    stopped = "".join(generate(messages, stop=(stop,)))  # the text keeps the stop string
     assert full.startswith(stopped) and len(stop) - 2 <= len(stopped) <= len(stop) + 2 < len(full)
+    looked_up = "".join(generate(messages, stop=(stop,), prediction=full))  # several tokens a step: still stopped
+    assert full.startswith(looked_up) and stop in looked_up and len(looked_up) < len(full)
     sampled = make_generate_fn(tokenizer, tiny_model, max_new_tokens=12, do_sample=True, temperature=1.5)
     assert "".join(sampled(messages, do_sample=False, max_new_tokens=12)) == "".join(generate(messages,
                                                                                               max_new_tokens=12))

@@ -70,6 +70,20 @@ class _StopFlag(StoppingCriteria):
         return cast(torch.BoolTensor, flags)  # a bool tensor: what StoppingCriteria's signature calls BoolTensor
 
 
+class _StopText(StoppingCriteria):
+    """Stops ``generate`` once the new text holds one of ``stops`` anywhere. (transformers'
+    ``stop_strings`` look only at the end, which prompt-lookup decoding steps past: it appends
+    several tokens at once.)"""
+
+    def __init__(self, tok: Any, prompt_length: int, stops: tuple[str, ...]) -> None:
+        self.tok, self.prompt_length, self.stops = tok, prompt_length, stops
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        flags = torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
+        return cast(torch.BoolTensor, flags)
+
+
 def _decode_new_tokens(tok: Any, output: torch.Tensor, prompt_length: int) -> str:
     return tok.decode(output[0, prompt_length:], skip_special_tokens=True)
 
@@ -135,8 +149,8 @@ def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Generate
     A pass's options (``improvement.pass_options``) apply to that pass only: ``schema`` constrains
     it, ``max_new_tokens`` / ``do_sample`` override the turn's settings, and ``prediction`` (the
     text a revision will likely repeat, which its prompt holds) turns on transformers' prompt-lookup
-    decoding (``prompt_lookup_num_tokens``), and ``stop`` ends it at those strings (transformers'
-    ``stop_strings``; the text keeps the stop string, which the pipeline's parsing drops). A pass
+    decoding (``prompt_lookup_num_tokens``), and ``stop`` ends it once its text holds one of those
+    strings (the text keeps the stop string and what came with it; the pipeline's parsing drops them). A pass
     starts from the KV cache of the one before when their prompts share a start (:mod:`.prompt_reuse`).
     """
     reuse = PromptReuse()
@@ -146,7 +160,8 @@ def make_generate_fn(tok: Any, model: Any, **generation_kwargs: Any) -> Generate
         inputs = encode_messages(tok, model, messages)
         kwargs = {**generation_kwargs, **pass_kwargs}  # a pass's own max_new_tokens / do_sample win
         if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=tok)
+            ends = _StopText(tok, int(inputs["input_ids"].shape[-1]), stop)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), ends])
 
         if schema is not None:
             kwargs = _with_schema(tok, inputs, schema, kwargs)
