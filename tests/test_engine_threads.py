@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
-from llm_server.engine.threads import available_cores, configure_threads
+from llm_server.engine.threads import (
+    IO_SECONDS_PER_TOKEN,
+    available_cores,
+    configure_threads,
+    io_cores,
+    reserve_io_core,
+)
 from llm_server.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import build_tiny_llama
 
@@ -146,3 +152,67 @@ def test_no_warning_once_a_remedy_is_in_effect_or_the_machine_is_quiet(
     assert [level for level, _ in messages] == [logging.INFO], messages
     expected = "wait policy: GOMP_SPINCOUNT=100" if remedy == "GOMP_SPINCOUNT" else "wait policy: default spinning"
     assert expected in messages[0][1]
+
+
+# --- a core left to the server's I/O when decode steps are very short -----------------------------
+@pytest.fixture
+def two_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two torch threads on this thread, chosen by nobody (no OMP_NUM_THREADS)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def timer(seconds_per_row: dict[int, float], asked: list[int]) -> Any:
+    def time_step(rows: int) -> float:
+        asked.append(rows)
+        return seconds_per_row[rows]
+    return time_step
+
+
+@pytest.mark.parametrize("step_s, threads", [(0.0025, 1), (0.033, 2)], ids=["tiny model", "SmolLM2-sized"])
+def test_a_core_is_left_to_the_io_only_when_steps_are_very_short(
+        two_threads: None, caplog: pytest.LogCaptureFixture, step_s: float, threads: int) -> None:
+    """16 rows every 2.5 ms stream 6,400 tokens/s: about a core of event-loop work, so one thread is
+    left; every 33 ms (the embedded model) it is 0.07 of a core and both threads stay."""
+    with caplog.at_level(logging.INFO, logger="llm_server.engine.threads"):
+        assert reserve_io_core(timer({1: 0.002, 16: step_s}, []), 16, requested=0) == threads
+    assert torch.get_num_threads() == threads
+    assert io_cores(step_s, 16) == pytest.approx(16 / step_s * IO_SECONDS_PER_TOKEN)
+    left = [r.getMessage() for r in caplog.records if "left to the server's I/O" in r.getMessage()]
+    assert len(left) == (threads == 1)
+
+
+@pytest.mark.parametrize("case", ["engine.threads", "OMP_NUM_THREADS", "one thread", "slow model"])
+def test_a_chosen_thread_count_or_a_slow_model_is_left_alone(
+        two_threads: None, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    if case == "OMP_NUM_THREADS":
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if case == "one thread":
+        torch.set_num_threads(1)
+    asked: list[int] = []
+    steps = timer({1: 0.2 if case == "slow model" else 0.001, 16: 0.002}, asked)
+    expected = torch.get_num_threads()
+    assert reserve_io_core(steps, 16, requested=2 if case == "engine.threads" else 0) == expected
+    assert torch.get_num_threads() == expected
+    assert 16 not in asked  # the full batch is never timed
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="needs 2 cores")
+def test_the_engine_leaves_a_core_for_a_tiny_model(
+        two_threads: None, caplog: pytest.LogCaptureFixture, tokenizer: Any) -> None:
+    """The tiny random Llama's 16-row decode step is a few ms: the engine's start says it runs one thread."""
+    with caplog.at_level(logging.INFO, logger="llm_server.engine.threads"):
+        engine = BatchEngine.from_loader(lambda: (tokenizer, build_tiny_llama(len(tokenizer))), "tiny",
+                                         EngineConfig(max_running=16))
+        engine.start()
+        try:
+            done = engine.submit(GenerationRequest("r", [1, 2, 3], SamplingParams(max_new_tokens=4))).result()
+        finally:
+            engine.shutdown(timeout_s=30)
+    assert done.completion_tokens == 4
+    assert any("1 torch threads, one core left to the server's I/O" in r.getMessage() for r in caplog.records)

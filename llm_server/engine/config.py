@@ -71,7 +71,8 @@ class EngineConfig(BaseModel):
     )
     threads: int = Field(
         0, ge=0, description="torch threads of the engine thread; 0 = OMP_NUM_THREADS if set, else the cores "
-        "in this process's affinity mask"
+        "in this process's affinity mask, one fewer when the model's decode steps are so short that streaming "
+        "their tokens needs most of a core (engine/threads.py)"
     )
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from llm_server.engine.generic_runner import GenericRunner
 from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
 from llm_server.engine.runner import ModelRunner
+from llm_server.engine.threads import reserve_io_core, step_timer
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +80,22 @@ def make_runner(model: Any, max_slots: int, max_context: int, pack_weights: bool
     return runner
 
 
-__all__ = ["RUNNER_ATTR", "RUNNER_CHOICES", "default_max_context", "default_top_k", "eos_ids", "make_runner"]
+__all__ = ["RUNNER_ATTR", "RUNNER_CHOICES", "default_max_context", "default_top_k", "eos_ids", "make_runner", "warm_up"]
 
 
-def warm_up(runner: ModelRunner) -> None:
-    """One tiny forward so the first request does not pay for kernel initialisation."""
+def warm_up(runner: ModelRunner, rows: int = 0, threads: int = 0) -> None:
+    """One tiny forward so the first request does not pay for kernel initialisation; then, with
+    ``rows``, decode steps of that many throwaway sequences timed for
+    :func:`~llm_server.engine.threads.reserve_io_core` (``threads``: the configured count, 0: none)."""
     with torch.inference_mode():
-        handle = runner.open()
+        handles = [runner.open() for _ in range(max(1, rows))]
         try:
-            runner.forward([handle], [[0, 0]])
-            runner.forward([handle], [[0]])
+            runner.forward(handles[:1], [[0, 0]])
+            runner.forward(handles[:1], [[0]])
+            if rows > 1:
+                runner.forward(handles[1:], [[0, 0]] * (rows - 1))
+                reserve_io_core(step_timer(lambda n: runner.forward(handles[:n], [[0]] * n)), rows, threads)
         finally:
-            runner.release(handle)
+            for handle in handles:
+                runner.release(handle)
             runner.idle()

@@ -11,6 +11,17 @@ every torch op of its model on one thread and sizes that thread's team here:
   ``taskset``, cpusets), further capped by a cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``: a
   container's ``--cpus`` / Kubernetes CPU limit), never the host's core count.
 
+With the cores chosen, a model whose decode steps are very short leaves one core to the rest of
+the server (:func:`reserve_io_core`): every streamed token also costs the event loop JSON, SSE and a
+socket write, about :data:`IO_SECONDS_PER_TOKEN` of CPU, so a tiny model that decodes thousands of
+tokens a second needs most of a core for that alone, and an OpenMP team spread over every core then
+stalls on the core the event loop holds. The engine times a decode step of ``max_running`` rows
+after its warm-up; when the tokens it would stream need at least :data:`RESERVE_CORE_ABOVE` of a
+core, it runs one thread fewer. Never when the thread count was chosen (``engine.threads``,
+``OMP_NUM_THREADS``) or is 1. Measured on the 2-core EPYC (docs/engine.md, "A core for the
+server's I/O"): tiny random Qwen3 / OLMo 2 served at 16 concurrent, 1 thread vs 2: +24-35 % tok/s;
+the embedded SmolLM2 (a 33 ms step at 16 rows) keeps both threads, 1 thread there is 20-30 % slower.
+
 The OpenMP wait policy is chosen before torch loads (:mod:`llm_server.engine.wait_policy`): a
 server process spins ``GOMP_SPINCOUNT=10000`` iterations unless the environment chose a policy.
 On a machine whose cores other busy processes share, spinning workers lose their time slices and
@@ -24,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -82,4 +95,53 @@ def configure_threads(requested: int) -> int:
     return threads
 
 
-__all__ = ["available_cores", "configure_threads", "wait_policy"]
+#: CPU seconds the server spends per streamed token outside the engine (event loop, JSON, SSE, the
+#: socket): py-spy of the HTTP server at 16 concurrent on a tiny model, 2026-12-07 (the event loop
+#: thread busy ~16 % of 12 s while 950 tokens/s streamed: ~170 us a token).
+IO_SECONDS_PER_TOKEN = 150e-6
+#: Leave a core to the server's I/O when the engine's token rate would need this share of one.
+RESERVE_CORE_ABOVE = 0.5
+#: The batch the decode step is timed at (``max_running`` when smaller).
+IO_ROWS = 16
+#: A decode step slower than this (seconds) is a model too large for the I/O to matter: not timed further.
+SLOW_STEP_S = 0.05
+
+
+def io_cores(step_s: float, rows: int) -> float:
+    """Cores the server's I/O needs to stream ``rows`` tokens every ``step_s`` seconds."""
+    return rows / max(step_s, 1e-9) * IO_SECONDS_PER_TOKEN
+
+
+def reserve_io_core(time_step: Callable[[int], float], rows: int, requested: int) -> int:
+    """After warm-up: one torch thread fewer when the decode step of ``rows`` rows (``time_step(rows)``:
+    its seconds) is so short that streaming its tokens needs :data:`RESERVE_CORE_ABOVE` of a core (see
+    the module docstring); return the thread count in effect."""
+    threads = torch.get_num_threads()
+    if requested > 0 or os.environ.get("OMP_NUM_THREADS") or threads <= 1 or time_step(1) > SLOW_STEP_S:
+        return threads
+    step_s = time_step(rows)
+    need = io_cores(step_s, rows)
+    if need < RESERVE_CORE_ABOVE:
+        return threads
+    torch.set_num_threads(threads - 1)
+    logger.info("engine thread: %d torch threads, one core left to the server's I/O (a %d-row decode step takes "
+                "%.1f ms: streaming its tokens needs %.1f cores)", threads - 1, rows, step_s * 1000, need)
+    return threads - 1
+
+
+def step_timer(forward: Callable[[int], object], steps: int = 5) -> Callable[[int], float]:
+    """``rows -> seconds`` of one call of ``forward(rows)`` (the fastest of ``steps``, after one unmeasured)."""
+    def time_step(rows: int) -> float:
+        forward(rows)
+        best = float("inf")
+        for _ in range(steps):
+            started = time.perf_counter()
+            forward(rows)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    return time_step
+
+
+__all__ = ["IO_ROWS", "IO_SECONDS_PER_TOKEN", "available_cores", "configure_threads", "io_cores", "reserve_io_core",
+           "step_timer", "wait_policy"]
