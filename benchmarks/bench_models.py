@@ -103,7 +103,7 @@ def engine_levels(folder: Path, runner: str, dtype: str, levels: list[int], max_
 
 
 def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int,
-                ours_set: list[str]) -> dict[str, dict[int, float]]:
+                ours_set: list[str], rounds: int = 2) -> dict[str, dict[int, float]]:
     """{"ours" | "peer": {concurrency: tok/s}} over HTTP (bench_serving's client and servers).
 
     Ours runs through ``servebench.peers.ours_spec``'s entry (``start_llm_server``'s function imported
@@ -115,7 +115,7 @@ def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int,
     from servebench.client import drive
     from servebench.servers import REPO_ROOT, free_port, running
 
-    counts = [max(4, 2 * n) for n in levels]
+    counts = [max(4, rounds * n) for n in levels]  # ``rounds`` requests per worker, as in-process
     workdir = Path(tempfile.mkdtemp(prefix="bench_models_http."))
     found: dict[str, dict[int, float]] = {}
     try:
@@ -175,7 +175,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--levels", default="1,16")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per worker at each level")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="requests per worker at each level (in-process and over HTTP)")
     parser.add_argument("--http", action="store_true", help="also ours vs transformers serve over HTTP")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded SmolLM2")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
@@ -199,7 +200,8 @@ def main() -> None:
                 row = {"model": name, "runner": measured[runner][0], "ours": measured[runner][1],
                        "hf": measured["hf"][1]}
                 if args.http and runner == ("llama" if name == EMBEDDED else "generic"):  # what the server picks
-                    row["http"] = http_levels(folder, args.dtype, levels, args.max_tokens, args.ours_set)
+                    row["http"] = http_levels(folder, args.dtype, levels, args.max_tokens, args.ours_set,
+                                              args.rounds)
                 rows.append(row)
                 print(render(rows[-1:], levels, args.http).splitlines()[-1], flush=True)
                 save(args, started, rows, levels, partial=True)  # kept if a later model fails
