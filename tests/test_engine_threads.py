@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 import torch
 
+import llm_server.engine.threads as threads_module
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 from llm_server.engine.threads import (
+    IO_MIN_CONTEXT,
     IO_SECONDS_PER_TOKEN,
     available_cores,
     configure_threads,
@@ -203,16 +205,22 @@ def test_a_chosen_thread_count_or_a_slow_model_is_left_alone(
 
 
 @pytest.mark.skipif(available_cores() < 2, reason="needs 2 cores")
-def test_the_engine_leaves_a_core_for_a_tiny_model(
-        two_threads: None, caplog: pytest.LogCaptureFixture, tokenizer: Any) -> None:
-    """The tiny random Llama's 16-row decode step is a few ms: the engine's start says it runs one thread."""
+@pytest.mark.parametrize("max_context, left", [(None, True), (IO_MIN_CONTEXT - 1, False)])
+def test_the_engine_times_its_step_at_start_and_leaves_a_core(
+        two_threads: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tokenizer: Any,
+        max_context: int | None, left: bool) -> None:
+    """The engine's start times a 16-row decode step of the tiny random Llama and leaves a core (the
+    cost per token is raised tenfold so a slower CPU than this one still crosses the line); with too
+    short a context for the throwaway rows it times nothing. Either way it serves."""
+    monkeypatch.setattr(threads_module, "IO_SECONDS_PER_TOKEN", 1.5e-3)
     with caplog.at_level(logging.INFO, logger="llm_server.engine.threads"):
         engine = BatchEngine.from_loader(lambda: (tokenizer, build_tiny_llama(len(tokenizer))), "tiny",
-                                         EngineConfig(max_running=16))
+                                         EngineConfig(max_running=16, max_context=max_context))
         engine.start()
         try:
             done = engine.submit(GenerationRequest("r", [1, 2, 3], SamplingParams(max_new_tokens=4))).result()
         finally:
             engine.shutdown(timeout_s=30)
     assert done.completion_tokens == 4
-    assert any("1 torch threads, one core left to the server's I/O" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 torch threads, one core left to the server's I/O (a 16-row" in m for m in messages) == left

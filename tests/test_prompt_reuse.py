@@ -64,12 +64,27 @@ def test_a_cache_that_cannot_be_cropped_is_not_kept() -> None:
     assert reuse.lend(list(range(50))) is None
 
 
-def test_a_callers_own_cache_is_left_alone(tokenizer: Any, tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``use_cache=False`` from the caller: no cache is lent, and the passes still run."""
+def test_a_callers_own_cache_argument_is_passed_as_given(
+        tokenizer: Any, tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache argument from the caller is theirs: none is lent beside it (that would be a doubled
+    keyword), and the passes still run."""
     spy = Spy(tiny_model, monkeypatch)
-    generate = make_generate_fn(tokenizer, tiny_model, max_new_tokens=4, do_sample=False, use_cache=False)
+    generate = make_generate_fn(tokenizer, tiny_model, max_new_tokens=4, do_sample=False, **{CACHE_FIELD: None})
     messages = [{"role": "system", "content": PROMPTS["reviser"]}, {"role": "user", "content": "One."}]
-    chunks: Iterator[str] = generate(messages)
-    list(chunks)
-    list(generate([*messages[:1], {"role": "user", "content": "One. Two."}]))
+    first: Iterator[str] = generate(messages)
+    assert "".join(first)
+    assert "".join(generate([*messages[:1], {"role": "user", "content": "One. Two."}]))
     assert [lent for _, lent in spy.calls] == [None, None]
+
+
+def test_a_caller_asking_for_return_dict_in_generate_still_gets_reuse(
+        tokenizer: Any, tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``return_dict_in_generate`` among the caller's settings is the one reuse needs too: not doubled."""
+    spy = Spy(tiny_model, monkeypatch)
+    generate = make_generate_fn(tokenizer, tiny_model, max_new_tokens=4, do_sample=False,
+                                return_dict_in_generate=True)
+    messages = [{"role": "system", "content": PROMPTS["reviser"]}, {"role": "user", "content": "One."}]
+    assert "".join(generate(messages))
+    second = [*messages[:1], {"role": "user", "content": "One. Two."}]
+    assert "".join(generate(second))
+    assert spy.calls[1][1] == shared_length(spy.calls[0][0], spy.calls[1][0])

@@ -108,6 +108,8 @@ def stream_generate(
     (``return_dict_in_generate``: its ``past_key_values`` too), once generation has ended.
     """
     params = generation_parameters(max_new_tokens=max_new_tokens, **generation_kwargs)
+    if on_output is not None:
+        params["return_dict_in_generate"] = True
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     failure: list[BaseException] = []
@@ -116,8 +118,7 @@ def stream_generate(
     def run() -> None:
         try:
             with torch.inference_mode():
-                output = model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping,
-                                        **({"return_dict_in_generate": True} if on_output else {}))
+                output = model.generate(**inputs, **params, streamer=streamer, stopping_criteria=stopping)
             if on_output is not None:
                 on_output(output)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer below, which re-raises it

@@ -42,7 +42,7 @@ from llm_server.engine.scheduler import Scheduler
 from llm_server.engine.sequence import Sequence
 from llm_server.engine.speculative import Speculator, draft_counts
 from llm_server.engine.stream import GenerationStream, WakeupBatch
-from llm_server.engine.threads import IO_ROWS, configure_threads
+from llm_server.engine.threads import IO_MIN_CONTEXT, IO_ROWS, configure_threads
 from llm_server.engine.types import (
     EngineError,
     EngineStats,
@@ -195,7 +195,8 @@ class BatchEngine(Engine):
         self._sampler = Sampler(runner.device, self.config.seed, default_top_k(model, self.config.top_k))
         self._runner, self._vocab_size, self.runner_name = runner, runner.vocab_size, type(runner).__name__
         self.runner_reason = runner.reason
-        warm_up(runner, min(self.config.max_running, IO_ROWS), self.config.threads)  # (may leave a core to I/O)
+        warm_up(runner, min(self.config.max_running, IO_ROWS) if self.max_context >= IO_MIN_CONTEXT else 0,
+                self.config.threads)  # (may leave a core to the server's I/O)
         if runner.speculates and self.config.speculative_tokens > 0:
             self._spec = Speculator(self.config.speculative_tokens, self.config.speculative_lookup)
         if self.config.prefix_caching and runner.slot_cache is not None:

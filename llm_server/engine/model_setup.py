@@ -11,7 +11,7 @@ from llm_server.engine.generic_runner import GenericRunner
 from llm_server.engine.hf_runner import HFRunner
 from llm_server.engine.llama_runner import LlamaRunner, unsupported_reason
 from llm_server.engine.runner import ModelRunner
-from llm_server.engine.threads import reserve_io_core, step_timer
+from llm_server.engine.threads import may_reserve_io_core, reserve_io_core, step_timer
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,11 @@ __all__ = ["RUNNER_ATTR", "RUNNER_CHOICES", "default_max_context", "default_top_
 
 def warm_up(runner: ModelRunner, rows: int = 0, threads: int = 0) -> None:
     """One tiny forward so the first request does not pay for kernel initialisation; then, with
-    ``rows``, decode steps of that many throwaway sequences timed for
-    :func:`~llm_server.engine.threads.reserve_io_core` (``threads``: the configured count, 0: none)."""
+    ``rows`` and a thread count nobody chose (``threads``: the configured one, 0: none), decode steps
+    of that many throwaway sequences timed for :func:`~llm_server.engine.threads.reserve_io_core`."""
+    rows = rows if rows > 1 and may_reserve_io_core(threads) else 1
     with torch.inference_mode():
-        handles = [runner.open() for _ in range(max(1, rows))]
+        handles = [runner.open() for _ in range(rows)]
         try:
             runner.forward(handles[:1], [[0, 0]])
             runner.forward(handles[:1], [[0]])

@@ -18,7 +18,7 @@ tokens a second needs most of a core for that alone, and an OpenMP team spread o
 stalls on the core the event loop holds. The engine times a decode step of ``max_running`` rows
 after its warm-up; when the tokens it would stream need at least :data:`RESERVE_CORE_ABOVE` of a
 core, it runs one thread fewer. Never when the thread count was chosen (``engine.threads``,
-``OMP_NUM_THREADS``) or is 1. Measured on the 2-core EPYC (docs/engine.md, "A core for the
+``OMP_NUM_THREADS``) or is 1, and not timed with a context under :data:`IO_MIN_CONTEXT`. Measured on the 2-core EPYC (docs/engine.md, "A core for the
 server's I/O"): tiny random Qwen3 / OLMo 2 served at 16 concurrent, 1 thread vs 2: +24-35 % tok/s;
 the embedded SmolLM2 (a 33 ms step at 16 rows) keeps both threads, 1 thread there is 20-30 % slower.
 
@@ -103,6 +103,8 @@ IO_SECONDS_PER_TOKEN = 150e-6
 RESERVE_CORE_ABOVE = 0.5
 #: The batch the decode step is timed at (``max_running`` when smaller).
 IO_ROWS = 16
+#: Timing the step writes this many positions into each throwaway row: no timing below this context.
+IO_MIN_CONTEXT = 64
 #: A decode step slower than this (seconds) is a model too large for the I/O to matter: not timed further.
 SLOW_STEP_S = 0.05
 
@@ -112,12 +114,18 @@ def io_cores(step_s: float, rows: int) -> float:
     return rows / max(step_s, 1e-9) * IO_SECONDS_PER_TOKEN
 
 
+def may_reserve_io_core(requested: int) -> bool:
+    """Whether :func:`reserve_io_core` may leave a core: nobody chose the thread count (``requested``
+    0, no ``OMP_NUM_THREADS``) and there is more than one thread."""
+    return requested <= 0 and not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > 1
+
+
 def reserve_io_core(time_step: Callable[[int], float], rows: int, requested: int) -> int:
     """After warm-up: one torch thread fewer when the decode step of ``rows`` rows (``time_step(rows)``:
     its seconds) is so short that streaming its tokens needs :data:`RESERVE_CORE_ABOVE` of a core (see
     the module docstring); return the thread count in effect."""
     threads = torch.get_num_threads()
-    if requested > 0 or os.environ.get("OMP_NUM_THREADS") or threads <= 1 or time_step(1) > SLOW_STEP_S:
+    if not may_reserve_io_core(requested) or time_step(1) > SLOW_STEP_S:
         return threads
     step_s = time_step(rows)
     need = io_cores(step_s, rows)
@@ -143,5 +151,5 @@ def step_timer(forward: Callable[[int], object], steps: int = 5) -> Callable[[in
     return time_step
 
 
-__all__ = ["IO_ROWS", "IO_SECONDS_PER_TOKEN", "available_cores", "configure_threads", "io_cores", "reserve_io_core",
-           "step_timer", "wait_policy"]
+__all__ = ["IO_MIN_CONTEXT", "IO_ROWS", "IO_SECONDS_PER_TOKEN", "available_cores", "configure_threads", "io_cores",
+           "may_reserve_io_core", "reserve_io_core", "step_timer", "wait_policy"]
