@@ -18,8 +18,9 @@ tokens a second needs most of a core for that alone, and an OpenMP team spread o
 stalls on the core the event loop holds. The engine times a decode step of ``max_running`` rows
 after its warm-up; when the tokens it would stream need at least :data:`RESERVE_CORE_ABOVE` of a
 core, it runs one thread fewer. Never when the thread count was chosen (``engine.threads``,
-``OMP_NUM_THREADS``) or is 1, and not timed with a context under :data:`IO_MIN_CONTEXT`. Measured on the 2-core EPYC (docs/engine.md, "A core for the
-server's I/O"): tiny random Qwen3 / OLMo 2 served at 16 concurrent, 1 thread vs 2: +24-35 % tok/s;
+``OMP_NUM_THREADS``) or is 1, and not timed with a context under :data:`IO_MIN_CONTEXT`.
+Measured on the 2-core EPYC (docs/engine.md, "A core for the server's I/O"): tiny random Qwen3 /
+OLMo 2 served at 16 concurrent, 1 thread vs 2: +24-35 % tok/s;
 the embedded SmolLM2 (a 33 ms step at 16 rows) keeps both threads, 1 thread there is 20-30 % slower.
 
 The OpenMP wait policy is chosen before torch loads (:mod:`llm_server.engine.wait_policy`): a
