@@ -10,13 +10,13 @@ import pytest
 
 from llm_server.conversation_engine.improvement import (
     RESULT_KEYS,
-    REVIEW_SCHEMA,
     STAGE_HEADINGS,
     Pass,
     advance,
     improvement_pipeline,
     improvement_steps,
     parse_review,
+    review_schema,
 )
 from llm_server.conversation_engine.inputs import build_messages
 
@@ -187,7 +187,7 @@ def test_the_steps_ask_for_each_pass_explicitly_and_return_the_result() -> None:
     review1 = advance(steps, " A short draft answer. ")
     assert result["draft_answer"] == "A short draft answer."
     assert review1.next_pass is not None and review1.next_pass.name == "review1"
-    assert review1.next_pass.schema == REVIEW_SCHEMA
+    assert review1.next_pass.schema == review_schema("A short draft answer.")
     assert "A short draft answer." in review1.next_pass.messages[-1]["content"]
     revision1 = advance(steps, '{"suggestions": ["Say how."]}')
     assert revision1.next_pass is not None and revision1.next_pass.name == "revision1"

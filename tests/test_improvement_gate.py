@@ -11,7 +11,6 @@ import pytest
 
 from llm_server.conversation_engine.improvement import (
     RESULT_KEYS,
-    REVIEW_SCHEMA,
     STAGE_HEADINGS,
     Pass,
     advance,
@@ -19,6 +18,7 @@ from llm_server.conversation_engine.improvement import (
     improvement_steps,
     opening,
     pass_options,
+    review_schema,
 )
 from llm_server.conversation_engine.improvement_gate import (
     FALLBACK_JUDGE_PROMPT,
@@ -65,7 +65,7 @@ class FakeModel:
             a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:\n", 1)[0]
             b = prompt.split("\n\nAnswer B:\n", 1)[1].split(f"\n\n{FALLBACK_JUDGE_PROMPT}", 1)[0]
             return json.dumps({"better": self.judge(a, b)})
-        if options.get("schema") == REVIEW_SCHEMA:
+        if _is_review(options):
             return REVIEW
         if "Rewrite answer A" in prompt:
             return self.revisions.pop(0)
@@ -75,10 +75,14 @@ class FakeModel:
         return [kind for _, options in self.passes for kind in [_kind(options)]]
 
 
+def _is_review(options: dict[str, Any]) -> bool:
+    return "suggestions" in (options.get("schema") or {}).get("properties", {})
+
+
 def _kind(options: dict[str, Any]) -> str:
     if options.get("schema") == VERDICT_SCHEMA:
         return "judge"
-    if options.get("schema") == REVIEW_SCHEMA:
+    if _is_review(options):
         return "review"
     return "revision" if options.get("prediction") else "draft"
 
@@ -179,13 +183,35 @@ def test_unknown_gate_policy_is_an_error() -> None:
 # --------------------------------------------------------------------------- the passes and the stream
 
 
+@pytest.mark.parametrize(("answer", "items", "longest"), [
+    ("The capital of Egypt is Cairo.", 1, 60),  # a one-line answer: one short suggestion
+    ("x" * 300, 2, 150),  # two suggestions that together are no longer than the answer
+    ("x" * 2000, 3, 200),
+])
+def test_a_review_is_bounded_by_the_answer_it_reviews(answer: str, items: int, longest: int) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = review_schema(answer)
+    good = {"suggestions": ["Say more."] * items}
+    jsonschema.validate(good, schema)
+    for bad in ({"suggestions": ["Say more."] * (items + 1)}, {"suggestions": ["y" * (longest + 1)]},
+                {"suggestions": []}, {"suggestions": ["{{<ref>"]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    jsonschema.validate({"suggestions": ["y" * longest]}, schema)
+    words = {1: "a list of one improvement ", 2: "a list of one or two improvements ", 3: "one to three improvements"}
+    steps = improvement_steps(PROMPTS, [], QUESTION, structured=True)
+    advance(steps)
+    review = advance(steps, answer).next_pass
+    assert review is not None and review.schema == schema and words[items] in review.messages[-1]["content"]
+
+
 def test_passes_carry_budget_prediction_and_verdict_constraints() -> None:
     result: dict[str, str] = {}
     steps = improvement_steps(PROMPTS, [], QUESTION, result=result, structured=True)
     draft = advance(steps).next_pass
     assert draft is not None and draft.name == "draft" and pass_options(draft) == {}
     review = advance(steps, DRAFT).next_pass
-    assert review is not None and review.name == "review1" and review.schema == REVIEW_SCHEMA
+    assert review is not None and review.name == "review1" and review.schema == review_schema(DRAFT)
     revision = advance(steps, REVIEW).next_pass
     assert revision == Pass(revision.messages, name="revision1", prediction=DRAFT,  # the draft's budget, free text
                             stop=REVISION_STOPS,  # ended where it echoes its prompt

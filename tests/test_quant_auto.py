@@ -13,6 +13,7 @@ import torch
 from llm_server.engine.llama_runner import LlamaRunner
 from llm_server.engine.quant import (
     AUTO_MAX_SMALL_ROWS,
+    HEAD_AUTO_MAX_SMALL_ROWS,
     FloatLinear,
     Int4Linear,
     Int8Linear,
@@ -41,6 +42,18 @@ def test_auto_linear_uses_int4_for_few_rows_and_the_float_weights_above(dtype: t
         assert torch.equal(linear(x), expected), rows
         # the rows of a call count, whatever its leading shape
         assert torch.equal(linear(x.view(1, rows, 256)), expected.view(1, rows, 192)), rows
+
+
+def test_the_heads_int8_copy_serves_one_or_two_rows_and_the_float_weights_above() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(320, 64, generator=generator) * 0.05).to(torch.bfloat16)
+    head = make_linear(weight, None, True, "auto-int8")
+    assert isinstance(head, RowSwitchLinear) and isinstance(head.small, Int8Linear)
+    int8, plain = make_linear(weight, None, True, "int8"), make_linear(weight, None, True, None)
+    assert HEAD_AUTO_MAX_SMALL_ROWS == 2 < AUTO_MAX_SMALL_ROWS
+    for rows in (1, 2, 3, AUTO_MAX_SMALL_ROWS):
+        x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
+        assert torch.equal(head(x), int8(x) if rows <= HEAD_AUTO_MAX_SMALL_ROWS else plain(x)), rows
 
 
 def test_auto_keeps_one_float_copy_where_int4_cannot_take_the_weight() -> None:

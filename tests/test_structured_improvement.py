@@ -10,8 +10,8 @@ from typing import Any
 
 from llm_server.conversation_engine.improvement import (
     RESULT_KEYS,
-    REVIEW_SCHEMA,
     improvement_pipeline,
+    review_schema,
 )
 from llm_server.conversation_engine.improvement_gate import VERDICT_SCHEMA, GateDecision
 from llm_server.serving.request import Sampling, TurnRequest
@@ -49,8 +49,8 @@ def test_structured_review_json_is_read_into_the_spec_keys() -> None:
     chunks = list(improvement_pipeline(generate, PROMPTS, [], "Capital of France?", result=result,
                                        structured=True, decisions=decisions))
     # draft, review 1, revision 1, judge (both orders), review 2, revision 2 (repeats: no judge)
-    assert [s["schema"] for s in seen] == [None, REVIEW_SCHEMA, None, VERDICT_SCHEMA, VERDICT_SCHEMA,
-                                          REVIEW_SCHEMA, None]
+    assert [s["schema"] for s in seen] == [None, review_schema("The capital is Paris."), None, VERDICT_SCHEMA,
+                                          VERDICT_SCHEMA, review_schema(REVISED), None]
     assert "JSON" in seen[1]["last"] and "JSON" not in seen[0]["last"] and "JSON" not in seen[2]["last"]
     assert tuple(result) == RESULT_KEYS
     assert result["suggestions1"] == "1. Add the river." and result["revision1"] == REVISED

@@ -11,7 +11,8 @@ Each stage is the spec's review then revision:
   answer under review (:func:`opening`), so the engine's prefix cache prefills that once per stage;
 - a **review** pass (``review1`` / ``review2``, the ``reviser`` prompt) analyses the current answer
   and lists numbered suggestions; with ``structured=True`` (the grammar library is installed)
-  it is constrained to :data:`REVIEW_SCHEMA`, so even a 135M model's output parses;
+  it is constrained to :func:`review_schema` (bounded by the answer it reviews), so even a 135M
+  model's output parses;
 - a **revision** pass (``revision1`` / ``revision2``) writes the complete answer again from the
   question, the current answer and the suggestions: free text with the draft's token budget,
   its ``prediction`` the current answer (a revision mostly repeats it), no repetition penalty
@@ -61,10 +62,10 @@ from llm_server.conversation_engine.improvement_parsing import (
     split_sections,
 )
 from llm_server.conversation_engine.improvement_prompts import (
-    REVIEW_SCHEMA,
     judge_messages,
     opening,
     review_messages,
+    review_schema,
     revision_messages,
 )
 from llm_server.conversation_engine.inputs import (
@@ -172,7 +173,8 @@ def _stage(turn: _Turn, stage: int, previous: str, live: bool) -> StagePasses:
     """One stage's passes: review (streamed when ``live``), revision, then the gate's judgement."""
     text = yield from ask(Pass(review_messages(turn.system_prompts, turn.history, turn.message, previous,
                                                turn.structured),
-                               schema=REVIEW_SCHEMA if turn.structured else None, show=live, name=f"review{stage}"))
+                               schema=review_schema(previous) if turn.structured else None, show=live,
+                               name=f"review{stage}"))
     suggestions = parse_suggestions(text, turn.structured)
     candidate = parse_revision((yield from ask(Pass(
         revision_messages(turn.system_prompts, turn.history, turn.message, previous, suggestions),
@@ -341,8 +343,8 @@ def improvement_pipeline(
 
 
 __all__ = [
-    "GATE_POLICIES", "RESULT_KEYS", "REVIEW_SCHEMA", "STAGE_HEADINGS", "Advance", "GateDecision", "GenerateFn",
+    "GATE_POLICIES", "RESULT_KEYS", "STAGE_HEADINGS", "Advance", "GateDecision", "GenerateFn",
     "Pass", "Review", "Steps", "advance", "grammar_available", "improvement_pipeline", "improvement_steps",
-    "judge_messages", "opening", "parse_review", "pass_options", "review_messages", "revision_messages",
-    "run_steps", "split_sections",
+    "judge_messages", "opening", "parse_review", "pass_options", "review_messages", "review_schema",
+    "revision_messages", "run_steps", "split_sections",
 ]

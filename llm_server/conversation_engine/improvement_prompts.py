@@ -4,7 +4,7 @@ Every pass runs under the ``reviser`` system prompt, then the conversation's his
 user message that opens with :func:`opening` (the question and the answer under review, as
 "Answer A"). Review, revision and the first verdict of a stage therefore begin with the same
 tokens, so the engine's prefix cache prefills them once per stage; each pass then adds only its
-own instruction. A structured review is held to :data:`REVIEW_SCHEMA`.
+own instruction. A structured review is held to :func:`review_schema`.
 """
 
 from __future__ import annotations
@@ -18,25 +18,41 @@ from llm_server.conversation_engine.inputs import FALLBACK_REVISER_PROMPT, REVIS
 #: A suggestion is a sentence: it starts with a letter and holds no template or markup characters
 #: (a 135M model otherwise fills it with ``{{<ref>https://...`` or a lone ``", "``, to its budget).
 SUGGESTION_PATTERN = r"^[A-Za-z][^{}<>\[\]\\|#]*$"
-#: The JSON a structured review pass is constrained to: one to three numbered suggestions
-#: (lengths bound a small model's loops). The review analyses; the revision is its own pass.
-REVIEW_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "suggestions": {
-            "type": "array",
-            "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": SUGGESTION_PATTERN},
-            "minItems": 1,
-            "maxItems": 3,
-        },
-    },
-    "required": ["suggestions"],
-    "additionalProperties": False,
-}
-_JSON_INSTRUCTION = (
-    '\n\nReply with only a JSON object whose "suggestions" field is a list of one to three improvements '
-    "to this answer, each a short sentence about this question."
-)
+#: A review is bounded by the answer it reviews: an answer under :data:`SHORT_ANSWER_CHARS` gets one
+#: suggestion, under :data:`MEDIUM_ANSWER_CHARS` two, a longer one three; together they are at most as
+#: long as the answer, each between :data:`SUGGESTION_CHARS` (min, max) characters. A one-line answer's review used
+#: to cost four times the answer (three 200-character suggestions to its eight tokens).
+SHORT_ANSWER_CHARS = 160
+MEDIUM_ANSWER_CHARS = 480
+SUGGESTION_CHARS = (60, 200)
+_COUNT_WORDS = {1: "one improvement", 2: "one or two improvements", 3: "one to three improvements"}
+
+
+def suggestion_limits(answer: str) -> tuple[int, int]:
+    """How many suggestions a review of ``answer`` may list, and how long each may be (characters)."""
+    size = len(answer.strip())
+    count = 1 if size < SHORT_ANSWER_CHARS else 2 if size < MEDIUM_ANSWER_CHARS else 3
+    low, high = SUGGESTION_CHARS
+    return count, max(low, min(high, size // count))
+
+
+def review_schema(answer: str) -> dict[str, Any]:
+    """The JSON a structured review of ``answer`` is constrained to: numbered suggestions (sentences,
+    :func:`suggestion_limits` of them). The review analyses; the revision is its own pass."""
+    count, length = suggestion_limits(answer)
+    item = {"type": "string", "minLength": 1, "maxLength": length, "pattern": SUGGESTION_PATTERN}
+    return {
+        "type": "object",
+        "properties": {"suggestions": {"type": "array", "items": item, "minItems": 1, "maxItems": count}},
+        "required": ["suggestions"],
+        "additionalProperties": False,
+    }
+
+
+def _json_instruction(answer: str) -> str:
+    count, _ = suggestion_limits(answer)
+    return (f'\n\nReply with only a JSON object whose "suggestions" field is a list of {_COUNT_WORDS[count]} '
+            "to this answer, each a short sentence about this question.")
 
 
 def _reviser(system_prompts: SystemPrompt) -> str:
@@ -65,7 +81,7 @@ def review_messages(system_prompts: SystemPrompt, history: list[dict[str, str]],
         'make it clearer), as a numbered list after "Suggestions:". Do not rewrite the answer.'
     )
     if structured:
-        prompt += _JSON_INSTRUCTION
+        prompt += _json_instruction(answer)
     return _reviser_messages(system_prompts, history, prompt)
 
 
@@ -88,5 +104,5 @@ def judge_messages(system_prompts: SystemPrompt, history: list[dict[str, str]], 
     return _reviser_messages(system_prompts, history, prompt)
 
 
-__all__ = ["REVIEW_SCHEMA", "SUGGESTION_PATTERN", "judge_messages", "opening", "review_messages",
-           "revision_messages"]
+__all__ = ["SUGGESTION_PATTERN", "judge_messages", "opening", "review_messages", "review_schema",
+           "revision_messages", "suggestion_limits"]

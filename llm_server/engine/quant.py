@@ -44,6 +44,12 @@ AUTO_SMALL_MODES = {"auto": "int4", "auto-int8": "int8"}
 #: AVX-512 EPYC, 1 thread, shared machine; docs/engine.md): the whole decode step is faster in int4
 #: at 1-8 sequences and slower at 12 and more.
 AUTO_MAX_SMALL_ROWS = 8
+#: The LM head's ``auto-int8`` copy serves calls of at most this many rows. int8's matrix-vector kernel
+#: costs about one weight read per row, so past 2 rows oneDNN's bf16 kernel wins even on a head whose
+#: int8 copy is half the bytes (one step of the embedded model at 6-8 sequences: 31-32 -> 25-27 ms;
+#: a 128256 x 2048 head: int8 faster at 1-2 rows, slower from 3; docs/engine.md).
+HEAD_AUTO_MAX_SMALL_ROWS = 2
+_AUTO_MAX_SMALL_ROWS = {"auto": AUTO_MAX_SMALL_ROWS, "auto-int8": HEAD_AUTO_MAX_SMALL_ROWS}
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides the input width is used
 #: Calls with more rows than this (prefill) de-quantize the weight and use the float matmul: the
 #: weight-only kernels' cost grows with the rows much faster than oneDNN's (3x slower prefill).
@@ -240,7 +246,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, qua
         small = make_linear(weight, bias, pack, AUTO_SMALL_MODES[quantization])
         if isinstance(small, FloatLinear):  # the weight-only kernel is unavailable: one float copy
             return small
-        return RowSwitchLinear(small, FloatLinear(weight, bias, pack=True), AUTO_MAX_SMALL_ROWS)
+        return RowSwitchLinear(small, FloatLinear(weight, bias, pack=True), _AUTO_MAX_SMALL_ROWS[quantization])
     if quantization == "int8":
         return Int8Linear(weight, bias)
     group = next(g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0)
