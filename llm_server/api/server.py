@@ -35,6 +35,7 @@ from llm_server.api.ops.readiness import FailureHook, ModelLoader, readiness
 from llm_server.api.ops.shutdown import run_server
 from llm_server.api.page import routes as page_routes
 from llm_server.api.plumbing.allowed_methods import OptionsMiddleware, allow_header
+from llm_server.api.plumbing.arrivals import ArrivalMiddleware
 from llm_server.api.plumbing.auth import KeyStore, build_key_store, install_log_redaction
 from llm_server.api.plumbing.errors import install_error_handlers
 from llm_server.api.plumbing.head import HeadAsGetMiddleware
@@ -135,14 +136,20 @@ def create_app(
     for module in (ops_routes, spec_chat, openai_routes, responses_routes, anthropic_routes, tokenize_routes,
                    page_routes):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
-                       timeout_s=lambda: app.state.settings.request_body_timeout_s)
-    app.add_middleware(OptionsMiddleware, fastapi_app=app)
-    app.add_middleware(HeadAsGetMiddleware)  # HEAD on every GET route
+    _add_middleware(app)
     install_openapi(app)
     install_middleware(app)  # request ids, access log, drain gate: outermost
     install_log_redaction()
     return app
+
+
+def _add_middleware(app: FastAPI) -> None:
+    """The ASGI middleware inside the outermost one (each added wraps those before it)."""
+    app.add_middleware(BodySizeLimitMiddleware, limit=lambda: app.state.settings.max_body_bytes,
+                       timeout_s=lambda: app.state.settings.request_body_timeout_s)
+    app.add_middleware(OptionsMiddleware, fastapi_app=app)
+    app.add_middleware(HeadAsGetMiddleware)  # HEAD on every GET route
+    app.add_middleware(ArrivalMiddleware, fastapi_app=app)  # a burst of requests is admitted together
 
 
 # --- command line -------------------------------------------------------------------------

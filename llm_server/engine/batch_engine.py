@@ -7,12 +7,12 @@ machine a second, idle team steals the cores the working one needs (issue 9: a 2
 :meth:`BatchEngine.start` returns once the thread is ready, or re-raises its load error.
 
 Each scheduler iteration (:meth:`BatchEngine._iterate`) finishes cancelled requests and admits
-waiting ones (:class:`~.scheduler.Scheduler`: FIFO, within the KV budget and ``max_running``), runs
-one prefill forward for newly admitted prompts (together, or one chunk of a long one sized by
-``step_token_budget``: decoding requests are never stalled), then one decode forward for every
-decoding request together (speculative for rows with drafts: :mod:`.speculative`), and applies the
-output: samples each row, turns the token into text (UTF-8 safe, stop strings held back), pushes it
-to the request's :class:`GenerationStream`, and finishes the done. Loops are woken once per forward.
+waiting ones (:class:`~.scheduler.Scheduler`: FIFO, within the KV budget and ``max_running``; an
+idle engine first lets announced requests arrive: :mod:`.arrivals`), runs one prefill forward for
+new prompts (together, or a chunk of a long one sized by ``step_token_budget``: decoding requests are
+never stalled), then one decode forward for all decoding requests (speculative for rows with drafts:
+:mod:`.speculative`), and applies it: samples each row, turns the token into text (UTF-8 safe, stop
+strings held back), pushes it to the request's :class:`GenerationStream`, finishes the done.
 
 A request's state is its Sequence's ``status`` (waiting, prefilling, decoding, finished); finishing is idempotent.
 Errors of one request fail it alone; one not pinned on a request (a decode forward raising) fails all: unhealthy.
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from llm_server.engine.admission import Admission, validate_request
+from llm_server.engine.arrivals import Arrivals
 from llm_server.engine.config import EngineConfig
 from llm_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llm_server.engine.interface import Engine
@@ -85,6 +86,7 @@ class BatchEngine(Engine):
         self._admission = Admission(self.config)  # expected-wait admission (engine/admission.py)
         self._wakeups = WakeupBatch()
         self._lock = threading.Condition()
+        self._arrivals: Arrivals = Arrivals(self._lock)  # a burst onto an idle engine is admitted together
         self._thread: threading.Thread | None = None
         self._booted = threading.Event()
         self._boot_error: BaseException | None = None
@@ -109,8 +111,7 @@ class BatchEngine(Engine):
         self._booted.wait()
         if self._boot_error is not None:
             raise self._boot_error
-        prefix = self._sched.prefix
-        cached = f"{prefix.max_blocks * prefix.block_size} tokens" if prefix else "off"
+        cached = f"{p.max_blocks * p.block_size} tokens" if (p := self._sched.prefix) else "off"
         logger.info("engine started: model=%s runner=%s (%s) max_context=%d kv_budget=%d tokens prefix_cache=%s",
                     self.model_id, self.runner_name, self.runner_reason, self.max_context,
                     self.config.max_total_tokens, cached)
@@ -123,8 +124,8 @@ class BatchEngine(Engine):
             stream = GenerationStream(request.request_id)
             stream.push(Finished("length", len(request.prompt_ids), 0, ""))
             return stream
-        matcher = params.constraint.matcher() if params.constraint is not None else None  # grammar: here, not
-        stream = GenerationStream(request.request_id, self._wakeups)  # on the scheduler thread
+        matcher = params.constraint.matcher() if params.constraint is not None else None  # on the caller's thread
+        stream = GenerationStream(request.request_id, self._wakeups)
         seq = Sequence(request=request, stream=stream, detok=IncrementalDetokenizer(self.tokenizer),
                        stops=StopMatcher(tuple(params.stop)), reserved=len(request.prompt_ids) + params.max_new_tokens,
                        matcher=matcher, drafter=self._spec.drafter(request) if self._spec is not None else None)
@@ -138,8 +139,7 @@ class BatchEngine(Engine):
 
     def _check_accepting(self) -> None:
         if not (self._healthy and self._ready) or self._draining:
-            fatal = not self._healthy
-            raise EngineUnavailable("the engine stopped after a fatal error" if fatal else
+            raise EngineUnavailable("the engine stopped after a fatal error" if not self._healthy else
                                     "the engine is not accepting requests")
 
     def stats(self) -> EngineStats:
@@ -227,6 +227,7 @@ class BatchEngine(Engine):
                 return False
             if self._draining and not self._sched.has_work():
                 return False
+            self._arrivals.settle(idle=not self._running())  # a burst joins one admission (engine/arrivals.py)
             for seq in self._sched.cancelled():
                 self._finish(seq, "cancelled", flush=False)
             admitted = self._sched.admit()
@@ -362,10 +363,8 @@ class BatchEngine(Engine):
         return True
 
     def _finish(self, seq: Sequence, reason: FinishReason, flush: bool) -> None:
-        """Close the request's stream with ``Finished`` (a no-op when it already finished).
-
-        ``flush`` emits text still held back (an unfinished character at the very end, or a
-        possible stop-string start that never completed)."""
+        """Close the request's stream with ``Finished`` (a no-op when it already finished); ``flush``
+        emits text still held back (a character cut at the very end, an unfinished stop string)."""
         if not self._close(seq):
             return
         if flush:

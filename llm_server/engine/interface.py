@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from llm_server.engine.arrivals import Arrival, Arrivals
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import EngineStats, GenerationRequest
 
@@ -36,6 +37,15 @@ class Engine(ABC):
     @abstractmethod
     def submit(self, request: GenerationRequest) -> GenerationStream:
         """Queue a request and return its stream."""
+
+    #: Requests announced by :meth:`arriving` (None: this engine does not wait for them).
+    _arrivals: Arrivals | None = None
+
+    def arriving(self) -> Arrival:
+        """Announce a request that is coming (done once it is submitted or refused): an engine with
+        ``_arrivals`` holds an idle admission until the announced requests are queued, to admit a
+        burst together (:mod:`~llm_server.engine.arrivals`)."""
+        return Arrival(self._arrivals)
 
     @abstractmethod
     def stats(self) -> EngineStats:

@@ -37,6 +37,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llm_server.api.ops.readiness import ready_chat
+from llm_server.api.plumbing.arrivals import ARRIVAL_STATE_KEY
 from llm_server.api.plumbing.drain import drain_state
 from llm_server.api.plumbing.errors import APIError
 from llm_server.api.plumbing.request_context import started_at
@@ -114,7 +115,16 @@ async def open_turn(request: Request, turn: TurnRequest, to_api_error: ErrorMapp
     turn it opened is stopped right away instead of generating for nobody.
     """
     chat = ready_chat(request)
-    opening = _Opening(lambda: Turn(chat.open(turn)))
+    arrival = request.scope.get("state", {}).get(ARRIVAL_STATE_KEY)  # announced when the request arrived
+
+    def opener() -> Turn:
+        try:
+            return Turn(chat.open(turn))
+        finally:
+            if arrival is not None:
+                arrival.done()  # queued or refused: an idle engine no longer waits for it
+
+    opening = _Opening(opener)
     try:
         opened = await anyio.to_thread.run_sync(opening.run, abandon_on_cancel=True)
     except BaseException as exc:
