@@ -185,7 +185,11 @@ def test_unknown_gate_policy_is_an_error() -> None:
 
 @pytest.mark.parametrize(("answer", "items", "longest"), [
     ("The capital of Egypt is Cairo.", 1, 60),  # a one-line answer: one short suggestion
+    ("x" * 159, 1, 159),
+    ("x" * 160, 2, 80),
     ("x" * 300, 2, 150),  # two suggestions that together are no longer than the answer
+    ("x" * 479, 2, 200),
+    ("x" * 480, 3, 160),
     ("x" * 2000, 3, 200),
 ])
 def test_a_review_is_bounded_by_the_answer_it_reviews(answer: str, items: int, longest: int) -> None:
@@ -198,7 +202,7 @@ def test_a_review_is_bounded_by_the_answer_it_reviews(answer: str, items: int, l
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     jsonschema.validate({"suggestions": ["y" * longest]}, schema)
-    words = {1: "a list of one improvement ", 2: "a list of one or two improvements ", 3: "one to three improvements"}
+    words = {1: "List one improvement ", 2: "List one or two improvements ", 3: "List one to three improvements "}
     steps = improvement_steps(PROMPTS, [], QUESTION, structured=True)
     advance(steps)
     review = advance(steps, answer).next_pass

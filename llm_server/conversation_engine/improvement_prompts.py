@@ -18,10 +18,10 @@ from llm_server.conversation_engine.inputs import FALLBACK_REVISER_PROMPT, REVIS
 #: A suggestion is a sentence: it starts with a letter and holds no template or markup characters
 #: (a 135M model otherwise fills it with ``{{<ref>https://...`` or a lone ``", "``, to its budget).
 SUGGESTION_PATTERN = r"^[A-Za-z][^{}<>\[\]\\|#]*$"
-#: A review is bounded by the answer it reviews: an answer under :data:`SHORT_ANSWER_CHARS` gets one
-#: suggestion, under :data:`MEDIUM_ANSWER_CHARS` two, a longer one three; together they are at most as
-#: long as the answer, each between :data:`SUGGESTION_CHARS` (min, max) characters. A one-line answer's review used
-#: to cost four times the answer (three 200-character suggestions to its eight tokens).
+#: A review is bounded by the answer it reviews: an answer under :data:`SHORT_ANSWER_CHARS` gets
+#: one suggestion, under :data:`MEDIUM_ANSWER_CHARS` up to two, a longer one up to three; each may
+#: be the answer's length divided by that count, within :data:`SUGGESTION_CHARS` (min, max). A
+#: one-line answer's review used to cost four times the answer (three 200-character suggestions).
 SHORT_ANSWER_CHARS = 160
 MEDIUM_ANSWER_CHARS = 480
 SUGGESTION_CHARS = (60, 200)
@@ -49,10 +49,13 @@ def review_schema(answer: str) -> dict[str, Any]:
     }
 
 
-def _json_instruction(answer: str) -> str:
-    count, _ = suggestion_limits(answer)
-    return (f'\n\nReply with only a JSON object whose "suggestions" field is a list of {_COUNT_WORDS[count]} '
-            "to this answer, each a short sentence about this question.")
+def _count_words(answer: str) -> str:
+    """How many suggestions a review of ``answer`` asks for, in words ("one improvement", ...)."""
+    return _COUNT_WORDS[suggestion_limits(answer)[0]]
+
+
+_JSON_INSTRUCTION = ('\n\nReply with only a JSON object whose "suggestions" field is the list of those '
+                     "improvements, each a short sentence about this question.")
 
 
 def _reviser(system_prompts: SystemPrompt) -> str:
@@ -77,11 +80,11 @@ def review_messages(system_prompts: SystemPrompt, history: list[dict[str, str]],
                     structured: bool) -> list[dict[str, str]]:
     """A review pass: the reviser analyses ``answer`` and lists numbered suggestions (only)."""
     prompt = opening(question, answer) + (
-        "Review answer A. List up to three concrete improvements (correct errors, add missing facts, "
-        'make it clearer), as a numbered list after "Suggestions:". Do not rewrite the answer.'
+        f"Review answer A. List {_count_words(answer)} (correct errors, add missing facts, make it "
+        'clearer), as a numbered list after "Suggestions:". Do not rewrite the answer.'
     )
     if structured:
-        prompt += _json_instruction(answer)
+        prompt += _JSON_INSTRUCTION
     return _reviser_messages(system_prompts, history, prompt)
 
 

@@ -6,13 +6,15 @@ first alone and run its prefill, and the rest would wait for that whole step bef
 concurrent on the embedded model the first request got its first token after ~90 ms and the other
 fifteen after ~300 ms (two prefills back to back, the first slowed by the others' tokenizing).
 
-So a request is announced as soon as it is known to be coming (the HTTP layer does it when the
-request arrives, the serving layer while it prepares one: ``Engine.arriving()``, an :class:`Arrival`
-that is done once the request is queued or refused), and the scheduler, before admitting onto an engine with nothing
-running, waits until no announced request is still being prepared (:meth:`Arrivals.settle`), at most
-:data:`ARRIVAL_WAIT_S`. A lone request is its own only announcement and is submitted before it ends,
-so one user never waits; an engine already running never waits (a new request joins at the next
-step, as before). The engine knows nothing about HTTP: an announcement is just "a request is coming".
+So a request is announced as soon as it is known to be coming (the HTTP layer does it once its body
+has arrived, the serving layer while it prepares one: ``Engine.arriving()``, an :class:`Arrival` that
+is done once the request is queued or refused), and the scheduler, before admitting onto an engine
+with nothing running, waits until no announced request is still being prepared
+(:meth:`Arrivals.settle`), at most :data:`ARRIVAL_WAIT_S`. A lone request's own announcement ends
+right after its submit, so one user waits only that long; an engine already running (or draining)
+never waits (a new request joins at the next step, as before). The engine knows nothing about HTTP:
+an announcement is just "a request is coming". Measured: docs/benchmarks.md (a small gain in TTFT
+under bursts; the burst's prefill itself is what it waits for).
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ class Arrival:
     def __init__(self, arrivals: Arrivals | None) -> None:
         self._arrivals = arrivals
         if arrivals is not None:
-            arrivals.change(+1)
+            arrivals.begin()
 
     def done(self) -> None:
-        arrivals, self._arrivals = self._arrivals, None
-        if arrivals is not None:
-            arrivals.change(-1)
+        if self._arrivals is not None:
+            self._arrivals.end(self)
 
     def __enter__(self) -> Arrival:
         return self
@@ -49,19 +50,28 @@ class Arrival:
 class Arrivals:
     """Requests being prepared for ``submit``, counted under the engine's condition ``lock``."""
 
-    def __init__(self, lock: threading.Condition, wait_s: float = ARRIVAL_WAIT_S) -> None:
+    def __init__(self, lock: threading.Condition, wait_s: float | None = None) -> None:
+        """``wait_s`` None: :data:`ARRIVAL_WAIT_S` (read now, so a test may change it)."""
         self._lock = lock
-        self._wait_s = wait_s
+        self._wait_s = ARRIVAL_WAIT_S if wait_s is None else wait_s
         self._pending = 0
 
     def announce(self) -> Arrival:
         """A request is coming: counted until its :meth:`Arrival.done`."""
         return Arrival(self)
 
-    def change(self, delta: int) -> None:
+    def begin(self) -> None:
         with self._lock:
-            self._pending += delta
-            if delta < 0:
+            self._pending += 1
+
+    def end(self, arrival: Arrival) -> None:
+        """``arrival`` is done (once, whichever thread calls first); the last one wakes the scheduler."""
+        with self._lock:
+            if arrival._arrivals is None:  # noqa: SLF001 - its own Arrivals, under the lock
+                return
+            arrival._arrivals = None  # noqa: SLF001
+            self._pending -= 1
+            if self._pending == 0:
                 self._lock.notify_all()
 
     @property
@@ -76,7 +86,7 @@ class Arrivals:
         if not idle:
             return
         deadline = time.monotonic() + self._wait_s
-        while self._pending and (left := deadline - time.monotonic()) > 0:
+        while self._pending > 0 and (left := deadline - time.monotonic()) > 0:
             self._lock.wait(left)
 
 

@@ -222,12 +222,12 @@ class BatchEngine(Engine):
             while not (self._sched.has_work() or self._draining or self._abort):
                 self._runner.idle()
                 self._lock.wait()
+            self._arrivals.settle(idle=not (self._running() or self._draining))  # a burst: one admission
             if self._abort:
                 self._fail_all(EngineUnavailable("the server is shutting down"))
                 return False
             if self._draining and not self._sched.has_work():
                 return False
-            self._arrivals.settle(idle=not self._running())  # a burst joins one admission (engine/arrivals.py)
             for seq in self._sched.cancelled():
                 self._finish(seq, "cancelled", flush=False)
             admitted = self._sched.admit()

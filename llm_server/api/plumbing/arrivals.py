@@ -1,11 +1,12 @@
 """Tell the engine a request is coming as soon as it arrives, so a burst is admitted together.
 
-A generation request (any ``POST``, and the spec's ``GET /chat/...`` forms) is announced to the
-engine (``Engine.arriving()``, :mod:`llm_server.engine.arrivals`) when its HTTP request starts,
-before its body is read and parsed. The announcement is put on ``request.state.arrival`` and ends
-when the turn is submitted (:func:`~llm_server.api.protocols.turns.open_turn`), or at the latest
-when the response starts or the request ends (a refusal, a validation error, a non-generation
-POST). An idle engine holds its next admission (at most 25 ms) while announced requests are still
+A request to a generating route (:data:`GENERATING_PATHS`) is announced to the engine
+(``Engine.arriving()``, :mod:`llm_server.engine.arrivals`) as soon as its whole body has arrived
+(a GET at once), before it is parsed, rendered and tokenized. A slow upload is not announced until
+it ends, so it cannot hold the engine. The announcement is put on ``request.state.arrival`` and ends
+when the turn is submitted (:func:`~llm_server.api.protocols.turns.open_turn`; with ``n`` > 1, the
+last choice), or at the latest when the response starts or the request ends (a refusal, a
+validation error). An idle engine holds its next admission (at most 25 ms) while announced requests are still
 on their way, so sixteen clients sending at once share one prefill instead of the first going
 alone and the other fifteen waiting for its whole step.
 """
@@ -19,10 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Where the announcement lives on ``request.state`` (``scope["state"]``).
 ARRIVAL_STATE_KEY = "arrival"
-
-
-def _generates(scope: Scope) -> bool:
-    return scope["method"] == "POST" or (scope["method"] == "GET" and scope.get("path", "").startswith("/chat/"))
+#: The routes that generate (GET answers 405 on the /v1 ones: announced, ended at once).
+GENERATING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                              "/chat/blocking", "/chat/stream"})
 
 
 class ArrivalMiddleware:
@@ -34,21 +34,39 @@ class ArrivalMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         engine: Any = getattr(self.fastapi_app.state, "engine", None)
-        if scope["type"] != "http" or engine is None or not _generates(scope):
+        if (scope["type"] != "http" or engine is None or scope["method"] not in ("GET", "POST")
+                or scope.get("path") not in GENERATING_PATHS):
             await self.app(scope, receive, send)
             return
-        arrival = engine.arriving()
-        scope.setdefault("state", {})[ARRIVAL_STATE_KEY] = arrival
+        state = scope.setdefault("state", {})
+        arrivals: list[Any] = []
+
+        def announce() -> None:
+            if not arrivals:
+                arrivals.append(engine.arriving())
+                state[ARRIVAL_STATE_KEY] = arrivals[0]
+
+        def end() -> None:
+            for arrival in arrivals:
+                arrival.done()
+
+        async def receive_announcing() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                announce()  # the whole body is here: the request is about to be opened
+            return message
 
         async def send_ending(message: Message) -> None:
             if message["type"] == "http.response.start":
-                arrival.done()
+                end()
             await send(message)
 
+        if scope["method"] == "GET":  # no body to wait for
+            announce()
         try:
-            await self.app(scope, receive, send_ending)
+            await self.app(scope, receive_announcing, send_ending)
         finally:
-            arrival.done()
+            end()
 
 
-__all__ = ["ARRIVAL_STATE_KEY", "ArrivalMiddleware"]
+__all__ = ["ARRIVAL_STATE_KEY", "GENERATING_PATHS", "ArrivalMiddleware"]

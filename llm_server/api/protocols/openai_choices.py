@@ -46,7 +46,8 @@ async def open_turns(request: Request, turn_request: TurnRequest, count: int, to
     turns: list[Turn] = []
     try:
         for index in range(count):
-            turns.append(await open_turn(request, nth_turn(turn_request, index), to_api_error))
+            last = index == count - 1  # it ends the request's arrival announcement
+            turns.append(await open_turn(request, nth_turn(turn_request, index), to_api_error, last=last))
     except BaseException:
         stop_all(turns)
         raise

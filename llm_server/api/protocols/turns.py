@@ -107,15 +107,19 @@ class Turn:
         self.stream.cancel(reason)
 
 
-async def open_turn(request: Request, turn: TurnRequest, to_api_error: ErrorMapper = api_error_for) -> Turn:
+async def open_turn(request: Request, turn: TurnRequest, to_api_error: ErrorMapper = api_error_for,
+                    last: bool = True) -> Turn:
     """Open ``turn`` on the app's ChatService in a worker thread (grammars compile there).
 
     Refusals become :class:`APIError`. If this task is cancelled while the worker runs, it
     gives up at once; the worker still finishes (threads cannot be interrupted) and the
-    turn it opened is stopped right away instead of generating for nobody.
+    turn it opened is stopped right away instead of generating for nobody. ``last``: the
+    request's last turn (``n`` > 1 opens several); once it is queued, the request's arrival
+    announcement ends.
     """
     chat = ready_chat(request)
-    arrival = request.scope.get("state", {}).get(ARRIVAL_STATE_KEY)  # announced when the request arrived
+    # announced when the request arrived (api/plumbing/arrivals.py); ended once its last turn is queued
+    arrival = request.scope.get("state", {}).get(ARRIVAL_STATE_KEY) if last else None
 
     def opener() -> Turn:
         try:
