@@ -143,7 +143,9 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
         """One draw per row. Rows that keep a top-k are filtered and drawn among their ``max k``
-        likeliest ids only (no sort of the whole vocabulary); the others over the whole of it."""
+        likeliest ids only (no sort of the whole vocabulary); the others over the whole of it. On a
+        tie at the k-th value such a row keeps exactly k ids (``torch.topk``'s pick among the tied),
+        where :meth:`warp` keeps every tied id as transformers does; top-p then sees k candidates."""
         vocab = logits.shape[-1]
         ks = [self._row_top_k(s.params, vocab) for s in states]
         full = [i for i, k in enumerate(ks) if k >= vocab]
