@@ -7,8 +7,8 @@ concurrent on the embedded model the first request got its first token after ~90
 fifteen after ~300 ms (two prefills back to back, the first slowed by the others' tokenizing).
 
 So a request is announced as soon as it is known to be coming (the HTTP layer does it once its body
-has arrived, the serving layer while it prepares one: ``Engine.arriving()``, an :class:`Arrival` that
-is done once the request is queued or refused), and the scheduler, before admitting onto an engine
+has arrived: ``Engine.arriving()``, an :class:`Arrival` that is done once the request is queued or
+refused), and the scheduler, before admitting onto an engine
 with nothing running, waits until no announced request is still being prepared
 (:meth:`Arrivals.settle`), at most :data:`ARRIVAL_WAIT_S`. A lone request's own announcement ends
 right after its submit, so one user waits only that long; an engine already running (or draining)

@@ -94,12 +94,7 @@ class ChatService:
     # --- opening a turn ---------------------------------------------------------------------
     def open(self, request: TurnRequest) -> TurnStream:
         """Resolve ``request`` and submit its first pass now (see the module docstring); raises
-        ChatInputError / ContextLengthExceeded / EngineError before any event. The engine knows it
-        is coming while it is prepared (``Engine.arriving``), so a burst is admitted together."""
-        with self.engine.arriving():
-            return self._open(request)
-
-    def _open(self, request: TurnRequest) -> TurnStream:
+        ChatInputError / ContextLengthExceeded / EngineError before any event."""
         _check_combinations(request)
         tools = self._tools(request)
         params = self._sampling(request)
