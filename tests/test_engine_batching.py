@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from llm_server.engine import cpu_kernels
 from llm_server.engine.batch_engine import BatchEngine, EngineConfig
 from llm_server.engine.stream import GenerationStream
 from llm_server.engine.types import (
@@ -155,8 +156,13 @@ def run_staggered(engine: BatchEngine, requests: list[GenerationRequest]) -> lis
 # --- correctness against model.generate ---------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
-def test_greedy_in_a_batch_equals_generate_alone(tokenizer: Any, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "fused"), [("llama", True), ("llama", False), ("qwen2", True), ("gpt2", True)])
+def test_greedy_in_a_batch_equals_generate_alone(
+    tokenizer: Any, kind: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fused``: LlamaRunner's small steps in its fused CPU kernels (the default) or in PyTorch ops."""
+    if not fused:
+        monkeypatch.setattr(cpu_kernels, "FUSED_MAX_ROWS", 0)
     model = build_model(len(tokenizer), kind)
     prompts = [encode(tokenizer, p) for p in PROMPTS]
     budgets = [30, 12, 25, 18, 30]

@@ -18,11 +18,14 @@ def hf_last_logits(model: Any, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize(("kind", "pack"), [("llama", True), ("qwen2", True), ("llama", False)])
-def test_runner_logits_match_the_hf_forward_through_moves_chunks_and_growth(kind: str, pack: bool) -> None:
+@pytest.mark.parametrize(("kind", "pack", "fused"),
+                         [("llama", True, True), ("qwen2", True, True), ("llama", False, True), ("llama", True, False)])
+def test_runner_logits_match_the_hf_forward_through_moves_chunks_and_growth(kind: str, pack: bool, fused: bool) -> None:
+    """``fused``: small steps in the fused CPU kernels (engine/cpu_kernels.py) or in PyTorch ops."""
     model = build_model(512, kind)
     assert unsupported_reason(model) is None
-    runner = LlamaRunner(model, max_slots=4, max_context=1024, pack_weights=pack)
+    runner = LlamaRunner(model, max_slots=4, max_context=1024, pack_weights=pack, fused_kernels=fused)
+    assert (runner._kernels is not None) == fused
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (5, 17, 9, 300)]
     history: dict[int, list[int]] = {}

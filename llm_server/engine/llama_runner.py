@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llm_server.engine import cpu_kernels
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import LayerWeights, read_head, read_layer, release_memory
 from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR
@@ -102,6 +103,8 @@ class LlamaRunner(ModelRunner):
     runner re-laid (packed or quantized), so only one copy stays resident; the HF model can then no
     longer run those layers. None reads :func:`mark_engine_owned`'s mark on the model.
     ``head_quantization``: the LM head's ("default": :data:`HEAD_QUANTIZATION`).
+    ``fused_kernels``: on CPU, run steps of at most :data:`~.cpu_kernels.FUSED_MAX_ROWS` new
+    tokens over cached context with :mod:`.cpu_kernels` (where they can be built).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class LlamaRunner(ModelRunner):
         quantization: str | None = None,
         free_model_weights: bool | None = None,
         head_quantization: str | None = "default",
+        fused_kernels: bool = True,
     ) -> None:
         config = model.config
         inner = model.model
@@ -138,6 +142,8 @@ class LlamaRunner(ModelRunner):
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
         release_memory()  # the originals (when freed) and the quantization's float temporaries
         self.vocab_size = self._lm_head.out_features
+        kernels = cpu_kernels.load() if fused_kernels and self.device.type == "cpu" else None
+        self._kernels = kernels if kernels is not None and kernels.supports(self.dtype) else None
         self._cache = SlotCache(len(self._layers), self._kv_heads, self._head_dim, max_slots, max_context,
                                 self.dtype, self.device)
 
@@ -208,6 +214,9 @@ class LlamaRunner(ModelRunner):
              every: bool = False) -> torch.Tensor:
         """The forward of a batch in slots ``lo..lo+n``: [n, vocab] logits of each row's last token
         (``every``: of each row's every real token, row after row)."""
+        rows = len(padded) * len(padded[0])
+        if self._kernels is not None and rows <= cpu_kernels.FUSED_MAX_ROWS and any(starts):
+            return self._run_fused(self._kernels, lo, padded, starts, lengths, every)
         step = self._step_inputs(lo, padded, starts)
         x = F.embedding(step.tokens, self._embed)  # [n, steps, hidden]
         for index, layer in enumerate(self._layers):  # residuals added in place: no new tensor per layer
@@ -217,6 +226,29 @@ class LlamaRunner(ModelRunner):
             real = torch.arange(x.shape[1], device=self.device) < torch.tensor(lengths, device=self.device).unsqueeze(1)
             return self._lm_head(_rms_norm(x[real], self._norm, self._eps)).float()
         return self._last_logits(x, lengths)
+
+    def _run_fused(self, kernels: cpu_kernels.CpuKernels, lo: int, padded: list[list[int]], starts: list[int],
+                   lengths: list[int], every: bool) -> torch.Tensor:
+        """:meth:`_run` for a few new tokens over cached context, in fused CPU kernels: per layer
+        four kernel calls and the four matmuls. Each norm is fused with the residual add before it
+        (the last with the model's final norm)."""
+        positions = torch.tensor([[s + t for t in range(len(padded[0]))] for s in starts], dtype=torch.long)
+        x = F.embedding(torch.tensor(padded, dtype=torch.long), self._embed)  # [n, steps, hidden], contiguous
+        h = torch.empty_like(x)
+        kernels.add_rms_norm(x, None, self._layers[0].ln1, h, self._eps)
+        norms = [layer.ln1 for layer in self._layers[1:]] + [self._norm]
+        shape = (self._heads, self._kv_heads, self._head_dim)
+        for index, (layer, next_norm) in enumerate(zip(self._layers, norms, strict=True)):
+            keys, values = self._cache.keys[index], self._cache.values[index]
+            q = kernels.rope_store(layer.qkv(h), self._cos, self._sin, positions, keys, values, shape, lo)
+            attn = kernels.attend(q, keys, values, positions, self._kv_heads, lo)
+            kernels.add_rms_norm(x, layer.o(attn), layer.ln2, h, self._eps)
+            kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(h))), next_norm, h, self._eps)
+        if every:
+            real = torch.arange(h.shape[1]) < torch.tensor(lengths).unsqueeze(1)
+            return self._lm_head(h[real]).float()
+        last = h[:, 0] if h.shape[1] == 1 else h[torch.arange(h.shape[0]), torch.tensor(lengths) - 1]
+        return self._lm_head(last).float()
 
     def _step_inputs(self, lo: int, padded: list[list[int]], starts: list[int]) -> _StepInputs:
         """Tensors every layer of this forward shares: tokens, positions, rotary tables, mask, cache rows."""

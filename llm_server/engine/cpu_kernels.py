@@ -1,0 +1,156 @@
+"""Fused CPU kernels for the compact runner's small decode steps, compiled once per machine.
+
+A decode step of one user runs ~50 small PyTorch ops per layer (norms, rotary, cache writes, the
+attention's batched matmuls, SiLU), each paying Python and dispatch overhead that is larger than
+its arithmetic. :mod:`cpu_kernels.cpp` does the same work in four calls per layer (residual add
+with RMSNorm, rotary with the cache write, attention over the slot cache, SiLU(gate) * up); the
+matmuls stay PyTorch's. :class:`~llm_server.engine.llama_runner.LlamaRunner` uses them for steps
+of at most :data:`FUSED_MAX_ROWS` new tokens.
+
+The source is compiled with the system C++ compiler (``$CXX``, else ``g++``; about a second) into
+``$XDG_CACHE_HOME/llm_server/kernels`` (``~/.cache`` by default), keyed by the source, the flags
+and the CPU's feature flags (it is built with ``-march=native``), and loaded with ctypes. Without
+a compiler, or with ``LLM_SERVER_CPU_KERNELS=0``, :func:`load` returns None and the runner keeps
+its PyTorch ops (same results up to rounding: each kernel rounds its output once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+DISABLE_ENV = "LLM_SERVER_CPU_KERNELS"  # "0": never build or use the kernels
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+FUSED_MAX_ROWS = 64  # new tokens per step (rows x steps) up to which the runner uses the kernels
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {
+    "add_rms_norm": [_P, _P, _P, _P, _L, _L, _F],
+    "rope_store": [_P, _P, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _L],
+    "attend": [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _F, _L],
+    "silu_mul": [_P, _P, _L, _L],
+}
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the library is built for them), or the machine name elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _library_path() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm_server" / "kernels"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
+    return root / f"cpu_kernels_{key[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile the source into ``target`` (written under a temporary name, then renamed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        built = Path(work) / target.name
+        compiler = os.environ.get("CXX", "g++")
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                       timeout=300)
+        os.replace(built, target)
+
+
+class CpuKernels:
+    """Tensor-level wrappers over the compiled kernels (CPU, contiguous float32 or bfloat16)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._functions: dict[tuple[str, torch.dtype], Any] = {}  # ctypes functions
+        for name, argtypes in _SIGNATURES.items():
+            for dtype, suffix in _SUFFIX.items():
+                function = getattr(library, f"{name}_{suffix}")
+                function.argtypes, function.restype = argtypes, None
+                self._functions[name, dtype] = function
+
+    @staticmethod
+    def supports(dtype: torch.dtype) -> bool:
+        return dtype in _SUFFIX
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+                     eps: float) -> None:
+        """``x += delta`` (when given), then ``out = rms_norm(x) * weight``; x, delta, out [..., dim]."""
+        dim = x.shape[-1]
+        pointer = None if delta is None else _contiguous(delta).data_ptr()
+        self._functions["add_rms_norm", x.dtype](x.data_ptr(), pointer, weight.data_ptr(), out.data_ptr(),
+                                                 x.numel() // dim, dim, eps)
+
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, shape: tuple[int, int, int], lo: int) -> torch.Tensor:
+        """Rotary on the q and k of ``qkv`` [n, steps, width]; k and v written into one layer's cache
+        (``keys`` [slots, kv_heads, head_dim, capacity], ``values`` [slots, kv_heads, capacity,
+        head_dim]) at ``positions`` [n, steps], row i in slot lo + i. ``shape``: (heads, kv_heads,
+        head_dim). Returns the rotated queries [n, steps, heads, head_dim]."""
+        heads, kv_heads, head_dim = shape
+        n, steps = positions.shape
+        q = torch.empty((n, steps, heads, head_dim), dtype=qkv.dtype)
+        self._functions["rope_store", qkv.dtype](
+            _contiguous(qkv).data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(),
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), n, steps, heads, kv_heads, head_dim, keys.shape[-1], lo,
+        )
+        return q
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               kv_heads: int, lo: int) -> torch.Tensor:
+        """Attention of ``q`` [n, steps, heads, head_dim] over one layer's cache (as in
+        :meth:`rope_store`): query (i, t) sees its slot's keys 0 .. positions[i, t]. Returns
+        [n, steps, heads * head_dim]."""
+        n, steps, heads, head_dim = q.shape
+        out = torch.empty((n, steps, heads * head_dim), dtype=q.dtype)
+        self._functions["attend", q.dtype](
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), out.data_ptr(), n, steps, heads,
+            kv_heads, head_dim, keys.shape[-1], lo, head_dim**-0.5, torch.get_num_threads(),
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of ``gate_up`` [..., 2 * inter] (gate first); returns [..., inter]."""
+        gate_up = _contiguous(gate_up)
+        inter = gate_up.shape[-1] // 2
+        out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
+        self._functions["silu_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), out.numel() // inter, inter)
+        return out
+
+
+
+def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The compiled kernels (built on first use, then cached on disk), or None where they cannot be
+    built or ``LLM_SERVER_CPU_KERNELS=0``."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    try:
+        path = _library_path()
+        if not path.exists():
+            _build(path)
+        return CpuKernels(ctypes.CDLL(str(path)))
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        logger.warning("fused CPU kernels unavailable (%s %s); the runner uses PyTorch ops",
+                       error, detail.decode(errors="replace")[-500:])
+        return None

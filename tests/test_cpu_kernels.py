@@ -1,0 +1,140 @@
+"""The fused CPU kernels (engine/cpu_kernels.py): each kernel against the PyTorch ops it replaces,
+the runner's fused steps against its PyTorch steps (decode, several new tokens per row, padding,
+speculative rollback), and the fallback where the kernels cannot be built."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_server.engine import cpu_kernels
+from llm_server.engine.llama_runner import LlamaRunner
+from tests.test_engine_batching import build_model
+
+
+@pytest.fixture(scope="module")
+def kernels() -> cpu_kernels.CpuKernels:
+    built = cpu_kernels.load()
+    assert built is not None, "the kernels must build on the test machine (g++ is part of it)"
+    return built
+
+
+@pytest.fixture
+def rebuild(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A fresh build cache, and :func:`cpu_kernels.load` forgetting what it loaded before."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_kernels.load.cache_clear()
+    yield
+    cpu_kernels.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_and_silu_mul_match_torch(kernels: cpu_kernels.CpuKernels, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 40, generator=generator).to(dtype)
+    delta = torch.randn(3, 2, 40, generator=generator).to(dtype)
+    weight = torch.randn(40, generator=generator).to(dtype)
+    expected_x = x + delta
+    expected = F.rms_norm(expected_x.float(), (40,), weight.float(), 1e-5)
+    out = torch.empty_like(x)
+    kernels.add_rms_norm(x, delta, weight, out, 1e-5)
+    assert torch.equal(x, expected_x)  # the residual is added in place, rounded to x's dtype
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+    gate_up = torch.randn(5, 2 * 24, generator=generator).to(dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up).float(), F.silu(gate) * up, **tolerance)
+
+
+def test_attention_sees_each_querys_own_past_only(kernels: cpu_kernels.CpuKernels) -> None:
+    """Two rows (slots 1 and 2 of 3), two new tokens each, grouped heads: against a softmax over
+    the keys at positions <= the query's."""
+    generator = torch.Generator().manual_seed(1)
+    heads, kv_heads, head_dim, capacity = 4, 2, 8, 16
+    keys = torch.randn(3, kv_heads, head_dim, capacity, generator=generator)
+    values = torch.randn(3, kv_heads, capacity, head_dim, generator=generator)
+    q = torch.randn(2, 2, heads, head_dim, generator=generator)
+    positions = torch.tensor([[5, 6], [0, 1]])
+    out = kernels.attend(q, keys, values, positions, kv_heads, lo=1).view(2, 2, heads, head_dim)
+    for i in range(2):
+        for t in range(2):
+            seen = int(positions[i, t]) + 1
+            for h in range(heads):
+                k = keys[1 + i, h // 2, :, :seen]
+                probs = torch.softmax(q[i, t, h] @ k / head_dim**0.5, dim=-1)
+                torch.testing.assert_close(out[i, t, h], probs @ values[1 + i, h // 2, :seen], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_match_the_pytorch_steps(dtype: torch.dtype) -> None:
+    """The same model through a fused runner and a PyTorch one: prefill (PyTorch in both), decode of
+    two rows, three new tokens in one row beside one in the other (padding), every position's
+    logits, and a rollback."""
+    model = build_model(256, "llama").to(dtype)
+    fused = LlamaRunner(model, max_slots=3, max_context=128, fused_kernels=True)
+    plain = LlamaRunner(model, max_slots=3, max_context=128, fused_kernels=False)
+    assert fused._kernels is not None and plain._kernels is None
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+    with torch.inference_mode():
+        handles = {runner: [runner.open(), runner.open()] for runner in (fused, plain)}
+
+        def both(tokens: list[list[int]], every: bool = False) -> torch.Tensor:
+            logits = [runner.forward(handles[runner], tokens, every=every) for runner in (fused, plain)]
+            torch.testing.assert_close(logits[0], logits[1], **tolerance)
+            return logits[0]
+
+        logits = both([[5, 6, 7, 8, 9], [10, 11]])
+        for _ in range(6):
+            logits = both([[int(t)] for t in logits.argmax(-1)])
+        assert both([[3, 4, 5], [6]], every=True).shape == (4, 256)
+        for runner in (fused, plain):
+            runner.rollback(handles[runner][0], handles[runner][0].length - 2)
+        both([[7], [8]])
+
+
+def test_the_runner_uses_the_kernels_for_small_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(256, "llama")
+    runner = LlamaRunner(model, max_slots=cpu_kernels.FUSED_MAX_ROWS + 1, max_context=128)
+    calls: list[int] = []
+    original = runner._run_fused
+    monkeypatch.setattr(runner, "_run_fused", lambda *args: calls.append(len(args[2])) or original(*args))
+    with torch.inference_mode():
+        handles = [runner.open() for _ in range(cpu_kernels.FUSED_MAX_ROWS + 1)]
+        runner.forward(handles[:1], [[1, 2, 3]])  # a prefill from scratch: PyTorch's SDPA
+        runner.forward(handles[:1], [[4]])
+        runner.forward(handles[1:], [[1, 2]] * cpu_kernels.FUSED_MAX_ROWS)  # fresh again
+        runner.forward(handles, [[5]] * len(handles))  # one row more than the kernels take
+    assert calls == [1]
+
+
+def test_without_a_compiler_the_runner_keeps_its_pytorch_ops(
+    monkeypatch: pytest.MonkeyPatch, rebuild: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert cpu_kernels.load() is None
+    assert "fused CPU kernels unavailable" in caplog.text
+    runner = LlamaRunner(build_model(256, "llama"), max_slots=1, max_context=64)
+    assert runner._kernels is None
+    with torch.inference_mode():
+        handle = runner.open()
+        runner.forward([handle], [[1, 2, 3]])
+        assert runner.forward([handle], [[4]]).shape == (1, 256)
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch, rebuild: None) -> None:
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
+    assert cpu_kernels.load() is None
+
+
+def test_built_once_then_loaded_from_the_cache(monkeypatch: pytest.MonkeyPatch, rebuild: None,
+                                               tmp_path: Path) -> None:
+    assert cpu_kernels.load() is not None
+    built = list(tmp_path.glob("llm_server/kernels/cpu_kernels_*.so"))
+    assert len(built) == 1
+    cpu_kernels.load.cache_clear()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # a second build would fail
+    assert cpu_kernels.load() is not None
