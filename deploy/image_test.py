@@ -140,6 +140,8 @@ def check_container_basics(box: Container, key: str) -> None:
     log = box.stdout_log()
     check("de-quantizing" not in box.logs(), "no model conversion at start (the converted model is in the image)")
     check("loaded on" in log, "the server logs to stdout (the model-loaded line is in the stdout log)")
+    check("fused CPU kernels: /opt/llm_server/cpu_kernels.so" in log,
+          "the runner uses the image's portable build of the fused CPU kernels (no compiler in the image)")
     check(box.healthcheck_passes(), "the image's HEALTHCHECK passes")
     status = box.exec("cat", "/proc/1/status").stdout
     uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), "?")

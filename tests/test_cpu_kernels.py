@@ -138,3 +138,26 @@ def test_built_once_then_loaded_from_the_cache(monkeypatch: pytest.MonkeyPatch, 
     cpu_kernels.load.cache_clear()
     monkeypatch.setenv("CXX", "/nonexistent/c++")  # a second build would fail
     assert cpu_kernels.load() is not None
+
+
+def test_a_portable_prebuilt_library_serves_where_no_compiler_is(
+    monkeypatch: pytest.MonkeyPatch, rebuild: None, tmp_path: Path
+) -> None:
+    """The container image's arrangement: no native build cached, no compiler, and a portable build
+    named in ``LLM_SERVER_CPU_KERNELS_LIB`` (made ahead with ``python -m llm_server.engine.cpu_kernels``)."""
+    prebuilt = tmp_path / "portable" / "cpu_kernels.so"
+    cpu_kernels._build(prebuilt, cpu_kernels.portable_flags())
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv(cpu_kernels.PREBUILT_ENV, str(prebuilt))
+    assert cpu_kernels.load() is not None
+    assert not list(tmp_path.glob("llm_server/kernels/*.so"))  # nothing was built natively
+    model = build_model(256, "llama")
+    fused = LlamaRunner(model, max_slots=1, max_context=64)
+    plain = LlamaRunner(model, max_slots=1, max_context=64, fused_kernels=False)
+    assert fused._kernels is not None
+    with torch.inference_mode():
+        handles = [fused.open(), plain.open()]
+        for runner, handle in zip((fused, plain), handles, strict=True):
+            runner.forward([handle], [[1, 2, 3]])
+        torch.testing.assert_close(fused.forward([handles[0]], [[4]]), plain.forward([handles[1]], [[4]]),
+                                   atol=1e-4, rtol=1e-4)

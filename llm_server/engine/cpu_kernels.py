@@ -12,6 +12,10 @@ The source is compiled with the system C++ compiler (``$CXX``, else ``g++``; abo
 and the CPU's feature flags (it is built with ``-march=native``), and loaded with ctypes. Without
 a compiler, or with ``LLM_SERVER_CPU_KERNELS=0``, :func:`load` returns None and the runner keeps
 its PyTorch ops (same results up to rounding: each kernel rounds its output once).
+
+An image without a compiler ships a portable build instead (``python -m
+llm_server.engine.cpu_kernels OUT``: x86-64-v3, i.e. AVX2 and FMA, on x86; the Containerfile's build
+stage) and names it in ``LLM_SERVER_CPU_KERNELS_LIB``, used when no native build is cached.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 DISABLE_ENV = "LLM_SERVER_CPU_KERNELS"  # "0": never build or use the kernels
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+PREBUILT_ENV = "LLM_SERVER_CPU_KERNELS_LIB"  # a portable build made ahead (the container image's)
+_COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")  # libgomp: torch's OpenMP runtime
+FLAGS = ("-march=native", "-mprefer-vector-width=512", *_COMMON_FLAGS)
 FUSED_MAX_ROWS = 64  # new tokens per step (rows x steps) up to which the runner uses the kernels
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
@@ -62,15 +68,20 @@ def _library_path() -> Path:
     return root / f"cpu_kernels_{key[:16]}.so"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, flags: tuple[str, ...] = FLAGS) -> None:
     """Compile the source into ``target`` (written under a temporary name, then renamed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
         compiler = os.environ.get("CXX", "g++")
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
                        timeout=300)
         os.replace(built, target)
+
+
+def portable_flags() -> tuple[str, ...]:
+    """Flags of a build for any recent CPU of this architecture (x86: x86-64-v3, AVX2 and FMA)."""
+    return (("-march=x86-64-v3",) if platform.machine() in ("x86_64", "AMD64") else ()) + _COMMON_FLAGS
 
 
 class CpuKernels:
@@ -133,7 +144,6 @@ class CpuKernels:
         return out
 
 
-
 def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
@@ -146,11 +156,23 @@ def load() -> CpuKernels | None:
         return None
     try:
         path = _library_path()
-        if not path.exists():
+        prebuilt = Path(os.environ.get(PREBUILT_ENV) or "/nonexistent")
+        if not path.exists() and prebuilt.is_file():
+            path = prebuilt
+        elif not path.exists():
             _build(path)
-        return CpuKernels(ctypes.CDLL(str(path)))
+        kernels = CpuKernels(ctypes.CDLL(str(path)))
+        logger.info("fused CPU kernels: %s", path)
+        return kernels
     except (OSError, subprocess.SubprocessError, AttributeError) as error:
         detail = getattr(error, "stderr", b"") or b""
         logger.warning("fused CPU kernels unavailable (%s %s); the runner uses PyTorch ops",
                        error, detail.decode(errors="replace")[-500:])
         return None
+
+
+if __name__ == "__main__":  # the container image's build stage: python -m llm_server.engine.cpu_kernels OUT
+    import sys
+
+    _build(Path(sys.argv[1]), portable_flags())
+    print(f"built {sys.argv[1]} ({' '.join(portable_flags())})")
