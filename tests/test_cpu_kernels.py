@@ -98,7 +98,7 @@ def test_fused_steps_match_the_pytorch_steps(dtype: torch.dtype) -> None:
 
 def test_the_runner_uses_the_kernels_for_small_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_model(256, "llama")
-    runner = LlamaRunner(model, max_slots=cpu_kernels.FUSED_MAX_ROWS + 1, max_context=128)
+    runner = LlamaRunner(model, max_slots=cpu_kernels.FUSED_MAX_ROWS + 1, max_context=256)
     calls: list[int] = []
     original = runner._run_fused
     monkeypatch.setattr(runner, "_run_fused", lambda *args: calls.append(len(args[2])) or original(*args))
@@ -108,7 +108,10 @@ def test_the_runner_uses_the_kernels_for_small_steps_only(monkeypatch: pytest.Mo
         runner.forward(handles[:1], [[4]])
         runner.forward(handles[1:], [[1, 2]] * cpu_kernels.FUSED_MAX_ROWS)  # fresh again
         runner.forward(handles, [[5]] * len(handles))  # one row more than the kernels take
-    assert calls == [1]
+        long_chunk = list(range(1, cpu_kernels.FUSED_MAX_STEPS + 2))
+        runner.forward(handles[:1], [long_chunk])  # a prompt chunk longer than the kernels take
+        runner.forward(handles[:1], [long_chunk[:-1]])
+    assert calls == [1, 1]
 
 
 def test_without_a_compiler_the_runner_keeps_its_pytorch_ops(

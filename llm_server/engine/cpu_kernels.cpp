@@ -3,8 +3,9 @@
 // One call each for what the eager forward does in many small PyTorch ops per layer: the residual
 // add with the RMSNorm after it, rotary on q and k with the cache write, attention of a few new
 // queries over the slot cache, and SiLU(gate) * up. Plain C++ with no PyTorch headers (it compiles
-// in about a second); Python hands in data pointers (ctypes). Attention over much context runs on
-// torch's OpenMP threads; the rest is single-threaded (a handful of rows).
+// in about a second); Python hands in data pointers (ctypes). Attention over much context and the
+// row-wise kernels over many rows run on torch's OpenMP threads (the library links libgomp.so.1,
+// which resolves to the copy torch loaded); a decode step of a few rows stays on one thread.
 //
 // Element type T is float (float32) or uint16_t holding bfloat16 bits; arithmetic is float32 and
 // each output is rounded once (round to nearest even). Layouts (all contiguous):
@@ -22,6 +23,8 @@
 #include <vector>
 
 namespace {
+
+constexpr long PARALLEL_ROWS = 32;  // rows from which the row-wise kernels use the OpenMP threads
 
 inline float load(const float* p, long i) { return p[i]; }
 
@@ -68,7 +71,10 @@ inline float exp_approx(float x) {
 
 template <typename T>
 void add_rms_norm(T* x, const T* delta, const T* weight, T* out, long rows, long dim, float eps) {
+#pragma omp parallel if (rows >= PARALLEL_ROWS)
+    {
     std::vector<float> row(dim);
+#pragma omp for schedule(static)
     for (long r = 0; r < rows; ++r) {
         T* xr = x + r * dim;
         for (long i = 0; i < dim; ++i) {
@@ -89,6 +95,7 @@ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, long rows, long
         const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
         for (long k = 0; k < dim; ++k) store(out + r * dim, k, row[k] * inv * load(weight, k));
     }
+    }
 }
 
 template <typename T>
@@ -96,10 +103,13 @@ void rope_store(const T* qkv, const T* cos, const T* sin, long table, const int6
                 T* keys, T* values, long n, long steps, long heads, long kv_heads, long head_dim, long capacity,
                 long lo) {
     const long half = head_dim / 2, width = (heads + 2 * kv_heads) * head_dim;
+#pragma omp parallel if (n * steps >= PARALLEL_ROWS)
+    {
     std::vector<float> rot(head_dim);
-    for (long i = 0; i < n; ++i) {
-        for (long t = 0; t < steps; ++t) {
-            const long row = i * steps + t, pos = positions[row];
+#pragma omp for schedule(static)
+    for (long row = 0; row < n * steps; ++row) {
+        {
+            const long i = row / steps, pos = positions[row];
             const long at = pos < table ? pos : table - 1;
             const T* in = qkv + row * width;
             const T* c = cos + at * head_dim;
@@ -121,6 +131,7 @@ void rope_store(const T* qkv, const T* cos, const T* sin, long table, const int6
                 std::memcpy(values + (((lo + i) * kv_heads + h) * capacity + pos) * head_dim, v + h * head_dim,
                             head_dim * sizeof(T));
         }
+    }
     }
 }
 
@@ -176,6 +187,7 @@ void attend(const T* q, const T* keys, const T* values, const int64_t* positions
 
 template <typename T>
 void silu_mul(const T* gate_up, T* out, long rows, long inter) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (long r = 0; r < rows; ++r) {
         const T* g = gate_up + r * 2 * inter;
         for (long k = 0; k < inter; ++k) {

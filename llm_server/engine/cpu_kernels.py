@@ -5,7 +5,7 @@ attention's batched matmuls, SiLU), each paying Python and dispatch overhead tha
 its arithmetic. :mod:`cpu_kernels.cpp` does the same work in four calls per layer (residual add
 with RMSNorm, rotary with the cache write, attention over the slot cache, SiLU(gate) * up); the
 matmuls stay PyTorch's. :class:`~llm_server.engine.llama_runner.LlamaRunner` uses them for steps
-of at most :data:`FUSED_MAX_ROWS` new tokens.
+of at most :data:`FUSED_MAX_ROWS` new tokens, :data:`FUSED_MAX_STEPS` per sequence.
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``g++``; about a second) into
 ``$XDG_CACHE_HOME/llm_server/kernels`` (``~/.cache`` by default), keyed by the source, the flags
@@ -40,7 +40,12 @@ DISABLE_ENV = "LLM_SERVER_CPU_KERNELS"  # "0": never build or use the kernels
 PREBUILT_ENV = "LLM_SERVER_CPU_KERNELS_LIB"  # a portable build made ahead (the container image's)
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")  # libgomp: torch's OpenMP runtime
 FLAGS = ("-march=native", "-mprefer-vector-width=512", *_COMMON_FLAGS)
-FUSED_MAX_ROWS = 64  # new tokens per step (rows x steps) up to which the runner uses the kernels
+#: The runner uses the kernels for steps of at most this many new tokens (rows x steps, padding included)
+#: and at most FUSED_MAX_STEPS per row: decode steps up to 64 sequences, speculative verification,
+#: short prompt chunks. Longer chunks stay with PyTorch (batched matmuls attend faster to 64+ queries of
+#: a row: a 64-token chunk over 200 cached tokens took 67.7 ms fused against 62.8 ms; docs/engine.md).
+FUSED_MAX_ROWS = 64
+FUSED_MAX_STEPS = 16
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {

@@ -103,8 +103,9 @@ class LlamaRunner(ModelRunner):
     runner re-laid (packed or quantized), so only one copy stays resident; the HF model can then no
     longer run those layers. None reads :func:`mark_engine_owned`'s mark on the model.
     ``head_quantization``: the LM head's ("default": :data:`HEAD_QUANTIZATION`).
-    ``fused_kernels``: on CPU, run steps of at most :data:`~.cpu_kernels.FUSED_MAX_ROWS` new
-    tokens over cached context with :mod:`.cpu_kernels` (where they can be built).
+    ``fused_kernels``: on CPU, run steps of few new tokens over cached context (at most
+    :data:`~.cpu_kernels.FUSED_MAX_ROWS`, :data:`~.cpu_kernels.FUSED_MAX_STEPS` per row) with
+    :mod:`.cpu_kernels` (where they can be built).
     """
 
     def __init__(
@@ -214,8 +215,9 @@ class LlamaRunner(ModelRunner):
              every: bool = False) -> torch.Tensor:
         """The forward of a batch in slots ``lo..lo+n``: [n, vocab] logits of each row's last token
         (``every``: of each row's every real token, row after row)."""
-        rows = len(padded) * len(padded[0])
-        if self._kernels is not None and rows <= cpu_kernels.FUSED_MAX_ROWS and any(starts):
+        steps = len(padded[0])
+        small = len(padded) * steps <= cpu_kernels.FUSED_MAX_ROWS and steps <= cpu_kernels.FUSED_MAX_STEPS
+        if self._kernels is not None and small and any(starts):
             return self._run_fused(self._kernels, lo, padded, starts, lengths, every)
         step = self._step_inputs(lo, padded, starts)
         x = F.embedding(step.tokens, self._embed)  # [n, steps, hidden]
