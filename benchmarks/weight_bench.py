@@ -5,9 +5,10 @@
 HTTP): a prefill of ``--batch`` chat prompts, then decode steps, per mode, the modes interleaved
 round after round (the CPU may be shared: compare the ratios, each a median over rounds).
 ``linear``: each linear shape of the model alone, 30 distinct copies per shape so the weights
-stream from memory as in a real step. ``rss``: resident memory after load and after a
-16-sequence run, in a fresh process per mode, with and without the engine owning the model (only
-then does the runner drop the HF module's copies of the weights).
+stream from memory as in a real step (int4: the VNNI kernel where the machine has it, and
+PyTorch's). ``rss``: resident memory after load and after a 16-sequence run, in a fresh process
+per mode, with and without the engine owning the model (only then does the runner drop the HF
+module's copies of the weights).
 
     .venv/bin/python benchmarks/weight_bench.py step --batch 1,16
     WEIGHT_BENCH_MODES=bf16,int4 .venv/bin/python benchmarks/weight_bench.py step --batch 1,2,4,8,16
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from llm_server.engine import quant  # noqa: E402
 from llm_server.engine.llama_runner import LlamaRunner  # noqa: E402
 from llm_server.engine.llama_weights import mark_engine_owned  # noqa: E402
 from llm_server.engine.quant import make_linear  # noqa: E402
@@ -90,21 +92,25 @@ def bench_step(batches: list[int], steps: int, rounds: int) -> None:
 
 def bench_linear(batches: list[int], rounds: int) -> None:
     shapes = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
-    print("| linear | rows | bf16 us | int8 us | int4 us | int8 vs bf16 | int4 vs bf16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| linear | rows | bf16 us | int8 us | int4 us | int4 PyTorch us | int8 vs bf16 | int4 vs bf16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with torch.inference_mode():
         for name, (n, k) in shapes.items():
             copies = 2 if name == "lm_head" else 30
             weights = [(torch.randn(n, k) * 0.05).to(torch.bfloat16) for _ in range(copies)]
             linears = {m: [make_linear(w, None, True, q) for w in weights] for m, q in MODES.items()}
+            quant.VNNI_LINEARS = False  # PyTorch's int4 kernel, for comparison with the VNNI one
+            linears["int4-pytorch"] = [make_linear(w, None, True, "int4") for w in weights]
+            quant.VNNI_LINEARS = True
             for rows in batches:
                 x = torch.randn(rows, k).to(torch.bfloat16)
-                samples: dict[str, list[float]] = {m: [] for m in MODES}
+                samples: dict[str, list[float]] = {m: [] for m in linears}
                 for _ in range(rounds):
                     for mode, group in linears.items():
                         samples[mode].append(_time_all(group, x) / copies)
                 us = {m: statistics.median(s) * 1e6 for m, s in samples.items()}
                 print(f"| {name} | {rows} | {us['bf16']:.0f} | {us['int8']:.0f} | {us['int4']:.0f} | "
+                      f"{us['int4-pytorch']:.0f} | "
                       f"{us['bf16'] / us['int8']:.2f}x | {us['bf16'] / us['int4']:.2f}x |", flush=True)
 
 

@@ -164,3 +164,24 @@ def test_a_portable_prebuilt_library_serves_where_no_compiler_is(
             runner.forward([handle], [[1, 2, 3]])
         torch.testing.assert_close(fused.forward([handles[0]], [[4]]), plain.forward([handles[1]], [[4]]),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_int8_linear_errs_like_the_pytorch_kernel(kernels: cpu_kernels.CpuKernels) -> None:
+    """The VNNI int8 linear (activations in int8 per block of 32) against the exact product: about
+    the error of ``_weight_int8pack_mm`` (float activations), and Int8Linear uses it for 1-2 rows."""
+    if not kernels.has_vnni:
+        pytest.skip("this build has no AVX-512 VNNI int8 linear")
+    from llm_server.engine.quant import INT8_KERNEL_MAX_ROWS, Int8Linear
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(320, 192, generator=generator).bfloat16()
+    linear = Int8Linear(weight, None)
+    for rows in range(1, INT8_KERNEL_MAX_ROWS + 1):
+        x = (torch.randn(rows, 192, generator=generator) * 3).bfloat16()
+        exact = x.float() @ weight.float().t()
+        ours = kernels.int8_linear(x, linear.qweight, linear.scales).float()
+        theirs = torch.ops.aten._weight_int8pack_mm(x, linear.qweight, linear.scales).float()
+        assert (ours - exact).norm() < 1.5 * (theirs - exact).norm() + 1e-3 * exact.norm()
+        assert torch.equal(linear(x), kernels.int8_linear(x, linear.qweight, linear.scales))
+    x = torch.randn(INT8_KERNEL_MAX_ROWS + 1, 192, generator=generator).bfloat16()
+    assert torch.equal(linear(x), torch.ops.aten._weight_int8pack_mm(x, linear.qweight, linear.scales))

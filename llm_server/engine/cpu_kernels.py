@@ -3,8 +3,10 @@
 A decode step of one user runs ~50 small PyTorch ops per layer (norms, rotary, cache writes, the
 attention's batched matmuls, SiLU), each paying Python and dispatch overhead that is larger than
 its arithmetic. :mod:`cpu_kernels.cpp` does the same work in four calls per layer (residual add
-with RMSNorm, rotary with the cache write, attention over the slot cache, SiLU(gate) * up); the
-matmuls stay PyTorch's. :class:`~llm_server.engine.llama_runner.LlamaRunner` uses them for steps
+with RMSNorm, rotary with the cache write, attention over the slot cache, SiLU(gate) * up). The
+matmuls stay PyTorch's, except that where the build has AVX-512 VNNI it also has int4 and int8
+weight-only linears (:meth:`CpuKernels.int4_linear`, :meth:`CpuKernels.int8_linear`), which
+:mod:`.quant` uses for decode-sized calls. :class:`~llm_server.engine.llama_runner.LlamaRunner` uses them for steps
 of at most :data:`FUSED_MAX_ROWS` new tokens, :data:`FUSED_MAX_STEPS` per sequence.
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``g++``; about a second) into
@@ -54,6 +56,7 @@ _SIGNATURES = {
     "attend": [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _F, _L],
     "silu_mul": [_P, _P, _L, _L],
 }
+_VNNI_SIGNATURES = {"int8_linear": [_P, _P, _P, _P, _L, _L, _L, _L], "int4_linear": [_P, _P, _P, _P, _L, _L, _L, _L]}
 
 
 def _cpu_flags() -> str:
@@ -94,7 +97,10 @@ class CpuKernels:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._functions: dict[tuple[str, torch.dtype], Any] = {}  # ctypes functions
-        for name, argtypes in _SIGNATURES.items():
+        #: the int8 and int4 linears exist where the build has AVX-512 VNNI (not in the portable build)
+        self.has_vnni = bool(library.vnni_available())
+        signatures = dict(_SIGNATURES, **(_VNNI_SIGNATURES if self.has_vnni else {}))
+        for name, argtypes in signatures.items():
             for dtype, suffix in _SUFFIX.items():
                 function = getattr(library, f"{name}_{suffix}")
                 function.argtypes, function.restype = argtypes, None
@@ -146,6 +152,27 @@ class CpuKernels:
         inter = gate_up.shape[-1] // 2
         out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
         self._functions["silu_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), out.numel() // inter, inter)
+        return out
+
+    def int8_linear(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """``x [rows, in] @ (qweight [out, in] int8 * scales [out])^T``, ``in`` a multiple of 64, x
+        quantized to int8 per block of 32 inputs on the way (VNNI dot products; only where
+        :attr:`has_vnni`)."""
+        return self._vnni_linear("int8_linear", x, qweight, scales)
+
+    def int4_linear(self, x: torch.Tensor, nibbles: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+        """``x [rows, in] @ W^T`` for an int4 ``W = (q - 8) * scale + zero`` per group of 32 inputs:
+        ``nibbles`` [out, in / 2] uint8 and ``scale_zero`` in x's dtype, laid out by
+        ``quant._vnni_int4_layout`` (16 output rows per vector lane set; see cpu_kernels.cpp);
+        ``out`` a multiple of 16, ``in`` of 64. x is quantized to int8 per group on the way (VNNI
+        dot products; only where :attr:`has_vnni`)."""
+        return self._vnni_linear("int4_linear", x, nibbles, scale_zero)
+
+    def _vnni_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        rows, width = x.shape
+        out = torch.empty((rows, weight.shape[0]), dtype=x.dtype)
+        self._functions[name, x.dtype](_contiguous(x).data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                       rows, weight.shape[0], width, torch.get_num_threads())
         return out
 
 
