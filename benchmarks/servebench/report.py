@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from llm_server.engine.wait_policy import SERVER_SPINCOUNT
 from servebench.client import PROMPTS, LevelResult, fmt_ms
 
 #: The results group of llama-server (it serves the GGUF's own quantized weights, not a dtype).
@@ -39,7 +40,8 @@ def machine_info() -> dict[str, str]:
     info = {"nproc": str(os.cpu_count()), "python": platform.python_version(), "os": platform.platform()}
     omp = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
            if os.environ.get(name)]
-    info["omp_env"] = ", ".join(omp) or "none exported (ours: the server's default GOMP_SPINCOUNT=10000)"
+    default = f"none exported (ours: the server's default GOMP_SPINCOUNT={SERVER_SPINCOUNT})"
+    info["omp_env"] = ", ".join(omp) or default
     with contextlib.suppress(Exception):
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
             if line.startswith("Model name:"):

@@ -96,7 +96,7 @@ def create_app(
     :func:`build_key_store`; ``on_load_failure`` is called (from the load thread) if the
     model cannot be loaded. The app's readiness is :func:`llm_server.api.ops.readiness.readiness`.
     """
-    apply_server_wait_policy()  # before torch loads: GOMP_SPINCOUNT=10000 unless the environment chose
+    apply_server_wait_policy()  # before torch loads: GOMP_SPINCOUNT=50000 unless the environment chose
     apply_server_heap_policy()  # glibc keeps a step's MB-sized tensors on the heap, unless MALLOC_* are set
     settings = settings if settings is not None else load_settings()
     log_configuration_caps(settings)

@@ -24,7 +24,7 @@ OLMo 2 served at 16 concurrent, 1 thread vs 2: +24-35 % tok/s;
 the embedded SmolLM2 (a 33 ms step at 16 rows) keeps both threads, 1 thread there is 20-30 % slower.
 
 The OpenMP wait policy is chosen before torch loads (:mod:`llm_server.engine.wait_policy`): a
-server process spins ``GOMP_SPINCOUNT=10000`` iterations unless the environment chose a policy.
+server process spins ``GOMP_SPINCOUNT=50000`` iterations unless the environment chose a policy.
 On a machine whose cores other busy processes share, spinning workers lose their time slices and
 a step can be 10x slower; there ``GOMP_SPINCOUNT=100`` exported before the server starts, or
 ``engine.threads: 1``, is much faster (docs/engine.md has the measurements). The engine's start

@@ -5,10 +5,13 @@ imported. Its default lets idle workers spin for a long time (about 300,000 iter
 parallel regions. The bare forward likes that, but a server also needs the cores for its event
 loop, its HTTP streams and, on a small machine, everything else: on the 2-core EPYC a served
 stream ran at 34.8 tok/s (1 concurrent) and 284.6 tok/s (16 concurrent) with the default, and at
-64.9 and 425.3 tok/s with ``GOMP_SPINCOUNT=10000`` (docs/engine.md, "OpenMP wait policy").
+64.9 and 425.3 tok/s with ``GOMP_SPINCOUNT=10000`` (docs/engine.md, "OpenMP wait policy"). Since
+the fused CPU kernels and their VNNI linears made a step's parallel regions short and close
+together, 50,000 spins serve better again: 145-153 / 450-469 / 557-566 tok/s at 1 / 16 / 32
+against 114-135 / 404 / 482-546 with 10,000 (alternated runs, 2026-12-07).
 
 So a server process (``create_app``, hence ``start_llm_server``, uvicorn's factory and every Ray
-replica) sets ``GOMP_SPINCOUNT=10000`` unless the environment already chose a wait policy, and
+replica) sets ``GOMP_SPINCOUNT=50000`` unless the environment already chose a wait policy, and
 only while torch is not yet imported (after that the setting would change nothing, and the log
 must not claim it). The Python API (``ConversationEngine``) changes nothing.
 """
@@ -19,7 +22,7 @@ import os
 import sys
 
 #: The spin count a server process uses when the environment sets no wait policy.
-SERVER_SPINCOUNT = "10000"
+SERVER_SPINCOUNT = "50000"
 _POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _applied_here = False
 
