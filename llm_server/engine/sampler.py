@@ -31,7 +31,7 @@ chosen id's log-probability (and the likeliest alternatives) under the model's r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,6 +56,10 @@ class SamplerState:
     counts: torch.Tensor | None = None  # [vocab] float, generated ids (presence/frequency only)
     bias: torch.Tensor | None = None  # [vocab] float, the dense logit_bias
     matcher: GrammarMatcher | None = None  # constrained requests only
+    #: the seen ids once each, in order (repetition penalty only): the penalty touches these alone
+    seen: list[int] = field(default_factory=list)
+    _seen_set: set[int] = field(default_factory=set, repr=False)
+    _seen_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -66,21 +70,36 @@ class SamplerState:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
         presence = None
+        seen: list[int] = []
         if params.repetition_penalty != 1.0:
             presence = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            if prompt_ids:
-                presence[torch.tensor(prompt_ids, device=device)] = True
+            seen = [t for t in dict.fromkeys(prompt_ids) if 0 <= t < vocab_size]
+            if seen:
+                presence[torch.tensor(seen, device=device)] = True
         counts = None
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
         matcher = params.constraint.matcher() if params.constraint is not None else None
         return cls(params=params, generator=generator, presence=presence, counts=counts,
-                   bias=_dense_bias(params.logit_bias, vocab_size, device), matcher=matcher)
+                   bias=_dense_bias(params.logit_bias, vocab_size, device), matcher=matcher,
+                   seen=seen, _seen_set=set(seen))
+
+    def seen_ids(self) -> torch.Tensor:
+        """:attr:`seen` as an int64 tensor, extended (not rebuilt) as ids are added."""
+        known = self._seen_tensor
+        if known is None or known.numel() != len(self.seen):
+            device = self.presence.device if self.presence is not None else None
+            added = torch.tensor(self.seen[0 if known is None else known.numel():], dtype=torch.long, device=device)
+            known = added if known is None else torch.cat([known, added])
+            self._seen_tensor = known
+        return known
 
     def observe(self, token_id: int) -> None:
         """Record a generated id (for the penalties and the grammar)."""
-        if self.presence is not None and 0 <= token_id < self.presence.numel():
+        if self.presence is not None and 0 <= token_id < self.presence.numel() and token_id not in self._seen_set:
             self.presence[token_id] = True
+            self._seen_set.add(token_id)
+            self.seen.append(token_id)
         if self.counts is not None and 0 <= token_id < self.counts.numel():
             self.counts[token_id] += 1.0
         if self.matcher is not None:
@@ -244,17 +263,20 @@ def process_logits(logits: torch.Tensor, states: Sequence[SamplerState]) -> torc
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-    rows = [i for i, s in enumerate(states) if s.presence is not None]
+    """Only the seen ids of each penalised row are read and written (a few hundred, not the
+    vocabulary: at 16 rows of a 49152-id vocabulary 3.5 ms dense, a fraction of that sparse)."""
+    rows = [i for i, s in enumerate(states) if s.presence is not None and s.seen]
     if not rows:
         return logits
-    presence = torch.stack([states[i].presence for i in rows])  # type: ignore[misc]
-    penalty = torch.tensor(
-        [states[i].params.repetition_penalty for i in rows], dtype=logits.dtype, device=logits.device
-    ).unsqueeze(1)
-    sub = logits[rows]
-    penalised = torch.where(sub < 0, sub * penalty, sub / penalty)
-    logits = logits.clone()
-    logits[rows] = torch.where(presence, penalised, sub)
+    vocab = logits.shape[-1]
+    index = torch.cat([states[i].seen_ids() + i * vocab for i in rows])
+    per_row = torch.tensor([states[i].params.repetition_penalty for i in rows], dtype=logits.dtype,
+                           device=logits.device)
+    penalty = per_row.repeat_interleave(torch.tensor([len(states[i].seen) for i in rows], device=logits.device))
+    logits = logits.clone(memory_format=torch.contiguous_format)
+    flat = logits.view(-1)
+    values = flat[index]
+    flat[index] = torch.where(values < 0, values * penalty, values / penalty)
     return logits
 
 
