@@ -225,12 +225,6 @@ class Int4Linear:
         blocks = self.packed.view(self.out_features // _INT4_BLOCK_N, -1, _INT4_BLOCK_N // 2)
         return torch.cat([blocks & 15, blocks >> 4], dim=-1)
 
-    def levels(self) -> torch.Tensor:
-        """The 4-bit levels ``q`` [out, in] (int32), as quantized."""
-        if self._kernels is not None:
-            return _vnni_int4_levels(self.nibbles).to(torch.int32)
-        return self._blocked_levels().transpose(1, 2).reshape(self.out_features, -1).to(torch.int32)
-
     def dequantized(self) -> torch.Tensor:
         """The float weight the int4 one stands for, ``[out, in]`` (possibly a transposed view) in the
         activations' dtype. Computed in the packed block order: 3x faster than unpacking first."""
