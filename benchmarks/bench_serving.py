@@ -89,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-other-cpu", type=float, default=0.25, metavar="CORES",
                         help="rerun a level when other processes used more CPU than this meanwhile (default 0.25)")
     parser.add_argument("--retries", type=int, default=2, help="most reruns of a disturbed level (default 2)")
+    parser.add_argument("--fresh-prompts", action="store_true",
+                        help="every request a prompt never sent before (its question opens with its number): "
+                             "no server reuses a repeated prompt; they share only the system message")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the bandwidth-ceiling measurement (servebench/ceiling.py) before the servers")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -154,7 +157,7 @@ def run_all(args: argparse.Namespace, runs: list[tuple[str, str, Any]], workdir:
             pid = server.proc.pid
             results.setdefault(group, {})[name] = asyncio.run(drive(
                 spec, pid, levels, counts, args.max_tokens, args.max_other_cpu, args.retries,
-                rss_mb=functools.partial(process_group_rss_mb, pid)))
+                rss_mb=functools.partial(process_group_rss_mb, pid), fresh=args.fresh_prompts))
     return results
 
 
@@ -221,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_save:
         servers = "-".join(sorted({name for by_server in results.values() for name in by_server}))
         settings = "".join(f"-{item.rpartition('.')[2].replace('=', '-')}" for item in args.ours_set)
+        settings += "-fresh" if args.fresh_prompts else ""
         stem = f"bench_{servers}_{'-'.join(results)}{settings}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         report.save(args.results_dir, stem, text, args, results, info)
         log.info("saved %s.{md,json} in %s", stem, args.results_dir)

@@ -51,9 +51,9 @@ def expected(tokenizer: Any, model: Any, ids: list[int], max_new: int = MAX_NEW)
 def test_hits_partial_hits_misses_and_strict_prefixes_give_the_reference_output(tokenizer: Any, model: Any) -> None:
     cases = [
         (SYSTEM, 0),  # miss: nothing cached yet
-        (SYSTEM, 64),  # full hit: every whole block before the last token
-        (SYSTEM[:40] + random_ids(2, 30), 32),  # diverges at 40, inside the third block
-        (SYSTEM[:35], 32),  # a strict prefix of the cached prompt
+        (SYSTEM, 69),  # full hit: every token before the last (4 whole blocks, 5 positions of the 5th)
+        (SYSTEM[:40] + random_ids(2, 30), 40),  # diverges at 40, inside the third block
+        (SYSTEM[:35], 34),  # a strict prefix of the cached prompt
         (random_ids(3, 50), 0),  # a miss
     ]
     with running_engine(tokenizer, model) as engine:
@@ -99,7 +99,7 @@ def test_two_concurrent_requests_with_the_same_prefix(tokenizer: Any, model: Any
     references = [expected(tokenizer, model, ids) for ids in prompts]
     assert [f.text for f in cold] == [f.text for f in results] == references
     assert [f.cached_tokens for f in cold] == [0, 64, 64]  # the later ones waited for the first's prefill
-    assert [f.cached_tokens for f in results] == [64, 64, 64]
+    assert [f.cached_tokens for f in results] == [78, 78, 78]  # each its own prompt, but the last token
 
 
 def test_cancelling_one_of_two_sharers_leaves_the_other_and_the_cache_intact(tokenizer: Any, model: Any) -> None:
@@ -182,7 +182,7 @@ def test_quantized_runners_give_the_same_output_with_caching_on_and_off(tokenize
         with running_engine(tokenizer, model, prefix_caching=caching) as engine:
             results = [run(engine, ids)[1] for ids in prompts]
         texts[caching] = [f.text for f in results]
-        assert [f.cached_tokens for f in results] == ([0, 64, 48] if caching else [0, 0, 0])
+        assert [f.cached_tokens for f in results] == ([0, 70, 49] if caching else [0, 0, 0])
     assert texts[True] == texts[False]
 
 

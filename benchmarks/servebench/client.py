@@ -114,21 +114,24 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def messages_for(index: int) -> list[dict[str, str]]:
-    """The chat of request ``index`` (same sequence for both servers)."""
+def messages_for(index: int, fresh: bool = False) -> list[dict[str, str]]:
+    """The chat of request ``index`` (same sequence for both servers). ``fresh``: the question opens
+    with its request number, so no two requests of a run share more than the system message and the
+    template's tokens around it (no server can reuse a repeated prompt)."""
+    question = PROMPTS[index % len(PROMPTS)]
     return [
         {"role": "system", "content": SYSTEM_MESSAGE},
-        {"role": "user", "content": PROMPTS[index % len(PROMPTS)]},
+        {"role": "user", "content": f"Request {index}: {question}" if fresh else question},
     ]
 
 
-async def one_request(client: Any, model: str, index: int, max_tokens: int) -> RequestResult:
+async def one_request(client: Any, model: str, index: int, max_tokens: int, fresh: bool = False) -> RequestResult:
     """Send one streaming chat completion and time its chunks."""
     result = RequestResult(sent=time.perf_counter())
     try:
         stream = await client.chat.completions.create(
             model=model,
-            messages=messages_for(index),
+            messages=messages_for(index, fresh),
             max_tokens=max_tokens,
             temperature=0,
             stream=True,
@@ -158,7 +161,7 @@ async def one_request(client: Any, model: str, index: int, max_tokens: int) -> R
 
 
 async def run_level(client: Any, model: str, concurrency: int, requests: int, max_tokens: int,
-                    first_index: int = 0) -> LevelResult:
+                    first_index: int = 0, fresh: bool = False) -> LevelResult:
     """Closed loop: ``concurrency`` workers share ``requests`` requests; aggregates their timings."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
@@ -172,7 +175,7 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, ma
                 index = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            result = await one_request(client, model, index, max_tokens)
+            result = await one_request(client, model, index, max_tokens, fresh)
             results.append(result)
             if result.error is None:
                 texts[index] = result.text
@@ -243,16 +246,30 @@ class CpuMeter:
         return max(0.0, other / hz / (end[0] - self._start[0]))
 
 
+class PromptNumbers:
+    """The request numbers of never-sent prompts (``fresh``): :meth:`take` reserves the next ``count``."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, count: int) -> int:
+        first, self.next = self.next, self.next + count
+        return first
+
+
 async def measured_level(client: Any, model: str, concurrency: int, requests: int, max_tokens: int,
-                         meter: CpuMeter, max_other_cpu: float, retries: int) -> LevelResult:
+                         meter: CpuMeter, max_other_cpu: float, retries: int,
+                         fresh: PromptNumbers | None = None) -> LevelResult:
     """Run a level; while other processes took more than ``max_other_cpu`` cores during it, run it again
-    (at most ``retries`` more times) and keep the attempt with the least interference."""
+    (at most ``retries`` more times) and keep the attempt with the least interference. ``fresh``: the
+    numbers of never-sent prompts (:func:`messages_for`), each attempt taking the next ``requests``."""
     best: LevelResult | None = None
     attempt = 0
     while True:
         attempt += 1
         meter.start()
-        level = await run_level(client, model, concurrency, requests, max_tokens)
+        first = 0 if fresh is None else fresh.take(requests)
+        level = await run_level(client, model, concurrency, requests, max_tokens, first, fresh is not None)
         level.other_cpu_cores = meter.other_cores()
         if best is None or (level.other_cpu_cores or 0.0) < (best.other_cpu_cores or 0.0):
             best = level
@@ -266,8 +283,9 @@ async def measured_level(client: Any, model: str, concurrency: int, requests: in
 
 async def drive(spec: ServerSpec, server_pid: int, levels: Sequence[int], requests_per_level: Sequence[int],
                 max_tokens: int, max_other_cpu: float = 0.25, retries: int = 2,
-                rss_mb: Callable[[], float | None] = lambda: None) -> list[LevelResult]:
-    """Warm the server up, then run every level in turn; ``rss_mb`` is read after each level."""
+                rss_mb: Callable[[], float | None] = lambda: None, fresh: bool = False) -> list[LevelResult]:
+    """Warm the server up, then run every level in turn; ``rss_mb`` is read after each level.
+    ``fresh``: every request a prompt not sent before in the run (:func:`messages_for`)."""
     import httpx
     from openai import AsyncOpenAI
 
@@ -278,15 +296,17 @@ async def drive(spec: ServerSpec, server_pid: int, levels: Sequence[int], reques
         models = await client.models.list()
         model = models.data[0].id
         log.info("%s serves model %r; warming up", spec.name, model)
-        warm = await run_level(client, model, 1, 1, max_tokens)
-        burst = await run_level(client, model, max(levels), max(levels), 16)
+        numbers = PromptNumbers() if fresh else None
+        warm = await run_level(client, model, 1, 1, max_tokens, numbers.take(1) if numbers else 0, fresh)
+        burst = await run_level(client, model, max(levels), max(levels), 16,
+                                numbers.take(max(levels)) if numbers else 0, fresh)
         if warm.errors or burst.errors:
             raise RuntimeError(f"{spec.name} warm-up failed: {warm.error_samples or burst.error_samples}")
         results = []
         meter = CpuMeter(server_pid)
         for concurrency, requests in zip(levels, requests_per_level, strict=True):
             level = await measured_level(client, model, concurrency, requests, max_tokens, meter,
-                                         max_other_cpu, retries)
+                                         max_other_cpu, retries, numbers)
             level.rss_mb = rss_mb()
             other = "?" if level.other_cpu_cores is None else f"{level.other_cpu_cores:.2f}"
             log.info(

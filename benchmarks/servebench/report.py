@@ -195,7 +195,11 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, list[Le
         f"Weights: `{model_dir}` (embedded SmolLM2-135M-Instruct GGUF dequantized to float32, cast by ours and "
         "the peer to the dtype above; llama-server reads the GGUF itself).",
         f"Requests per level: {', '.join(map(str, counts))} (concurrency {args.concurrency}); prompts: "
-        f"{len(PROMPTS)} open-ended requests with one system message.",
+        f"{len(PROMPTS)} open-ended requests with one system message"
+        + ("; every request's question opens with its own number (`--fresh-prompts`), so no prompt repeats and "
+           "requests share only the system message" if getattr(args, "fresh_prompts", False) else
+           ", sent again and again (the warm-up sends each; a server that reuses a repeated prompt's KV prefills "
+           "little)") + ".",
         *server_notes(args, commands),
         f"Command: `{' '.join(['python', 'benchmarks/bench_serving.py', *sys.argv[1:]])}` "
         f"(whole run {elapsed_s / 60:.1f} min).",

@@ -21,7 +21,13 @@ admission needs room; a block is referenced (``refs``) between its match at admi
 copy into the slot. ``save`` only fills the room the running sequences leave.
 
 The last prompt token is always prefilled (its logits give the first new token), so a match
-covers at most ``len(prompt) - 1`` tokens, rounded down to whole blocks.
+covers at most ``len(prompt) - 1`` tokens. Where the chain of whole blocks ends, the match goes on
+inside the next block, token by token, as SGLang's radix cache and llama.cpp's slots do: among the
+cached children of the last matched block (the most recently used :data:`TAIL_CANDIDATES`), the one
+that shares the most leading ids with the prompt lends that many positions (a position's KV depends
+only on the ids up to it, so any continuation may reuse them). A system prompt shorter than a block,
+a prompt sent again, or the passes of an improvement stage that part mid-block then prefill only
+what differs.
 
 Only the scheduler thread calls this module; ``queries`` / ``hits`` are read by ``stats()``.
 """
@@ -31,7 +37,8 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -42,6 +49,7 @@ from llm_server.engine.sequence import Sequence as EngineSequence
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16  # tokens per cached block (vLLM's default)
+TAIL_CANDIDATES = 32  # children of the last matched block compared for a match inside the next one
 
 
 @dataclass(eq=False)
@@ -54,6 +62,25 @@ class Block:
     keys: torch.Tensor  # [layers, kv_heads, head_dim, block_size]
     values: torch.Tensor  # [layers, kv_heads, block_size, head_dim]
     refs: int = 0  # admitted sequences that matched it and have not copied it yet
+
+
+@dataclass(eq=False)
+class PrefixMatch:
+    """The blocks admission matched for a prompt, held (referenced) until they are copied into its
+    slot: whole blocks, the last of them possibly only in part; ``tokens`` the positions they cover."""
+
+    blocks: list[Block] = field(default_factory=list)
+    tokens: int = 0
+
+
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 def chain_key(parent: int | None, ids: tuple[int, ...]) -> int:
@@ -74,6 +101,7 @@ class PrefixCache:
         self.block_size = block_size
         self.max_blocks = max(max_tokens, 0) // block_size
         self._blocks: OrderedDict[int, Block] = OrderedDict()  # least recently used first
+        self._children: dict[int | None, OrderedDict[int, Block]] = {}  # by parent key, least recently used first
         self.queries = 0
         self.hits = 0
 
@@ -99,25 +127,48 @@ class PrefixCache:
             parent = block.key
         return found
 
+    def _tail(self, parent: int | None, ids: Sequence[int]) -> tuple[Block | None, int]:
+        """The recently used child of ``parent`` that shares the most leading ids with ``ids``, and how many."""
+        best, best_count = None, 0
+        children = self._children.get(parent, OrderedDict())
+        for key in islice(reversed(children), TAIL_CANDIDATES):
+            count = common_length(children[key].ids, ids)
+            if count > best_count:
+                best, best_count = children[key], count
+        return best, best_count
+
+    def _match(self, ids: Sequence[int], limit: int) -> PrefixMatch:
+        """The cached prefix of ``ids[:limit]``: the chain of whole blocks, then a block shared in part."""
+        blocks = self._chain(ids, limit)
+        tokens = len(blocks) * self.block_size
+        if tokens < limit:
+            rest = ids[tokens : min(limit, tokens + self.block_size)]
+            tail, count = self._tail(blocks[-1].key if blocks else None, rest)
+            if tail is not None:
+                blocks, tokens = [*blocks, tail], tokens + count
+        return PrefixMatch(blocks, tokens)
+
     def _touch(self, chain: list[Block]) -> None:
         """Mark ``chain`` most recently used, its root last (so eviction takes the deepest first)."""
         for block in reversed(chain):
             self._blocks.move_to_end(block.key)
+            self._children[block.parent].move_to_end(block.key)
 
-    def acquire(self, prompt_ids: Sequence[int]) -> list[Block]:
-        """The blocks a new request can reuse (at least its last prompt token stays to prefill),
-        referenced (safe from eviction) until :meth:`restore` or :meth:`release`."""
-        chain = self._chain(prompt_ids, len(prompt_ids) - 1)
-        self._touch(chain)
-        for block in chain:
+    def acquire(self, prompt_ids: Sequence[int]) -> PrefixMatch:
+        """What a new request can reuse (at least its last prompt token stays to prefill), its
+        blocks referenced (safe from eviction) until :meth:`restore` or :meth:`release`."""
+        match = self._match(prompt_ids, len(prompt_ids) - 1)
+        self._touch(match.blocks)
+        for block in match.blocks:
             block.refs += 1
-        return chain
+        return match
 
     @staticmethod
-    def release(chain: list[Block]) -> None:
+    def release(match: PrefixMatch) -> None:
         """Drop the references :meth:`acquire` took (a sequence that will not copy them)."""
-        for block in chain:
+        for block in match.blocks:
             block.refs -= 1
+        match.blocks = []
 
     # --- eviction -----------------------------------------------------------------------
     def evict(self, tokens: int) -> int:
@@ -127,34 +178,51 @@ class PrefixCache:
         for key in [k for k, b in self._blocks.items() if b.refs == 0]:
             if freed >= tokens:
                 break
-            del self._blocks[key]
+            self._unlink(self._blocks.pop(key))
             freed += self.block_size
         return freed
+
+    def _insert(self, block: Block) -> None:
+        """Add ``block`` (in place of another one under its key: a hash collision)."""
+        old = self._blocks.pop(block.key, None)
+        if old is not None:
+            self._unlink(old)
+        self._blocks[block.key] = block
+        self._children.setdefault(block.parent, OrderedDict())[block.key] = block
+
+    def _unlink(self, block: Block) -> None:
+        """Take ``block`` out of its parent's children (it has left ``_blocks``)."""
+        siblings = self._children[block.parent]
+        del siblings[block.key]
+        if not siblings:
+            del self._children[block.parent]
 
     def clear(self) -> None:
         """Drop every block (referenced ones too: callers hold their own references)."""
         self._blocks.clear()
+        self._children.clear()
 
     # --- copying KV in and out of a slot ------------------------------------------------
-    def restore(self, cache: SlotCache, handle: KVHandle, chain: list[Block], prompt_tokens: int) -> int:
-        """Copy ``chain`` into ``handle``'s slot (taking one if needed) as its first positions and
+    def restore(self, cache: SlotCache, handle: KVHandle, match: PrefixMatch, prompt_tokens: int) -> int:
+        """Copy ``match`` into ``handle``'s slot (taking one if needed) as its first positions and
         drop the references; the tokens restored (the sequence prefills from there). Counts the
         query (``prompt_tokens``) and the hit."""
         try:
             self.queries += prompt_tokens
-            if not chain:
+            count = match.tokens
+            if count == 0:
                 return 0
             if handle.slot < 0:
                 cache.take_slot(handle)
-            count = len(chain) * self.block_size
             cache.fit(count)
-            for i, block in enumerate(chain):
-                cache.write(handle.slot, i * self.block_size, block.keys, block.values)
+            for i, block in enumerate(match.blocks):
+                used = min(self.block_size, count - i * self.block_size)
+                cache.write(handle.slot, i * self.block_size, block.keys[..., :used], block.values[..., :used, :])
             handle.length = count
             self.hits += count
             return count
         finally:
-            self.release(chain)
+            self.release(match)
 
     def save(self, cache: SlotCache, handle: KVHandle, ids: Sequence[int], room: int) -> int:
         """Keep the KV of ``handle``'s full blocks (``ids`` are the tokens of its first positions)
@@ -173,7 +241,7 @@ class PrefixCache:
             for block in chain:  # the chain being extended stays
                 block.refs += 1
             new -= max(0, excess - self.evict(excess * size) // size)
-            self.release(chain)
+            self.release(PrefixMatch(chain))
         if new <= 0:
             return 0
         parent = chain[-1].key if chain else None
@@ -183,27 +251,28 @@ class PrefixCache:
             chunk = tuple(ids[start + i * size : start + (i + 1) * size])
             key = chain_key(parent, chunk)
             span = slice(i * size, (i + 1) * size)
-            self._blocks[key] = Block(key, parent, chunk, keys[..., span].clone(), values[..., span, :].clone())
+            self._insert(Block(key, parent, chunk, keys[..., span].clone(), values[..., span, :].clone()))
             parent = key
         self._touch(self._chain(ids, start + new * size))
         return new * size
 
     # --- the engine's two calls ------------------------------------------------------------
     def restore_into(self, cache: SlotCache | None, seq: EngineSequence) -> int:
-        """Copy the blocks admission matched for ``seq`` (its ``prefix_chain``) into its slot; the
-        tokens restored (0 without a slot cache: the chain is only released)."""
-        chain, seq.prefix_chain = seq.prefix_chain, []
+        """Copy the blocks admission matched for ``seq`` (its ``prefix_match``) into its slot; the
+        tokens restored (0 without a slot cache: the match is only released)."""
+        match, seq.prefix_match = seq.prefix_match or PrefixMatch(), None
         if cache is None or seq.kv is None:
-            self.release(chain)
+            self.release(match)
             return 0
-        return self.restore(cache, seq.kv, chain, seq.prompt_len)
+        return self.restore(cache, seq.kv, match, seq.prompt_len)
 
     def save_from(self, cache: SlotCache | None, seq: EngineSequence, room: int) -> None:
         """Keep ``seq``'s computed prompt and generated tokens' full blocks (see :meth:`save`); a
         failure is logged, never raised (the cache is an optimisation: the request goes on). Drops
         the references of a chain ``seq`` never restored (it failed first)."""
-        self.release(seq.prefix_chain)
-        seq.prefix_chain = []
+        if seq.prefix_match is not None:
+            self.release(seq.prefix_match)
+            seq.prefix_match = None
         if cache is None or seq.kv is None or room <= 0:
             return
         try:
@@ -212,4 +281,4 @@ class PrefixCache:
             logger.warning("request %s: keeping its prefix failed", seq.request_id, exc_info=True)
 
 
-__all__ = ["BLOCK_SIZE", "Block", "PrefixCache", "chain_key"]
+__all__ = ["BLOCK_SIZE", "Block", "PrefixCache", "PrefixMatch", "chain_key", "common_length"]

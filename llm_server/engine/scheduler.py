@@ -30,10 +30,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from llm_server.engine.config import EngineConfig
+from llm_server.engine.prefix_cache import PrefixMatch
 from llm_server.engine.sequence import SeqStatus, Sequence
 
 if TYPE_CHECKING:
-    from llm_server.engine.prefix_cache import Block, PrefixCache
+    from llm_server.engine.prefix_cache import PrefixCache
 
 
 class Scheduler:
@@ -58,40 +59,40 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         """Move waiting requests into the batch (FIFO) while slots and the KV budget allow; each
-        admitted one holds its matched prefix blocks in ``prefix_chain``."""
+        admitted one holds its matched prefix blocks in ``prefix_match``."""
         admitted: list[Sequence] = []
         while self.waiting and self.running < self.config.max_running:
             seq = self.waiting[0]
             need = (self.running + 1) * max([seq.reserved, *(s.reserved for s in (*self.prefilling, *self.decoding))])
             if self.running and need > self.config.max_total_tokens:
                 break
-            chain = self._make_room(seq, need)
-            if chain is None:
+            match = self._make_room(seq, need)
+            if match is None:
                 break
             self.waiting.popleft()
-            seq.prefix_chain = chain
+            seq.prefix_match = match
             seq.advance(SeqStatus.PREFILLING)
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
 
-    def _make_room(self, seq: Sequence, need: int) -> list[Block] | None:
-        """Evict cached blocks until ``need`` reserved tokens fit beside the cache; the blocks
-        ``seq`` reuses, or None when referenced blocks leave too little room (wait a step)."""
+    def _make_room(self, seq: Sequence, need: int) -> PrefixMatch | None:
+        """Evict cached blocks until ``need`` reserved tokens fit beside the cache; what ``seq``
+        reuses, or None when referenced blocks leave too little room (wait a step)."""
         if self.prefix is None:
-            return []
-        chain = self.prefix.acquire(seq.request.prompt_ids)
-        if self._sharer_prefilling(seq, len(chain) * self.prefix.block_size):
-            self.prefix.release(chain)
+            return PrefixMatch()
+        match = self.prefix.acquire(seq.request.prompt_ids)
+        if self._sharer_prefilling(seq, match.tokens):
+            self.prefix.release(match)
             return None
         over = need + self.prefix.tokens - self.config.max_total_tokens
         if over > 0 and self.prefix.evict(over) < over:
-            self.prefix.release(chain)
+            self.prefix.release(match)
             if self.running:
                 return None
             self.prefix.evict(self.prefix.tokens)  # alone: it runs, from scratch if need be
-            return []
-        return chain
+            return PrefixMatch()
+        return match
 
     def _sharer_prefilling(self, seq: Sequence, cached: int) -> bool:
         """Whether a request still prefilling shares at least half of ``seq``'s prompt (whole blocks)

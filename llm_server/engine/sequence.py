@@ -53,7 +53,7 @@ class Sequence:
     matcher: Any = None  # a constrained request's grammar matcher (built in submit, the caller's thread)
     prefilled: int = 0  # prompt tokens already in the KV cache
     cached_tokens: int = 0  # of those, copied from the prefix cache
-    prefix_chain: list[Any] = field(default_factory=list)  # matched prefix blocks, held from admission to copy
+    prefix_match: Any = None  # the prefix cache's PrefixMatch, held from admission to the copy into the slot
     generated: list[int] = field(default_factory=list)
     drafter: Any = None  # speculative decoding's per-request state (engine/speculative.py); None: it never drafts
     text: list[str] = field(default_factory=list)
