@@ -187,6 +187,21 @@ def test_admission_waits_while_referenced_blocks_leave_no_room() -> None:
     assert scheduler.reserved_tokens() + prefix.tokens <= budget
 
 
+def test_admission_gives_up_a_block_shared_in_part_rather_than_wait_for_room_to_reuse_it() -> None:
+    budget = 200
+    cache, prefix = slot_cache(), PrefixCache(max_tokens=budget)
+    cached = [1, *range(500, 515)]  # one block; the new prompt shares only its first id
+    prefix.save(cache, filled(cache, cached), cached, room=budget)
+    scheduler = Scheduler(EngineConfig(max_total_tokens=budget), prefix)
+    scheduler.add(sequence("running", [9] * 50, 50))  # reserves 100
+    (running,) = scheduler.admit()
+    prefix.release(running.prefix_match)
+    scheduler.add(sequence("new", [1] + [7] * 49, 50))  # 2 x 100 + 16 cached > 200
+    (new,) = scheduler.admit()  # at once, from scratch: its one shared token was not worth the wait
+    assert new.prefix_match.tokens == 0 and prefix.tokens == 0
+    assert scheduler.reserved_tokens() + prefix.tokens <= budget
+
+
 def test_a_request_waits_for_a_prefilling_one_that_shares_most_of_its_prompt_but_not_for_a_short_header() -> None:
     prefix = PrefixCache(max_tokens=1000)
     scheduler = Scheduler(EngineConfig(max_total_tokens=1000), prefix)

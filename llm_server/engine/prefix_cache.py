@@ -130,11 +130,11 @@ class PrefixCache:
     def _tail(self, parent: int | None, ids: Sequence[int]) -> tuple[Block | None, int]:
         """The recently used child of ``parent`` that shares the most leading ids with ``ids``, and how many."""
         best, best_count = None, 0
-        children = self._children.get(parent, OrderedDict())
-        for key in islice(reversed(children), TAIL_CANDIDATES):
-            count = common_length(children[key].ids, ids)
+        children = self._children.get(parent)
+        for block in islice(reversed(children.values()), TAIL_CANDIDATES) if children else ():
+            count = common_length(block.ids, ids)
             if count > best_count:
-                best, best_count = children[key], count
+                best, best_count = block, count
         return best, best_count
 
     def _match(self, ids: Sequence[int], limit: int) -> PrefixMatch:
@@ -168,7 +168,16 @@ class PrefixCache:
         """Drop the references :meth:`acquire` took (a sequence that will not copy them)."""
         for block in match.blocks:
             block.refs -= 1
-        match.blocks = []
+        match.blocks, match.tokens = [], 0
+
+    def drop_tail(self, match: PrefixMatch) -> bool:
+        """Release the block ``match`` uses only in part (admission gives it up rather than wait for
+        room to reuse a few tokens); False when there is none."""
+        if match.tokens % self.block_size == 0:
+            return False
+        match.blocks.pop().refs -= 1
+        match.tokens = len(match.blocks) * self.block_size
+        return True
 
     # --- eviction -----------------------------------------------------------------------
     def evict(self, tokens: int) -> int:
@@ -241,7 +250,8 @@ class PrefixCache:
             for block in chain:  # the chain being extended stays
                 block.refs += 1
             new -= max(0, excess - self.evict(excess * size) // size)
-            self.release(PrefixMatch(chain))
+            for block in chain:
+                block.refs -= 1
         if new <= 0:
             return 0
         parent = chain[-1].key if chain else None

@@ -85,18 +85,25 @@ class Scheduler:
         if self._sharer_prefilling(seq, match.tokens):
             self.prefix.release(match)
             return None
+        # a block shared in part is given up before waiting for room to reuse a few tokens of it
+        if self._evicted_for(need) or (self.prefix.drop_tail(match) and self._evicted_for(need)):
+            return match
+        self.prefix.release(match)
+        if self.running:
+            return None
+        self.prefix.evict(self.prefix.tokens)  # alone: it runs, from scratch if need be
+        return PrefixMatch()
+
+    def _evicted_for(self, need: int) -> bool:
+        """Evict unreferenced cached blocks until ``need`` reserved tokens fit beside the cache; whether they do."""
+        assert self.prefix is not None
         over = need + self.prefix.tokens - self.config.max_total_tokens
-        if over > 0 and self.prefix.evict(over) < over:
-            self.prefix.release(match)
-            if self.running:
-                return None
-            self.prefix.evict(self.prefix.tokens)  # alone: it runs, from scratch if need be
-            return PrefixMatch()
-        return match
+        return over <= 0 or self.prefix.evict(over) >= over
 
     def _sharer_prefilling(self, seq: Sequence, cached: int) -> bool:
-        """Whether a request still prefilling shares at least half of ``seq``'s prompt (whole blocks)
-        beyond the ``cached`` tokens: then ``seq`` is better off waiting for its blocks."""
+        """Whether a request still prefilling shares at least half of ``seq``'s prompt (counted in whole
+        blocks, the unit the cache saves) beyond the ``cached`` tokens: then ``seq`` is better off
+        waiting for its blocks."""
         assert self.prefix is not None
         size, ids = self.prefix.block_size, seq.request.prompt_ids
         usable = (len(ids) - 1) // size * size
