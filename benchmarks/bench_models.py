@@ -103,7 +103,7 @@ def engine_levels(folder: Path, runner: str, dtype: str, levels: list[int], max_
 
 
 def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int,
-                ours_set: list[str], rounds: int = 2) -> dict[str, dict[int, float]]:
+                ours_set: list[str], rounds: int = 2, fresh: bool = False) -> dict[str, dict[int, float]]:
     """{"ours" | "peer": {concurrency: tok/s}} over HTTP (bench_serving's client and servers).
 
     Ours runs through ``servebench.peers.ours_spec``'s entry (``start_llm_server``'s function imported
@@ -130,7 +130,7 @@ def http_levels(folder: Path, dtype: str, levels: list[int], max_tokens: int,
             else:
                 spec = peers.peer_spec(folder, dtype, port)
             with running(spec, workdir) as server:
-                rows = asyncio.run(drive(spec, server.proc.pid, levels, counts, max_tokens, 64.0, 0))
+                rows = asyncio.run(drive(spec, server.proc.pid, levels, counts, max_tokens, 64.0, 0, fresh=fresh))
             found[name] = {r.concurrency: r.tokens_per_s for r in rows}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -179,6 +179,9 @@ def main() -> None:
                         help="requests per worker at each level (in-process and over HTTP)")
     parser.add_argument("--http", action="store_true", help="also ours vs transformers serve over HTTP")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded SmolLM2")
+    parser.add_argument("--fresh-prompts", action="store_true",
+                        help="over HTTP, every request a prompt never sent before (bench_serving's option): no "
+                             "server reuses a repeated prompt's KV")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override model_config.yaml's model.KEY for our HTTP server, e.g. "
                              "optimizations.quantization=null (repeatable)")
@@ -201,7 +204,7 @@ def main() -> None:
                        "hf": measured["hf"][1]}
                 if args.http and runner == ("llama" if name == EMBEDDED else "generic"):  # what the server picks
                     row["http"] = http_levels(folder, args.dtype, levels, args.max_tokens, args.ours_set,
-                                              args.rounds)
+                                              args.rounds, args.fresh_prompts)
                 rows.append(row)
                 print(render(rows[-1:], levels, args.http).splitlines()[-1], flush=True)
                 save(args, started, rows, levels, partial=True)  # kept if a later model fails
@@ -213,12 +216,14 @@ def main() -> None:
 def save(args: argparse.Namespace, started: float, rows: list[dict[str, Any]], levels: list[int], partial: bool) -> str:
     """Write the table to ``bench_models_<start>[_partial].md`` (the partial file goes once the run ends)."""
     settings = f" (ours over HTTP with {', '.join(args.ours_set)})" if args.ours_set else ""
+    settings += " (--fresh-prompts: no prompt repeats over HTTP)" if args.fresh_prompts else ""
     text = (f"bench_models{settings}: {args.dtype}, {args.max_tokens} new tokens per request, {args.rounds} "
             f"requests per worker, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
             f"{time.time() - started:.0f} s; "
             f"{machine()}\n\n{render(rows, levels, args.http)}\n")
     RESULTS_DIR.mkdir(exist_ok=True)
     stem = RESULTS_DIR / f"bench_models_{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}"
+    stem = stem.with_name(stem.name + ("_fresh" if args.fresh_prompts else ""))
     partial_file = Path(f"{stem}_partial.md")
     if partial:
         partial_file.write_text(text)
