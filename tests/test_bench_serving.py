@@ -102,3 +102,16 @@ def test_every_results_file_records_the_cpu_and_its_flags(tmp_path: Path) -> Non
     report.save(tmp_path, "run", text, args, results, info)
     assert info["cpu_flags"] in (tmp_path / "run.md").read_text()
     assert info["cpu_flags"] in (tmp_path / "run.json").read_text()
+
+
+def test_fresh_prompts_never_repeat_within_a_run_and_share_only_the_system_message() -> None:
+    from servebench.client import PROMPTS, PromptNumbers, messages_for
+
+    numbers = PromptNumbers()
+    spans = [numbers.take(n) for n in (1, 32, 4, 32, 64)]  # warm-up, burst, then the levels
+    assert spans == [0, 1, 33, 37, 69] and numbers.next == 133
+    chats = [messages_for(i, fresh=True) for i in range(numbers.next)]
+    assert len({chat[1]["content"] for chat in chats}) == numbers.next  # every question its own
+    assert {chat[0]["content"] for chat in chats} == {messages_for(0)[0]["content"]}
+    repeated = [messages_for(i)[1]["content"] for i in range(2 * len(PROMPTS))]
+    assert len(set(repeated)) == len(PROMPTS)  # the default sends the same prompts again
