@@ -12,7 +12,8 @@ import pytest
 from llm_server.conversation_engine import prompt_reuse
 from llm_server.conversation_engine.improvement import improvement_pipeline
 from llm_server.conversation_engine.outputs import make_generate_fn
-from llm_server.conversation_engine.prompt_reuse import CACHE_FIELD, PromptReuse, shared_length
+from llm_server.conversation_engine.prompt_reuse import CACHE_FIELD, PromptReuse
+from llm_server.engine.prefix_cache import common_length
 
 PROMPTS = {"assistant": "You answer briefly.", "reviser": "You revise draft answers. " * 8}
 
@@ -40,9 +41,9 @@ def run(tokenizer: Any, model: Any) -> dict[str, str]:
     return result
 
 
-def test_shared_length() -> None:
-    assert shared_length([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert shared_length([], [1]) == 0 and shared_length([1, 2], [1, 2]) == 2
+def test_common_length() -> None:
+    assert common_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_length([], [1]) == 0 and common_length([1, 2], [1, 2]) == 2
 
 
 def test_later_passes_reuse_the_shared_opening_and_answer_the_same(
@@ -55,7 +56,7 @@ def test_later_passes_reuse_the_shared_opening_and_answer_the_same(
     assert reused == plain
     draft, review, revision = spy.calls[:3]
     assert draft[1] is None and review[1] is None  # different system prompts: nothing in common
-    assert revision[1] == shared_length(review[0], revision[0]) >= 16  # the review's opening, exactly
+    assert revision[1] == common_length(review[0], revision[0]) >= 16  # the review's opening, exactly
 
 
 def test_a_cache_that_cannot_be_cropped_is_not_kept() -> None:
@@ -87,4 +88,4 @@ def test_a_caller_asking_for_return_dict_in_generate_still_gets_reuse(
     assert "".join(generate(messages))
     second = [*messages[:1], {"role": "user", "content": "One. Two."}]
     assert "".join(generate(second))
-    assert spy.calls[1][1] == shared_length(spy.calls[0][0], spy.calls[1][0])
+    assert spy.calls[1][1] == common_length(spy.calls[0][0], spy.calls[1][0])

@@ -17,6 +17,8 @@ from typing import Any
 
 import transformers
 
+from llm_server.engine.prefix_cache import common_length
+
 logger = logging.getLogger(__name__)
 
 #: ``model.generate``'s keyword and output field for the KV cache (``past_key_values`` until
@@ -25,16 +27,6 @@ CACHE_FIELD = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "
 
 #: Fewer shared prompt ids than this are prefilled again (not worth a copy of the cache).
 MIN_SHARED_TOKENS = 16
-
-
-def shared_length(a: list[int], b: list[int]) -> int:
-    """How many ids ``a`` and ``b`` share at their start."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PromptReuse:
@@ -47,7 +39,7 @@ class PromptReuse:
     def lend(self, ids: list[int]) -> Any | None:
         """A copy of the kept cache holding the first ids ``ids`` shares with the last prompt (its
         last id is always run again: it gives the first new token's logits); None: nothing to lend."""
-        shared = min(shared_length(self._ids, ids), len(ids) - 1)
+        shared = min(common_length(self._ids, ids), len(ids) - 1)
         if self._cache is None or shared < MIN_SHARED_TOKENS:
             return None
         try:
@@ -68,4 +60,4 @@ class PromptReuse:
         self._ids, self._cache = list(ids), cache
 
 
-__all__ = ["CACHE_FIELD", "MIN_SHARED_TOKENS", "PromptReuse", "shared_length"]
+__all__ = ["CACHE_FIELD", "MIN_SHARED_TOKENS", "PromptReuse"]
