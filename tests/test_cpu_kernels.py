@@ -96,6 +96,47 @@ def test_fused_steps_match_the_pytorch_steps(dtype: torch.dtype) -> None:
         both([[7], [8]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int4", "auto"])
+def test_the_int4_body_in_one_call_matches_the_layer_by_layer_calls(kernels: cpu_kernels.CpuKernels,
+                                                                    dtype: torch.dtype, mode: str) -> None:
+    """Every layer of a small step in one kernel call (VNNI int4 linears) gives exactly the logits of
+    the per-layer calls: decode rows, several new tokens per row, every position's logits."""
+    if not kernels.has_vnni:
+        pytest.skip("this CPU has no AVX-512 VNNI: the int4 linears (and their one-call body) are not built")
+    model = build_model(256, "llama").to(dtype)
+    with torch.no_grad():  # norms that differ from each other (they start as ones)
+        layers = model.model.layers
+        for norm in [model.model.norm, *(n for layer in layers for n in (layer.input_layernorm,
+                                                                         layer.post_attention_layernorm))]:
+            norm.weight.normal_(1.0, 0.3)
+    body = LlamaRunner(model, max_slots=3, max_context=128, quantization=mode)
+    layered = LlamaRunner(model, max_slots=3, max_context=128, quantization=mode)
+    assert body._body is not None and body._body.layers == 2
+    assert body._body.max_rows == (8 if mode == "auto" else 192)
+    layered._body = None
+    with torch.inference_mode():
+        handles = {runner: [runner.open(), runner.open()] for runner in (body, layered)}
+
+        def both(tokens: list[list[int]], every: bool = False) -> torch.Tensor:
+            logits = [runner.forward(handles[runner], tokens, every=every) for runner in (body, layered)]
+            assert torch.equal(logits[0], logits[1])
+            return logits[0]
+
+        calls: list[int] = []
+        original = kernels.int4_body
+        kernels.int4_body = lambda *args: calls.append(args[5].numel()) or original(*args)  # type: ignore[method-assign]
+        try:
+            logits = both([[5, 6, 7, 8, 9], [10, 11]])
+            for _ in range(5):
+                logits = both([[int(t)] for t in logits.argmax(-1)])
+            both([[3, 4, 5], [6]], every=True)
+            both([[3, 4, 5, 6, 7, 8], [6, 7, 8, 9]], every=True)  # 12 rows: over auto's int4 limit of 8
+        finally:
+            del kernels.int4_body
+    assert calls == [2] * 5 + [6] + ([] if mode == "auto" else [12])  # the prefill from scratch runs in PyTorch
+
+
 def test_the_runner_uses_the_kernels_for_small_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_model(256, "llama")
     runner = LlamaRunner(model, max_slots=cpu_kernels.FUSED_MAX_ROWS + 1, max_context=256)

@@ -342,6 +342,46 @@ void int4_linear(const T* x, const uint8_t* nibbles, const T* scale_zero, T* y, 
         }
     }
 }
+
+template <typename T>
+void silu_mul(const T* gate_up, T* out, long rows, long inter);  // below
+
+// Every decoder layer of a small step whose linears are all VNNI int4 (no bias), in one call: what
+// LlamaRunner._run_fused does layer by layer, the same kernels in the same order (so the same
+// result), without going back to Python between them. x [rows, hidden] is the residual stream and
+// h its first layer's normed input on entry; on return h is the final norm's output. ``table`` holds,
+// per layer, 10 pointers: qkv, o, gate_up and down as (nibbles, scale_zero), then ln2 and the next
+// norm (the next layer's ln1, the model's final norm after the last layer). keys / values: the slot
+// cache of layer 0; layer i's is ``layer_stride`` elements further. dims: hidden, qkv_out, inter,
+// heads, kv_heads, head_dim, capacity, rope table length.
+template <typename T>
+void int4_body(T* x, T* h, void* const* table, long layers, T* keys, T* values, long layer_stride,
+               const T* cos, const T* sin, const int64_t* positions, const long* dims, long n, long steps,
+               long lo, float eps, float scale, long threads) {
+    const long hidden = dims[0], qkv_out = dims[1], inter = dims[2], heads = dims[3], kv_heads = dims[4];
+    const long head_dim = dims[5], capacity = dims[6], rope_table = dims[7], rows = n * steps;
+    std::vector<T> qkv(rows * qkv_out), q(rows * heads * head_dim), attn(rows * heads * head_dim);
+    std::vector<T> o(rows * hidden), gate_up(rows * 2 * inter), act(rows * inter), down(rows * hidden);
+    const long attn_width = heads * head_dim;
+    for (long i = 0; i < layers; ++i) {
+        void* const* w = table + i * 10;
+        auto nibbles = [&](int k) { return static_cast<const uint8_t*>(w[k]); };
+        auto weights = [&](int k) { return static_cast<const T*>(w[k]); };
+        T* layer_keys = keys + i * layer_stride;
+        T* layer_values = values + i * layer_stride;
+        int4_linear<T>(h, nibbles(0), weights(1), qkv.data(), rows, qkv_out, hidden, threads);
+        rope_store<T>(qkv.data(), cos, sin, rope_table, positions, q.data(), layer_keys, layer_values, n, steps,
+                      heads, kv_heads, head_dim, capacity, lo);
+        attend<T>(q.data(), layer_keys, layer_values, positions, attn.data(), n, steps, heads, kv_heads, head_dim,
+                  capacity, lo, scale, threads);
+        int4_linear<T>(attn.data(), nibbles(2), weights(3), o.data(), rows, hidden, attn_width, threads);
+        add_rms_norm<T>(x, o.data(), weights(8), h, rows, hidden, eps);
+        int4_linear<T>(h, nibbles(4), weights(5), gate_up.data(), rows, 2 * inter, hidden, threads);
+        silu_mul<T>(gate_up.data(), act.data(), rows, inter);
+        int4_linear<T>(act.data(), nibbles(6), weights(7), down.data(), rows, hidden, inter, threads);
+        add_rms_norm<T>(x, down.data(), weights(9), h, rows, hidden, eps);
+    }
+}
 #endif
 
 extern "C" int vnni_available() {
@@ -377,6 +417,14 @@ void silu_mul(const T* gate_up, T* out, long rows, long inter) {
                                          long rows, long out, long in, long threads) {                        \
         int4_linear<T>(static_cast<const T*>(x), w, static_cast<const T*>(scale_zero), static_cast<T*>(y),    \
                        rows, out, in, threads);                                                               \
+    }                                                                                             \
+    extern "C" void int4_body_##SUFFIX(void* x, void* h, void* const* table, long layers, void* keys,         \
+                                       void* values, long layer_stride, const void* cos, const void* sin,      \
+                                       const int64_t* positions, const long* dims, long n, long steps, long lo, \
+                                       float eps, float scale, long threads) {                                \
+        int4_body<T>(static_cast<T*>(x), static_cast<T*>(h), table, layers, static_cast<T*>(keys),            \
+                     static_cast<T*>(values), layer_stride, static_cast<const T*>(cos),                        \
+                     static_cast<const T*>(sin), positions, dims, n, steps, lo, eps, scale, threads);         \
     }
 #else
 #define LLM_VNNI_ENTRIES(SUFFIX, T)

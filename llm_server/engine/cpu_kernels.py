@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,11 @@ _SIGNATURES = {
     "attend": [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _F, _L],
     "silu_mul": [_P, _P, _L, _L],
 }
-_VNNI_SIGNATURES = {"int8_linear": [_P, _P, _P, _P, _L, _L, _L, _L], "int4_linear": [_P, _P, _P, _P, _L, _L, _L, _L]}
+_VNNI_SIGNATURES = {
+    "int8_linear": [_P, _P, _P, _P, _L, _L, _L, _L],
+    "int4_linear": [_P, _P, _P, _P, _L, _L, _L, _L],
+    "int4_body": [_P, _P, _P, _L, _P, _P, _L, _P, _P, _P, _P, _L, _L, _L, _F, _F, _L],
+}
 
 
 def _cpu_flags() -> str:
@@ -90,6 +95,21 @@ def _build(target: Path, flags: tuple[str, ...] = FLAGS) -> None:
 def portable_flags() -> tuple[str, ...]:
     """Flags of a build for any recent CPU of this architecture (x86: x86-64-v3, AVX2 and FMA)."""
     return (("-march=x86-64-v3",) if platform.machine() in ("x86_64", "AMD64") else ()) + _COMMON_FLAGS
+
+
+class Int4Body:
+    """A model's decoder layers for :meth:`CpuKernels.int4_body`: per layer the 10 pointers the
+    kernel reads (qkv, o, gate_up and down as nibbles and scale_zero, then ln2 and the next norm),
+    and the shapes (hidden, qkv out, intermediate, heads, kv heads, head dim). Built once per
+    runner; the tensors are kept alive with it. ``max_rows``: the most rows its linears take in int4."""
+
+    def __init__(self, layers: Sequence[Sequence[torch.Tensor]], shape: tuple[int, ...], dtype: torch.dtype,
+                 max_rows: int) -> None:
+        self._tensors = [list(layer) for layer in layers]
+        pointers = [t.data_ptr() for layer in self._tensors for t in layer]
+        self._table = (ctypes.c_void_p * len(pointers))(*pointers)
+        self._dims = (ctypes.c_long * 8)(*shape, 0, 0)  # + capacity and rope table, set per call
+        self.layers, self.dtype, self.max_rows = len(self._tensors), dtype, max_rows
 
 
 class CpuKernels:
@@ -167,6 +187,26 @@ class CpuKernels:
         ``out`` a multiple of 16, ``in`` of 64. x is quantized to int8 per group on the way (VNNI
         dot products; only where :attr:`has_vnni`)."""
         return self._vnni_linear("int4_linear", x, nibbles, scale_zero)
+
+    def int4_body(self, body: Int4Body, x: torch.Tensor, h: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor],
+                  rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, lo: int, eps: float) -> None:
+        """Every decoder layer of a small step in one call (the per-layer calls of the compact
+        runner's fused step, in the same order; see cpu_kernels.cpp): ``x`` [n, steps, hidden] the
+        residual stream, ``h`` its first normed input on entry and the final norm's output on return.
+        ``caches``: the slot cache's keys and values of every layer; ``rope``: cos and sin tables."""
+        keys, values = caches
+        cos, sin = rope
+        n, steps = positions.shape
+        body._dims[6], body._dims[7] = keys.shape[-1], cos.shape[0]
+        self._functions["int4_body", x.dtype](
+            x.data_ptr(), h.data_ptr(), ctypes.addressof(body._table), body.layers, keys.data_ptr(),
+            values.data_ptr(), keys.stride(0), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+            ctypes.addressof(body._dims), n, steps, lo, eps, self._head_dim_scale(body), torch.get_num_threads(),
+        )
+
+    @staticmethod
+    def _head_dim_scale(body: Int4Body) -> float:
+        return float(body._dims[5]) ** -0.5
 
     def _vnni_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from llm_server.engine import cpu_kernels
 from llm_server.engine.kv_cache import SlotCache
-from llm_server.engine.llama_weights import LayerWeights, read_head, read_layer, release_memory
+from llm_server.engine.llama_weights import LayerWeights, int4_body, read_head, read_layer, release_memory
 from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR
 from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
 
@@ -145,6 +145,8 @@ class LlamaRunner(ModelRunner):
         self.vocab_size = self._lm_head.out_features
         kernels = cpu_kernels.load() if fused_kernels and self.device.type == "cpu" else None
         self._kernels = kernels if kernels is not None and kernels.supports(self.dtype) else None
+        shape = (self._heads, self._kv_heads, self._head_dim)
+        self._body = int4_body(self._layers, self._norm, shape, self.dtype) if self._kernels is not None else None
         self._cache = SlotCache(len(self._layers), self._kv_heads, self._head_dim, max_slots, max_context,
                                 self.dtype, self.device)
 
@@ -238,6 +240,10 @@ class LlamaRunner(ModelRunner):
         x = F.embedding(torch.tensor(padded, dtype=torch.long), self._embed)  # [n, steps, hidden], contiguous
         h = torch.empty_like(x)
         kernels.add_rms_norm(x, None, self._layers[0].ln1, h, self._eps)
+        if self._body is not None and positions.numel() <= self._body.max_rows:  # every layer in one call
+            kernels.int4_body(self._body, x, h, (self._cache.keys, self._cache.values), (self._cos, self._sin),
+                              positions, lo, self._eps)
+            return self._logits_of(h, lengths, every)
         norms = [layer.ln1 for layer in self._layers[1:]] + [self._norm]
         shape = (self._heads, self._kv_heads, self._head_dim)
         for index, (layer, next_norm) in enumerate(zip(self._layers, norms, strict=True)):
@@ -246,6 +252,11 @@ class LlamaRunner(ModelRunner):
             attn = kernels.attend(q, keys, values, positions, self._kv_heads, lo)
             kernels.add_rms_norm(x, layer.o(attn), layer.ln2, h, self._eps)
             kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(h))), next_norm, h, self._eps)
+        return self._logits_of(h, lengths, every)
+
+    def _logits_of(self, h: torch.Tensor, lengths: list[int], every: bool) -> torch.Tensor:
+        """The LM head over the final norm's output ``h`` [n, steps, hidden]: each row's last real
+        token (``every``: every real token, row after row)."""
         if every:
             real = torch.arange(h.shape[1]) < torch.tensor(lengths).unsqueeze(1)
             return self._lm_head(h[real]).float()

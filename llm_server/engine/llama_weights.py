@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from llm_server.engine.quant import ENGINE_OWNED_ATTR, Linear, make_linear
+from llm_server.engine import cpu_kernels
+from llm_server.engine.quant import ENGINE_OWNED_ATTR, Linear, make_linear, vnni_int4
 
 
 def _fuse(modules: Sequence[torch.nn.Linear], keep_views: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -119,3 +120,21 @@ def read_head(model: Any, pack: bool, free: bool, mode: str | None) -> Linear:
     if free and not tied:
         _drop_weight(head)
     return made
+
+
+
+def int4_body(layers: Sequence[LayerWeights], norm: torch.Tensor, shape: tuple[int, int, int],
+              dtype: torch.dtype) -> cpu_kernels.Int4Body | None:
+    """The layers as one fused-kernel call sees them (:class:`~.cpu_kernels.Int4Body`), when every
+    linear of every layer is a VNNI int4 one without bias; else None. ``shape``: (heads, kv heads,
+    head dim)."""
+    found = [vnni_int4(linear) for layer in layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    pairs = [entry for entry in found if entry is not None]
+    if not layers or len(pairs) != len(found):
+        return None
+    linears = [linear for linear, _ in pairs]
+    next_norms = [layer.ln1 for layer in layers[1:]] + [norm]
+    rows = [[t for linear in linears[4 * i : 4 * i + 4] for t in (linear.nibbles, linear.scale_zero)]
+            + [layer.ln2, next_norm] for i, (layer, next_norm) in enumerate(zip(layers, next_norms, strict=True))]
+    dims = (int(norm.shape[0]), linears[0].out_features, linears[2].out_features // 2, *shape)
+    return cpu_kernels.Int4Body(rows, dims, dtype, min(limit for _, limit in pairs))

@@ -287,6 +287,16 @@ class RowSwitchLinear:
         return self.small(x) if rows <= self.max_small_rows else self.large(x)
 
 
+def vnni_int4(linear: Linear) -> tuple[Int4Linear, int] | None:
+    """The VNNI int4 linear (no bias) that serves ``linear``'s calls of up to the returned number of
+    rows, or None (another kernel, a bias, or no VNNI)."""
+    inner, limit = (linear.small, linear.max_small_rows) if isinstance(linear, RowSwitchLinear) else (
+        linear, INT4_DEQUANT_ABOVE_ROWS)
+    if isinstance(inner, Int4Linear) and inner._kernels is not None and inner.bias is None:
+        return inner, limit
+    return None
+
+
 def quantization_unsupported(weight: torch.Tensor, mode: str) -> str | None:
     """None when ``weight`` can be quantized with ``mode``; otherwise why not."""
     if mode in AUTO_SMALL_MODES:
