@@ -285,3 +285,26 @@ def test_forced_ids_are_verified_like_any_draft(tokenizer: Any, llama: Any, monk
         assert engine.stats().spec_forced_tokens == 0
     assert spec.text == plain.text and spec.completion_tokens == plain.completion_tokens
     json.loads(spec.text)
+
+
+def test_drafts_keep_a_step_of_few_rows_within_the_runners_fast_path() -> None:
+    """``auto``'s int4 copy serves steps of at most 8 new tokens: one row drafts 7 (8 rows), two
+    rows 3 each; from 8 rows on the step is past it anyway and the usual budget applies."""
+    from types import SimpleNamespace
+
+    from llm_server.engine.speculative import STEP_TOKEN_BUDGET, Speculator
+
+    def limits(speculator: Speculator, rows: int) -> list[int]:
+        asked: list[int] = []
+        drafter = SimpleNamespace(propose=lambda generated, limit, forced: asked.append(limit) or [5] * limit)
+        params = SimpleNamespace(max_new_tokens=100)
+        batch = [SimpleNamespace(drafter=drafter, matcher=None, generated=[1], request=SimpleNamespace(params=params))
+                 for _ in range(rows)]
+        drafts = speculator.drafts(batch)  # type: ignore[arg-type]
+        assert drafts is not None and sum(len(d) + 1 for d in drafts) == rows * (asked[0] + 1)
+        return asked
+
+    fast, plain = Speculator(8, False, fast_tokens=8), Speculator(8, False)
+    assert limits(fast, 1) == [7] and limits(plain, 1) == [8]
+    assert limits(fast, 2) == [3, 3] and limits(plain, 2) == [8, 8]
+    assert limits(fast, 8) == limits(plain, 8) == [STEP_TOKEN_BUDGET // 8 - 1] * 8

@@ -198,7 +198,7 @@ class BatchEngine(Engine):
         warm_up(runner, min(self.config.max_running, IO_ROWS) if self.max_context >= IO_MIN_CONTEXT else 0,
                 self.config.threads)  # (may leave a core to the server's I/O)
         if runner.speculates and self.config.speculative_tokens > 0:
-            self._spec = Speculator(self.config.speculative_tokens, self.config.speculative_lookup)
+            self._spec = Speculator(self.config.speculative_tokens, self.config.speculative_lookup, runner.fast_tokens)
         if self.config.prefix_caching and runner.slot_cache is not None:
             size = self.config.prefix_cache_tokens
             self._sched.prefix = PrefixCache(min(budget // 2 if size is None else size, budget))

@@ -147,6 +147,7 @@ class LlamaRunner(ModelRunner):
         self._kernels = kernels if kernels is not None and kernels.supports(self.dtype) else None
         shape = (self._heads, self._kv_heads, self._head_dim)
         self._body = int4_body(self._layers, self._norm, shape, self.dtype) if self._kernels is not None else None
+        self.fast_tokens = self._body.max_rows if self._body is not None else None
         self._cache = SlotCache(len(self._layers), self._kv_heads, self._head_dim, max_slots, max_context,
                                 self.dtype, self.device)
 
