@@ -152,6 +152,19 @@ def test_quantization_applies_to_any_family(mode: str) -> None:
     assert 0 < error < (0.05 if mode == "int8" else 0.35)  # a broken linear: ~1
 
 
+@pytest.mark.parametrize("mode", ["auto", "int4", None])
+def test_both_runners_report_the_rows_auto_serves_from_its_int4_copy(mode: str | None) -> None:
+    """``fast_tokens`` (speculation keeps a lone row's step within it) is the row switch of the layers'
+    linears under ``auto`` (8; the LM head's int8 limit of 2 left out), whatever the runner and
+    whether the fused kernels are on; no bound in the other modes."""
+    from llm_server.engine.quant import AUTO_MAX_SMALL_ROWS
+
+    expected = AUTO_MAX_SMALL_ROWS if mode == "auto" else None
+    generic = GenericRunner(tiny("qwen3"), max_slots=2, max_context=256, quantization=mode)
+    llama = LlamaRunner(tiny("llama"), max_slots=2, max_context=256, quantization=mode, fused_kernels=False)
+    assert generic.fast_tokens == llama.fast_tokens == expected
+
+
 def test_replace_linears_fuses_siblings_keeps_routers_float_and_recomputes_for_a_new_input() -> None:
     torch.manual_seed(0)
     block = torch.nn.Module()

@@ -201,12 +201,8 @@ class CpuKernels:
         self._functions["int4_body", x.dtype](
             x.data_ptr(), h.data_ptr(), ctypes.addressof(body._table), body.layers, keys.data_ptr(),
             values.data_ptr(), keys.stride(0), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
-            ctypes.addressof(body._dims), n, steps, lo, eps, self._head_dim_scale(body), torch.get_num_threads(),
+            ctypes.addressof(body._dims), n, steps, lo, eps, body._dims[5] ** -0.5, torch.get_num_threads(),
         )
-
-    @staticmethod
-    def _head_dim_scale(body: Int4Body) -> float:
-        return float(body._dims[5]) ** -0.5
 
     def _vnni_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape

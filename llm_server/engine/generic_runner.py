@@ -23,7 +23,7 @@ import torch
 
 from llm_server.engine import batched_attention
 from llm_server.engine.batched_attention import ATTENTION_NAME, CURRENT_STEP, StepContext
-from llm_server.engine.hf_linears import replace_linears
+from llm_server.engine.hf_linears import body_linears, replace_linears
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import release_memory
 from llm_server.engine.quant import (
@@ -31,6 +31,7 @@ from llm_server.engine.quant import (
     HEAD_QUANTIZATION,
     QUANT_MODES,
     QUANTIZATION_ATTR,
+    fast_rows,
 )
 from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
 
@@ -119,6 +120,7 @@ class GenericRunner(ModelRunner):
         self._probe()  # before the linears change: compares with the model's own forward
         with torch.no_grad():
             self.weight_bytes = replace_linears(model, pack_weights, self.quantization, head_quantization, free)
+        self.fast_tokens = fast_rows(body_linears(model))
         release_memory()
 
     # --- slots and cache ----------------------------------------------------------------

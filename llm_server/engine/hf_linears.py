@@ -130,4 +130,13 @@ def replace_linears(
     return total
 
 
-__all__ = ["EngineLinear", "replace_linears"]
+def body_linears(model: torch.nn.Module) -> list[Linear]:
+    """The engine's linears that :func:`replace_linears` put in ``model``, its LM head left out (a
+    fused projection's once)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    kernels = {id(m.kernel): m.kernel for m in model.modules() if isinstance(m, EngineLinear) and m is not head}
+    return list(kernels.values())
+
+
+__all__ = ["EngineLinear", "body_linears", "replace_linears"]

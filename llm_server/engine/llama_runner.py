@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from llm_server.engine import cpu_kernels
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import LayerWeights, int4_body, read_head, read_layer, release_memory
-from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR
+from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR, fast_rows
 from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -147,7 +147,7 @@ class LlamaRunner(ModelRunner):
         self._kernels = kernels if kernels is not None and kernels.supports(self.dtype) else None
         shape = (self._heads, self._kv_heads, self._head_dim)
         self._body = int4_body(self._layers, self._norm, shape, self.dtype) if self._kernels is not None else None
-        self.fast_tokens = self._body.max_rows if self._body is not None else None
+        self.fast_tokens = fast_rows(lin for lay in self._layers for lin in (lay.qkv, lay.o, lay.gate_up, lay.down))
         self._cache = SlotCache(len(self._layers), self._kv_heads, self._head_dim, max_slots, max_context,
                                 self.dtype, self.device)
 

@@ -122,7 +122,6 @@ def read_head(model: Any, pack: bool, free: bool, mode: str | None) -> Linear:
     return made
 
 
-
 def int4_body(layers: Sequence[LayerWeights], norm: torch.Tensor, shape: tuple[int, int, int],
               dtype: torch.dtype) -> cpu_kernels.Int4Body | None:
     """The layers as one fused-kernel call sees them (:class:`~.cpu_kernels.Int4Body`), when every

@@ -24,6 +24,7 @@ PyTorch's weight-only kernels at 1-8 rows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -285,6 +286,13 @@ class RowSwitchLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         return self.small(x) if rows <= self.max_small_rows else self.large(x)
+
+
+def fast_rows(linears: Iterable[Linear]) -> int | None:
+    """The most rows of a call that every row-switching linear among ``linears`` still serves from its
+    quantized copy (``quantization: auto``: :data:`AUTO_MAX_SMALL_ROWS`); None when none switches."""
+    limits = [linear.max_small_rows for linear in linears if isinstance(linear, RowSwitchLinear)]
+    return min(limits) if limits else None
 
 
 def vnni_int4(linear: Linear) -> tuple[Int4Linear, int] | None:

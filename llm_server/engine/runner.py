@@ -27,8 +27,8 @@ class ModelRunner(ABC):
     reason: str = ""  # which runner serves the model and why (``model_setup.make_runner`` sets it)
     #: ``forward(..., every=True)`` and :meth:`rollback` work: speculative decoding (engine/speculative.py)
     speculates: bool = False
-    #: The most new tokens of a step that still take the runner's fast path (``quantization: auto``'s
-    #: int4 copy); speculation keeps a step of fewer rows within it. None: no such bound.
+    #: The most new tokens of a step whose linears still read the quantized copy (``quantization:
+    #: auto``: :func:`~.quant.fast_rows`); speculation keeps a step of fewer rows within it. None: no such bound.
     fast_tokens: int | None = None
 
     def open(self) -> KVHandle:
