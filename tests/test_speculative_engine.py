@@ -308,3 +308,30 @@ def test_drafts_keep_a_step_of_few_rows_within_the_runners_fast_path() -> None:
     assert limits(fast, 1) == [7] and limits(plain, 1) == [8]
     assert limits(fast, 2) == [3, 3] and limits(plain, 2) == [8, 8]
     assert limits(fast, 8) == limits(plain, 8) == [STEP_TOKEN_BUDGET // 8 - 1] * 8
+
+
+def test_a_request_whose_drafts_are_refused_whole_rests_longer_each_time_until_one_is_accepted() -> None:
+    """A refused draft costs a verify step; a request whose drafts keep being refused whole (a
+    sampled revision that rewrote instead of copying) drafts nothing for 1, 2, 4 ... MAX_REST steps,
+    and drafts at every step again once a draft is accepted, even in part."""
+    from llm_server.engine.speculative import MAX_REST, Drafter
+
+    prediction = list(range(100, 164))
+    drafter = Drafter([1, 2, 3], prediction, max_tokens=4)
+
+    def steps_until_a_draft() -> int:
+        for idle in range(MAX_REST + 2):
+            if drafter.propose([100, 101], limit=4):
+                return idle
+        raise AssertionError("the drafter never drafted again")
+
+    assert steps_until_a_draft() == 0
+    rests = []
+    for _ in range(6):  # the draft just proposed is refused whole, and so is each next one
+        drafter.adapt(2, 0)
+        rests.append(steps_until_a_draft())
+    assert rests == [1, 2, 4, 8, 16, MAX_REST] and MAX_REST == 16
+    drafter.adapt(2, 1)  # accepted in part: no rest, and the next whole refusal rests one step again
+    assert steps_until_a_draft() == 0
+    drafter.adapt(2, 0)
+    assert steps_until_a_draft() == 1
