@@ -50,23 +50,28 @@ def test_add_rms_norm_and_silu_mul_match_torch(kernels: cpu_kernels.CpuKernels, 
     torch.testing.assert_close(kernels.silu_mul(gate_up).float(), F.silu(gate) * up, **tolerance)
 
 
-def test_attention_sees_each_querys_own_past_only(kernels: cpu_kernels.CpuKernels) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [6, 8, 64, 128])  # 64, 128: the unrolled sum of values; 6: a partial key block
+def test_attention_sees_each_querys_own_past_only(kernels: cpu_kernels.CpuKernels, head_dim: int,
+                                                  dtype: torch.dtype) -> None:
     """Two rows (slots 1 and 2 of 3), two new tokens each, grouped heads: against a softmax over
     the keys at positions <= the query's."""
     generator = torch.Generator().manual_seed(1)
-    heads, kv_heads, head_dim, capacity = 4, 2, 8, 16
-    keys = torch.randn(3, kv_heads, head_dim, capacity, generator=generator)
-    values = torch.randn(3, kv_heads, capacity, head_dim, generator=generator)
-    q = torch.randn(2, 2, heads, head_dim, generator=generator)
-    positions = torch.tensor([[5, 6], [0, 1]])
-    out = kernels.attend(q, keys, values, positions, kv_heads, lo=1).view(2, 2, heads, head_dim)
+    heads, kv_heads, capacity = 4, 2, 40
+    keys = torch.randn(3, kv_heads, head_dim, capacity, generator=generator).to(dtype)
+    values = torch.randn(3, kv_heads, capacity, head_dim, generator=generator).to(dtype)
+    q = torch.randn(2, 2, heads, head_dim, generator=generator).to(dtype)
+    positions = torch.tensor([[33, 34], [0, 1]])
+    out = kernels.attend(q, keys, values, positions, kv_heads, lo=1).view(2, 2, heads, head_dim).float()
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     for i in range(2):
         for t in range(2):
             seen = int(positions[i, t]) + 1
             for h in range(heads):
-                k = keys[1 + i, h // 2, :, :seen]
-                probs = torch.softmax(q[i, t, h] @ k / head_dim**0.5, dim=-1)
-                torch.testing.assert_close(out[i, t, h], probs @ values[1 + i, h // 2, :seen], atol=1e-5, rtol=1e-5)
+                k = keys[1 + i, h // 2, :, :seen].float()
+                probs = torch.softmax(q[i, t, h].float() @ k / head_dim**0.5, dim=-1)
+                expected = probs @ values[1 + i, h // 2, :seen].float()
+                torch.testing.assert_close(out[i, t, h], expected, **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -140,6 +140,21 @@ void rope_store(const T* qkv, const T* cos, const T* sin, long table, const int6
     }
 }
 
+// out = inverse * sum over j of weights[j] * values[j], for a head dim of 16 * B, the sum held in
+// registers (written as a plain loop, the compiler left the sum in memory and the loop scalar).
+template <typename T, int B>
+void weigh_values(const float* weights, const T* values, long count, float inverse, T* out) {
+    float acc[B][16] = {};
+    for (long j = 0; j < count; ++j) {
+        const float p = weights[j];
+        const T* v = values + j * 16 * B;
+        for (int b = 0; b < B; ++b)
+            for (int l = 0; l < 16; ++l) acc[b][l] += p * load(v, b * 16 + l);
+    }
+    for (int b = 0; b < B; ++b)
+        for (int l = 0; l < 16; ++l) store(out, b * 16 + l, acc[b][l] * inverse);
+}
+
 // Attention of query (i, t) of head h over its slot's keys 0 .. positions[i, t].
 template <typename T>
 void attend_one(const T* q, const T* keys, const T* values, long row, long slot, long seen, long h, T* out,
@@ -149,7 +164,15 @@ void attend_one(const T* q, const T* keys, const T* values, long row, long slot,
     const T* vs = values + kv * capacity * head_dim;
     const T* qh = q + (row * heads + h) * head_dim;
     std::fill(scores, scores + seen, 0.0f);
-    for (long d = 0; d < head_dim; ++d) {
+    long d = 0;
+    for (; d + 4 <= head_dim; d += 4) {  // four rows of keys a pass: a quarter of the passes over scores
+        const float q0 = load(qh, d) * scale, q1 = load(qh, d + 1) * scale;
+        const float q2 = load(qh, d + 2) * scale, q3 = load(qh, d + 3) * scale;
+        const T *k0 = kt + d * capacity, *k1 = k0 + capacity, *k2 = k1 + capacity, *k3 = k2 + capacity;
+        for (long j = 0; j < seen; ++j)
+            scores[j] += q0 * load(k0, j) + q1 * load(k1, j) + q2 * load(k2, j) + q3 * load(k3, j);
+    }
+    for (; d < head_dim; ++d) {
         const float qd = load(qh, d) * scale;
         const T* kd = kt + d * capacity;
         for (long j = 0; j < seen; ++j) scores[j] += qd * load(kd, j);
@@ -160,13 +183,16 @@ void attend_one(const T* q, const T* keys, const T* values, long row, long slot,
     float total = 0.0f;
     for (long j = 0; j < seen; ++j) total += scores[j];
     const float inverse = 1.0f / total;
+    T* o = out + (row * heads + h) * head_dim;
+    if (head_dim == 64) return weigh_values<T, 4>(scores, vs, seen, inverse, o);
+    if (head_dim == 128) return weigh_values<T, 8>(scores, vs, seen, inverse, o);
     std::fill(acc, acc + head_dim, 0.0f);
     for (long j = 0; j < seen; ++j) {
         const float p = scores[j] * inverse;
         const T* vj = vs + j * head_dim;
         for (long d = 0; d < head_dim; ++d) acc[d] += p * load(vj, d);
     }
-    for (long d = 0; d < head_dim; ++d) store(out + (row * heads + h) * head_dim, d, acc[d]);
+    for (long d = 0; d < head_dim; ++d) store(o, d, acc[d]);
 }
 
 // Every (query, head) pair, split over ``threads`` OpenMP threads (torch's own runtime: the library
