@@ -219,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report.render_report(args, results, info, args.model_dir or weights.hf_folder,
                                 time.monotonic() - started, loads, commands, requests_per_level(args))
     if limit is not None:
+        limit.later_bandwidth_gbs = ceiling.measure_bandwidth(limit.threads, peers.server_env(), REPO_ROOT)
+        log.info("streaming read after the servers %.1f GB/s", limit.later_bandwidth_gbs)
         text += "\n" + "\n".join(ceiling_table(args, limit, results))
     print("\n" + text)
     if not args.no_save:

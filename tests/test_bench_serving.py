@@ -115,3 +115,18 @@ def test_fresh_prompts_never_repeat_within_a_run_and_share_only_the_system_messa
     assert {chat[0]["content"] for chat in chats} == {messages_for(0)[0]["content"]}
     repeated = [messages_for(i)[1]["content"] for i in range(2 * len(PROMPTS))]
     assert len(set(repeated)) == len(PROMPTS)  # the default sends the same prompts again
+
+
+def test_the_ceiling_table_shows_the_share_against_each_bandwidth_probe_and_their_mean() -> None:
+    """The streaming read is taken before and after the servers; a noisy host moves it by half, so
+    the report gives the share against each probe and the ceiling from their mean."""
+    from servebench.ceiling import Ceiling, ceiling_rows
+
+    limit = Ceiling(bandwidth_gbs=30.0, threads=2, ours_weight_bytes=100_000_000, kv_bytes_per_position=0,
+                    gguf_tensor_bytes=100_000_000, quantization="auto", later_bandwidth_gbs=50.0)
+    text = "\n".join(ceiling_rows(limit, {"ours": 10.0}, {"ours": 200.0}))
+    assert "before / after the servers: **30.0** / **50.0** GB/s" in text and "mean, 40.0 GB/s" in text
+    # 200 tok/s x 100 MB = 20 GB/s: 67 % of the first probe, 40 % of the second, 50 % of their mean (ceiling 400)
+    assert "| ours | 100.0 | 0.00 | 400 | 200.0 | 50% | 67% / 40% |" in text
+    alone = "\n".join(ceiling_rows(Ceiling(30.0, 2, 100_000_000, 0, 100_000_000, "auto"), {}, {"ours": 200.0}))
+    assert "before the servers: **30.0** GB/s" in alone and "| 67% | 67% |" in alone

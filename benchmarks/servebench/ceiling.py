@@ -5,7 +5,10 @@ so far), so no server can beat ``bandwidth / bytes per token`` tokens/s. Measure
 own run, before the servers start:
 
 - **bandwidth**: one process, as many torch threads as the servers use, summing a 1 GiB float32
-  tensor (a pure streaming read, far larger than the caches); the best of several passes;
+  tensor (a pure streaming read, far larger than the caches); the best of several passes. Taken
+  before the servers start and again after they stop: on a shared host this probe moved from 29 to
+  47 GB/s between runs minutes apart (2026-12-07), so the report shows the share against each probe
+  and the ceiling from their mean;
 - **bytes per token, ours**: ``LlamaRunner.weight_bytes`` of the configured weights (what a
   one-sequence step reads: the int4 copy in ``auto``) plus the KV cache of the mean context;
 - **bytes per token, llama-server**: the GGUF's tensor bytes (its tied Q8_0 embedding is read once
@@ -40,6 +43,11 @@ class Ceiling:
     kv_bytes_per_position: int  # keys + values of one position, all layers (16-bit)
     gguf_tensor_bytes: int
     quantization: str
+    later_bandwidth_gbs: float | None = None  # the probe again, after the servers
+
+    def probes(self) -> list[float]:
+        """The streaming reads taken (before the servers, then after them when taken)."""
+        return [self.bandwidth_gbs] + ([self.later_bandwidth_gbs] if self.later_bandwidth_gbs is not None else [])
 
 
 def stream_bandwidth_gbs(threads: int, repeats: int = 5) -> float:
@@ -89,6 +97,13 @@ def measure(model_dir: Path, gguf: Path, dtype: str, quantization: str | None, t
     return Ceiling(**json.loads(out.strip().splitlines()[-1]))
 
 
+def measure_bandwidth(threads: int, env: dict[str, str], cwd: Path) -> float:
+    """The streaming read alone, again, in a child process (GB/s)."""
+    command = [sys.executable, str(HERE), "--bandwidth-only", str(threads)]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["bandwidth_gbs"])
+
+
 def configured_quantization(overrides: list[str], defaults_file: Path) -> str | None:
     """The quantization our server runs with: an ``--ours-set optimizations.quantization=...``, else the
     shipped model_config.yaml's."""
@@ -106,28 +121,37 @@ def ceiling_rows(ceiling: Ceiling, positions: dict[str, float], tok_s: dict[str,
     """Markdown: per server, bytes per token at one concurrent, the ceiling and the share reached.
     ``positions``: mean cached positions during decoding (prompt + half the new tokens)."""
     weights = {"ours": ceiling.ours_weight_bytes, "llama-server": ceiling.gguf_tensor_bytes}
+    probes = ceiling.probes()
+    mean = sum(probes) / len(probes)
+    read = " / ".join(f"**{gbs:.1f}**" for gbs in probes)
     lines = [
         "### Bandwidth ceiling at 1 concurrent (issue 21)",
         "",
-        f"Streaming read (`tensor.sum()` of 1 GiB float32, {ceiling.threads} threads, best of 5): "
-        f"**{ceiling.bandwidth_gbs:.1f} GB/s**. Bytes per token = weights read by one decode step + KV cache of the "
+        f"Streaming read (`tensor.sum()` of 1 GiB float32, {ceiling.threads} threads, best of 5), "
+        f"{'before / after the servers' if len(probes) > 1 else 'before the servers'}: {read} GB/s; the ceiling "
+        f"is from their mean, {mean:.1f} GB/s. Bytes per token = weights read by one decode step + KV cache of the "
         f"mean context ({ceiling.kv_bytes_per_position} B per position). Ours: `quantization: "
         f"{ceiling.quantization}`; llama-server: the GGUF's tensor bytes (Q4_1 layers, Q8_0 tied embedding).",
         "",
-        "| server | weight MB / token | KV MB / token | ceiling tok/s | measured tok/s at 1 | share of ceiling |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| server | weight MB / token | KV MB / token | ceiling tok/s | measured tok/s at 1 | share of ceiling "
+        "| share against each probe |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, weight in weights.items():
         if name not in tok_s:
             continue
         kv = ceiling.kv_bytes_per_position * positions.get(name, 0.0)
-        limit = ceiling.bandwidth_gbs * 1e9 / (weight + kv)
+        limit = mean * 1e9 / (weight + kv)
+        each = " / ".join(f"{tok_s[name] * (weight + kv) / (gbs * 1e9):.0%}" for gbs in probes)
         lines.append(f"| {name} | {weight / 1e6:.1f} | {kv / 1e6:.2f} | {limit:.0f} | {tok_s[name]:.1f} "
-                     f"| {tok_s[name] / limit:.0%} |")
+                     f"| {tok_s[name] / limit:.0%} | {each} |")
     return [*lines, ""]
 
 
 def _child(argv: list[str]) -> None:
+    if argv[:1] == ["--bandwidth-only"]:
+        print(json.dumps({"bandwidth_gbs": stream_bandwidth_gbs(int(argv[1]))}))
+        return
     parser = argparse.ArgumentParser()
     for name in ("model_dir", "gguf", "dtype", "quantization"):
         parser.add_argument(name)
