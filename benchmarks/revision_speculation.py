@@ -33,7 +33,8 @@ def one(url: str, model: str, messages: list[dict[str, str]], temperature: float
         prediction: str | None) -> tuple[int, float, int, int]:
     """(completion tokens, decode seconds, accepted, rejected prediction tokens) of one streamed request."""
     body: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
-                            "stop": list(REVISION_STOPS)[:4], "stream": True, "stream_options": {"include_usage": True}}
+                            "stop": list(REVISION_STOPS)[:4],  # the API takes at most 4 stop strings
+                            "stream": True, "stream_options": {"include_usage": True}}
     if prediction is not None:
         body["prediction"] = {"type": "content", "content": prediction}
     first = None

@@ -130,3 +130,16 @@ def test_the_ceiling_table_shows_the_share_against_each_bandwidth_probe_and_thei
     assert "| ours | 100.0 | 0.00 | 400 | 200.0 | 50% | 67% / 40% |" in text
     alone = "\n".join(ceiling_rows(Ceiling(30.0, 2, 100_000_000, 0, 100_000_000, "auto"), {}, {"ours": 200.0}))
     assert "before the servers: **30.0** GB/s" in alone and "| 67% | 67% |" in alone
+
+
+def test_the_bandwidth_only_probe_prints_the_streaming_read_as_json(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """What ``measure_bandwidth``'s child prints after the servers: one JSON line, a positive GB/s."""
+    import json
+
+    from servebench import ceiling
+
+    monkeypatch.setattr(ceiling, "STREAM_BYTES", 1 << 22)  # 4 MiB: the arithmetic, not the machine
+    ceiling._child(["--bandwidth-only", "1"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"bandwidth_gbs"} and printed["bandwidth_gbs"] > 0

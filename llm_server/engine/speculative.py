@@ -18,8 +18,9 @@ vLLM's ``ngram`` proposer and llama.cpp's lookup decoding do), and checks the gu
   2, 4 ... up to ``MAX_REST`` steps while its drafts keep being refused whole, and drafts as usual
   again once one is accepted, even in part. A verify step costs more than a plain one (on a 2-core
   CPU a row of 1 + 7 tokens about twice a row of 1), so a prediction the output left (a sampled
-  revision that rewrites instead of copying: 12 % of its draft tokens accepted) made the request
-  slower than no speculation at all: 10.5 against 7.3 ms per token (2026-12-07).
+  revision that rewrites instead of copying: 12-20 % of its draft tokens accepted) made the request
+  slower than no speculation at all: 8.4 against 7.6 ms per decoded token, interleaved per prompt;
+  with the rest, 7.4 against 7.4 (``benchmarks/revision_speculation.py``, 2026-12-07).
 - **Grammar-forced ids**: for a constrained request the ids its grammar forces next
   (``GrammarMatcher.forced``: the keys and punctuation of a JSON schema, ``{"better": "`` of a
   verdict) are the draft whenever there are any, as SGLang's jump-forward decoding does. They are
