@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from improvement_passes import parse as parse_log  # noqa: E402
+from improvement_passes import report as passes_report  # noqa: E402
+
 DATA = HERE / "data" / "improvement_prompts.json"
 RESULTS = HERE / "results"
 STAMP = time.strftime("%Y%m%d-%H%M%S")
@@ -167,9 +171,10 @@ def run_python(prompts: list[dict[str, Any]], max_new_tokens: int) -> list[dict[
 # --------------------------------------------------------------------------- HTTP API
 
 
-def start_server(port: int, shipped: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(port: int, shipped: bool = False, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """The real server on ``port`` (float32 and unquantized like the Python API run, or with
-    ``shipped`` the model_config.yaml as shipped: bf16 / int4 ``auto``); returns (process, url)."""
+    ``shipped`` the model_config.yaml as shipped: bf16 / int4 ``auto``); returns (process, url).
+    ``log``: the server logs at debug level into that file (for ``improvement_passes.py``)."""
     import yaml
 
     from llm_server.helper_functionality.yaml_loading import PACKAGE_CONFIG_DIR
@@ -181,8 +186,9 @@ def start_server(port: int, shipped: bool = False) -> tuple[subprocess.Popen[byt
     (folder / "model_config.yaml").write_text(yaml.safe_dump(config))
     # the worktree's own server (python -m): the installed console script may point at another checkout
     command = [sys.executable, "-m", "llm_server.api.server", "--port", str(port), "--open-access",
-               "--config-dir", str(folder), "--log-level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ})
+               "--config-dir", str(folder), "--log-level", "warning" if log is None else "debug"]
+    output = None if log is None else log.open("wb")
+    process = subprocess.Popen(command, env={**os.environ}, stdout=output, stderr=output)
     url = f"http://127.0.0.1:{port}"
     import requests
 
@@ -308,6 +314,9 @@ def main() -> None:
                         help="HTTP API: sample at this temperature (unseeded) instead of greedy decoding")
     parser.add_argument("--shipped", action="store_true",
                         help="HTTP API: the server's model settings as shipped (not float32 / unquantized)")
+    parser.add_argument("--server-log", type=Path,
+                        help="HTTP API: the started server logs at debug level into this file; the report adds "
+                             "the time of each pass and the floor (improvement_passes.py)")
     parser.add_argument("--rescore", type=Path,
                         help="add gate policy 'likelihood' to this saved Python run's rows (no new answers)")
     args = parser.parse_args()
@@ -321,7 +330,7 @@ def main() -> None:
         all_rows["python"] = run_python(load_prompts(args.subset), args.max_new_tokens)
         tables["python"] = table(all_rows["python"])
     if args.api in ("http", "both") and args.rescore is None:
-        process, url = (None, args.url) if args.url else start_server(args.port, args.shipped)
+        process, url = (None, args.url) if args.url else start_server(args.port, args.shipped, args.server_log)
         try:
             subset = args.http_subset if args.http_subset is not None else args.subset
             all_rows["http"] = run_http(load_prompts(subset), args.max_new_tokens, url, args.temperature)
@@ -336,6 +345,9 @@ def main() -> None:
         base = RESULTS / f"improvement_quality_{STAMP}_{args.api}"
     base.with_suffix(".json").write_text(json.dumps({"tables": tables, "rows": all_rows}, indent=1))
     report = markdown(tables, args)
+    if args.server_log is not None and args.url is None and "http" in all_rows:
+        log_lines = args.server_log.read_text(errors="replace").splitlines()
+        report += f"\n## HTTP passes (server log `{args.server_log}`)\n\n{passes_report(parse_log(log_lines))}"
     base.with_suffix(".md").write_text(report)
     print(report)
 
