@@ -183,6 +183,22 @@ def test_improvement_runs_every_pass_through_the_engine(service: ChatService, en
                                          for r in engine.requests)
 
 
+def test_a_revision_that_runs_away_is_cancelled_in_the_engine_and_rejected(service: ChatService,
+                                                                          engine: ScriptedEngine) -> None:
+    """A revision that starts to loop is cancelled in the engine at once (not read to its 2,000 words);
+    the pass ends as "stop", the gate keeps the draft and says why, and the turn ends normally."""
+    loop = " ".join(["again and again the same words"] * 400)
+    engine.reply = lambda prompt: loop if "Rewrite answer A" in prompt else _reviser_reply(prompt)
+    engine.delay_s = 0.001
+    messages = service.spec_messages("Explain", [], "assistant")
+    text, done = collect(service.open(turn(messages, temperature=0.0, improvement=True, intermediate_steps=True)))
+    assert [r.request_id.rsplit("-", 1)[1] for r in engine.requests] == ["draft", "review1", "revision1"]
+    assert done.finish_reason == "stop"
+    assert done.result["comments1"] == "Kept the previous answer: the revision repeats itself."
+    assert done.result["reply"] == "A first draft."
+    assert done.completion_tokens < 100  # the revision's 2,000 words were not all generated
+
+
 def test_engine_request_ids_name_the_pass(service: ChatService, engine: ScriptedEngine) -> None:
     """Logs show which pass of which request ran: the request id, plus the stage when improving."""
     engine.reply = _reviser_reply

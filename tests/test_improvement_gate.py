@@ -23,10 +23,17 @@ from llm_server.conversation_engine.improvement import (
 from llm_server.conversation_engine.improvement_gate import (
     FALLBACK_JUDGE_PROMPT,
     JUDGE_MAX_NEW_TOKENS,
+    LOOP_CHARS,
+    RECITE_CHARS,
     VERDICT_SCHEMA,
+    WATCH_EVERY,
     GateDecision,
+    RunawayWatch,
     candidate_problem,
     read_verdict,
+    recites,
+    repeats_itself,
+    runaway_problem,
 )
 from llm_server.conversation_engine.improvement_parsing import REVISION_STOPS, parse_revision, parse_suggestions
 
@@ -217,9 +224,11 @@ def test_passes_carry_budget_prediction_and_verdict_constraints() -> None:
     review = advance(steps, DRAFT).next_pass
     assert review is not None and review.name == "review1" and review.schema == review_schema(DRAFT)
     revision = advance(steps, REVIEW).next_pass
+    assert revision is not None and isinstance(revision.stop_when, RunawayWatch)  # ended once it runs away
     assert revision == Pass(revision.messages, name="revision1", prediction=DRAFT,  # the draft's budget, free text
                             stop=REVISION_STOPS,  # ended where it echoes its prompt
-                            repetition_penalty=1.0)  # not pushed away from the answer it rewrites
+                            repetition_penalty=1.0,  # not pushed away from the answer it rewrites
+                            stop_when=revision.stop_when)
     assert DRAFT in revision.messages[-1]["content"] and "Mention statelessness." in revision.messages[-1]["content"]
     judge = advance(steps, BETTER).next_pass
     assert judge is not None and judge.name == "judge1a"
@@ -403,3 +412,73 @@ def test_parse_revision(text: str, answer: str) -> None:
 ])
 def test_parse_suggestions(text: str, suggestions: str) -> None:
     assert parse_suggestions(text, structured=True) == suggestions
+
+
+# --- runaway revisions ----------------------------------------------------------------------
+INSTRUCTIONS = ("You are an expert at taking the user's drafts and improving them. Your job is to make draft "
+                "answers better by including more relevant facts and correcting errors.")
+LOOPING = DRAFT + " That is the end of the last part of the last part of the last part of the last part of it."
+RECITING = DRAFT + " Your job is to make draft answers better by including more relevant facts, always."
+
+
+def test_runaway_checks() -> None:
+    assert repeats_itself(LOOPING) and not repeats_itself(DRAFT) and not repeats_itself(BETTER)
+    assert not repeats_itself("ab" * 11)  # a passage under LOOP_CHARS[0] characters is not a loop
+    assert repeats_itself("x" * LOOP_CHARS[0] * 2)
+    assert recites(RECITING, INSTRUCTIONS) and not recites(DRAFT, INSTRUCTIONS)
+    assert not recites(INSTRUCTIONS[: RECITE_CHARS - 1], INSTRUCTIONS)
+    assert runaway_problem(LOOPING, DRAFT, INSTRUCTIONS) == "repeats itself"
+    assert runaway_problem(RECITING, DRAFT, INSTRUCTIONS) == "recites its instructions"
+    assert runaway_problem(BETTER, DRAFT, INSTRUCTIONS) is None
+    # what the previous answer already did is not held against its revision
+    assert runaway_problem(LOOPING + " More.", LOOPING, INSTRUCTIONS) is None
+    assert runaway_problem(RECITING + " More.", RECITING, INSTRUCTIONS) is None
+
+
+@pytest.mark.parametrize("text", [LOOPING * 3, RECITING + " " + BETTER * 2, BETTER * 1 + " And more words." * 3])
+def test_the_watch_fires_only_once_the_checks_hold_and_soon_after(text: str) -> None:
+    """Fed the text chunk by chunk, the watch fires only on a prefix the checks reject (so stopping
+    there decides what running to the end would), and within WATCH_EVERY + a chunk of where they first do."""
+    watch = RunawayWatch(DRAFT, INSTRUCTIONS)
+    first_bad = next((end for end in range(len(text) + 1) if runaway_problem(text[:end], DRAFT, INSTRUCTIONS)), None)
+    fired = next((end for end in range(7, len(text) + 7, 7) if watch(text[:end])), None)
+    if first_bad is None:
+        assert fired is None
+    else:
+        assert fired is not None and runaway_problem(text[:fired], DRAFT, INSTRUCTIONS) is not None
+        assert fired - first_bad <= WATCH_EVERY + 7
+
+
+class _Endless(FakeModel):
+    """Its revisions loop for 2,000 chunks, counting how many were read."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.revision_chunks = 0
+
+    def __call__(self, messages: list[dict[str, str]], **options: Any) -> Iterator[str]:
+        if "Rewrite answer A" not in messages[-1]["content"]:
+            yield from super().__call__(messages, **options)
+            return
+        self.passes.append((messages, options))
+        for _ in range(2000):
+            self.revision_chunks += 1
+            yield "of the last part "
+
+
+def test_a_revision_that_loops_is_stopped_at_once_and_the_draft_kept() -> None:
+    model = _Endless()
+    text, result, decisions = improve(model, steps=True)
+    assert 0 < model.revision_chunks < 20  # about WATCH_EVERY characters, not the 2,000 chunks
+    assert result["comments1"] == "Kept the previous answer: the revision repeats itself."
+    assert result["reply"] == result["revision2"] == DRAFT
+    assert "judge" not in model.names()  # rejected without a verdict
+    assert decisions[0].problem == "repeats itself" and "Comments: Kept the previous answer" in text
+
+
+def test_without_a_gate_revisions_are_not_watched() -> None:
+    steps = improvement_steps(PROMPTS, [], QUESTION, structured=True, gate="none")
+    advance(steps)
+    advance(steps, DRAFT)
+    revision = advance(steps, REVIEW).next_pass
+    assert revision is not None and revision.name == "revision1" and revision.stop_when is None

@@ -48,9 +48,11 @@ from llm_server.conversation_engine.improvement_gate import (
     JUDGE_MAX_NEW_TOKENS,
     VERDICT_SCHEMA,
     GateDecision,
+    RunawayWatch,
     candidate_problem,
     decide,
     read_verdict,
+    runaway_problem,
     same_answer,
 )
 from llm_server.conversation_engine.improvement_parsing import (
@@ -176,10 +178,14 @@ def _stage(turn: _Turn, stage: int, previous: str, live: bool) -> StagePasses:
                                schema=review_schema(previous) if turn.structured else None, show=live,
                                name=f"review{stage}"))
     suggestions = parse_suggestions(text, turn.structured)
-    candidate = parse_revision((yield from ask(Pass(
-        revision_messages(turn.system_prompts, turn.history, turn.message, previous, suggestions),
-        name=f"revision{stage}", prediction=previous, stop=REVISION_STOPS, repetition_penalty=1.0))))
-    problem = candidate_problem(candidate, previous, turn.draft, suggestions)
+    messages = revision_messages(turn.system_prompts, turn.history, turn.message, previous, suggestions)
+    instructions = messages[0]["content"]  # the reviser's system prompt
+    watch = RunawayWatch(previous, instructions) if turn.gate != "none" else None
+    raw = yield from ask(Pass(messages, name=f"revision{stage}", prediction=previous, stop=REVISION_STOPS,
+                              repetition_penalty=1.0, stop_when=watch))
+    candidate = parse_revision(raw)
+    problem = (runaway_problem(raw, previous, instructions)
+               or candidate_problem(candidate, previous, turn.draft, suggestions))
     votes: Votes = ()
     if turn.gate == "judge" and problem is None and candidate and not same_answer(candidate, previous):
         votes = yield from _judge(turn, stage, previous, candidate)

@@ -117,6 +117,71 @@ def candidate_problem(candidate: str, previous: str, draft: str, suggestions: st
     return None
 
 
+# --------------------------------------------------------------------------- runaway revisions
+
+#: A revision that says a passage of LOOP_CHARS (min, max) characters twice in a row loops: sampled, a
+#: 135M model does, to the end of its budget ("... of the last part of the last part of the last part").
+LOOP_CHARS = (24, 300)
+#: A revision that says this many characters of its instructions (the reviser's system prompt) word
+#: for word recites them instead of answering.
+RECITE_CHARS = 40
+#: How often (characters of new text) :class:`RunawayWatch` looks again.
+WATCH_EVERY = 64
+_LOOP = re.compile(rf"(.{{{LOOP_CHARS[0]},{LOOP_CHARS[1]}}}?)\1", re.DOTALL)
+
+
+def repeats_itself(text: str) -> bool:
+    """Some passage of :data:`LOOP_CHARS` characters comes twice in a row."""
+    return _LOOP.search(text) is not None
+
+
+def _spans(instructions: str) -> frozenset[str]:
+    return frozenset(instructions[i:i + RECITE_CHARS] for i in range(len(instructions) - RECITE_CHARS + 1))
+
+
+def recites(text: str, instructions: str) -> bool:
+    """``text`` holds :data:`RECITE_CHARS` characters of ``instructions`` word for word."""
+    spans = _spans(instructions)
+    return any(text[i:i + RECITE_CHARS] in spans for i in range(len(text) - RECITE_CHARS + 1))
+
+
+def runaway_problem(raw: str, previous: str, instructions: str) -> str | None:
+    """Why a revision, as generated (``raw``, before :func:`parse_revision`), ran away (None: it did
+    not): it repeats itself or recites its ``instructions`` where ``previous`` did not. Both only
+    ever turn true as text is added, so a revision can be stopped the moment one does
+    (:class:`RunawayWatch`) and the gate decides the same as if it had run to its end."""
+    if repeats_itself(raw) and not repeats_itself(previous):
+        return "repeats itself"
+    if recites(raw, instructions) and not recites(previous, instructions):
+        return "recites its instructions"
+    return None
+
+
+class RunawayWatch:
+    """A revision pass's ``stop_when``: true once :func:`runaway_problem` holds for its text so far.
+
+    Looks at the new text every :data:`WATCH_EVERY` characters, each time at its tail only (long
+    enough to hold any loop or recital completed since the last look), so watching a 2,000-character
+    revision costs a few milliseconds in all."""
+
+    def __init__(self, previous: str, instructions: str) -> None:
+        self._spans = _spans(instructions)
+        self._watch_loops = not repeats_itself(previous)
+        self._watch_recital = not recites(previous, instructions)
+        self._seen = 0
+
+    def __call__(self, text: str) -> bool:
+        if len(text) - self._seen < WATCH_EVERY:
+            return False
+        start = max(0, self._seen - 2 * LOOP_CHARS[1])
+        self._seen = len(text)
+        tail = text[start:]
+        if self._watch_loops and _LOOP.search(tail):
+            return True
+        return self._watch_recital and any(tail[i:i + RECITE_CHARS] in self._spans
+                                           for i in range(len(tail) - RECITE_CHARS + 1))
+
+
 def same_answer(a: str, b: str) -> bool:
     """The same words in the same order (case, spacing and punctuation aside)."""
     return _words(a) == _words(b)

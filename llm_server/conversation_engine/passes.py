@@ -38,7 +38,9 @@ class Pass:
     pass will likely repeat (a revision's previous answer), for prompt-lookup speculation;
     ``stop`` ends the pass at any of these strings (a revision that starts echoing its prompt);
     ``repetition_penalty`` (None: the request's) replaces the request's for this pass (a revision,
-    whose prompt holds the answer it rewrites, is not pushed away from it).
+    whose prompt holds the answer it rewrites, is not pushed away from it). ``stop_when``, given the
+    pass's text so far as it arrives, ends the pass once it returns True (a revision that has run
+    away: see ``improvement_gate.RunawayWatch``); the text so far is then the pass's text.
     """
 
     messages: list[dict[str, str]]
@@ -50,6 +52,7 @@ class Pass:
     prediction: str | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float | None = None
+    stop_when: Callable[[str], bool] | None = None
 
 
 #: What a turn yields: text for the client, one pass, or independent passes to run together.
@@ -142,13 +145,22 @@ def _accepted(generate: GenerateFn, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_pass(generate: GenerateFn, one: Pass) -> Generator[str, None, str]:
-    """Yield a pass's chunks when it is shown; return its full text."""
+    """Yield a pass's chunks when it is shown; return its full text (up to where ``stop_when`` ended it:
+    closing the generator stops the generation)."""
     parts: list[str] = []
-    for chunk in generate(one.messages, **_accepted(generate, pass_options(one))):
-        if chunk:
-            parts.append(chunk)
-            if one.show:
-                yield chunk
+    chunks = generate(one.messages, **_accepted(generate, pass_options(one)))
+    try:
+        for chunk in chunks:
+            if chunk:
+                parts.append(chunk)
+                if one.show:
+                    yield chunk
+                if one.stop_when is not None and one.stop_when("".join(parts)):
+                    break
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     return "".join(parts)
 
 

@@ -253,15 +253,25 @@ class TurnStream:
 
     async def _pass_events(self, one: Pass, stream: GenerationStream,
                            ended: list[Finished]) -> AsyncGenerator[ChatDelta, None]:
-        """One pass's live text (when it is shown); its Finished is appended to ``ended``."""
+        """One pass's live text (when it is shown); its Finished is appended to ``ended``. A pass whose
+        ``stop_when`` turns true is cancelled in the engine and ends as "stop" with its text so far."""
         finished: Finished | None = None
+        parts: list[str] = []
+        stopped_here = False
         async for event in stream:
             if isinstance(event, TextDelta):
                 if event.text and one.show and self._tools is None:
                     yield ChatDelta(event.text)
+                if one.stop_when is not None and not stopped_here and event.text:
+                    parts.append(event.text)
+                    stopped_here = one.stop_when("".join(parts))
+                    if stopped_here:
+                        stream.cancel()
             else:
                 finished = event
         assert finished is not None  # a GenerationStream ends with Finished or raises
+        if stopped_here and finished.reason == "cancelled" and not self._stopped:
+            finished = replace(finished, reason="stop")  # ended by its own stop_when, not by the turn
         if "waiting" in finished.timeline and "prefilling" in finished.timeline:
             self._observer.on_queued(finished.timeline["prefilling"] - finished.timeline["waiting"])
         if finished.reason == "stop" and self.final_check is not None:
