@@ -17,7 +17,8 @@ Each stage is the spec's review then revision:
   question, the current answer and the suggestions: free text with the draft's token budget,
   its ``prediction`` the current answer (a revision mostly repeats it), no repetition penalty
   (the penalty counts prompt tokens, so it would push the revision away from the answer it
-  rewrites), and :data:`REVISION_STOPS` (the labels of its prompt, which a small model echoes);
+  rewrites), :data:`REVISION_STOPS` (the labels of its prompt, which a small model echoes), and a
+  ``RunawayWatch`` that stops it the moment it loops or recites its instructions;
 - the **acceptance gate** (:mod:`~llm_server.conversation_engine.improvement_gate`) keeps the
   current answer unless the revision is better: cheap checks, then (policy ``"judge"``) the
   model's own verdict in two short greedy passes (``judge1a`` / ``judge1b``, both orders,

@@ -1,6 +1,8 @@
 """The acceptance gate of answer improvement: keep the previous answer unless a revision is better.
 
-Sans-IO like the pipeline (no torch, no model): :func:`candidate_problem` holds the cheap checks
+Sans-IO like the pipeline (no torch, no model): :func:`runaway_problem` rejects a revision that loops
+or recites its instructions (checks that only turn true as text is added, so :class:`RunawayWatch`
+stops such a revision the moment they do); :func:`candidate_problem` holds the cheap checks
 that reject a revision outright (empty, a template echo, a bare number, a fragment or an answer
 under a third of a real draft's length, a copy of the suggestions, talk about the review instead
 of an answer); :func:`judge_instruction` / :func:`read_verdict` ask and read the model's own
