@@ -189,6 +189,8 @@ def start_server(port: int, shipped: bool = False, log: Path | None = None) -> t
                "--config-dir", str(folder), "--log-level", "warning" if log is None else "debug"]
     output = None if log is None else log.open("wb")
     process = subprocess.Popen(command, env={**os.environ}, stdout=output, stderr=output)
+    if output is not None:
+        output.close()  # the server holds its own copy of the file
     url = f"http://127.0.0.1:{port}"
     import requests
 

@@ -141,10 +141,13 @@ def _spans(instructions: str) -> frozenset[str]:
     return frozenset(instructions[i:i + RECITE_CHARS] for i in range(len(instructions) - RECITE_CHARS + 1))
 
 
+def _holds_span(text: str, spans: frozenset[str]) -> bool:
+    return any(text[i:i + RECITE_CHARS] in spans for i in range(len(text) - RECITE_CHARS + 1))
+
+
 def recites(text: str, instructions: str) -> bool:
     """``text`` holds :data:`RECITE_CHARS` characters of ``instructions`` word for word."""
-    spans = _spans(instructions)
-    return any(text[i:i + RECITE_CHARS] in spans for i in range(len(text) - RECITE_CHARS + 1))
+    return _holds_span(text, _spans(instructions))
 
 
 def runaway_problem(raw: str, previous: str, instructions: str) -> str | None:
@@ -169,7 +172,7 @@ class RunawayWatch:
     def __init__(self, previous: str, instructions: str) -> None:
         self._spans = _spans(instructions)
         self._watch_loops = not repeats_itself(previous)
-        self._watch_recital = not recites(previous, instructions)
+        self._watch_recital = not _holds_span(previous, self._spans)
         self._seen = 0
 
     def __call__(self, text: str) -> bool:
@@ -180,8 +183,7 @@ class RunawayWatch:
         tail = text[start:]
         if self._watch_loops and _LOOP.search(tail):
             return True
-        return self._watch_recital and any(tail[i:i + RECITE_CHARS] in self._spans
-                                           for i in range(len(tail) - RECITE_CHARS + 1))
+        return self._watch_recital and _holds_span(tail, self._spans)
 
 
 def same_answer(a: str, b: str) -> bool:
