@@ -23,7 +23,7 @@ import torch
 
 from llm_server.engine import batched_attention
 from llm_server.engine.batched_attention import ATTENTION_NAME, CURRENT_STEP, StepContext
-from llm_server.engine.hf_linears import body_linears, replace_linears
+from llm_server.engine.hf_linears import body_linears, replace_linears, streamed_linears
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import release_memory
 from llm_server.engine.quant import (
@@ -32,8 +32,10 @@ from llm_server.engine.quant import (
     QUANT_MODES,
     QUANTIZATION_ATTR,
     fast_rows,
+    streamed_tensors,
 )
 from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
+from llm_server.engine.weight_arena import pack_streamed
 
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _PROBE_IDS = [3, 7, 1, 5, 2]
@@ -121,6 +123,8 @@ class GenericRunner(ModelRunner):
         with torch.no_grad():
             self.weight_bytes = replace_linears(model, pack_weights, self.quantization, head_quantization, free)
         self.fast_tokens = fast_rows(body_linears(model))
+        streamed = [t for linear in streamed_linears(model) for t in streamed_tensors(linear)]
+        self._arena = pack_streamed(streamed) if self.device.type == "cpu" else None
         release_memory()
 
     # --- slots and cache ----------------------------------------------------------------

@@ -139,4 +139,11 @@ def body_linears(model: torch.nn.Module) -> list[Linear]:
     return list(kernels.values())
 
 
-__all__ = ["EngineLinear", "body_linears", "replace_linears"]
+def streamed_linears(model: torch.nn.Module) -> list[Linear]:
+    """The engine's linears in ``model`` in module order, its LM head last (what a decode step reads)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return body_linears(model) + ([head.kernel] if isinstance(head, EngineLinear) else [])
+
+
+__all__ = ["EngineLinear", "body_linears", "replace_linears", "streamed_linears"]

@@ -24,8 +24,17 @@ import torch.nn.functional as F
 from llm_server.engine import cpu_kernels
 from llm_server.engine.kv_cache import SlotCache
 from llm_server.engine.llama_weights import LayerWeights, int4_body, read_head, read_layer, release_memory
-from llm_server.engine.quant import ENGINE_OWNED_ATTR, HEAD_QUANTIZATION, QUANT_MODES, QUANTIZATION_ATTR, fast_rows
+from llm_server.engine.quant import (
+    ENGINE_OWNED_ATTR,
+    HEAD_QUANTIZATION,
+    QUANT_MODES,
+    QUANTIZATION_ATTR,
+    Linear,
+    fast_rows,
+    streamed_tensors,
+)
 from llm_server.engine.runner import KVHandle, ModelRunner, every_position_rows
+from llm_server.engine.weight_arena import pack_streamed
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -141,21 +150,26 @@ class LlamaRunner(ModelRunner):
             self._norm = inner.norm.weight.detach()
             self._lm_head = read_head(model, pack_weights, free, head_quantization)
             self._cos, self._sin = self._rope_tables(inner.rotary_emb, max_context)
-        release_memory()  # the originals (when freed) and the quantization's float temporaries
+        streamed = [t for lin in (*self._linears(), self._lm_head) for t in streamed_tensors(lin)]
+        self._arena = pack_streamed(streamed) if self.device.type == "cpu" else None  # before the body's pointers
+        release_memory()  # the originals (when freed), the quantization's float temporaries, the moved copies
         self.vocab_size = self._lm_head.out_features
         kernels = cpu_kernels.load() if fused_kernels and self.device.type == "cpu" else None
         self._kernels = kernels if kernels is not None and kernels.supports(self.dtype) else None
         shape = (self._heads, self._kv_heads, self._head_dim)
         self._body = int4_body(self._layers, self._norm, shape, self.dtype) if self._kernels is not None else None
-        self.fast_tokens = fast_rows(lin for lay in self._layers for lin in (lay.qkv, lay.o, lay.gate_up, lay.down))
+        self.fast_tokens = fast_rows(self._linears())
         self._cache = SlotCache(len(self._layers), self._kv_heads, self._head_dim, max_slots, max_context,
                                 self.dtype, self.device)
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights the linears read per forward (LM head included)."""
-        linears = [lin for layer in self._layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        return sum(lin.weight_bytes for lin in linears) + self._lm_head.weight_bytes
+        return sum(lin.weight_bytes for lin in self._linears()) + self._lm_head.weight_bytes
+
+    def _linears(self) -> list[Linear]:
+        """The decoder layers' linears, in the order a forward calls them."""
+        return [lin for layer in self._layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
 
     # --- weights ------------------------------------------------------------------------
     def _rope_tables(self, rotary: Any, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:

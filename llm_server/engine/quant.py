@@ -142,7 +142,8 @@ def _vnni_int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     blocks, groups = out // 16, width // 32
     # (block, row r, group, vector i, nibble h, byte j) -> (block, group, i, h, r, j)
     levels = q.to(torch.uint8).view(blocks, 16, groups, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
-    nibbles = (levels[:, :, :, 0] | (levels[:, :, :, 1] << 4)).contiguous().view(out, width // 2)
+    nibbles = torch.empty((out, width // 2), dtype=torch.uint8)  # a tensor of its own (no view's base)
+    nibbles.view(blocks, groups, 4, 16, 4).copy_(levels[:, :, :, 0] | (levels[:, :, :, 1] << 4))
     per_row = torch.stack([scale, zero]).view(2, blocks, 16, groups).permute(1, 3, 0, 2)  # (block, group, 2, 16)
     return nibbles, per_row.contiguous().to(dtype)
 
@@ -293,6 +294,20 @@ def fast_rows(linears: Iterable[Linear]) -> int | None:
     quantized copy (``quantization: auto``: :data:`AUTO_MAX_SMALL_ROWS`); None when none switches."""
     limits = [linear.max_small_rows for linear in linears if isinstance(linear, RowSwitchLinear)]
     return min(limits) if limits else None
+
+
+def streamed_tensors(linear: Linear) -> list[torch.Tensor]:
+    """The quantized tensors a call of few rows reads (what :mod:`.weight_arena` packs): the
+    weight-only copy of an ``auto`` linear; none for a float linear (oneDNN's packed weights stay)."""
+    if isinstance(linear, RowSwitchLinear):
+        return streamed_tensors(linear.small)
+    if isinstance(linear, Int4Linear) and linear._kernels is not None:
+        return [linear.nibbles, linear.scale_zero]
+    if isinstance(linear, Int4Linear):
+        return [linear.packed, linear.scale_zeros]
+    if isinstance(linear, Int8Linear):
+        return [linear.qweight, linear.scales]
+    return []
 
 
 def vnni_int4(linear: Linear) -> tuple[Int4Linear, int] | None:
