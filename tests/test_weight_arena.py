@@ -7,6 +7,7 @@ body's pointer table too: built after the move, or it would read freed memory), 
 
 from __future__ import annotations
 
+import mmap
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,18 @@ def test_nothing_to_move_and_the_switch_off_leave_everything_alone(monkeypatch: 
     at = weight.data_ptr()
     monkeypatch.setenv(weight_arena.DISABLE_ENV, "0")
     assert pack_streamed([weight]) is None and weight.data_ptr() == at
+
+
+def test_without_huge_pages_or_anonymous_mappings_the_weights_still_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = torch.randn(8, 64)
+    value = weight.clone()
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)  # a platform without madvise's huge pages
+    arena = pack_streamed([weight])
+    assert arena is not None and not arena.huge_pages and _inside(weight, arena) and torch.equal(weight, value)
+    other = torch.randn(8, 64)
+    at = other.data_ptr()
+    monkeypatch.delattr(mmap, "MAP_ANONYMOUS")  # no anonymous mappings at all: left where they are
+    assert pack_streamed([other]) is None and other.data_ptr() == at
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "auto"])

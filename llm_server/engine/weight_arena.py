@@ -66,8 +66,8 @@ def _aligned(size: int) -> int:
 
 def pack_streamed(tensors: Iterable[torch.Tensor]) -> WeightArena | None:
     """Move ``tensors`` (CPU, contiguous) into one buffer advised for huge pages, in the given order;
-    None when there is nothing to move (or ``LLM_SERVER_WEIGHT_ARENA=0``)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
+    None when there is nothing to move (or ``LLM_SERVER_WEIGHT_ARENA=0``, or no anonymous mappings)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0" or not hasattr(mmap, "MAP_ANONYMOUS"):  # (Windows has none)
         return None
     chosen = _unique(tensors)
     size = sum(_aligned(t.numel() * t.element_size()) for t in chosen)
