@@ -87,8 +87,8 @@ def main() -> None:
         config = Path(work) / "config"
         peers.write_our_config(config, model_dir, "bfloat16", port, 32, 64, args.set)
         spec = peers.ours_spec(config, port)
-        server = subprocess.Popen(spec.command, env=spec.env, stdout=subprocess.DEVNULL,
-                                  stderr=open(Path(work) / "server.log", "w"), cwd=work)
+        with open(Path(work) / "server.log", "w") as log:
+            server = subprocess.Popen(spec.command, env=spec.env, stdout=subprocess.DEVNULL, stderr=log, cwd=work)
         try:
             wait_ready(spec.ready_url)
             client = openai.OpenAI(base_url=spec.base_url, api_key=spec.api_key)

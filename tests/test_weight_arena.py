@@ -49,11 +49,13 @@ def test_tensors_keep_their_values_and_move_in_order_aligned_once_each() -> None
     view = torch.randn(8, 8, generator=generator).view(64)  # its base would keep the old copy alive
     before = [t.clone() for t in (a, b, c, strided, view)]
     left = [strided.data_ptr(), view.data_ptr()]
-    arena = pack_streamed([a, b, a, c, strided, view])
+    packed = torch.randn(4, 4, generator=generator).to_mkldnn()  # oneDNN's opaque layout: no storage to move
+    arena = pack_streamed([a, b, a, c, strided, view, packed])
     assert arena is not None and arena.tensors == 3  # ``a`` twice, moved once
     for tensor, value in zip((a, b, c, strided, view), before, strict=True):
         assert torch.equal(tensor, value) and tensor.dtype == value.dtype and tensor.shape == value.shape
     assert all(_inside(t, arena) for t in (a, b, c)) and [strided.data_ptr(), view.data_ptr()] == left
+    assert packed.layout == torch._mkldnn
     assert a.data_ptr() % HUGE_PAGE == 0  # the first on a 2 MB boundary
     assert a.data_ptr() < b.data_ptr() < c.data_ptr()  # in the order given
     assert all(t.data_ptr() % ALIGN == 0 for t in (a, b, c))

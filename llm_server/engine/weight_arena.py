@@ -53,8 +53,10 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     seen: set[int] = set()
     kept = []
     for tensor in tensors:
+        if not _movable(tensor):  # checked first: a tensor of another layout may have no plain storage
+            continue
         key = tensor.untyped_storage().data_ptr()
-        if _movable(tensor) and key not in seen:
+        if key not in seen:
             seen.add(key)
             kept.append(tensor)
     return kept
