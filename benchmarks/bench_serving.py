@@ -168,9 +168,9 @@ def measure_ceiling(args: argparse.Namespace, weights: peers.Weights) -> ceiling
                                                    / "model_config.yaml")
     measured = ceiling.measure(args.model_dir or weights.hf_folder, weights.gguf, dtype, quantization,
                                args.llama_threads, peers.server_env(), REPO_ROOT)
-    log.info("streaming read %.1f GB/s (%d threads); ours reads %.1f MB of weights per token, the GGUF %.1f MB",
-             measured.bandwidth_gbs, measured.threads, measured.ours_weight_bytes / 1e6,
-             measured.gguf_tensor_bytes / 1e6)
+    log.info("streaming read %.1f GB/s (%d threads), %.1f GB/s over the weights' size; ours reads %.1f MB of "
+             "weights per token, the GGUF %.1f MB", measured.bandwidth_gbs, measured.threads,
+             measured.weights_sized_gbs or 0.0, measured.ours_weight_bytes / 1e6, measured.gguf_tensor_bytes / 1e6)
     return measured
 
 

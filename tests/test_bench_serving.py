@@ -130,6 +130,20 @@ def test_the_ceiling_table_shows_the_share_against_each_bandwidth_probe_and_thei
     assert "| ours | 100.0 | 0.00 | 400 | 200.0 | 50% | 67% / 40% |" in text
     alone = "\n".join(ceiling_rows(Ceiling(30.0, 2, 100_000_000, 0, 100_000_000, "auto"), {}, {"ours": 200.0}))
     assert "before the servers: **30.0** GB/s" in alone and "| 67% | 67% |" in alone
+    assert "weights' size" not in alone  # no such read taken: no column, no note
+
+
+def test_the_ceiling_table_adds_the_share_against_a_read_of_the_weights_size() -> None:
+    """Where the last-level cache holds part of the weights, a server can pass the 1 GiB ceiling; the
+    table then also gives the share against a read as large as the weights."""
+    from servebench.ceiling import Ceiling, ceiling_rows
+
+    limit = Ceiling(30.0, 2, 100_000_000, 0, 100_000_000, "auto", weights_sized_gbs=40.0)
+    text = "\n".join(ceiling_rows(limit, {}, {"ours": 330.0, "llama-server": 100.0}))
+    # 330 tok/s x 100 MB = 33 GB/s: 110 % of the 1 GiB read, 82 % of the weights-sized one
+    assert "| ours | 100.0 | 0.00 | 300 | 330.0 | 110% | 110% | 82% |" in text
+    assert "| llama-server | 100.0 | 0.00 | 300 | 100.0 | 33% | 33% | 25% |" in text
+    assert "share against a read of the weights' size |" in text and "reached **40.0** GB/s" in text
 
 
 def test_the_bandwidth_only_probe_prints_the_streaming_read_as_json(monkeypatch: pytest.MonkeyPatch,
