@@ -157,3 +157,26 @@ def test_the_bandwidth_only_probe_prints_the_streaming_read_as_json(monkeypatch:
     ceiling._child(["--bandwidth-only", "1"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) == {"bandwidth_gbs"} and printed["bandwidth_gbs"] > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux /proc")
+def test_the_cpu_meter_counts_a_servers_children_as_the_server() -> None:
+    """A server that serves from a child process (``transformers serve`` does) must not look like
+    another program using the CPU: the meter counts the server's whole process group."""
+    import signal
+    import subprocess
+    import time
+
+    from servebench.client import CpuMeter
+
+    child = "import time\nstart = time.time()\nwhile time.time() - start < 5: pass"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    server = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    try:
+        time.sleep(1.5)  # the child burns CPU; the parent only waits for it
+        hz = os.sysconf("SC_CLK_TCK")
+        group, parent_alone = CpuMeter.group_ticks(server.pid), CpuMeter._process_ticks(server.pid)
+        assert group - parent_alone >= 0.3 * hz, (group, parent_alone)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

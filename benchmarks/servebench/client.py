@@ -15,6 +15,7 @@ server is driven the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import statistics
@@ -205,7 +206,8 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, ma
 
 
 class CpuMeter:
-    """CPU used by processes other than the server and this client (Linux /proc; None elsewhere).
+    """CPU used by processes other than the server (its whole process group) and this client (Linux
+    /proc; None elsewhere).
 
     ``other_cores()`` after ``start()`` is the average number of cores other work took meanwhile: a level
     measured while that was high shared the CPU with something else, so its numbers are not comparable.
@@ -227,9 +229,25 @@ class CpuMeter:
             fields = stat.read().rsplit(")", 1)[1].split()
         return sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
 
+    @classmethod
+    def group_ticks(cls, pgid: int) -> int:
+        """CPU ticks of every process in group ``pgid``: a server started in its own session and the
+        children it runs (``transformers serve`` serves from one; counting only its first process
+        made its own work look like another program's)."""
+        total = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: the process group
+                    total += sum(int(v) for v in fields[11:15])
+        return total
+
     def _sample(self) -> tuple[float, int, int] | None:
         try:
-            own = self._process_ticks(self.server_pid) + self._process_ticks("self")
+            own = self.group_ticks(self.server_pid) + self._process_ticks("self")
             return time.monotonic(), self._busy_ticks(), own
         except (OSError, ValueError, IndexError):
             return None
