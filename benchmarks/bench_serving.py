@@ -49,7 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servebench import ceiling, peers, report  # noqa: E402
 from servebench.client import PROMPTS, SYSTEM_MESSAGE, LevelResult, drive  # noqa: E402,F401  (engine_microbench)
-from servebench.servers import REPO_ROOT, ServerSpec, free_port, process_group_rss_mb, running  # noqa: E402
+from servebench.servers import (  # noqa: E402
+    REPO_ROOT,
+    ServerSpec,
+    free_port,
+    process_group_rss_mb,
+    running,
+    wait_until_settled,
+)
 
 log = logging.getLogger("bench_serving")
 
@@ -66,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests-per-level", type=float, default=2.0,
                         help="requests per level = this x concurrency (at least --min-requests; default 2)")
     parser.add_argument("--min-requests", type=int, default=4, help="fewest requests in a level (default 4)")
+    parser.add_argument("--settle-s", type=float, default=60.0,
+                        help="before each server, wait up to this long for 3 s without CPU use or steal (0: no wait)")
     parser.add_argument("--only", choices=("ours", "peer", "both", "none"), default="both",
                         help="which of ours / transformers serve run (none: llama-server alone)")
     parser.add_argument("--order", choices=("ours-first", "peer-first"), default="peer-first",
@@ -152,7 +161,9 @@ def run_all(args: argparse.Namespace, runs: list[tuple[str, str, Any]], workdir:
     for group, name, make_spec in runs:
         spec = make_spec(free_port())
         commands.setdefault(name, peers.describe_command(spec))
-        loads.append(f"{name} {group} {os.getloadavg()[0]:.2f}")
+        settled = wait_until_settled(args.settle_s)
+        log.info("machine quiet (no steal) after %.0f s; starting %s", settled, name)
+        loads.append(f"{name} {group} {os.getloadavg()[0]:.2f} (after {settled:.0f} s waiting for a quiet machine)")
         with running(spec, workdir) as server:
             pid = server.proc.pid
             results.setdefault(group, {})[name] = asyncio.run(drive(

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +159,36 @@ def process_group_rss_mb(pgid: int) -> float | None:
                     total_kb += int(line.split()[1])
                     found = True
     return total_kb / 1024 if found else None
+
+
+def machine_ticks() -> tuple[int, int] | None:
+    """(busy, steal) CPU ticks of the whole machine so far (Linux ``/proc/stat``; None elsewhere).
+    Busy excludes idle and iowait; steal is time the hypervisor ran something else on our vCPUs."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(values) - values[3] - values[4], values[7] if len(values) > 7 else 0
+
+
+def wait_until_settled(max_s: float, quiet_windows: int = 3, window_s: float = 1.0,
+                       read: Callable[[], tuple[int, int] | None] = machine_ticks,
+                       sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait, at most ``max_s``, until ``quiet_windows`` windows in a row show the machine idle (under
+    0.15 cores busy) and no steal (under 0.02 cores): seconds waited. Between servers: after a server
+    that held 14 GB exits, the host takes our vCPUs back for 10-20 s (steal, and caches it evicts), and
+    a level measured then ran at half speed (docs/benchmarks.md, 2026-12-08)."""
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    waited, quiet = 0.0, 0
+    last = read()
+    while last is not None and waited < max_s and quiet < quiet_windows:
+        sleep(window_s)
+        waited += window_s
+        now = read()
+        if now is None:
+            break
+        busy, steal = ((b - a) / hz / window_s for a, b in zip(last, now, strict=True))
+        quiet = quiet + 1 if busy < 0.15 and steal < 0.02 else 0
+        last = now
+    return waited
