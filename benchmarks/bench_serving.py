@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="requests per level = this x concurrency (at least --min-requests; default 2)")
     parser.add_argument("--min-requests", type=int, default=4, help="fewest requests in a level (default 4)")
     parser.add_argument("--settle-s", type=float, default=60.0,
-                        help="before each server, wait up to this long for 3 s without CPU use or steal (0: no wait)")
+                        help="before each server, wait up to this long for 5 s without CPU use or steal (0: no wait)")
     parser.add_argument("--only", choices=("ours", "peer", "both", "none"), default="both",
                         help="which of ours / transformers serve run (none: llama-server alone)")
     parser.add_argument("--order", choices=("ours-first", "peer-first"), default="peer-first",
