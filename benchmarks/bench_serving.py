@@ -73,12 +73,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests-per-level", type=float, default=2.0,
                         help="requests per level = this x concurrency (at least --min-requests; default 2)")
     parser.add_argument("--min-requests", type=int, default=4, help="fewest requests in a level (default 4)")
-    parser.add_argument("--settle-s", type=float, default=60.0,
-                        help="before each server, wait up to this long for 5 s without CPU use or steal (0: no wait)")
+    parser.add_argument("--settle-s", type=float, default=90.0,
+                        help=f"before each server, wait at least {SETTLE_MIN_S:.0f} s and up to this long, until 5 s "
+                        "in a row without CPU use or steal (0: no wait)")
     parser.add_argument("--only", choices=("ours", "peer", "both", "none"), default="both",
                         help="which of ours / transformers serve run (none: llama-server alone)")
-    parser.add_argument("--order", choices=("ours-first", "peer-first"), default="peer-first",
-                        help="which server runs first within a dtype")
+    parser.add_argument("--order", choices=("ours-first", "peer-first"), default="ours-first",
+                        help="which server runs first within a dtype (default ours: on a KVM guest with free page "
+                        "reporting, a process started after the peer freed its 14 GB got memory that streamed "
+                        "slowly, and our one-user level ran at 0.5-0.7x; docs/benchmarks.md, 2026-12-08)")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="HF folder to serve (default: the embedded model, dequantized and cached)")
     parser.add_argument("--ours-model-id", default=None,
@@ -118,6 +121,11 @@ def parse_levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise SystemExit("--concurrency needs positive integers, e.g. 1,4,8,16")
     return levels
+
+
+#: Seconds to wait at least before each server: the host takes back the memory the last one freed
+#: (servebench/servers.py, ``wait_until_settled``).
+SETTLE_MIN_S = 10.0
 
 
 def _raise_keyboard_interrupt(signum: int, _frame: Any) -> None:
@@ -161,7 +169,7 @@ def run_all(args: argparse.Namespace, runs: list[tuple[str, str, Any]], workdir:
     for group, name, make_spec in runs:
         spec = make_spec(free_port())
         commands.setdefault(name, peers.describe_command(spec))
-        settled = wait_until_settled(args.settle_s)
+        settled = wait_until_settled(args.settle_s, min_s=min(args.settle_s, SETTLE_MIN_S))
         log.info("machine quiet (no steal) after %.0f s; starting %s", settled, name)
         loads.append(f"{name} {group} {os.getloadavg()[0]:.2f} (after {settled:.0f} s waiting for a quiet machine)")
         with running(spec, workdir) as server:

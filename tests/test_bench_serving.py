@@ -198,6 +198,9 @@ def test_between_servers_the_benchmark_waits_until_the_host_stops_stealing_cpu()
     waited = wait_until_settled(60.0, read=lambda: next(feed), sleep=slept.append)
     assert waited == 11.0 and len(slept) == 11  # quiet windows between steal do not count; then 5 in a row
 
+    idle = iter([(0, 0)] * 100)
+    assert wait_until_settled(60.0, min_s=30.0, read=lambda: next(idle), sleep=lambda _: None) == 30.0
+
     always_busy = iter([(i * hz, 0) for i in range(100)])  # a whole core busy: never quiet
     assert wait_until_settled(5.0, read=lambda: next(always_busy), sleep=lambda _: None) == 5.0
     assert wait_until_settled(5.0, read=lambda: None, sleep=lambda _: None) == 0.0  # no /proc: no wait
