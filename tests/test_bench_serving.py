@@ -41,11 +41,13 @@ def test_llama_server_runs_only_when_a_binary_is_given(tmp_path: Path, monkeypat
     monkeypatch.delenv(peers.LLAMA_SERVER_ENV, raising=False)
     args = bench_serving.parse_args(["--dtype", "bfloat16", "--concurrency", "1,16"])
     runs = bench_serving.plan(args, WEIGHTS, tmp_path, peers.llama_server_binary(args.llama_server))
-    assert [(group, name) for group, name, _ in runs] == [("bfloat16", "peer"), ("bfloat16", "ours")]
+    assert [(group, name) for group, name, _ in runs] == [("bfloat16", "ours"), ("bfloat16", "peer")]
 
     monkeypatch.setenv(peers.LLAMA_SERVER_ENV, str(fake_binary(tmp_path)))
     runs = bench_serving.plan(args, WEIGHTS, tmp_path, peers.llama_server_binary(args.llama_server))
-    assert [name for _, name, _ in runs] == ["peer", "ours", "llama-server"]
+    assert [name for _, name, _ in runs] == ["ours", "peer", "llama-server"]  # ours before the peer's 14 GB
+    peer_first = bench_serving.parse_args(["--dtype", "bfloat16", "--order", "peer-first"])
+    assert [name for _, name, _ in bench_serving.plan(peer_first, WEIGHTS, tmp_path, None)] == ["peer", "ours"]
     spec = runs[-1][2](8080)
     command = spec.command
     assert command[command.index("-m") + 1] == "/models/m.gguf"  # the package's own GGUF
