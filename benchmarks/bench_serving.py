@@ -60,6 +60,11 @@ from servebench.servers import (  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 
+#: Seconds to wait at least before each server: the host takes back the memory the last one freed
+#: (servebench/servers.py, ``wait_until_settled``). Waiting alone (even 30 s) did not cure a slow
+#: one-user level after the peer's exit; running ours first (``--order``) is what avoids it.
+SETTLE_MIN_S = 10.0
+
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
@@ -121,11 +126,6 @@ def parse_levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise SystemExit("--concurrency needs positive integers, e.g. 1,4,8,16")
     return levels
-
-
-#: Seconds to wait at least before each server: the host takes back the memory the last one freed
-#: (servebench/servers.py, ``wait_until_settled``).
-SETTLE_MIN_S = 10.0
 
 
 def _raise_keyboard_interrupt(signum: int, _frame: Any) -> None:

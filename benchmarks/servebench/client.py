@@ -15,7 +15,6 @@ server is driven the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import statistics
@@ -24,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from servebench.servers import ServerSpec
+from servebench.servers import ServerSpec, machine_ticks, process_group_cpu_ticks
 
 log = logging.getLogger("bench_serving")
 
@@ -218,39 +217,18 @@ class CpuMeter:
         self._start: tuple[float, int, int] | None = None
 
     @staticmethod
-    def _busy_ticks() -> int:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-        return sum(values) - values[3] - values[4]  # minus idle and iowait
-
-    @staticmethod
     def _process_ticks(pid: int | str) -> int:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
         return sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
 
-    @classmethod
-    def group_ticks(cls, pgid: int) -> int:
-        """CPU ticks of every process in group ``pgid``: a server started in its own session and the
-        children it runs (``transformers serve`` serves from one; counting only its first process
-        made its own work look like another program's)."""
-        total = 0
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry.name}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: the process group
-                    total += sum(int(v) for v in fields[11:15])
-        return total
-
     def _sample(self) -> tuple[float, int, int] | None:
         try:
-            own = self.group_ticks(self.server_pid) + self._process_ticks("self")
-            return time.monotonic(), self._busy_ticks(), own
+            own = process_group_cpu_ticks(self.server_pid) + self._process_ticks("self")
+            machine = machine_ticks()
         except (OSError, ValueError, IndexError):
             return None
+        return None if machine is None else (time.monotonic(), machine[0], own)
 
     def start(self) -> None:
         self._start = self._sample()

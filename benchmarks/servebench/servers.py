@@ -144,21 +144,35 @@ def running(spec: ServerSpec, workdir: Path) -> Iterator[ServerProcess]:
         server.stop()
 
 
-def process_group_rss_mb(pgid: int) -> float | None:
-    """Resident memory (MB) of every process in group ``pgid`` (a server and its children; Linux /proc)."""
-    total_kb, found = 0, False
+def process_group(pgid: int) -> Iterator[tuple[Path, list[str]]]:
+    """Each live process of group ``pgid`` (a server started in its own session, and the children it
+    runs): its ``/proc`` folder and the fields of its ``stat`` after the command name (Linux)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:  # field 5 of /proc/PID/stat: the process group
-                continue
+            if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: the process group
+                yield entry, fields
+
+
+def process_group_rss_mb(pgid: int) -> float | None:
+    """Resident memory (MB) of every process in group ``pgid`` (a server and its children; Linux /proc)."""
+    total_kb, found = 0, False
+    for entry, _ in process_group(pgid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total_kb += int(line.split()[1])
                     found = True
     return total_kb / 1024 if found else None
+
+
+def process_group_cpu_ticks(pgid: int) -> int:
+    """CPU ticks (user + system, waited-for children included) of every process in group ``pgid``.
+    ``transformers serve`` serves from a child: counting only the first process made the server's
+    own work look like another program's."""
+    return sum(sum(int(v) for v in fields[11:15]) for _, fields in process_group(pgid))
 
 
 def machine_ticks() -> tuple[int, int] | None:
